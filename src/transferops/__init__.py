@@ -1,0 +1,22 @@
+"""transferops: a reproducible transfer-learning pipeline.
+
+The same functions serve the CLI (`transferops ...`), Prefect flows (`flows/`), DVC stages
+(`dvc.yaml`) and Python::
+
+    from transferops import load_config, prepare
+    cfg = load_config("params.yaml", ["data.limit_per_class=10"])
+    result = prepare(cfg)
+"""
+
+from transferops.config import Config, load_config
+from transferops.data.prepare import PreparedData, load_prepared, prepare, prepared_data_hash
+
+__all__ = [
+    "Config",
+    "PreparedData",
+    "load_config",
+    "load_prepared",
+    "prepare",
+    "prepared_data_hash",
+]
+__version__ = "0.1.0"

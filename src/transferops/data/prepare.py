@@ -1,0 +1,332 @@
+"""`prepare`: raw data -> fixed, hashed splits of uint8 tensors (images) or texts.
+
+Images are decoded and resized once here; training never touches a JPEG. The output folder
+(``data.out``) is written atomically with a ``manifest.json`` holding class names, counts
+per split, the source files' content hash and the prepared artifacts' hash. The latter
+(:func:`prepared_data_hash`) is what later stages record in MLflow. Re-running on unchanged
+input and params does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from safetensors.torch import load_file, save_file
+
+from transferops.artifacts import (
+    atomic_dir,
+    read_json,
+    sha256_file,
+    sha256_files,
+    sha256_json,
+)
+from transferops.config import Config, DataConfig
+from transferops.data.demo import write_demo
+from transferops.data.readers import SPLITS, Example, RawDataset, Split, read_dataset
+from transferops.errors import DataError
+from transferops.progress import progress_bar
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class PrepareResult:
+    """What `prepare` did."""
+
+    out: Path
+    data_hash: str
+    skipped: bool  # True when the output was already up to date
+    counts: dict[str, int]
+
+
+@dataclass
+class PreparedData:
+    """One split of prepared data, ready for training."""
+
+    split: Split
+    modality: Literal["image", "text"]
+    labels: torch.Tensor  # int64 [N]
+    class_names: list[str]
+    images: torch.Tensor | None = None  # uint8 [N, 3, H, W]
+    texts: list[str] | None = None
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+# ---------------------------------------------------------------------- public
+
+
+def prepare(cfg: Config | DataConfig, force: bool = False) -> PrepareResult:
+    """Prepare the configured dataset into ``data.out`` (a no-op when already up to date)."""
+    dcfg = cfg.data if isinstance(cfg, Config) else cfg
+    if dcfg.demo and not Path(dcfg.path).exists():
+        log.info("data.path %s missing: writing the built-in %r demo there", dcfg.path, dcfg.demo)
+        write_demo(dcfg.demo, Path(dcfg.path))
+    raw = read_dataset(dcfg)
+    source_hash = sha256_files(raw.files, raw.root)
+    fingerprint = sha256_json(
+        {
+            "version": FORMAT_VERSION,
+            "source_hash": source_hash,
+            "params": _prepare_params(dcfg),
+        }
+    )
+    out = Path(dcfg.out)
+    if not force and _up_to_date(out, fingerprint):
+        manifest = read_json(out / MANIFEST)
+        log.info("prepared data in %s is up to date (%s)", out, manifest["data_hash"][:12])
+        return PrepareResult(out, manifest["data_hash"], True, _totals(manifest))
+
+    assignment = assign_splits(raw, dcfg)  # validates counts before any decoding
+    class_names = sorted({e.label for e in raw.examples})
+    class_index = {c: i for i, c in enumerate(class_names)}
+    bad: list[str] = []
+    with atomic_dir(out) as tmp:
+        counts: dict[str, dict[str, int]] = {}
+        for split in SPLITS:
+            exs = assignment[split]
+            if raw.modality == "image":
+                kept, images = _decode_images(exs, dcfg, bad, split)
+                tensors = {
+                    "images": images,
+                    "labels": torch.tensor([class_index[e.label] for e in kept], dtype=torch.int64),
+                }
+                save_file(tensors, str(tmp / f"{split}.safetensors"))
+            else:
+                kept = exs
+                with open(tmp / f"{split}.jsonl", "w", encoding="utf-8") as f:
+                    for e in kept:
+                        f.write(json.dumps({"text": e.text, "label": class_index[e.label]}) + "\n")
+            counts[split] = dict(sorted(Counter(e.label for e in kept).items()))
+        _check_after_decoding(counts, class_names, bad)
+        artifacts = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+        manifest: dict[str, Any] = {
+            "format_version": FORMAT_VERSION,
+            "modality": raw.modality,
+            "class_names": class_names,
+            "counts": counts,
+            "image_size": dcfg.image.size if raw.modality == "image" else None,
+            "source": {
+                "path": str(dcfg.path),
+                "format": dcfg.format,
+                "n_files": len(raw.files),
+                "content_hash": source_hash,
+                "given_splits": raw.has_given_splits and dcfg.splits.mode != "random",
+            },
+            "skipped_files": {"count": len(bad), "examples": bad[:20]},
+            "ignored_files": len(raw.ignored),
+            "params": _prepare_params(dcfg),
+            "fingerprint": fingerprint,
+            "artifacts": artifacts,
+            "data_hash": sha256_json(artifacts),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    log.info(
+        "prepared %s: %s (data hash %s)",
+        out,
+        ", ".join(f"{s}={sum(c.values())}" for s, c in counts.items()),
+        manifest["data_hash"][:12],
+    )
+    return PrepareResult(out, manifest["data_hash"], False, _totals(manifest))
+
+
+def prepared_data_hash(out: Path | str = "data/prepared") -> str:
+    """The content hash of prepared data (recorded in MLflow tags downstream)."""
+    return str(read_manifest(out)["data_hash"])
+
+
+def read_manifest(out: Path | str) -> dict[str, Any]:
+    """Read and return the prepared-data manifest, with a clear error if it is missing."""
+    path = Path(out) / MANIFEST
+    if not path.exists():
+        raise DataError(f"{path} not found: run `transferops prepare` first")
+    return read_json(path)
+
+
+def load_prepared(out: Path | str, split: Split) -> PreparedData:
+    """Load one split of prepared data. The test split is for `evaluate` only."""
+    out = Path(out)
+    manifest = read_manifest(out)
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DataError(f"{out} was prepared by another version: run `transferops prepare --force`")
+    names = manifest["class_names"]
+    if manifest["modality"] == "image":
+        t = load_file(str(out / f"{split}.safetensors"))
+        return PreparedData(split, "image", t["labels"], names, images=t["images"])
+    texts, labels = [], []
+    with open(out / f"{split}.jsonl", encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            texts.append(row["text"])
+            labels.append(row["label"])
+    return PreparedData(split, "text", torch.tensor(labels, dtype=torch.int64), names, texts=texts)
+
+
+# ------------------------------------------------------------------- internals
+
+
+def _prepare_params(d: DataConfig) -> dict[str, Any]:
+    """The params that change prepare's output (DVC lists the same keys)."""
+    p = d.model_dump(mode="json", exclude={"out", "demo"})
+    if d.modality == "text":
+        p.pop("image")
+    return p
+
+
+def _up_to_date(out: Path, fingerprint: str) -> bool:
+    try:
+        m = read_json(out / MANIFEST)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+    if m.get("fingerprint") != fingerprint:
+        return False
+    return all((out / name).exists() for name in m.get("artifacts", {}))
+
+
+def _totals(manifest: dict[str, Any]) -> dict[str, int]:
+    return {s: sum(c.values()) for s, c in manifest["counts"].items()}
+
+
+def assign_splits(raw: RawDataset, d: DataConfig) -> dict[Split, list[Example]]:
+    """Deterministic stratified split (seeded), or the data's own splits when present.
+
+    Raises DataError before any decoding when a class has too few examples.
+    """
+    sc = d.splits
+    use_given = raw.has_given_splits and sc.mode != "random"
+    if sc.mode == "given" and not raw.has_given_splits:
+        raise DataError(
+            "data.splits.mode is 'given' but the data has no split folders (train/ val/ test/) "
+            "or split column; use mode: auto or random to split by data.splits.seed"
+        )
+    rng = np.random.default_rng(sc.seed)
+    by_class: dict[str, list[Example]] = defaultdict(list)
+    for e in raw.examples:
+        by_class[e.label].append(e)
+    # With given splits, a split the data lacks (e.g. no val/ folder) is carved from train.
+    carve = {
+        s: getattr(sc, s)
+        for s in ("val", "test")
+        if not use_given or not any(e.split == s for e in raw.examples)
+    }
+    out: dict[Split, list[Example]] = {"train": [], "val": [], "test": []}
+    for label in sorted(by_class):
+        exs = by_class[label]
+        pool = [e for e in exs if e.split == "train"] if use_given else exs
+        parts = _split_class(label, pool, rng, carve, "train split" if use_given else "data")
+        for s in SPLITS:
+            if s == "train" or s in carve:
+                out[s] += parts[s]
+            else:
+                out[s] += [e for e in exs if e.split == s]
+    if d.limit_per_class is not None:
+        out["train"] = _limit(out["train"], d.limit_per_class)
+    return out
+
+
+def _split_class(
+    label: str,
+    exs: list[Example],
+    rng: np.random.Generator,
+    fractions: dict[str, float],
+    where: str,
+) -> dict[Split, list[Example]]:
+    order = rng.permutation(len(exs))
+    shuffled = [exs[i] for i in order]
+    n = len(shuffled)
+    need = {s: max(1, round(n * f)) for s, f in fractions.items()}
+    if n - sum(need.values()) < 1:
+        splits = ["train", *fractions]
+        raise DataError(
+            f"class {label!r} has {n} example(s) in the {where}; splitting it into "
+            f"{'/'.join(splits)} needs at least {len(splits)} (one per split). Add examples, "
+            "remove the class, or provide split folders."
+        )
+    res: dict[Split, list[Example]] = {"train": [], "val": [], "test": []}
+    start = 0
+    for s, k in need.items():
+        res[s] = shuffled[start : start + k]  # type: ignore[index]
+        start += k
+    res["train"] = shuffled[start:]
+    return res
+
+
+def _limit(train: list[Example], k: int) -> list[Example]:
+    """First k per class in split order (already seeded-shuffled): a nested few-shot subset."""
+    seen: Counter[str] = Counter()
+    kept = []
+    for e in train:
+        if seen[e.label] < k:
+            kept.append(e)
+            seen[e.label] += 1
+    return kept
+
+
+def _load_image(path: Path, size: int, resize: str) -> np.ndarray:
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        im = im.convert("RGB")
+        if resize == "crop":
+            im = ImageOps.fit(im, (size, size), Image.Resampling.BILINEAR)
+        else:
+            im = im.resize((size, size), Image.Resampling.BILINEAR)
+        return np.asarray(im, dtype=np.uint8)
+
+
+def _decode_images(
+    exs: list[Example], d: DataConfig, bad: list[str], split: str
+) -> tuple[list[Example], torch.Tensor]:
+    size = d.image.size
+    kept, arrays = [], []
+    for e in progress_bar(exs, f"decode {split}"):
+        assert e.path is not None
+        try:
+            arr = _load_image(e.path, size, d.image.resize)
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+            if d.on_bad_file == "fail":
+                raise DataError(
+                    f"{e.path}: cannot be decoded as an image ({type(exc).__name__}: {exc}). "
+                    "Remove or fix the file, or set data.on_bad_file: skip."
+                ) from None
+            log.warning("skipping %s: not a decodable image (%s)", e.path, exc)
+            bad.append(str(e.path))
+            continue
+        kept.append(e)
+        arrays.append(arr)
+    if arrays:
+        images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    else:
+        images = torch.zeros((0, 3, size, size), dtype=torch.uint8)
+    return kept, images
+
+
+def _check_after_decoding(
+    counts: dict[str, dict[str, int]], class_names: list[str], bad: list[str]
+) -> None:
+    """After skipping bad files every class still needs a training example."""
+    missing = [c for c in class_names if counts["train"].get(c, 0) == 0]
+    empty = [s for s in SPLITS if not counts[s]]
+    if missing or empty:
+        what = []
+        if missing:
+            what.append(f"classes with no training example: {', '.join(missing)}")
+        if empty:
+            what.append(f"empty splits: {', '.join(empty)}")
+        raise DataError(
+            f"after skipping {len(bad)} undecodable file(s), {'; '.join(what)}. "
+            "Fix or replace the bad files (listed in the warnings above)."
+        )
+    if bad:
+        log.warning("skipped %d undecodable file(s) (data.on_bad_file: skip)", len(bad))

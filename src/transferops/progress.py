@@ -1,0 +1,66 @@
+"""Rich progress bars and logging for long work (decoding, feature caching, training)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TypeVar
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+T = TypeVar("T")
+console = Console(stderr=True)
+
+
+def progress_enabled() -> bool:
+    """Bars are drawn on a terminal unless TRANSFEROPS_PROGRESS=0."""
+    flag = os.environ.get("TRANSFEROPS_PROGRESS")
+    if flag is not None:
+        return flag not in ("0", "false", "no")
+    return console.is_terminal
+
+
+def make_progress() -> Progress:
+    """A Progress with the columns used everywhere (description, bar, n/N, elapsed, eta)."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=console,
+        transient=False,
+        disable=not progress_enabled(),
+    )
+
+
+def progress_bar(items: Sequence[T] | Iterable[T], description: str) -> Iterator[T]:
+    """Iterate `items` with a progress bar."""
+    total = len(items) if isinstance(items, Sequence) else None
+    with make_progress() as prog:
+        task = prog.add_task(description, total=total, info="")
+        for item in items:
+            yield item
+            prog.advance(task)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Log through Rich to stderr (idempotent)."""
+    root = logging.getLogger("transferops")
+    if any(isinstance(h, RichHandler) for h in root.handlers):
+        return
+    handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level)

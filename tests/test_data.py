@@ -1,0 +1,292 @@
+"""Readers and `prepare` on small real data, including every bad input of the issue."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from transferops.config import validate_config
+from transferops.data import load_prepared, prepare, prepared_data_hash, read_manifest
+from transferops.data.demo import parse_fortune_file, write_demo
+from transferops.errors import DataError
+
+from .conftest import write_image_folder
+
+
+def cfg_for(path: Path, out: Path, **data) -> object:
+    raw = {"data": {"demo": None, "path": str(path), "out": str(out), **data}}
+    return validate_config(raw)
+
+
+# --------------------------------------------------------------- image folders
+
+
+def test_image_folder_random_split_is_stratified_and_deterministic(tmp_path, image_folder):
+    out = tmp_path / "prep"
+    res = prepare(cfg_for(image_folder, out, image={"size": 16}))
+    assert not res.skipped and res.counts == {"train": 12, "val": 3, "test": 3}
+    m = read_manifest(out)
+    assert m["class_names"] == ["one", "two", "zero"]
+    assert all(
+        m["counts"][s] == {"one": n, "two": n, "zero": n}
+        for s, n in [("train", 4), ("val", 1), ("test", 1)]
+    )
+    train = load_prepared(out, "train")
+    assert train.images.dtype == torch.uint8 and tuple(train.images.shape) == (12, 3, 16, 16)
+    assert sorted(train.labels.tolist()) == [0] * 4 + [1] * 4 + [2] * 4
+    # Same seed -> same bytes; another seed -> another split.
+    out2 = tmp_path / "prep2"
+    assert prepare(cfg_for(image_folder, out2, image={"size": 16})).data_hash == res.data_hash
+    other = prepare(cfg_for(image_folder, tmp_path / "p3", image={"size": 16}, splits={"seed": 1}))
+    assert other.data_hash != res.data_hash
+
+
+def test_rerun_unchanged_does_nothing_and_change_reruns(tmp_path, image_folder):
+    out = tmp_path / "prep"
+    cfg = cfg_for(image_folder, out, image={"size": 16})
+    first = prepare(cfg)
+    mtime = (out / "train.safetensors").stat().st_mtime_ns
+    again = prepare(cfg)
+    assert again.skipped and again.data_hash == first.data_hash
+    assert (out / "train.safetensors").stat().st_mtime_ns == mtime
+    # Changing one source image changes the content hash and reruns.
+    img = next((image_folder / "one").glob("*.png"))
+    Image.new("RGB", (8, 8), (255, 255, 255)).save(img)
+    changed = prepare(cfg)
+    assert not changed.skipped and changed.data_hash != first.data_hash
+    assert prepared_data_hash(out) == changed.data_hash
+
+
+def test_split_folders_jpeg_and_png_and_stray_files(tmp_path, caplog):
+    root = tmp_path / "raw"
+    write_image_folder(root / "train", per_class=5, ext=".jpg")
+    write_image_folder(root / "validation", per_class=2, ext=".png")
+    write_image_folder(root / "test", per_class=3, ext=".JPEG")
+    (root / "README.txt").write_text("not an image")
+    (root / "train" / "one" / "notes.csv").write_text("a,b\n")
+    (root / "train" / "one" / ".DS_Store").write_bytes(b"\0\0")
+    out = tmp_path / "prep"
+    with caplog.at_level(logging.WARNING):
+        res = prepare(cfg_for(root, out, image={"size": 12}))
+    assert res.counts == {"train": 15, "val": 6, "test": 9}  # the given splits, untouched
+    m = read_manifest(out)
+    assert m["source"]["given_splits"] is True and m["ignored_files"] == 2
+    assert "ignored 2 file(s) that are not images" in caplog.text
+    # mode: random pools them and re-splits by seed.
+    res2 = prepare(cfg_for(root, tmp_path / "p2", image={"size": 12}, splits={"mode": "random"}))
+    assert sum(res2.counts.values()) == 30 and res2.counts["train"] != 15
+
+
+def test_missing_val_folder_is_carved_from_train(tmp_path):
+    root = tmp_path / "raw"
+    write_image_folder(root / "train", per_class=10)
+    write_image_folder(root / "test", per_class=2)
+    res = prepare(cfg_for(root, tmp_path / "prep", image={"size": 8}))
+    # val = round(10 * 0.15) = 2 per class, from train; test stays the given one.
+    assert res.counts == {"train": 24, "val": 6, "test": 6}
+
+
+def test_limit_per_class_makes_nested_few_shot_subsets(tmp_path):
+    root = write_image_folder(tmp_path / "raw", per_class=20)
+    full = prepare(cfg_for(root, tmp_path / "full", image={"size": 8}))
+    few = prepare(cfg_for(root, tmp_path / "few", image={"size": 8}, limit_per_class=3))
+    assert few.counts["train"] == 9 and few.counts["val"] == full.counts["val"]
+    a, b = load_prepared(tmp_path / "full", "test"), load_prepared(tmp_path / "few", "test")
+    assert torch.equal(a.images, b.images)  # the test split does not depend on the limit
+
+
+def test_color_and_odd_sizes_are_resized_once(tmp_path):
+    root = tmp_path / "raw"
+    for cls, color in [("red", (255, 0, 0)), ("blue", (0, 0, 255))]:
+        (root / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGBA" if i % 2 else "RGB", (40 + i * 7, 23 + i), color).save(
+                root / cls / f"{i}.png"
+            )
+    prepare(cfg_for(root, tmp_path / "prep", image={"size": 10}))
+    train = load_prepared(tmp_path / "prep", "train")
+    assert tuple(train.images.shape[1:]) == (3, 10, 10)
+    red = train.images[train.labels == train.class_names.index("red")]
+    assert (red[:, 0] == 255).all() and (red[:, 2] == 0).all()
+
+
+# ----------------------------------------------------------------------- tables
+
+
+def test_csv_with_other_column_names_and_split_column(tmp_path):
+    table = tmp_path / "reviews.csv"
+    rows = ["body;sentiment;part"]
+    for i in range(12):
+        rows.append(f"great thing {i};pos;{['train', 'train', 'valid', 'test'][i % 4]}")
+        rows.append(f"awful thing {i};neg;{['train', 'train', 'valid', 'test'][i % 4]}")
+    table.write_text("\n".join(rows) + "\n")
+    cfg = cfg_for(
+        table,
+        tmp_path / "prep",
+        format="table",
+        table={"text_column": "body", "label_column": "sentiment", "split_column": "part"},
+    )
+    res = prepare(cfg)
+    assert res.counts == {"train": 12, "val": 6, "test": 6}
+    test = load_prepared(tmp_path / "prep", "test")
+    assert test.modality == "text" and test.class_names == ["neg", "pos"]
+    assert all("thing" in t for t in test.texts)
+
+
+def test_jsonl_table(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text("".join(json.dumps({"t": f"text {i}", "y": i % 2}) + "\n" for i in range(20)))
+    res = prepare(
+        cfg_for(
+            p, tmp_path / "prep", format="table", table={"text_column": "t", "label_column": "y"}
+        )
+    )
+    assert sum(res.counts.values()) == 20
+
+
+def test_image_path_table(tmp_path):
+    root = write_image_folder(tmp_path / "imgs", per_class=4)
+    lines = ["file,kind"] + [
+        f"{p.relative_to(tmp_path).as_posix()},{p.parent.name}" for p in sorted(root.rglob("*.png"))
+    ]
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    prepare(
+        cfg_for(
+            tmp_path / "labels.csv",
+            tmp_path / "prep",
+            format="table",
+            image={"size": 8},
+            table={"image_column": "file", "label_column": "kind"},
+        )
+    )
+    assert load_prepared(tmp_path / "prep", "train").images.shape[0] == 6
+
+
+# ------------------------------------------------------------------------- demo
+
+
+def test_demo_datasets_are_real_and_complete(tmp_path):
+    write_demo("digits", tmp_path / "digits")
+    assert sorted(p.name for p in (tmp_path / "digits").iterdir()) == [str(i) for i in range(10)]
+    assert len(list((tmp_path / "digits").rglob("*.png"))) == 1797
+    csv = write_demo("fortunes", tmp_path / "f.csv")
+    res = prepare(cfg_for(csv, tmp_path / "prep", format="table"))
+    m = read_manifest(tmp_path / "prep")
+    assert len(m["class_names"]) == 10 and "computers" in m["class_names"]
+    assert sum(res.counts.values()) > 3000
+
+
+def test_prepare_writes_the_demo_when_path_is_missing(tmp_path):
+    cfg = validate_config(
+        {
+            "data": {
+                "demo": "digits",
+                "path": str(tmp_path / "raw"),
+                "out": str(tmp_path / "prep"),
+                "limit_per_class": 5,
+                "image": {"size": 8},
+            }
+        }
+    )
+    res = prepare(cfg)
+    assert res.counts["train"] == 50 and (tmp_path / "raw" / "7").is_dir()
+
+
+def test_parse_fortune_file():
+    assert parse_fortune_file("a\nb\n%\n\n%\nc\n%\n") == ["a\nb", "c"]
+
+
+# ------------------------------------------------------------------- bad inputs
+
+
+def _bad(cfg) -> str:
+    with pytest.raises(DataError) as ei:
+        prepare(cfg)
+    return str(ei.value)
+
+
+def test_missing_folder(tmp_path):
+    msg = _bad(cfg_for(tmp_path / "nope", tmp_path / "prep"))
+    assert "data.path" in msg and str(tmp_path / "nope") in msg and "does not exist" in msg
+
+
+def test_empty_class_folder(tmp_path, image_folder):
+    (image_folder / "three").mkdir()
+    (image_folder / "three" / "readme.md").write_text("x")
+    msg = _bad(cfg_for(image_folder, tmp_path / "prep"))
+    assert str(image_folder / "three") in msg and "no image files" in msg
+
+
+def test_only_one_class(tmp_path):
+    root = write_image_folder(tmp_path / "raw", classes=(1,))
+    msg = _bad(cfg_for(root, tmp_path / "prep"))
+    assert "only class 'one'" in msg and "at least 2 classes" in msg
+
+
+def test_class_with_too_few_examples(tmp_path):
+    root = write_image_folder(tmp_path / "raw", per_class=6)
+    for p in sorted((root / "two").glob("*.png"))[2:]:
+        p.unlink()
+    msg = _bad(cfg_for(root, tmp_path / "prep"))
+    assert "class 'two' has 2 example(s)" in msg and "at least 3" in msg
+
+
+def test_corrupt_image_skip_or_fail(tmp_path, image_folder, caplog):
+    bad = image_folder / "one" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8 this is not really a jpeg")
+    msg = _bad(cfg_for(image_folder, tmp_path / "prep", on_bad_file="fail"))
+    assert str(bad) in msg and "data.on_bad_file: skip" in msg
+    assert not (tmp_path / "prep").exists()  # nothing half-written
+    with caplog.at_level(logging.WARNING):
+        prepare(cfg_for(image_folder, tmp_path / "prep", on_bad_file="skip"))
+    m = read_manifest(tmp_path / "prep")
+    assert m["skipped_files"] == {"count": 1, "examples": [str(bad)]}
+    assert sum(sum(c.values()) for c in m["counts"].values()) == 18
+    assert "broken.jpg" in caplog.text
+
+
+def test_failure_keeps_earlier_output(tmp_path, image_folder):
+    out = tmp_path / "prep"
+    good = prepare(cfg_for(image_folder, out))
+    (image_folder / "one" / "broken.png").write_bytes(b"garbage")
+    _bad(cfg_for(image_folder, out, on_bad_file="fail"))
+    assert prepared_data_hash(out) == good.data_hash
+    assert load_prepared(out, "train").images.shape[0] == 12
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".prep")]  # no temp left
+
+
+def test_unreadable_csv(tmp_path):
+    p = tmp_path / "data.csv"
+    p.write_bytes(b'text,label\n"unterminated,quote\n\xff\xfe\x00bad')
+    msg = _bad(cfg_for(p, tmp_path / "prep", format="table"))
+    assert str(p) in msg and "could not read" in msg
+
+
+def test_label_column_missing(tmp_path):
+    p = tmp_path / "data.csv"
+    p.write_text("review,stars\nnice,5\nbad,1\n")
+    msg = _bad(cfg_for(p, tmp_path / "prep", format="table", table={"text_column": "review"}))
+    assert "data.table.label_column" in msg and "'label'" in msg and "review, stars" in msg
+
+
+def test_given_mode_without_split_folders(tmp_path, image_folder):
+    msg = _bad(cfg_for(image_folder, tmp_path / "prep", splits={"mode": "given"}))
+    assert "data.splits.mode" in msg
+
+
+def test_table_pointing_at_folder(tmp_path, image_folder):
+    msg = _bad(cfg_for(image_folder, tmp_path / "prep", format="table"))
+    assert "is a folder" in msg and "data.format" in msg
+
+
+def test_copy_of_prepared_data_keeps_hash(tmp_path, image_folder):
+    out = tmp_path / "prep"
+    h = prepare(cfg_for(image_folder, out)).data_hash
+    shutil.copytree(out, tmp_path / "copy")
+    assert prepared_data_hash(tmp_path / "copy") == h

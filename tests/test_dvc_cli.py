@@ -1,0 +1,103 @@
+"""The DVC door (`dvc repro` in a temporary git repo) and the CLI door for prepare."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from typer.testing import CliRunner
+
+from transferops.cli import app
+
+from .conftest import REPO, write_image_folder
+
+BIN = Path(sys.executable).parent
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["DVC_NO_ANALYTICS"] = "1"
+    return env
+
+
+def _run(cmd: list[str], cwd: Path) -> str:
+    p = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, f"{cmd} failed:\n{p.stdout}\n{p.stderr}"
+    return p.stdout + p.stderr
+
+
+def _dvc_repo(tmp_path: Path, stages: list[str]) -> Path:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"]["image"]["size"] = 8
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    dvc["stages"] = {k: v for k, v in dvc["stages"].items() if k in stages}
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(dvc, sort_keys=False))
+    shutil.copy(REPO / ".gitignore", repo / ".gitignore")
+    _run(["git", "init", "-q"], repo)
+    _run([str(BIN / "dvc"), "init", "-q"], repo)
+    _run([str(BIN / "dvc"), "config", "core.analytics", "false"], repo)
+    return repo
+
+
+def test_dvc_repro_prepare_then_noop_then_param_change(tmp_path):
+    repo = _dvc_repo(tmp_path, ["demo_data", "prepare"])
+    dvc = str(BIN / "dvc")
+    out = _run([dvc, "repro"], repo)
+    assert "Running stage 'prepare'" in out
+    manifest = repo / "data" / "prepared" / "manifest.json"
+    assert manifest.exists() and (repo / "dvc.lock").exists()
+    h1 = manifest.read_text()
+    out = _run([dvc, "repro"], repo)
+    assert "Running stage" not in out and "didn't change" in out
+    # A data.* param edit reruns prepare only.
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["data"]["splits"]["seed"] = 7
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = _run([dvc, "repro"], repo)
+    assert "Running stage 'prepare'" in out and "Running stage 'demo_data'" not in out
+    assert manifest.read_text() != h1
+    # A param prepare does not read leaves it alone.
+    params["finetune"]["lr"] = 0.5
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert "Running stage" not in _run([dvc, "status"], repo)
+    assert "prepare" not in _run([dvc, "status"], repo)
+
+
+def test_dvc_yaml_prepare_params_are_exactly_what_prepare_reads():
+    from transferops.config import DataConfig
+    from transferops.data.prepare import _prepare_params
+
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["prepare"]
+    listed = {p.removeprefix("data.") for p in stage["params"]}
+    assert listed == set(_prepare_params(DataConfig()))
+
+
+runner = CliRunner()
+
+
+def test_cli_prepare_and_overrides(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_image_folder(tmp_path / "imgs", per_class=8)
+    (tmp_path / "params.yaml").write_text("data:\n  demo: null\n  path: imgs\n")
+    r = runner.invoke(app, ["prepare", "--set", "data.image.size=8", "--limit-per-class", "2"])
+    assert r.exit_code == 0, r.output
+    assert "written" in r.output and "train=6" in r.output
+    r = runner.invoke(app, ["prepare", "--set", "data.image.size=8", "--limit-per-class", "2"])
+    assert r.exit_code == 0 and "up to date" in r.output
+
+
+def test_cli_bad_input_is_a_message_not_a_traceback(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(app, ["prepare", "--set", "data.splits.train=0.9"])
+    assert r.exit_code == 2
+    assert "data.splits" in r.output and "sum to 1" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, ["prepare", "--set", "data.demo=null", "--set", "data.path=missing"])
+    assert r.exit_code == 2 and "does not exist" in r.output
