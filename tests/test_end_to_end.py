@@ -1,0 +1,78 @@
+"""End to end through the CLI door on tiny real data: the fast one runs in CI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from transferops.cli import app
+from transferops.finetune.train import load_finetuned
+
+from .conftest import write_image_folder
+
+runner = CliRunner()
+
+
+def test_run_pipeline_on_tiny_images(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_image_folder(tmp_path / "raw", per_class=10)
+    (tmp_path / "params.yaml").write_text(
+        "data:\n  demo: null\n  path: raw\n  image: {size: 16}\n"
+        "finetune:\n  unfreeze_depth: 2\n  blocks_per_stage: 1\n  epochs_per_stage: [2, 1]\n"
+        "  batch_size: 8\n"
+    )
+    r = runner.invoke(app, ["run"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.output[r.output.index("{"):])
+    assert summary["counts"] == {"train": 18, "val": 6, "test": 6}
+    assert summary["source"].startswith("package:efficientnet-lite0")
+    assert summary["epochs"] == 4 and 0.0 <= summary["val_accuracy"] <= 1.0
+    net, spec = load_finetuned(tmp_path / "models" / "finetuned")
+    assert spec["data_hash"] == summary["data_hash"] and net.num_blocks == 9
+    metrics = json.loads((tmp_path / "metrics" / "train.json").read_text())
+    assert metrics["val_accuracy"] == pytest.approx(summary["val_accuracy"], abs=1e-4)
+    # A second run redoes nothing: prepare and pull are up to date, train resumes to the end.
+    stamps = {p: p.stat().st_mtime_ns for p in [tmp_path / "data/prepared/train.safetensors",
+                                                 tmp_path / "models/source/weights.safetensors"]}
+    r = runner.invoke(app, ["run"])
+    again = json.loads(r.output[r.output.index("{"):])
+    assert r.exit_code == 0
+    assert {k: v for k, v in again.items() if k != "train_seconds"} == {
+        k: v for k, v in summary.items() if k != "train_seconds"}
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+
+
+def test_text_source_fine_tunes_minilm(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "params.yaml").write_text(
+        "data:\n  demo: fortunes\n  format: table\n  path: raw/fortunes.csv\n"
+        "  limit_per_class: 6\n"
+        "source:\n  kind: hf\n  name: sentence-transformers/all-MiniLM-L6-v2\n  weights: null\n"
+        "finetune:\n  unfreeze_depth: 1\n  epochs_per_stage: [1]\n  max_length: 32\n"
+        "  batch_size: 16\n"
+    )
+    # Only 3 categories keep the test fast: the CSV's other rows are filtered by a new table.
+    r = runner.invoke(app, ["demo-data"])
+    assert r.exit_code == 0, r.output
+    import pandas as pd
+
+    df = pd.read_csv(tmp_path / "raw" / "fortunes.csv")
+    df = df[df.label.isin(["computers", "food", "pets"])].groupby("label").head(20)
+    df.to_csv(tmp_path / "raw" / "fortunes.csv", index=False)
+    r = runner.invoke(app, ["run"])
+    assert r.exit_code == 0, r.output
+    net, spec = load_finetuned(tmp_path / "models" / "finetuned")
+    assert spec["modality"] == "text" and spec["class_names"] == ["computers", "food", "pets"]
+    assert (tmp_path / "models" / "finetuned" / "hf" / "tokenizer.json").exists()
+    assert not list((tmp_path / "models" / "finetuned" / "hf").glob("*.safetensors"))
+
+
+def test_image_source_on_text_data_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d.csv").write_text("text,label\n" + "".join(f"t{i},{i % 2}\n" for i in range(20)))
+    (tmp_path / "params.yaml").write_text("data:\n  demo: null\n  format: table\n  path: d.csv\n")
+    r = runner.invoke(app, ["run"])
+    assert r.exit_code == 2 and "takes image input but the prepared data is text" in r.output

@@ -1,0 +1,277 @@
+"""The staged fine-tuning engine on real weights and real (small) data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from transferops.config import FinetuneConfig, validate_config
+from transferops.data import load_prepared
+from transferops.errors import ConfigError
+from transferops.finetune.blocks import build_staged
+from transferops.finetune.engine import (
+    Inputs,
+    Preprocess,
+    finetune,
+    set_train_mode,
+    set_trainable,
+    stage_depths,
+)
+from transferops.finetune.train import build_net, load_finetuned, train_from_config
+from transferops.sources import load_source
+
+CPU = torch.device("cpu")
+
+
+# ---------------------------------------------------------------- discovery
+
+
+@pytest.mark.parametrize(
+    ("name", "names", "size"),
+    [
+        ("resnet18", ["stem", "layer1", "layer2", "layer3", "layer4"], 32),
+        ("mobilenet_v3_small", [f"features.{i}" for i in range(13)], 32),
+        ("efficientnet_b0", [f"features.{i}" for i in range(9)], 32),
+    ],
+)
+def test_torchvision_cnn_blocks_reproduce_the_model(name, names, size):
+    torch.manual_seed(0)
+    m = torchvision.models.get_model(name).eval()
+    family = "resnet" if name.startswith("resnet") else "tv_features"
+    net = build_staged(m, family, num_classes=4, image_size=size).eval()
+    assert net.block_names == names
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        feats = net.pool(net.run_blocks(x, 0, net.num_blocks))
+        ref = m(x)
+        ours = m.fc(feats) if family == "resnet" else m.classifier(feats)
+        # Running blocks in two pieces equals running them at once (the cache's premise).
+        h = net.run_blocks(x, 0, 2)
+        assert torch.allclose(net.pool(net.run_blocks(h, 2, net.num_blocks)), feats, atol=1e-6)
+    assert torch.allclose(ours, ref, atol=1e-5)
+    assert net(x).shape == (2, 4)
+
+
+def test_torchvision_vit_blocks_reproduce_the_model():
+    torch.manual_seed(0)
+    m = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=3, num_heads=2, hidden_dim=32, mlp_dim=64
+    ).eval()
+    net = build_staged(m, "tv_vit", num_classes=3).eval()
+    assert net.block_names == ["embed", "encoder.layers.0", "encoder.layers.1", "encoder.layers.2"]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(m.heads(net.pool(net.run_blocks(x, 0, 4))), m(x), atol=1e-5)
+
+
+def test_hf_bert_blocks_reproduce_the_model():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    m = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=3,
+                             num_attention_heads=2, intermediate_size=32)).eval()
+    net = build_staged(m, "hf_text", num_classes=2).eval()
+    assert net.block_names == ["embeddings"] + [f"encoder.layer.{i}" for i in range(3)]
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    with torch.no_grad():
+        ref = m(input_ids=ids, attention_mask=mask).last_hidden_state
+        ref = (ref * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        ours = net.pool(net.run_blocks(ids, 0, 4, mask), mask)
+    assert torch.allclose(ours, ref, atol=1e-5)
+
+
+def test_lite0_blocks_reproduce_extract_features(lite0_source):
+    src = load_source(lite0_source)
+    m = src.model.eval()
+    net = build_staged(m, src.family, num_classes=3).eval()
+    assert net.num_blocks == 9
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(net.pool(net.run_blocks(x, 0, 9)),
+                              m.extract_features(x).mean((2, 3)), atol=1e-5)
+
+
+# ------------------------------------------------------------ freeze plan
+
+
+def test_stage_depths():
+    assert stage_depths(0, 1) == [0]
+    assert stage_depths(3, 1) == [0, 1, 2, 3]
+    assert stage_depths(5, 2) == [0, 2, 4, 5]
+
+
+@pytest.mark.parametrize("depth", [0, 1, 3, 5])
+def test_freeze_plan_exact_requires_grad(depth):
+    m = torchvision.models.resnet18()
+    net = build_staged(m, "resnet", num_classes=3)
+    set_trainable(net, depth)
+    trainable = {n.split(".")[1] for n, p in net.named_parameters()
+                 if p.requires_grad and n.startswith("blocks.")}
+    expected = {str(i) for i in range(5 - depth, 5)}
+    assert trainable == expected
+    assert all(p.requires_grad for p in net.head.parameters())
+    n_train = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    n_expected = sum(p.numel() for b in net.blocks[5 - depth:] for p in b.parameters())
+    assert n_train == n_expected + sum(p.numel() for p in net.head.parameters())
+
+
+def test_frozen_blocks_in_eval_mode_thawed_in_train():
+    net = build_staged(torchvision.models.resnet18(), "resnet", num_classes=3)
+    set_train_mode(net, 2, bn_mode="train")
+    assert [b.training for b in net.blocks] == [False, False, False, True, True]
+    set_train_mode(net, 2, bn_mode="frozen")
+    bns = [m for m in net.blocks[4].modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns and not any(b.training for b in bns)
+
+
+# ------------------------------------------------------------- the loop
+
+
+def _setup(digits_prepared: Path, lite0_source: Path, **ft):
+    cfg = FinetuneConfig(**{"epochs_per_stage": [2, 1], "batch_size": 8, "seed": 3, **ft})
+    src = load_source(lite0_source, image_size=16)
+    train, val = load_prepared(digits_prepared, "train"), load_prepared(digits_prepared, "val")
+    net = build_net(src, 3, cfg, 16)
+    pre = Preprocess("image", augment=cfg.augment)
+    return net, Inputs(train.images, train.labels), Inputs(val.images, val.labels), cfg, pre
+
+
+def test_param_groups_and_lrs_per_stage_and_adam_state_kept(digits_prepared, lite0_source):
+    net, tr, va, cfg, pre = _setup(digits_prepared, lite0_source, unfreeze_depth=3,
+                                   blocks_per_stage=2, lr=0.01, layer_decay=0.5,
+                                   early_stopping_patience=None)
+    res = finetune(net, tr, va, cfg, pre, CPU)
+    names = net.block_names
+    assert [[n for n, _ in g] for g in res.stage_groups] == [
+        ["head"], ["head", names[8], names[7]], ["head", names[8], names[7], names[6]]]
+    assert [lr for _, lr in res.stage_groups[2]] == pytest.approx([0.01, 0.005, 0.0025, 0.00125])
+    steps = -(-len(tr) // cfg.batch_size)  # batches per epoch
+    # Epochs: stage 0: 2, stage 1: 1, stage 2: 1. Adam's step count carries across stages.
+    assert res.optimizer_steps == {"head": 4 * steps, names[8]: 2 * steps,
+                                   names[7]: 2 * steps, names[6]: steps}
+
+
+def test_frozen_bn_statistics_do_not_move(digits_prepared, lite0_source):
+    net, tr, va, cfg, pre = _setup(digits_prepared, lite0_source, unfreeze_depth=2,
+                                   bn_mode="train", feature_cache=False)
+    before = {k: v.clone() for k, v in net.state_dict().items() if "running_mean" in k}
+    finetune(net, tr, va, cfg, pre, CPU)
+    after = net.state_dict()
+    frozen = [k for k in before if not k.startswith(("blocks.7.", "blocks.8."))]
+    thawed = [k for k in before if k.startswith(("blocks.7.", "blocks.8."))]
+    assert frozen and thawed
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
+    assert any(not torch.equal(before[k], after[k]) for k in thawed)  # bn_mode: train moves them
+
+
+def test_feature_cache_gives_the_same_result(digits_prepared, lite0_source):
+    results = []
+    for cache in (True, False):
+        net, tr, va, cfg, pre = _setup(digits_prepared, lite0_source, unfreeze_depth=2,
+                                       blocks_per_stage=1, feature_cache=cache)
+        res = finetune(net, tr, va, cfg, pre, CPU)
+        results.append((res, {k: v.clone() for k, v in net.state_dict().items()}))
+    (a, sa), (b, sb) = results
+    assert [h["val_accuracy"] for h in a.history] == [h["val_accuracy"] for h in b.history]
+    for ha, hb in zip(a.history, b.history, strict=True):
+        assert ha["train_loss"] == pytest.approx(hb["train_loss"], rel=1e-4, abs=1e-5)
+    assert all(torch.allclose(sa[k].float(), sb[k].float(), atol=1e-4) for k in sa)
+
+
+def test_linear_probe_runs_the_backbone_once_not_per_epoch(digits_prepared, lite0_source):
+    """With the cache, E epochs of a linear probe cost one backbone pass over train + val."""
+    calls = []
+    for epochs in (1, 6):
+        net, tr, va, cfg, pre = _setup(digits_prepared, lite0_source, unfreeze_depth=0,
+                                       epochs_per_stage=[epochs], early_stopping_patience=None)
+        seen = [0]
+        net.blocks[0].register_forward_hook(lambda m, i, o: seen.__setitem__(0, seen[0] + len(o)))
+        finetune(net, tr, va, cfg, pre, CPU)
+        calls.append(seen[0])
+    assert calls[0] == calls[1]  # independent of the number of epochs
+    assert calls[0] <= len(tr) + len(va) + 2  # one pass (+ a 2-image size probe)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_checkpoint_resume_equals_uninterrupted(digits_prepared, lite0_source, tmp_path):
+    kw = {"unfreeze_depth": 2, "blocks_per_stage": 1, "early_stopping_patience": None,
+          "dropout": 0.3}
+    net, tr, va, cfg, pre = _setup(digits_prepared, lite0_source, **kw)
+    full = finetune(net, tr, va, cfg, pre, CPU)
+    ref = {k: v.clone() for k, v in net.state_dict().items()}
+
+    def stop_at_2(epoch, rec):
+        if epoch == 2:
+            raise _Stop
+
+    ck = tmp_path / "ck.pt"
+    net, tr, va, cfg, pre = _setup(digits_prepared, lite0_source, **kw)
+    with pytest.raises(_Stop):
+        finetune(net, tr, va, cfg, pre, CPU, on_epoch_end=stop_at_2, checkpoint=ck,
+                 fingerprint="f")
+    assert ck.exists()
+    net, tr, va, cfg, pre = _setup(digits_prepared, lite0_source, **kw)  # a fresh process
+    res = finetune(net, tr, va, cfg, pre, CPU, checkpoint=ck, fingerprint="f")
+    assert res.resumed_from == 3 and len(res.history) == len(full.history) == 4
+    assert [h["val_loss"] for h in res.history] == [h["val_loss"] for h in full.history]
+    assert all(torch.equal(ref[k], v) for k, v in net.state_dict().items())
+    # Another fingerprint does not resume.
+    net, tr, va, cfg, pre = _setup(digits_prepared, lite0_source, **kw)
+    assert finetune(net, tr, va, cfg, pre, CPU, checkpoint=ck, fingerprint="g").resumed_from is None
+
+
+def test_augmentation_with_cached_views_trains(digits_prepared, lite0_source):
+    net, tr, va, cfg, pre = _setup(digits_prepared, lite0_source, unfreeze_depth=1,
+                                   augment="flip_crop", cached_views=2)
+    res = finetune(net, tr, va, cfg, pre, CPU)
+    assert len(res.history) == 3 and all(h["train_loss"] > 0 for h in res.history)
+
+
+# ------------------------------------------------------------ train command
+
+
+def _cfg(tmp_path: Path, digits_prepared: Path, lite0_source: Path, **ft) -> object:
+    return validate_config({
+        "data": {"out": str(digits_prepared)},
+        "source": {"out": str(lite0_source)},
+        "finetune": {"out": str(tmp_path / "ft"), "metrics": str(tmp_path / "m.json"),
+                     "checkpoint_dir": str(tmp_path / "ck"), "batch_size": 8, **ft},
+    })
+
+
+def test_train_writes_a_reloadable_model_and_never_reads_test(
+    tmp_path, digits_prepared, lite0_source, monkeypatch
+):
+    import transferops.finetune.train as train_mod
+
+    read = []
+    orig = train_mod.load_prepared
+    monkeypatch.setattr(train_mod, "load_prepared", lambda out, s: (read.append(s), orig(out, s))[1])
+    cfg = _cfg(tmp_path, digits_prepared, lite0_source, unfreeze_depth=1,
+               epochs_per_stage=[2, 1])
+    res = train_from_config(cfg)
+    assert sorted(read) == ["train", "val"]
+    net, spec = load_finetuned(tmp_path / "ft")
+    assert spec["class_names"] == ["one", "two", "zero"] and len(spec["data_hash"]) == 64
+    val = load_prepared(digits_prepared, "val")
+    with torch.no_grad():
+        x = (val.images.float() / 255 - 0.5) / 0.5
+        acc = (net(x).argmax(1) == val.labels).float().mean().item()
+    assert acc == pytest.approx(res.best_val_accuracy)
+    metrics = (tmp_path / "m.json").read_text()
+    assert "val_accuracy" in metrics
+
+
+def test_depth_above_blocks_is_refused_before_training(tmp_path, digits_prepared, lite0_source):
+    cfg = _cfg(tmp_path, digits_prepared, lite0_source, unfreeze_depth=10)
+    with pytest.raises(ConfigError, match="9 blocks"):
+        train_from_config(cfg)
+    assert not (tmp_path / "ft").exists()

