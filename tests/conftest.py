@@ -62,8 +62,15 @@ def digits_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("digits")
     write_image_folder(root / "raw", per_class=16)
     cfg = validate_config(
-        {"data": {"demo": None, "path": str(root / "raw"), "out": str(root / "prep"),
-                  "image": {"size": 16}, "splits": {"train": 0.75, "val": 0.125, "test": 0.125}}}
+        {
+            "data": {
+                "demo": None,
+                "path": str(root / "raw"),
+                "out": str(root / "prep"),
+                "image": {"size": 16},
+                "splits": {"train": 0.75, "val": 0.125, "test": 0.125},
+            }
+        }
     )
     prepare(cfg)
     return root / "prep"

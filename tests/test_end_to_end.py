@@ -25,7 +25,7 @@ def test_run_pipeline_on_tiny_images(tmp_path, monkeypatch):
     )
     r = runner.invoke(app, ["run"])
     assert r.exit_code == 0, r.output
-    summary = json.loads(r.output[r.output.index("{"):])
+    summary = json.loads(r.output[r.output.index("{") :])
     assert summary["counts"] == {"train": 18, "val": 6, "test": 6}
     assert summary["source"].startswith("package:efficientnet-lite0")
     assert summary["epochs"] == 4 and 0.0 <= summary["val_accuracy"] <= 1.0
@@ -34,13 +34,19 @@ def test_run_pipeline_on_tiny_images(tmp_path, monkeypatch):
     metrics = json.loads((tmp_path / "metrics" / "train.json").read_text())
     assert metrics["val_accuracy"] == pytest.approx(summary["val_accuracy"], abs=1e-4)
     # A second run redoes nothing: prepare and pull are up to date, train resumes to the end.
-    stamps = {p: p.stat().st_mtime_ns for p in [tmp_path / "data/prepared/train.safetensors",
-                                                 tmp_path / "models/source/weights.safetensors"]}
+    stamps = {
+        p: p.stat().st_mtime_ns
+        for p in [
+            tmp_path / "data/prepared/train.safetensors",
+            tmp_path / "models/source/weights.safetensors",
+        ]
+    }
     r = runner.invoke(app, ["run"])
-    again = json.loads(r.output[r.output.index("{"):])
+    again = json.loads(r.output[r.output.index("{") :])
     assert r.exit_code == 0
     assert {k: v for k, v in again.items() if k != "train_seconds"} == {
-        k: v for k, v in summary.items() if k != "train_seconds"}
+        k: v for k, v in summary.items() if k != "train_seconds"
+    }
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
 
 
@@ -64,7 +70,7 @@ def test_text_source_fine_tunes_minilm(tmp_path, monkeypatch):
     df.to_csv(tmp_path / "raw" / "fortunes.csv", index=False)
     r = runner.invoke(app, ["run"])
     assert r.exit_code == 0, r.output
-    net, spec = load_finetuned(tmp_path / "models" / "finetuned")
+    _, spec = load_finetuned(tmp_path / "models" / "finetuned")
     assert spec["modality"] == "text" and spec["class_names"] == ["computers", "food", "pets"]
     assert (tmp_path / "models" / "finetuned" / "hf" / "tokenizer.json").exists()
     assert not list((tmp_path / "models" / "finetuned" / "hf").glob("*.safetensors"))

@@ -72,8 +72,15 @@ def test_hf_bert_blocks_reproduce_the_model():
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    m = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=3,
-                             num_attention_heads=2, intermediate_size=32)).eval()
+    m = BertModel(
+        BertConfig(
+            vocab_size=50,
+            hidden_size=16,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            intermediate_size=32,
+        )
+    ).eval()
     net = build_staged(m, "hf_text", num_classes=2).eval()
     assert net.block_names == ["embeddings"] + [f"encoder.layer.{i}" for i in range(3)]
     ids = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]])
@@ -92,8 +99,9 @@ def test_lite0_blocks_reproduce_extract_features(lite0_source):
     assert net.num_blocks == 9
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert torch.allclose(net.pool(net.run_blocks(x, 0, 9)),
-                              m.extract_features(x).mean((2, 3)), atol=1e-5)
+        assert torch.allclose(
+            net.pool(net.run_blocks(x, 0, 9)), m.extract_features(x).mean((2, 3)), atol=1e-5
+        )
 
 
 # ------------------------------------------------------------ freeze plan
@@ -110,13 +118,16 @@ def test_freeze_plan_exact_requires_grad(depth):
     m = torchvision.models.resnet18()
     net = build_staged(m, "resnet", num_classes=3)
     set_trainable(net, depth)
-    trainable = {n.split(".")[1] for n, p in net.named_parameters()
-                 if p.requires_grad and n.startswith("blocks.")}
+    trainable = {
+        n.split(".")[1]
+        for n, p in net.named_parameters()
+        if p.requires_grad and n.startswith("blocks.")
+    }
     expected = {str(i) for i in range(5 - depth, 5)}
     assert trainable == expected
     assert all(p.requires_grad for p in net.head.parameters())
     n_train = sum(p.numel() for p in net.parameters() if p.requires_grad)
-    n_expected = sum(p.numel() for b in net.blocks[5 - depth:] for p in b.parameters())
+    n_expected = sum(p.numel() for b in net.blocks[5 - depth :] for p in b.parameters())
     assert n_train == n_expected + sum(p.numel() for p in net.head.parameters())
 
 
@@ -142,23 +153,37 @@ def _setup(digits_prepared: Path, lite0_source: Path, **ft):
 
 
 def test_param_groups_and_lrs_per_stage_and_adam_state_kept(digits_prepared, lite0_source):
-    net, tr, va, cfg, pre = _setup(digits_prepared, lite0_source, unfreeze_depth=3,
-                                   blocks_per_stage=2, lr=0.01, layer_decay=0.5,
-                                   early_stopping_patience=None)
+    net, tr, va, cfg, pre = _setup(
+        digits_prepared,
+        lite0_source,
+        unfreeze_depth=3,
+        blocks_per_stage=2,
+        lr=0.01,
+        layer_decay=0.5,
+        early_stopping_patience=None,
+    )
     res = finetune(net, tr, va, cfg, pre, CPU)
     names = net.block_names
     assert [[n for n, _ in g] for g in res.stage_groups] == [
-        ["head"], ["head", names[8], names[7]], ["head", names[8], names[7], names[6]]]
+        ["head"],
+        ["head", names[8], names[7]],
+        ["head", names[8], names[7], names[6]],
+    ]
     assert [lr for _, lr in res.stage_groups[2]] == pytest.approx([0.01, 0.005, 0.0025, 0.00125])
     steps = -(-len(tr) // cfg.batch_size)  # batches per epoch
     # Epochs: stage 0: 2, stage 1: 1, stage 2: 1. Adam's step count carries across stages.
-    assert res.optimizer_steps == {"head": 4 * steps, names[8]: 2 * steps,
-                                   names[7]: 2 * steps, names[6]: steps}
+    assert res.optimizer_steps == {
+        "head": 4 * steps,
+        names[8]: 2 * steps,
+        names[7]: 2 * steps,
+        names[6]: steps,
+    }
 
 
 def test_frozen_bn_statistics_do_not_move(digits_prepared, lite0_source):
-    net, tr, va, cfg, pre = _setup(digits_prepared, lite0_source, unfreeze_depth=2,
-                                   bn_mode="train", feature_cache=False)
+    net, tr, va, cfg, pre = _setup(
+        digits_prepared, lite0_source, unfreeze_depth=2, bn_mode="train", feature_cache=False
+    )
     before = {k: v.clone() for k, v in net.state_dict().items() if "running_mean" in k}
     finetune(net, tr, va, cfg, pre, CPU)
     after = net.state_dict()
@@ -172,8 +197,9 @@ def test_frozen_bn_statistics_do_not_move(digits_prepared, lite0_source):
 def test_feature_cache_gives_the_same_result(digits_prepared, lite0_source):
     results = []
     for cache in (True, False):
-        net, tr, va, cfg, pre = _setup(digits_prepared, lite0_source, unfreeze_depth=2,
-                                       blocks_per_stage=1, feature_cache=cache)
+        net, tr, va, cfg, pre = _setup(
+            digits_prepared, lite0_source, unfreeze_depth=2, blocks_per_stage=1, feature_cache=cache
+        )
         res = finetune(net, tr, va, cfg, pre, CPU)
         results.append((res, {k: v.clone() for k, v in net.state_dict().items()}))
     (a, sa), (b, sb) = results
@@ -187,10 +213,19 @@ def test_linear_probe_runs_the_backbone_once_not_per_epoch(digits_prepared, lite
     """With the cache, E epochs of a linear probe cost one backbone pass over train + val."""
     calls = []
     for epochs in (1, 6):
-        net, tr, va, cfg, pre = _setup(digits_prepared, lite0_source, unfreeze_depth=0,
-                                       epochs_per_stage=[epochs], early_stopping_patience=None)
+        net, tr, va, cfg, pre = _setup(
+            digits_prepared,
+            lite0_source,
+            unfreeze_depth=0,
+            epochs_per_stage=[epochs],
+            early_stopping_patience=None,
+        )
         seen = [0]
-        net.blocks[0].register_forward_hook(lambda m, i, o: seen.__setitem__(0, seen[0] + len(o)))
+
+        def count(_m, _i, o, seen=seen):
+            seen[0] += len(o)
+
+        net.blocks[0].register_forward_hook(count)
         finetune(net, tr, va, cfg, pre, CPU)
         calls.append(seen[0])
     assert calls[0] == calls[1]  # independent of the number of epochs
@@ -202,8 +237,12 @@ class _Stop(Exception):
 
 
 def test_checkpoint_resume_equals_uninterrupted(digits_prepared, lite0_source, tmp_path):
-    kw = {"unfreeze_depth": 2, "blocks_per_stage": 1, "early_stopping_patience": None,
-          "dropout": 0.3}
+    kw = {
+        "unfreeze_depth": 2,
+        "blocks_per_stage": 1,
+        "early_stopping_patience": None,
+        "dropout": 0.3,
+    }
     net, tr, va, cfg, pre = _setup(digits_prepared, lite0_source, **kw)
     full = finetune(net, tr, va, cfg, pre, CPU)
     ref = {k: v.clone() for k, v in net.state_dict().items()}
@@ -215,8 +254,7 @@ def test_checkpoint_resume_equals_uninterrupted(digits_prepared, lite0_source, t
     ck = tmp_path / "ck.pt"
     net, tr, va, cfg, pre = _setup(digits_prepared, lite0_source, **kw)
     with pytest.raises(_Stop):
-        finetune(net, tr, va, cfg, pre, CPU, on_epoch_end=stop_at_2, checkpoint=ck,
-                 fingerprint="f")
+        finetune(net, tr, va, cfg, pre, CPU, on_epoch_end=stop_at_2, checkpoint=ck, fingerprint="f")
     assert ck.exists()
     net, tr, va, cfg, pre = _setup(digits_prepared, lite0_source, **kw)  # a fresh process
     res = finetune(net, tr, va, cfg, pre, CPU, checkpoint=ck, fingerprint="f")
@@ -229,8 +267,9 @@ def test_checkpoint_resume_equals_uninterrupted(digits_prepared, lite0_source, t
 
 
 def test_augmentation_with_cached_views_trains(digits_prepared, lite0_source):
-    net, tr, va, cfg, pre = _setup(digits_prepared, lite0_source, unfreeze_depth=1,
-                                   augment="flip_crop", cached_views=2)
+    net, tr, va, cfg, pre = _setup(
+        digits_prepared, lite0_source, unfreeze_depth=1, augment="flip_crop", cached_views=2
+    )
     res = finetune(net, tr, va, cfg, pre, CPU)
     assert len(res.history) == 3 and all(h["train_loss"] > 0 for h in res.history)
 
@@ -239,12 +278,19 @@ def test_augmentation_with_cached_views_trains(digits_prepared, lite0_source):
 
 
 def _cfg(tmp_path: Path, digits_prepared: Path, lite0_source: Path, **ft) -> object:
-    return validate_config({
-        "data": {"out": str(digits_prepared)},
-        "source": {"out": str(lite0_source)},
-        "finetune": {"out": str(tmp_path / "ft"), "metrics": str(tmp_path / "m.json"),
-                     "checkpoint_dir": str(tmp_path / "ck"), "batch_size": 8, **ft},
-    })
+    return validate_config(
+        {
+            "data": {"out": str(digits_prepared)},
+            "source": {"out": str(lite0_source)},
+            "finetune": {
+                "out": str(tmp_path / "ft"),
+                "metrics": str(tmp_path / "m.json"),
+                "checkpoint_dir": str(tmp_path / "ck"),
+                "batch_size": 8,
+                **ft,
+            },
+        }
+    )
 
 
 def test_train_writes_a_reloadable_model_and_never_reads_test(
@@ -254,9 +300,10 @@ def test_train_writes_a_reloadable_model_and_never_reads_test(
 
     read = []
     orig = train_mod.load_prepared
-    monkeypatch.setattr(train_mod, "load_prepared", lambda out, s: (read.append(s), orig(out, s))[1])
-    cfg = _cfg(tmp_path, digits_prepared, lite0_source, unfreeze_depth=1,
-               epochs_per_stage=[2, 1])
+    monkeypatch.setattr(
+        train_mod, "load_prepared", lambda out, s: (read.append(s), orig(out, s))[1]
+    )
+    cfg = _cfg(tmp_path, digits_prepared, lite0_source, unfreeze_depth=1, epochs_per_stage=[2, 1])
     res = train_from_config(cfg)
     assert sorted(read) == ["train", "val"]
     net, spec = load_finetuned(tmp_path / "ft")

