@@ -110,3 +110,10 @@ def test_dvc_yaml_train_params_cover_what_training_reads():
     listed = {p.removeprefix("finetune.") for p in stage["params"]}
     # Output locations are deps/outs of the stage, not params that change the result.
     assert listed == set(FinetuneConfig.model_fields) - {"out", "metrics", "checkpoint_dir"}
+
+
+def test_dvc_train_stage_reads_the_search_output():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert "--overrides-file ${search.out}/best_params.json" in stages["train"]["cmd"]
+    assert "${search.out}/best_params.json" in stages["train"]["deps"]
+    assert stages["search"]["outs"] == ["${search.out}"]

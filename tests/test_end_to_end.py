@@ -15,6 +15,11 @@ from .conftest import write_image_folder
 runner = CliRunner()
 
 
+def _summary(output: str) -> dict:
+    """The JSON summary `transferops run` prints last (a block starting on its own line)."""
+    return json.loads(output[output.rindex("\n{\n") :])
+
+
 def test_run_pipeline_on_tiny_images(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_image_folder(tmp_path / "raw", per_class=10)
@@ -22,13 +27,17 @@ def test_run_pipeline_on_tiny_images(tmp_path, monkeypatch):
         "data:\n  demo: null\n  path: raw\n  image: {size: 16}\n"
         "finetune:\n  unfreeze_depth: 2\n  blocks_per_stage: 1\n  epochs_per_stage: [2, 1]\n"
         "  batch_size: 8\n"
+        "search:\n  n_trials: 3\n  space:\n    unfreeze_depth: {low: 0, high: 2}\n"
     )
     r = runner.invoke(app, ["run"])
     assert r.exit_code == 0, r.output
-    summary = json.loads(r.output[r.output.index("{") :])
+    summary = _summary(r.output)
     assert summary["counts"] == {"train": 18, "val": 6, "test": 6}
     assert summary["source"].startswith("package:efficientnet-lite0")
-    assert summary["epochs"] == 4 and 0.0 <= summary["val_accuracy"] <= 1.0
+    assert summary["trials"]["complete"] + summary["trials"].get("pruned", 0) == 3
+    assert summary["unfreeze_depth"] == summary["best_params"]["finetune.unfreeze_depth"]
+    assert 0.0 <= summary["val_accuracy"] <= 1.0
+    assert (tmp_path / "mlflow.db").exists() and (tmp_path / "optuna.db").exists()
     net, spec = load_finetuned(tmp_path / "models" / "finetuned")
     assert spec["data_hash"] == summary["data_hash"] and net.num_blocks == 9
     metrics = json.loads((tmp_path / "metrics" / "train.json").read_text())
@@ -42,7 +51,7 @@ def test_run_pipeline_on_tiny_images(tmp_path, monkeypatch):
         ]
     }
     r = runner.invoke(app, ["run"])
-    again = json.loads(r.output[r.output.index("{") :])
+    again = _summary(r.output)
     assert r.exit_code == 0
     assert {k: v for k, v in again.items() if k != "train_seconds"} == {
         k: v for k, v in summary.items() if k != "train_seconds"
@@ -59,6 +68,7 @@ def test_text_source_fine_tunes_minilm(tmp_path, monkeypatch):
         "source:\n  kind: hf\n  name: sentence-transformers/all-MiniLM-L6-v2\n  weights: null\n"
         "finetune:\n  unfreeze_depth: 1\n  epochs_per_stage: [1]\n  max_length: 32\n"
         "  batch_size: 16\n"
+        "search:\n  n_trials: 2\n  space:\n    unfreeze_depth: {low: 0, high: 1}\n"
     )
     # Only 3 categories keep the test fast: the CSV's other rows are filtered by a new table.
     r = runner.invoke(app, ["demo-data"])

@@ -15,7 +15,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from transferops.config import Config, load_config
+from transferops.config import Config, load_config, read_overrides_file
 from transferops.errors import TransferopsError
 from transferops.progress import console, setup_logging
 
@@ -53,8 +53,17 @@ def _user_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _cfg(params: Path, overrides: list[str] | None, extra: dict[str, Any] | None = None) -> Config:
-    sets = list(overrides or [])
+def _cfg(
+    params: Path,
+    overrides: list[str] | None,
+    extra: dict[str, Any] | None = None,
+    overrides_file: Path | None = None,
+) -> Config:
+    """params.yaml + an overrides file (e.g. search's best params) + --set, validated once."""
+    sets: list[str] = []
+    if overrides_file is not None:
+        sets += [f"{k}={json.dumps(v)}" for k, v in read_overrides_file(overrides_file).items()]
+    sets += list(overrides or [])
     sets += [f"{k}={json.dumps(v)}" for k, v in (extra or {}).items() if v is not None]
     return load_config(params, sets)
 
@@ -124,11 +133,18 @@ def train(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
     resume: Annotated[bool, typer.Option(help="resume from the last checkpoint")] = True,
+    overrides_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="YAML/JSON of key.path: value applied before --set (e.g. "
+            "models/search/best_params.json)"
+        ),
+    ] = None,
 ) -> None:
     """Staged fine-tuning with the params in finetune.* (writes finetune.out)."""
     from transferops.finetune.train import train_from_config
 
-    cfg = _cfg(params, set_)
+    cfg = _cfg(params, set_, overrides_file=overrides_file)
     res = train_from_config(cfg, resume=resume)
     console.print(
         f"{cfg.finetune.out}: val accuracy {res.best_val_accuracy:.4f} "
@@ -138,11 +154,29 @@ def train(
 
 @app.command()
 @_user_errors
+def search(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Optuna search over search.space (resumes the same study; writes search.out)."""
+    from transferops.search import run_search
+
+    cfg = _cfg(params, set_)
+    res = run_search(cfg)
+    console.print(
+        f"study {res.study_name}: best val accuracy {res.best_value:.4f} (trial "
+        f"#{res.best_trial}) with {res.best_params}; trials {res.counts}; "
+        f"written {res.out}/best_params.json"
+    )
+
+
+@app.command()
+@_user_errors
 def run(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
 ) -> None:
-    """Run the pipeline end to end on params.yaml: prepare -> pull -> train."""
+    """Run the pipeline end to end on params.yaml: prepare -> pull -> search -> train."""
     from transferops.pipeline import run_pipeline
 
     cfg = _cfg(params, set_)

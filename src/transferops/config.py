@@ -288,12 +288,15 @@ class SearchSpace(_Section):
 class SearchConfig(_Section):
     """The Optuna study."""
 
-    n_trials: Annotated[int, Field(ge=1)] = 12
+    n_trials: Annotated[int, Field(ge=1)] = 10
     timeout_s: PositiveFloat | None = None
     sampler: Literal["tpe", "random", "grid"] = "tpe"
     pruner: Literal["median", "hyperband", "none"] = "median"
     n_workers: Annotated[int, Field(ge=1)] = 1
     storage: str = "sqlite:///optuna.db"
+    heartbeat_s: Annotated[int, Field(ge=1)] = Field(
+        10, description="trial heartbeat; a trial silent for 2x this is failed and retried"
+    )
     seed: int = 0
     space: SearchSpace = Field(default_factory=SearchSpace)
     out: Path = Path("models/search")
@@ -481,6 +484,22 @@ def load_config(
     raw = apply_overrides(read_params(path), overrides)
     origin = str(path) + (" + overrides" if overrides else "")
     return validate_config(raw, origin)
+
+
+def with_overrides(cfg: Config, overrides: dict[str, Any] | list[str]) -> Config:
+    """A copy of a loaded config with dotted overrides applied, validated again."""
+    return validate_config(apply_overrides(cfg.model_dump(mode="json"), overrides), "overrides")
+
+
+def read_overrides_file(path: Path | str) -> dict[str, Any]:
+    """A YAML/JSON mapping of dotted keys to values (e.g. search's best_params.json)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"overrides file {path} does not exist (run `transferops search`?)")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"overrides file {path} must hold a mapping of key.path: value")
+    return data
 
 
 def check_depth(cfg: Config, num_blocks: int, search: bool = True) -> None:

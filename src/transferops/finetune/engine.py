@@ -298,8 +298,14 @@ def finetune(
     on_epoch_end: EpochHook | None = None,
     checkpoint: Path | None = None,
     fingerprint: str = "",
+    feature_store: dict[tuple, torch.Tensor] | None = None,
 ) -> TrainResult:
-    """Staged fine-tuning of `net` on `train`, scored on `val`. Returns the best state."""
+    """Staged fine-tuning of `net` on `train`, scored on `val`. Returns the best state.
+
+    `feature_store` shares frozen-prefix features between calls on the same data and source
+    (e.g. the trials of a search). That is exact: a frozen prefix always holds the source's
+    weights, since blocks thaw top-down and never freeze again.
+    """
     t0 = time.perf_counter()
     depth = min(cfg.unfreeze_depth, net.num_blocks)
     depths = stage_depths(depth, cfg.blocks_per_stage)
@@ -359,12 +365,21 @@ def finetune(
         train_views: list[torch.Tensor] = []
         val_feats = None
         if use_cache:
+            store = feature_store if feature_store is not None else {}
             for v in range(n_views):
-                g = torch.Generator().manual_seed(cfg.seed * 7919 + stage * 131 + v)
-                train_views.append(
-                    encode_prefix(net, train, prefix, pre, cfg.batch_size * 2, aug, g, amp)
+                key = ("train", prefix, pre.augment, cfg.seed if aug else None, v)
+                if key not in store:
+                    g = torch.Generator().manual_seed(cfg.seed * 7919 + prefix * 131 + v)
+                    store[key] = encode_prefix(
+                        net, train, prefix, pre, cfg.batch_size * 2, aug, g, amp
+                    )
+                train_views.append(store[key])
+            vkey = ("val", prefix)
+            if vkey not in store:
+                store[vkey] = encode_prefix(
+                    net, val, prefix, pre, cfg.batch_size * 2, False, None, amp
                 )
-            val_feats = encode_prefix(net, val, prefix, pre, cfg.batch_size * 2, False, None, amp)
+            val_feats = store[vkey]
 
         steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
         total = epochs * steps_per_epoch

@@ -110,6 +110,7 @@ def train_model(
     cfg: Config,
     on_epoch_end: EpochHook | None = None,
     checkpoint: Path | None = None,
+    feature_store: dict[tuple, torch.Tensor] | None = None,
 ) -> tuple[TrainResult, dict[str, Any]]:
     """Fine-tune per `cfg` on train, score on val (never test). Returns (result, spec)."""
     data_manifest = read_manifest(cfg.data.out)
@@ -154,6 +155,7 @@ def train_model(
         on_epoch_end=on_epoch_end,
         checkpoint=checkpoint,
         fingerprint=fingerprint,
+        feature_store=feature_store,
     )
     spec["val_accuracy"] = res.best_val_accuracy
     spec["val_loss"] = res.best_val_loss

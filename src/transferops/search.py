@@ -1,0 +1,419 @@
+"""`transferops search`: an Optuna study over the staged fine-tuning params.
+
+Each trial is the engine's staged fine-tune on the train split, scored on val (the test split
+is never read here), reported per epoch so the pruner can stop poor trials early. The study
+lives in ``search.storage`` (sqlite by default, any SQLAlchemy URL) under a name derived from
+the data hash, the source sha256 and the search config, so re-running after an interruption
+resumes it: finished trials are kept, and a trial that was running when its process died is
+failed by the heartbeat and retried once with the same params.
+
+MLflow: one parent run per search invocation, one nested child run per trial (params,
+per-epoch metrics, tag ``state`` = complete / pruned / failed / duplicate), the best params
+and value on the parent, and Optuna's plots as its artifacts. The best params go to
+``search.out/best_params.json``, which ``transferops train --overrides-file`` reads.
+
+Parallelism: ``search.n_workers`` processes share the study through its storage. With the
+default sqlite file this is safe for a few workers on one machine (sqlite serialises writes;
+Optuna retries on lock); use PostgreSQL for more workers or several machines.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing as mp
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+
+from transferops.artifacts import atomic_dir, sha256_json, write_json_atomic
+from transferops.config import (
+    Config,
+    FloatRange,
+    SearchConfig,
+    check_depth,
+    validate_config,
+    with_overrides,
+)
+from transferops.data.prepare import read_manifest
+from transferops.errors import ConfigError
+from transferops.progress import make_progress
+from transferops.sources import read_source_manifest
+
+log = logging.getLogger(__name__)
+
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+# Heartbeats, the retry callback and the matplotlib plots are marked experimental in Optuna 5.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+@dataclass
+class SearchResult:
+    """Outcome of a search (the whole study, not only this invocation)."""
+
+    study_name: str
+    storage: str
+    best_params: dict[str, Any]
+    best_value: float
+    best_trial: int
+    counts: dict[str, int]
+    out: Path
+
+
+# ------------------------------------------------------------------ the study
+
+
+def study_name(cfg: Config) -> str:
+    """Stable name from data hash + source sha256 + what the trials run (so reruns resume)."""
+    data_hash = read_manifest(cfg.data.out)["data_hash"]
+    source_sha = read_source_manifest(cfg.source.out)["sha256"]
+    key = {
+        "data": data_hash,
+        "source": source_sha,
+        "space": cfg.search.space.model_dump(mode="json"),
+        "sampler": cfg.search.sampler,
+        "seed": cfg.search.seed,
+        "finetune": cfg.finetune.model_dump(
+            mode="json", exclude={"out", "metrics", "checkpoint_dir", "device"}
+        ),
+    }
+    return f"transferops-{data_hash[:8]}-{sha256_json(key)[:12]}"
+
+
+def _float_grid(r: FloatRange) -> list[float]:
+    mid = math.sqrt(r.low * r.high) if r.log else (r.low + r.high) / 2
+    return [r.low, mid, r.high]
+
+
+def grid_space(sc: SearchConfig) -> dict[str, list[Any]]:
+    """Grid sampler space: int ranges in full, float ranges as low / (geometric) mid / high."""
+    space: dict[str, list[Any]] = {}
+    for name in type(sc.space).model_fields:
+        spec = getattr(sc.space, name)
+        if spec is None:
+            continue
+        space[name] = spec.values() if hasattr(spec, "values") else _float_grid(spec)
+    return space
+
+
+def make_sampler(sc: SearchConfig) -> optuna.samplers.BaseSampler:
+    """TPE (seeded) by default; random; or grid."""
+    if sc.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=sc.seed)
+    if sc.sampler == "grid":
+        return optuna.samplers.GridSampler(grid_space(sc), seed=sc.seed)
+    return optuna.samplers.TPESampler(seed=sc.seed, n_startup_trials=min(5, sc.n_trials))
+
+
+def make_pruner(sc: SearchConfig, max_epochs: int) -> optuna.pruners.BasePruner:
+    """Median (after 2 trials and 1 epoch), Hyperband over epochs, or none."""
+    if sc.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+    if sc.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(2, max_epochs))
+    return optuna.pruners.NopPruner()
+
+
+def make_storage(sc: SearchConfig) -> optuna.storages.RDBStorage:
+    """RDB storage with a heartbeat: a trial whose process died is failed and retried once."""
+    url = sc.storage
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        kwargs = {"connect_args": {"timeout": 60}}  # workers wait for the write lock
+    return optuna.storages.RDBStorage(
+        url,
+        engine_kwargs=kwargs,
+        heartbeat_interval=sc.heartbeat_s,
+        grace_period=2 * sc.heartbeat_s,
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+            max_retry=1
+        ),
+    )
+
+
+def suggest(trial: optuna.Trial, sc: SearchConfig) -> dict[str, Any]:
+    """Sample one point of the space as dotted finetune overrides."""
+    out: dict[str, Any] = {}
+    sp = sc.space
+    for name in ("lr", "layer_decay", "weight_decay"):
+        r = getattr(sp, name)
+        if r is not None:
+            out[f"finetune.{name}"] = trial.suggest_float(name, r.low, r.high, log=r.log)
+    if sp.unfreeze_depth is not None:
+        d = sp.unfreeze_depth
+        if d.choices is not None:
+            out["finetune.unfreeze_depth"] = trial.suggest_categorical("unfreeze_depth", d.choices)
+        else:
+            out["finetune.unfreeze_depth"] = trial.suggest_int("unfreeze_depth", d.low, d.high)
+    return out
+
+
+def _max_epochs(cfg: Config, num_blocks: int) -> int:
+    from transferops.finetune.engine import stage_depths
+
+    depth = cfg.search.space.unfreeze_depth
+    top = max(depth.values()) if depth is not None else cfg.finetune.unfreeze_depth
+    stages = stage_depths(min(top, num_blocks), cfg.finetune.blocks_per_stage)
+    return sum(cfg.finetune.epochs_for_stage(s) for s in range(len(stages)))
+
+
+# ---------------------------------------------------------------- the worker
+
+
+def _objective(cfg: Config, parent_run_id: str | None, store: dict) -> Any:
+    from transferops.finetune.train import train_model
+
+    def objective(trial: optuna.Trial) -> float:
+        overrides = suggest(trial, cfg.search)
+        trial.set_user_attr("worker_pid", os.getpid())
+        # A trial identical to a finished one is not recomputed.
+        for t in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            if t.params == trial.params and t.number != trial.number:
+                trial.set_user_attr("duplicate_of", t.number)
+                _child_run(cfg, parent_run_id, trial, overrides, "duplicate", t.value)
+                return float(t.value)  # type: ignore[arg-type]
+        tcfg = with_overrides(cfg, overrides)
+
+        def report(epoch: int, rec: dict[str, float]) -> None:
+            trial.report(rec["val_accuracy"], epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at epoch {epoch}")
+
+        mlflow = _mlflow(cfg)
+        with mlflow.start_run(
+            run_name=f"trial-{trial.number}",
+            nested=True,
+            parent_run_id=parent_run_id,
+            tags={"role": "trial", "trial": str(trial.number)},
+        ) as run:
+            trial.set_user_attr("mlflow_run_id", run.info.run_id)
+            mlflow.log_params({k.removeprefix("finetune."): v for k, v in overrides.items()})
+            try:
+                res, _ = train_model(tcfg, on_epoch_end=report, feature_store=store)
+            except optuna.TrialPruned:
+                mlflow.set_tag("state", "pruned")
+                raise
+            except Exception:
+                mlflow.set_tag("state", "failed")
+                raise
+            mlflow.set_tag("state", "complete")
+            mlflow.log_metric("best_val_accuracy", res.best_val_accuracy)
+        return res.best_val_accuracy
+
+    return objective
+
+
+def _mlflow(cfg: Config) -> Any:
+    from transferops.tracking import setup_tracking
+
+    return setup_tracking(cfg.tracking)
+
+
+def _child_run(
+    cfg: Config,
+    parent: str | None,
+    trial: optuna.Trial,
+    overrides: dict,
+    state: str,
+    value: float | None,
+) -> None:
+    mlflow = _mlflow(cfg)
+    with mlflow.start_run(
+        run_name=f"trial-{trial.number}",
+        nested=True,
+        parent_run_id=parent,
+        tags={"role": "trial", "trial": str(trial.number), "state": state},
+    ):
+        mlflow.log_params({k.removeprefix("finetune."): v for k, v in overrides.items()})
+        if value is not None:
+            mlflow.log_metric("best_val_accuracy", value)
+
+
+def _run_worker(cfg_json: dict, name: str, parent_run_id: str | None, show: bool) -> None:
+    """One worker: optimise the shared study until it holds n_trials finished trials."""
+    cfg = validate_config(cfg_json)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.search.n_workers))
+    storage = make_storage(cfg.search)
+    num_blocks = read_source_manifest(cfg.source.out)["num_blocks"]
+    study = optuna.load_study(
+        study_name=name,
+        storage=storage,
+        sampler=make_sampler(cfg.search),
+        pruner=make_pruner(cfg.search, _max_epochs(cfg, num_blocks)),
+    )
+    n = cfg.search.n_trials
+    # optimize() starts a trial before any callback can stop it: cap each worker at what is
+    # left, and let MaxTrialsCallback stop all workers once the study holds n finished trials.
+    left = n - len([t for t in study.get_trials(deepcopy=False) if t.state in FINISHED])
+    if left <= 0:
+        return
+    stop = optuna.study.MaxTrialsCallback(n, states=FINISHED)
+    store: dict = {}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    opts: dict[str, Any] = {
+        "n_trials": left,
+        "timeout": cfg.search.timeout_s,
+        "catch": (RuntimeError, ValueError),
+    }
+    if not show:
+        study.optimize(_objective(cfg, parent_run_id, store), callbacks=[stop], **opts)
+        return
+    with make_progress() as prog:
+        task = prog.add_task("trials", total=n, info="")
+
+        def progress(study: optuna.Study, _t: optuna.trial.FrozenTrial) -> None:
+            ts = study.get_trials(deepcopy=False)
+            done = sum(t.state == optuna.trial.TrialState.COMPLETE for t in ts)
+            pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in ts)
+            failed = sum(t.state == optuna.trial.TrialState.FAIL for t in ts)
+            best = f"best {study.best_value:.4f} (#{study.best_trial.number})" if done else ""
+            prog.update(
+                task,
+                completed=min(n, done + pruned),
+                info=f"done {done} pruned {pruned} failed {failed} {best}",
+            )
+
+        progress(study, None)  # type: ignore[arg-type]
+        study.optimize(_objective(cfg, parent_run_id, store), callbacks=[stop, progress], **opts)
+
+
+# -------------------------------------------------------------------- public
+
+
+def run_search(cfg: Config) -> SearchResult:
+    """Run (or resume) the study; write best params; log everything to MLflow."""
+    sc = cfg.search
+    num_blocks = read_source_manifest(cfg.source.out)["num_blocks"]
+    check_depth(cfg, num_blocks)  # before any trial runs
+    name = study_name(cfg)
+    storage = make_storage(sc)
+    study = optuna.create_study(
+        study_name=name,
+        storage=storage,
+        direction="maximize",
+        load_if_exists=True,
+        sampler=make_sampler(sc),
+    )
+    before = len([t for t in study.get_trials(deepcopy=False) if t.state in FINISHED])
+    log.info(
+        "study %s in %s: %d finished trial(s), target %d", name, sc.storage, before, sc.n_trials
+    )
+    mlflow = _mlflow(cfg)
+    data_hash = read_manifest(cfg.data.out)["data_hash"]
+    source = read_source_manifest(cfg.source.out)
+    with mlflow.start_run(
+        run_name=f"search-{name[-12:]}",
+        tags={
+            "role": "search",
+            "study_name": name,
+            "data_hash": data_hash,
+            "source": source["origin"],
+            "source_sha256": source["sha256"],
+        },
+    ) as parent:
+        mlflow.log_params(
+            {
+                "n_trials": sc.n_trials,
+                "sampler": sc.sampler,
+                "pruner": sc.pruner,
+                "n_workers": sc.n_workers,
+                "storage": sc.storage.split("@")[-1],
+                "space": sc.space.model_dump_json(exclude_none=True),
+            }
+        )
+        cfg_json = cfg.model_dump(mode="json")
+        if sc.n_workers == 1:
+            _run_worker(cfg_json, name, parent.info.run_id, show=True)
+        else:
+            ctx = mp.get_context("spawn")
+            procs = [
+                ctx.Process(target=_run_worker, args=(cfg_json, name, parent.info.run_id, i == 0))
+                for i in range(sc.n_workers)
+            ]
+            for p in procs:
+                p.start()
+            for p in procs:
+                p.join()
+            bad = [p.exitcode for p in procs if p.exitcode != 0]
+            if bad:
+                log.warning("%d search worker(s) exited with codes %s", len(bad), bad)
+        study = optuna.load_study(study_name=name, storage=storage)
+        trials = study.get_trials(deepcopy=False)
+        counts = {
+            s.name.lower(): sum(t.state == s for t in trials) for s in optuna.trial.TrialState
+        }
+        complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+        if not complete:
+            raise ConfigError(f"study {name}: no trial completed ({counts}); see the logs above")
+        best = study.best_trial
+        best_params = suggest_to_overrides(best.params)
+        mlflow.log_params({f"best.{k}": v for k, v in best_params.items()})
+        mlflow.log_metrics(
+            {
+                "best_val_accuracy": float(best.value or 0.0),
+                **{f"trials_{k}": v for k, v in counts.items()},
+            }
+        )
+        mlflow.set_tag("best_trial", str(best.number))
+        _log_plots(mlflow, study)
+    out = Path(sc.out)
+    with atomic_dir(out) as tmp:
+        write_json_atomic(tmp / "best_params.json", best_params)
+        write_json_atomic(
+            tmp / "summary.json",
+            {
+                "study_name": name,
+                "storage": sc.storage,
+                "best_value": best.value,
+                "best_trial": best.number,
+                "best_params": best_params,
+                "counts": counts,
+                "data_hash": data_hash,
+                "source_sha256": source["sha256"],
+                "mlflow_run_id": parent.info.run_id,
+            },
+        )
+    log.info("best trial #%d: val accuracy %.4f with %s", best.number, best.value, best_params)
+    return SearchResult(
+        name, sc.storage, best_params, float(best.value or 0.0), best.number, counts, out
+    )
+
+
+def suggest_to_overrides(params: dict[str, Any]) -> dict[str, Any]:
+    """Optuna param names -> dotted finetune overrides."""
+    return {f"finetune.{k}": v for k, v in params.items()}
+
+
+def _log_plots(mlflow: Any, study: optuna.Study) -> None:
+    """Optimization history, param importances, contour lr x depth, as PNG artifacts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
+
+    plots = {
+        "optimization_history": lambda: ovm.plot_optimization_history(study),
+        "param_importances": lambda: ovm.plot_param_importances(study),
+    }
+    names = set(study.best_trial.params)
+    if {"lr", "unfreeze_depth"} <= names:
+        plots["contour_lr_depth"] = lambda: ovm.plot_contour(study, params=["lr", "unfreeze_depth"])
+    with tempfile.TemporaryDirectory() as d:
+        for fname, fn in plots.items():
+            try:
+                ax = fn()
+                fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+                fig.savefig(Path(d) / f"{fname}.png", dpi=100, bbox_inches="tight")
+                plt.close(fig)
+                mlflow.log_artifact(str(Path(d) / f"{fname}.png"), artifact_path="plots")
+            except (ValueError, RuntimeError, IndexError) as exc:  # too few trials for a plot
+                log.info("skipping plot %s: %s", fname, exc)

@@ -1,0 +1,194 @@
+"""Optuna search on real (tiny) data: resume after a kill, workers, pruning, MLflow children."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from transferops.config import validate_config
+from transferops.errors import ConfigError
+from transferops.search import make_storage, run_search, study_name
+
+TS = optuna.trial.TrialState
+
+
+def _raw(tmp_path: Path, digits_prepared: Path, lite0_source: Path, **search) -> dict:
+    return {
+        "data": {"out": str(digits_prepared)},
+        "source": {"out": str(lite0_source)},
+        "finetune": {
+            "epochs_per_stage": [2, 1],
+            "blocks_per_stage": 2,
+            "batch_size": 8,
+            "checkpoint_dir": str(tmp_path / "ck"),
+        },
+        "search": {
+            "storage": f"sqlite:///{tmp_path}/optuna.db",
+            "out": str(tmp_path / "search"),
+            "sampler": "random",
+            "heartbeat_s": 1,
+            "space": {
+                "lr": {"low": 1e-3, "high": 3e-2, "log": True},
+                "unfreeze_depth": {"low": 0, "high": 2},
+            },
+            **search,
+        },
+        "tracking": {
+            "uri": f"sqlite:///{tmp_path}/mlflow.db",
+            "artifact_location": str(tmp_path / "mlartifacts"),
+            "experiment": "t",
+        },
+    }
+
+
+def _mlflow_children(tmp_path: Path, parent: str) -> dict[str, str]:
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("t")
+    runs = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
+    return {r.data.tags["trial"]: r.data.tags["state"] for r in runs}
+
+
+def test_search_prunes_dedupes_and_tracks(tmp_path, digits_prepared, lite0_source):
+    raw = _raw(tmp_path, digits_prepared, lite0_source, n_trials=4, pruner="median")
+    raw["finetune"]["epochs_per_stage"] = [3]
+    raw["search"]["space"]["unfreeze_depth"] = {"choices": [0]}
+    cfg = validate_config(raw)
+    # Enqueued points fix what runs; the 4th repeats the 1st, so it must not be recomputed.
+    study = optuna.create_study(
+        study_name=study_name(cfg), storage=make_storage(cfg.search), direction="maximize"
+    )
+    for lr in (0.02, 0.01, 1.000001e-3, 0.02):
+        study.enqueue_trial({"lr": lr, "unfreeze_depth": 0})
+    res = run_search(cfg)
+    trials = optuna.load_study(study_name=res.study_name, storage=cfg.search.storage).trials
+    assert [t.params["lr"] for t in trials[:4]] == [0.02, 0.01, 1.000001e-3, 0.02]
+    assert trials[3].user_attrs["duplicate_of"] == 0 and trials[3].value == trials[0].value
+    states = {str(t.number): t.state for t in trials}
+    summary = json.loads((tmp_path / "search" / "summary.json").read_text())
+    children = _mlflow_children(tmp_path, summary["mlflow_run_id"])
+    optuna_to_tag = {TS.COMPLETE: "complete", TS.PRUNED: "pruned"}
+    for num, state in states.items():
+        expected = "duplicate" if num == "3" else optuna_to_tag[state]
+        assert children[num] == expected
+    best = json.loads((tmp_path / "search" / "best_params.json").read_text())
+    assert set(best) == {"finetune.lr", "finetune.unfreeze_depth"}
+    assert best["finetune.lr"] == trials[res.best_trial].params["lr"]
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    parent = client.get_run(summary["mlflow_run_id"])
+    assert parent.data.params["best.finetune.lr"] == str(best["finetune.lr"])
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert "plots/optimization_history.png" in arts
+    # Per-epoch metrics reached the child runs.
+    child = client.search_runs(
+        [parent.info.experiment_id],
+        f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.trial = '0'",
+    )[0]
+    assert len(client.get_metric_history(child.info.run_id, "val_accuracy")) == 3
+
+
+def test_pruned_trial_is_pruned_in_optuna_and_mlflow(tmp_path, digits_prepared, lite0_source):
+    raw = _raw(tmp_path, digits_prepared, lite0_source, n_trials=3, pruner="median")
+    raw["finetune"]["epochs_per_stage"] = [4]
+    raw["search"]["space"] = {
+        "lr": {"low": 1e-9, "high": 0.05, "log": True},
+        "unfreeze_depth": {"choices": [0]},
+    }
+    cfg = validate_config(raw)
+    study = optuna.create_study(
+        study_name=study_name(cfg), storage=make_storage(cfg.search), direction="maximize"
+    )
+    for lr in (0.05, 0.04, 1e-9):  # the last cannot learn anything: below the median
+        study.enqueue_trial({"lr": lr, "unfreeze_depth": 0})
+    run_search(cfg)
+    trials = optuna.load_study(study_name=study_name(cfg), storage=cfg.search.storage).trials
+    assert trials[2].state == TS.PRUNED and len(trials[2].intermediate_values) < 4
+    summary = json.loads((tmp_path / "search" / "summary.json").read_text())
+    assert _mlflow_children(tmp_path, summary["mlflow_run_id"])["2"] == "pruned"
+    assert summary["counts"]["pruned"] == 1
+
+
+def test_invalid_space_is_refused_before_any_trial(tmp_path, digits_prepared, lite0_source):
+    raw = _raw(tmp_path, digits_prepared, lite0_source, n_trials=2)
+    raw["search"]["space"]["unfreeze_depth"] = {"low": 0, "high": 12}
+    with pytest.raises(ConfigError, match=r"goes up to 12 but the source model has 9 blocks"):
+        run_search(validate_config(raw))
+    assert not (tmp_path / "optuna.db").exists() and not (tmp_path / "mlflow.db").exists()
+    raw["search"]["space"]["lr"] = {"low": 0.1, "high": 0.01, "log": True}
+    with pytest.raises(ConfigError, match=r"search.space.lr"):
+        validate_config(raw)
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["TRANSFEROPS_PROGRESS"] = "0"
+    return env
+
+
+def test_resume_after_a_killed_process(tmp_path, digits_prepared, lite0_source):
+    raw = _raw(tmp_path, digits_prepared, lite0_source, n_trials=4, pruner="none")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    cfg = validate_config(raw)
+    name = study_name(cfg)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "transferops.cli", "search"],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    before: dict[int, float] = {}
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            time.sleep(0.5)
+            try:
+                trials = optuna.load_study(study_name=name, storage=cfg.search.storage).trials
+            except KeyError:  # study not created yet
+                continue
+            done = {t.number: t.value for t in trials if t.state == TS.COMPLETE}
+            running = [t for t in trials if t.state == TS.RUNNING and t.number not in done]
+            if done and running:
+                before = done
+                proc.send_signal(signal.SIGKILL)
+                killed = running[0].number
+                break
+        else:
+            pytest.fail("the search never had a finished and a running trial at once")
+    finally:
+        proc.kill()
+        proc.wait()
+    time.sleep(2.5)  # past the heartbeat grace period (2 x 1 s)
+    res = run_search(cfg)
+    trials = optuna.load_study(study_name=name, storage=cfg.search.storage).trials
+    # Finished trials were kept as they were, not rerun.
+    assert {n: v for n, v in ((t.number, t.value) for t in trials) if n in before} == before
+    assert trials[killed].state == TS.FAIL
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") == killed]
+    assert len(retried) == 1 and retried[0].params == trials[killed].params
+    assert sum(t.state == TS.COMPLETE for t in trials) == 4 == res.counts["complete"]
+    assert len({t.number for t in trials}) == len(trials)
+
+
+def test_two_workers_share_one_study(tmp_path, digits_prepared, lite0_source):
+    raw = _raw(tmp_path, digits_prepared, lite0_source, n_trials=4, n_workers=2, pruner="none")
+    cfg = validate_config(raw)
+    res = run_search(cfg)
+    trials = optuna.load_study(study_name=res.study_name, storage=cfg.search.storage).trials
+    numbers = [t.number for t in trials]
+    assert len(numbers) == len(set(numbers)) and sorted(numbers) == list(range(len(trials)))
+    assert sum(t.state == TS.COMPLETE for t in trials) >= 4
+    assert len({t.user_attrs["worker_pid"] for t in trials}) == 2
