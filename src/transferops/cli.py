@@ -22,8 +22,8 @@ from transferops.progress import console, setup_logging
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
-    help="Transfer-learning pipeline: prepare -> pull -> train (search, evaluate, register: "
-    "see README).",
+    help="Transfer-learning pipeline: prepare -> pull -> search -> train -> baseline -> "
+    "evaluate (`run` does them all).",
 )
 log = logging.getLogger("transferops")
 
@@ -34,6 +34,15 @@ SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="override, e.g. --set finetune.lr=3e-4 (repeatable)"),
 ]
+
+OverridesFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="YAML/JSON of key.path: value applied before --set (e.g. "
+        "models/search/best_params.json)"
+    ),
+]
+
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -133,13 +142,7 @@ def train(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
     resume: Annotated[bool, typer.Option(help="resume from the last checkpoint")] = True,
-    overrides_file: Annotated[
-        Path | None,
-        typer.Option(
-            help="YAML/JSON of key.path: value applied before --set (e.g. "
-            "models/search/best_params.json)"
-        ),
-    ] = None,
+    overrides_file: OverridesFileOpt = None,
 ) -> None:
     """Staged fine-tuning with the params in finetune.* (writes finetune.out)."""
     from transferops.finetune.train import train_from_config
@@ -172,11 +175,41 @@ def search(
 
 @app.command()
 @_user_errors
+def baseline(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    overrides_file: OverridesFileOpt = None,
+) -> None:
+    """Train transfer / from-scratch / probe runs over baseline.seeds (+ few-shot curve)."""
+    from transferops.baseline import run_baselines
+
+    cfg = _cfg(params, set_, overrides_file=overrides_file)
+    runs = run_baselines(cfg)
+    for r in runs:
+        console.print(f"{r['name']}: val accuracy {r['val_accuracy']:.4f}")
+
+
+@app.command()
+@_user_errors
+def evaluate(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Score every baseline run on the test split; write evaluate.out (report, metrics, plots)."""
+    from transferops.evaluate import evaluate as _evaluate
+
+    cfg = _cfg(params, set_)
+    m = _evaluate(cfg)
+    console.print(f"[bold]{m['verdict']}[/]; report: {cfg.evaluate.out}/evaluation.md")
+
+
+@app.command()
+@_user_errors
 def run(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
 ) -> None:
-    """Run the pipeline end to end on params.yaml: prepare -> pull -> search -> train."""
+    """The whole pipeline: prepare -> pull -> search -> train -> baseline -> evaluate."""
     from transferops.pipeline import run_pipeline
 
     cfg = _cfg(params, set_)

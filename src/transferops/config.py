@@ -306,24 +306,30 @@ class SearchConfig(_Section):
 
 
 class BaselineConfig(_Section):
-    """From-scratch baselines of the same architecture and budget."""
+    """The runs the evaluation compares: transfer, from-scratch and probe, over seeds."""
 
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
-    epoch_multiplier: PositiveFloat = 1.0
-    lr: PositiveFloat = 3e-3
+    epoch_multiplier: PositiveFloat = Field(
+        1.0, description="scratch epochs = this x the transfer schedule's total epochs"
+    )
+    lr: PositiveFloat = Field(3e-3, description="from-scratch LR (all blocks, no layer decay)")
     linear_probe: bool = True
-    classical: bool = True
+    classical: bool = Field(
+        True, description="also fit logistic regression on pixels / TF-IDF (in evaluate)"
+    )
+    efficiency_per_class: list[Annotated[int, Field(ge=1)] | None] = Field(
+        default_factory=lambda: [5, 10, 20, None],
+        description="labelled training examples per class for the data-efficiency curve "
+        "(null = all); one seed each",
+    )
     out: Path = Path("models/baseline")
 
 
 class EvaluateConfig(_Section):
-    """The evaluation report on the held-out test split."""
+    """The evaluation report on the held-out test split (the only reader of it)."""
 
     confidence: Annotated[float, Field(gt=0, lt=1)] = 0.95
-    efficiency_per_class: list[Annotated[int, Field(ge=1)] | None] = Field(
-        default_factory=lambda: [5, 10, 20, None],
-        description="labelled examples per class for the data-efficiency curve (null = all)",
-    )
+    ece_bins: Annotated[int, Field(ge=2)] = 15
     out: Path = Path("reports")
 
 

@@ -6,10 +6,13 @@ Each step is the same library function the CLI verbs, DVC stages and Prefect tas
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
+from transferops.baseline import run_baselines
 from transferops.config import Config, with_overrides
 from transferops.data.prepare import prepare
+from transferops.evaluate import evaluate
 from transferops.finetune.train import train_from_config
 from transferops.search import run_search
 from transferops.sources import pull
@@ -18,11 +21,18 @@ log = logging.getLogger(__name__)
 
 
 def run_pipeline(cfg: Config) -> dict[str, Any]:
-    """prepare -> pull -> search -> train (best params); returns a summary."""
+    """prepare -> pull -> search -> train -> baseline -> evaluate; returns a summary."""
     prep = prepare(cfg)
     src = pull(cfg.source)
     found = run_search(cfg)
-    res = train_from_config(with_overrides(cfg, found.best_params))
+    best = with_overrides(cfg, found.best_params)
+    res = train_from_config(best)
+    run_baselines(best)
+    report = evaluate(best)
+    test_acc = {
+        role: m["accuracy"]["mean"] if isinstance(m["accuracy"], dict) else m["accuracy"]
+        for role, m in report["models"].items()
+    }
     return {
         "data_hash": prep.data_hash,
         "counts": prep.counts,
@@ -36,4 +46,7 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
         "epochs": res.epochs_run,
         "train_seconds": round(res.seconds, 1),
         "model": str(cfg.finetune.out),
+        "test_accuracy": {k: round(v, 4) for k, v in test_acc.items()},
+        "verdict": report["verdict"],
+        "report": str(Path(cfg.evaluate.out) / "evaluation.md"),
     }

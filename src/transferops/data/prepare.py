@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+# Audit of the splits read in this process (tests assert the test split is read only by
+# `evaluate`).
+SPLIT_READS: Counter[str] = Counter()
 
 
 @dataclass
@@ -157,6 +160,7 @@ def read_manifest(out: Path | str) -> dict[str, Any]:
 
 def load_prepared(out: Path | str, split: Split) -> PreparedData:
     """Load one split of prepared data. The test split is for `evaluate` only."""
+    SPLIT_READS[split] += 1
     out = Path(out)
     manifest = read_manifest(out)
     if manifest.get("format_version") != FORMAT_VERSION:

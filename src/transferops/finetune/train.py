@@ -26,7 +26,7 @@ from transferops.data.prepare import PreparedData, load_prepared, read_manifest
 from transferops.errors import ConfigError
 from transferops.finetune.blocks import StagedNet, build_staged
 from transferops.finetune.engine import EpochHook, Inputs, Preprocess, TrainResult, finetune
-from transferops.sources import HF_DIR, SourceModel, build_architecture, load_source
+from transferops.sources import HF_DIR, SourceModel, build_architecture, load_source, random_init
 
 log = logging.getLogger(__name__)
 
@@ -111,11 +111,19 @@ def train_model(
     on_epoch_end: EpochHook | None = None,
     checkpoint: Path | None = None,
     feature_store: dict[tuple, torch.Tensor] | None = None,
+    pretrained: bool = True,
 ) -> tuple[TrainResult, dict[str, Any]]:
-    """Fine-tune per `cfg` on train, score on val (never test). Returns (result, spec)."""
+    """Fine-tune per `cfg` on train, score on val (never test). Returns (result, spec).
+
+    `pretrained=False` trains the same architecture from a random init (seeded by
+    finetune.seed): the from-scratch baseline.
+    """
     data_manifest = read_manifest(cfg.data.out)
     image_size = data_manifest.get("image_size") or None
     source = load_source(cfg.source.out, image_size)  # verifies the weights' sha256
+    if not pretrained:
+        torch.manual_seed(cfg.finetune.seed)
+        source = random_init(source, image_size)
     check_depth(cfg, source.manifest["num_blocks"], search=False)
     _check_compatible(data_manifest["modality"], source.manifest)
     device = pick_device(cfg.finetune.device)
@@ -139,6 +147,7 @@ def train_model(
     fingerprint = sha256_json(
         {
             "source": source.manifest["sha256"],
+            "pretrained": pretrained,
             "data_hash": spec["data_hash"],
             "finetune": cfg.finetune.model_dump(
                 mode="json", exclude={"out", "metrics", "checkpoint_dir", "device"}

@@ -362,6 +362,21 @@ def verify(path: Path, manifest: dict[str, Any]) -> None:
         )
 
 
+def random_init(source: SourceModel, image_size: int | None = None) -> SourceModel:
+    """The same architecture with fresh random weights (for from-scratch baselines).
+
+    Seed with torch.manual_seed before calling for a reproducible init.
+    """
+    m = source.manifest
+    if m["kind"] == "hf":
+        from transformers import AutoModel
+
+        model = AutoModel.from_config(source.model.config)
+    else:
+        model, _ = build_architecture(m["kind"], m["name"], image_size)
+    return SourceModel(model, {**m, "origin": f"random init of {m['origin']}"}, source.path)
+
+
 def load_source(path: Path | str, image_size: int | None = None) -> SourceModel:
     """Load a pulled source model after verifying its checksum (safetensors only)."""
     path = Path(path)

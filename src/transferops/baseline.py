@@ -1,0 +1,184 @@
+"""`transferops baseline`: the runs `evaluate` compares, trained on train/val only.
+
+Per seed in ``baseline.seeds``:
+
+- ``transfer``: the fine-tuning config (with the search's best params when given),
+- ``scratch``: the same architecture from a random init, every block trainable from the
+  first stage on (1 head epoch, then all blocks), BatchNorm in train mode, no layer decay,
+  ``baseline.lr``, and the same total epochs as the transfer schedule (x
+  ``baseline.epoch_multiplier``),
+- ``probe``: the pretrained backbone frozen (depth 0) for the same total epochs.
+
+For the data-efficiency curve, transfer and scratch are also trained (first seed) on
+few-shot subsets made by ``prepare``'s per-class limit (val and test unchanged).
+
+Each run is an MLflow run tagged ``role``, ``seed``, ``per_class``, data hash and source, so
+the UI compares them side by side; ``baseline.out/index.json`` lists them for `evaluate`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from transferops.artifacts import write_json_atomic
+from transferops.config import Config, with_overrides
+from transferops.data.prepare import prepare, read_manifest
+from transferops.finetune.engine import stage_depths
+from transferops.finetune.train import save_finetuned, train_model
+from transferops.sources import read_source_manifest
+from transferops.tracking import setup_tracking
+
+log = logging.getLogger(__name__)
+
+INDEX = "index.json"
+
+
+def transfer_epochs(cfg: Config, num_blocks: int) -> int:
+    """Total epochs of the transfer schedule (the budget the baselines get)."""
+    fc = cfg.finetune
+    stages = stage_depths(min(fc.unfreeze_depth, num_blocks), fc.blocks_per_stage)
+    return sum(fc.epochs_for_stage(s) for s in range(len(stages)))
+
+
+def role_overrides(cfg: Config, role: str, seed: int, num_blocks: int) -> dict[str, Any]:
+    """Finetune overrides that turn the transfer config into `role` with `seed`."""
+    budget = transfer_epochs(cfg, num_blocks)
+    o: dict[str, Any] = {"finetune.seed": seed}
+    if role == "scratch":
+        total = max(2, round(budget * cfg.baseline.epoch_multiplier))
+        o |= {
+            "finetune.unfreeze_depth": num_blocks,
+            "finetune.blocks_per_stage": num_blocks,
+            "finetune.epochs_per_stage": [1, total - 1],
+            "finetune.lr": cfg.baseline.lr,
+            "finetune.layer_decay": 1.0,
+            "finetune.bn_mode": "train",  # random BN statistics must be learned
+        }
+    elif role == "probe":
+        o |= {"finetune.unfreeze_depth": 0, "finetune.epochs_per_stage": [budget]}
+    return o
+
+
+def _train_one(
+    cfg: Config,
+    name: str,
+    role: str,
+    seed: int,
+    per_class: int | None,
+    data_out: Path,
+    num_blocks: int,
+    store: dict | None,
+) -> dict[str, Any]:
+    out = Path(cfg.baseline.out)
+    rcfg = with_overrides(
+        cfg,
+        {
+            **role_overrides(cfg, role, seed, num_blocks),
+            "data.out": str(data_out),
+            "finetune.checkpoint_dir": str(out / ".checkpoints" / name),
+        },
+    )
+    mlflow = setup_tracking(cfg.tracking)
+    manifest = read_manifest(data_out)
+    source = read_source_manifest(cfg.source.out)
+    tags = {
+        "role": role,
+        "seed": str(seed),
+        "per_class": str(per_class or "all"),
+        "data_hash": manifest["data_hash"],
+        "source": source["origin"],
+        "source_sha256": source["sha256"],
+    }
+    with mlflow.start_run(run_name=name, tags=tags) as run:
+        mlflow.log_params(
+            {
+                k.removeprefix("finetune."): v
+                for k, v in rcfg.finetune.model_dump(mode="json").items()
+                if k not in ("out", "metrics", "checkpoint_dir")
+            }
+        )
+        res, spec = train_model(
+            rcfg,
+            checkpoint=Path(rcfg.finetune.checkpoint_dir) / "last.pt",
+            feature_store=store,
+            pretrained=role != "scratch",
+        )
+        spec |= {
+            "role": role,
+            "seed": seed,
+            "per_class": per_class,
+            "mlflow_run_id": run.info.run_id,
+        }
+        save_finetuned(res, spec, out / name, Path(cfg.source.out))
+        mlflow.log_metric("best_val_accuracy", res.best_val_accuracy)
+    log.info(
+        "%s: val accuracy %.4f (%d epochs, %.1fs)",
+        name,
+        res.best_val_accuracy,
+        res.epochs_run,
+        res.seconds,
+    )
+    return {
+        "name": name,
+        "role": role,
+        "seed": seed,
+        "per_class": per_class,
+        "dir": str(out / name),
+        "data_out": str(data_out),
+        "mlflow_run_id": run.info.run_id,
+        "val_accuracy": res.best_val_accuracy,
+    }
+
+
+def run_baselines(cfg: Config) -> list[dict[str, Any]]:
+    """Train transfer / scratch / probe over seeds, and the few-shot curve models."""
+    bc = cfg.baseline
+    num_blocks = read_source_manifest(cfg.source.out)["num_blocks"]
+    roles = ["transfer", "scratch"] + (["probe"] if bc.linear_probe else [])
+    store: dict = {}  # pretrained prefix features, shared by transfer and probe runs
+    entries = []
+    for seed in bc.seeds:
+        for role in roles:
+            entries.append(
+                _train_one(
+                    cfg,
+                    f"{role}-s{seed}",
+                    role,
+                    seed,
+                    None,
+                    Path(cfg.data.out),
+                    num_blocks,
+                    store if role != "scratch" else None,
+                )
+            )
+    seed = bc.seeds[0]
+    for k in bc.efficiency_per_class:
+        if k is None:
+            continue  # "all" is the main comparison's first seed
+        sub = Path(bc.out) / "data" / f"k{k}"
+        prepare(
+            with_overrides(
+                cfg, {"data.limit_per_class": k, "data.out": str(sub), "data.demo": None}
+            )
+        )
+        sub_store: dict = {}
+        for role in ("transfer", "scratch"):
+            entries.append(
+                _train_one(
+                    cfg,
+                    f"{role}-k{k}",
+                    role,
+                    seed,
+                    k,
+                    sub,
+                    num_blocks,
+                    sub_store if role == "transfer" else None,
+                )
+            )
+    write_json_atomic(
+        Path(bc.out) / INDEX,
+        {"data_hash": read_manifest(cfg.data.out)["data_hash"], "seeds": bc.seeds, "runs": entries},
+    )
+    return entries

@@ -1,0 +1,396 @@
+"""`transferops evaluate`: the only place the test split is read.
+
+For every run `baseline` trained (transfer / scratch / probe over seeds, few-shot curve
+models) and a classical baseline fitted here on the train split: accuracy, macro-F1,
+per-class precision/recall, confusion matrix, calibration (ECE). Over seeds: the mean with a
+t confidence interval; transfer - scratch as paired differences (same seed) with their
+interval, and a verdict. Writes ``evaluate.out/``: ``metrics.json`` (DVC metrics),
+``evaluation.md`` (read this first), ``efficiency.csv`` / ``learning_curves.csv`` (DVC plots)
+and PNG plots, and logs test metrics into each run's MLflow run.
+
+metrics.json keys: ``test_size``, ``confidence``, ``models.<role>.<metric>.{mean, ci_low,
+ci_high, n}`` for role in transfer/scratch/probe (metric: accuracy, macro_f1, ece) and
+``models.classical.<metric>``, ``transfer_minus_scratch.accuracy.{mean, ci_low, ci_high, n}``,
+``transfer_minus_probe.accuracy...``, ``transfer_beats_scratch`` (bool), ``verdict`` (str),
+``per_class.transfer.<class>.{precision, recall}``, ``efficiency`` (list of {per_class,
+transfer, scratch}).
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
+
+from transferops.artifacts import atomic_dir, read_json, write_json_atomic
+from transferops.baseline import INDEX
+from transferops.config import Config
+from transferops.data.prepare import PreparedData, load_prepared, read_manifest
+from transferops.errors import DataError
+from transferops.finetune.engine import Preprocess
+from transferops.finetune.train import load_finetuned, make_inputs, pick_device
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------- statistics
+
+
+def mean_ci(values: list[float], confidence: float = 0.95) -> dict[str, Any]:
+    """Mean and two-sided t confidence interval (None bounds with a single value)."""
+    from scipy import stats
+
+    v = np.asarray(values, dtype=float)
+    n = len(v)
+    mean = float(v.mean())
+    if n < 2:
+        return {"mean": mean, "ci_low": None, "ci_high": None, "n": n}
+    half = float(stats.t.ppf((1 + confidence) / 2, n - 1) * v.std(ddof=1) / math.sqrt(n))
+    return {"mean": mean, "ci_low": mean - half, "ci_high": mean + half, "n": n}
+
+
+def verdict(diff: dict[str, Any], a: str = "transfer", b: str = "scratch") -> str:
+    """One line: does `a` beat `b` (accuracy difference in points, with its interval)?"""
+    m = diff["mean"] * 100
+    if diff["ci_low"] is None:
+        return f"{a} - {b}: {m:+.1f} points (one seed: no interval; add baseline.seeds)"
+    half = (diff["ci_high"] - diff["ci_low"]) / 2 * 100
+    if diff["ci_low"] > 0:
+        return f"{a} beats {b} by {m:.1f} ± {half:.1f} points"
+    if diff["ci_high"] < 0:
+        return f"{b} beats {a} by {-m:.1f} ± {half:.1f} points"
+    return f"no significant gain of {a} over {b} ({m:+.1f} ± {half:.1f} points)"
+
+
+def ece(probs: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
+    """Expected calibration error of the top-class confidence."""
+    conf = probs.max(1)
+    correct = probs.argmax(1) == y
+    edges = np.linspace(0, 1, bins + 1)
+    total = 0.0
+    for lo, hi in itertools.pairwise(edges):
+        m = (conf > lo) & (conf <= hi)
+        if m.any():
+            total += m.mean() * abs(correct[m].mean() - conf[m].mean())
+    return float(total)
+
+
+def classification_metrics(
+    probs: np.ndarray, y: np.ndarray, class_names: list[str], bins: int
+) -> dict[str, Any]:
+    """Accuracy, macro-F1, ECE, per-class precision/recall, confusion matrix."""
+    pred = probs.argmax(1)
+    labels = list(range(len(class_names)))
+    p, r, _, _ = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    return {
+        "accuracy": float((pred == y).mean()),
+        "macro_f1": float(f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
+        "ece": ece(probs, y, bins),
+        "per_class": {
+            c: {"precision": float(p[i]), "recall": float(r[i])} for i, c in enumerate(class_names)
+        },
+        "confusion": confusion_matrix(y, pred, labels=labels).tolist(),
+    }
+
+
+# ------------------------------------------------------------------- predicting
+
+
+@torch.no_grad()
+def predict(model_dir: Path, data: PreparedData, device: torch.device) -> np.ndarray:
+    """Class probabilities of a saved model on a prepared split."""
+    net, spec = load_finetuned(model_dir)
+    if spec["class_names"] != data.class_names:
+        raise DataError(
+            f"{model_dir} was trained on classes {spec['class_names']}, the test "
+            f"split has {data.class_names}: re-run `transferops baseline`"
+        )
+    net.to(device).eval()
+    inputs = make_inputs(data, model_dir, spec, spec.get("max_length", 64))
+    inp = spec["input"]
+    pre = Preprocess(
+        data.modality, tuple(inp.get("mean", (0.5,) * 3)), tuple(inp.get("std", (0.5,) * 3))
+    )
+    out = []
+    for i in range(0, len(inputs), 256):
+        ctx = inputs.ctx[i : i + 256].to(device) if inputs.ctx is not None else None
+        x = pre(inputs.x[i : i + 256].to(device), False, None)
+        out.append(torch.softmax(net(x, ctx).float(), 1).cpu())
+    return torch.cat(out).numpy()
+
+
+def classical_probs(train: PreparedData, test: PreparedData) -> tuple[np.ndarray, str]:
+    """Logistic regression on raw pixels, or TF-IDF + logistic regression for text."""
+    from sklearn.linear_model import LogisticRegression
+
+    if train.modality == "image":
+        assert train.images is not None and test.images is not None
+        xtr = train.images.flatten(1).float().numpy() / 255
+        xte = test.images.flatten(1).float().numpy() / 255
+        name = "logistic regression on raw pixels"
+    else:
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        vec = TfidfVectorizer(sublinear_tf=True, min_df=1)
+        xtr = vec.fit_transform(train.texts or [])
+        xte = vec.transform(test.texts or [])
+        name = "TF-IDF + logistic regression"
+    clf = LogisticRegression(max_iter=2000)
+    clf.fit(xtr, train.labels.numpy())
+    probs = np.zeros((len(test), len(train.class_names)))
+    probs[:, clf.classes_] = clf.predict_proba(xte)
+    return probs, name
+
+
+# ---------------------------------------------------------------------- public
+
+
+def evaluate(cfg: Config) -> dict[str, Any]:
+    """Score every baseline run on the test split and write the report."""
+    ec = cfg.evaluate
+    index_path = Path(cfg.baseline.out) / INDEX
+    if not index_path.exists():
+        raise DataError(f"{index_path} not found: run `transferops baseline` first")
+    index = read_json(index_path)
+    data_hash = read_manifest(cfg.data.out)["data_hash"]
+    if index["data_hash"] != data_hash:
+        raise DataError(
+            f"{index_path} was trained on data {index['data_hash'][:12]}, but "
+            f"{cfg.data.out} is now {data_hash[:12]}: re-run `transferops baseline`"
+        )
+    test = load_prepared(cfg.data.out, "test")
+    y = test.labels.numpy()
+    device = pick_device(cfg.finetune.device)
+    per_run = {}
+    for e in index["runs"]:
+        probs = predict(Path(e["dir"]), test, device)
+        per_run[e["name"]] = e | {
+            "metrics": classification_metrics(probs, y, test.class_names, ec.ece_bins)
+        }
+    main = [r for r in per_run.values() if r["per_class"] is None]
+    models: dict[str, Any] = {}
+    for role in ("transfer", "scratch", "probe"):
+        runs = sorted((r for r in main if r["role"] == role), key=lambda r: r["seed"])
+        if runs:
+            models[role] = {
+                m: mean_ci([r["metrics"][m] for r in runs], ec.confidence)
+                for m in ("accuracy", "macro_f1", "ece")
+            }
+    classical_name = None
+    if cfg.baseline.classical:
+        cprobs, classical_name = classical_probs(load_prepared(cfg.data.out, "train"), test)
+        cm = classification_metrics(cprobs, y, test.class_names, ec.ece_bins)
+        models["classical"] = {k: cm[k] for k in ("accuracy", "macro_f1", "ece")}
+    diffs = {}
+    for other in ("scratch", "probe"):
+        a = {r["seed"]: r["metrics"]["accuracy"] for r in main if r["role"] == "transfer"}
+        b = {r["seed"]: r["metrics"]["accuracy"] for r in main if r["role"] == other}
+        seeds = sorted(set(a) & set(b))
+        if seeds:
+            diffs[other] = mean_ci([a[s] - b[s] for s in seeds], ec.confidence)
+    line = verdict(diffs["scratch"])
+    first = {r["role"]: r for r in main if r["seed"] == index["seeds"][0]}
+    efficiency = _efficiency(per_run, first, cfg.baseline.efficiency_per_class)
+    metrics = {
+        "test_size": len(test),
+        "confidence": ec.confidence,
+        "models": models,
+        "transfer_minus_scratch": {"accuracy": diffs["scratch"]},
+        **({"transfer_minus_probe": {"accuracy": diffs["probe"]}} if "probe" in diffs else {}),
+        "transfer_beats_scratch": diffs["scratch"]["ci_low"] is not None
+        and diffs["scratch"]["ci_low"] > 0,
+        "verdict": line,
+        "per_class": {role: r["metrics"]["per_class"] for role, r in first.items()},
+        "efficiency": efficiency,
+        "data_hash": data_hash,
+    }
+    out = Path(ec.out)
+    with atomic_dir(out) as tmp:
+        write_json_atomic(tmp / "metrics.json", metrics)
+        _write_plots(tmp, first, efficiency, test.class_names)
+        (tmp / "evaluation.md").write_text(_report(metrics, first, classical_name, cfg))
+    _log_to_mlflow(cfg, per_run, metrics, out)
+    log.info("%s", line)
+    return metrics
+
+
+def _efficiency(per_run: dict, first: dict, ks: list[int | None]) -> list[dict[str, Any]]:
+    rows = []
+    for k in ks:
+        pts = {}
+        for role in ("transfer", "scratch"):
+            r = first.get(role) if k is None else per_run.get(f"{role}-k{k}")
+            if r is not None:
+                pts[role] = r["metrics"]["accuracy"]
+        if len(pts) == 2:
+            rows.append({"per_class": k if k is not None else "all", **pts})
+    return rows
+
+
+def _write_plots(out: Path, first: dict, efficiency: list[dict], classes: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots = out / "plots"
+    plots.mkdir()
+    with open(out / "efficiency.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["per_class", "transfer", "scratch"])
+        w.writerows([[r["per_class"], r["transfer"], r["scratch"]] for r in efficiency])
+    curves = []
+    for role, r in first.items():
+        for h in read_json(Path(r["dir"]) / "history.json"):
+            curves.append([role, h["epoch"], h["val_accuracy"], h["train_loss"]])
+    with open(out / "learning_curves.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["role", "epoch", "val_accuracy", "train_loss"])
+        w.writerows(curves)
+
+    if efficiency:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        xs = list(range(len(efficiency)))
+        for role in ("transfer", "scratch"):
+            ax.plot(xs, [r[role] for r in efficiency], marker="o", label=role)
+        ax.set_xticks(xs, [str(r["per_class"]) for r in efficiency])
+        ax.set(
+            xlabel="labelled training examples per class",
+            ylabel="test accuracy",
+            title="Data efficiency: transfer vs scratch",
+        )
+        ax.legend()
+        fig.savefig(plots / "data_efficiency.png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for role in first:
+        pts = [(c[1], c[2]) for c in curves if c[0] == role]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=role)
+    ax.set(xlabel="epoch", ylabel="val accuracy", title="Learning curves (first seed)")
+    ax.legend()
+    fig.savefig(plots / "learning_curves.png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    for role in ("transfer", "scratch"):
+        if role not in first:
+            continue
+        cm = np.asarray(first[role]["metrics"]["confusion"])
+        fig, ax = plt.subplots(figsize=(4.5, 4))
+        ax.imshow(cm, cmap="Blues")
+        ticks = range(len(classes))
+        ax.set_xticks(ticks, classes, rotation=90)
+        ax.set_yticks(ticks, classes)
+        for i in ticks:
+            for j in ticks:
+                ax.text(j, i, cm[i, j], ha="center", va="center", fontsize=7)
+        ax.set(xlabel="predicted", ylabel="true", title=f"Confusion matrix: {role}")
+        fig.savefig(plots / f"confusion_{role}.png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+
+
+def _fmt(m: dict[str, Any]) -> str:
+    if m.get("ci_low") is None:
+        return f"{m['mean']:.3f}"
+    return f"{m['mean']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
+
+
+def _report(metrics: dict, first: dict, classical: str | None, cfg: Config) -> str:
+    conf = int(metrics["confidence"] * 100)
+    lines = [
+        "# Evaluation report",
+        "",
+        f"**Verdict: {metrics['verdict']}** (test accuracy, paired by seed over "
+        f"{len(cfg.baseline.seeds)} seed(s), {conf}% t-interval).",
+        "",
+        f"Test split: {metrics['test_size']} examples, read only here. Data hash "
+        f"`{metrics['data_hash'][:12]}`.",
+        "",
+        f"| model | accuracy ({conf}% CI) | macro-F1 | ECE |",
+        "| --- | --- | --- | --- |",
+    ]
+    for role, m in metrics["models"].items():
+        if role == "classical":
+            lines.append(
+                f"| classical ({classical}) | {m['accuracy']:.3f} | "
+                f"{m['macro_f1']:.3f} | {m['ece']:.3f} |"
+            )
+        else:
+            lines.append(
+                f"| {role} | {_fmt(m['accuracy'])} | {_fmt(m['macro_f1'])} | {_fmt(m['ece'])} |"
+            )
+    d = metrics["transfer_minus_scratch"]["accuracy"]
+    lines += ["", f"Transfer − scratch (accuracy): {_fmt(d)}."]
+    if "transfer_minus_probe" in metrics:
+        lines.append(
+            f"Transfer − linear probe: {_fmt(metrics['transfer_minus_probe']['accuracy'])}."
+        )
+    if "classical" in metrics["models"]:
+        gap = (
+            metrics["models"]["transfer"]["accuracy"]["mean"]
+            - metrics["models"]["classical"]["accuracy"]
+        )
+        lines.append(
+            f"Transfer − classical: {gap * 100:+.1f} points"
+            + (" — the classical model is better: say so before shipping." if gap < 0 else ".")
+        )
+    if metrics["efficiency"]:
+        lines += [
+            "",
+            "## Data efficiency (first seed)",
+            "",
+            "| examples per class | transfer | scratch |",
+            "| --- | --- | --- |",
+        ]
+        lines += [
+            f"| {r['per_class']} | {r['transfer']:.3f} | {r['scratch']:.3f} |"
+            for r in metrics["efficiency"]
+        ]
+        lines += ["", "![data efficiency](plots/data_efficiency.png)"]
+    lines += [
+        "",
+        "## Per class (transfer, first seed)",
+        "",
+        "| class | precision | recall |",
+        "| --- | --- | --- |",
+    ]
+    lines += [
+        f"| {c} | {v['precision']:.3f} | {v['recall']:.3f} |"
+        for c, v in metrics["per_class"].get("transfer", {}).items()
+    ]
+    lines += [
+        "",
+        "![learning curves](plots/learning_curves.png)",
+        "![confusion transfer](plots/confusion_transfer.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _log_to_mlflow(cfg: Config, per_run: dict, metrics: dict, out: Path) -> None:
+    from transferops.tracking import setup_tracking
+
+    mlflow = setup_tracking(cfg.tracking)
+    for r in per_run.values():
+        with mlflow.start_run(run_id=r["mlflow_run_id"]):
+            mlflow.log_metrics(
+                {f"test_{k}": r["metrics"][k] for k in ("accuracy", "macro_f1", "ece")}
+            )
+    with mlflow.start_run(
+        run_name="evaluation", tags={"role": "evaluation", "data_hash": metrics["data_hash"]}
+    ):
+        flat = {
+            f"{role}_{m}": v["mean"] if isinstance(v, dict) else v
+            for role, ms in metrics["models"].items()
+            for m, v in ms.items()
+        }
+        mlflow.log_metrics(
+            flat | {"transfer_minus_scratch": metrics["transfer_minus_scratch"]["accuracy"]["mean"]}
+        )
+        mlflow.set_tag("verdict", metrics["verdict"])
+        mlflow.log_artifacts(str(out))

@@ -1,0 +1,170 @@
+"""Baselines and the evaluation report: statistics, verdicts, test-split isolation, outputs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from transferops.baseline import role_overrides, run_baselines, transfer_epochs
+from transferops.config import validate_config
+from transferops.data.prepare import SPLIT_READS, prepare
+from transferops.evaluate import ece, evaluate, mean_ci, verdict
+from transferops.finetune.train import train_from_config
+from transferops.search import run_search
+
+from .conftest import write_image_folder
+
+
+def test_mean_ci_on_known_values():
+    ci = mean_ci([0.8, 0.9, 1.0], 0.95)
+    half = 4.302652729911275 * 0.1 / np.sqrt(3)  # t(0.975, df=2) * sd / sqrt(n)
+    assert ci["mean"] == pytest.approx(0.9)
+    assert ci["ci_low"] == pytest.approx(0.9 - half) and ci["ci_high"] == pytest.approx(0.9 + half)
+    assert mean_ci([0.5])["ci_low"] is None
+
+
+def test_verdict_logic():
+    assert verdict({"mean": 0.10, "ci_low": 0.05, "ci_high": 0.15}) == (
+        "transfer beats scratch by 10.0 ± 5.0 points"
+    )
+    assert verdict({"mean": 0.02, "ci_low": -0.01, "ci_high": 0.05}).startswith(
+        "no significant gain of transfer over scratch (+2.0 ± 3.0 points)"
+    )
+    assert verdict({"mean": -0.10, "ci_low": -0.12, "ci_high": -0.08}) == (
+        "scratch beats transfer by 10.0 ± 2.0 points"
+    )
+    assert "one seed" in verdict({"mean": 0.1, "ci_low": None, "ci_high": None})
+
+
+def test_ece():
+    y = np.array([0, 1, 1, 0])
+    sure_right = np.eye(2)[y]
+    assert ece(sure_right, y) == pytest.approx(0.0)
+    assert ece(sure_right, 1 - y) == pytest.approx(1.0)
+    half = np.full((4, 2), 0.5)
+    half[:, 0] += 1e-9
+    assert ece(half, y) == pytest.approx(0.0, abs=1e-6)  # 50 % confident, 50 % right
+
+
+def test_scratch_gets_the_same_budget():
+    cfg = validate_config(
+        {"finetune": {"unfreeze_depth": 4, "blocks_per_stage": 2, "epochs_per_stage": [3, 2]}}
+    )
+    assert transfer_epochs(cfg, 9) == 3 + 2 + 2
+    o = role_overrides(cfg, "scratch", 5, 9)
+    assert o["finetune.epochs_per_stage"] == [1, 6] and o["finetune.unfreeze_depth"] == 9
+    assert o["finetune.bn_mode"] == "train" and o["finetune.seed"] == 5
+    assert role_overrides(cfg, "probe", 1, 9)["finetune.epochs_per_stage"] == [7]
+
+
+def test_pipeline_reads_test_only_in_evaluate_and_writes_the_report(tmp_path, lite0_source):
+    write_image_folder(tmp_path / "raw", per_class=16)
+    cfg = validate_config(
+        {
+            "data": {
+                "demo": None,
+                "path": str(tmp_path / "raw"),
+                "out": str(tmp_path / "prep"),
+                "image": {"size": 16},
+                "splits": {"train": 0.75, "val": 0.125, "test": 0.125},
+            },
+            "source": {"out": str(lite0_source)},
+            "finetune": {
+                "unfreeze_depth": 2,
+                "blocks_per_stage": 2,
+                "epochs_per_stage": [1, 1],
+                "batch_size": 8,
+                "out": str(tmp_path / "ft"),
+                "metrics": str(tmp_path / "m.json"),
+                "checkpoint_dir": str(tmp_path / "ck"),
+            },
+            "search": {
+                "n_trials": 2,
+                "storage": f"sqlite:///{tmp_path}/optuna.db",
+                "out": str(tmp_path / "search"),
+                "space": {"unfreeze_depth": {"low": 0, "high": 2}},
+            },
+            "baseline": {
+                "seeds": [0, 1],
+                "efficiency_per_class": [2, None],
+                "out": str(tmp_path / "base"),
+            },
+            "evaluate": {"out": str(tmp_path / "reports")},
+            "tracking": {
+                "uri": f"sqlite:///{tmp_path}/mlflow.db",
+                "artifact_location": str(tmp_path / "art"),
+                "experiment": "e",
+            },
+        }
+    )
+    reads = SPLIT_READS
+    reads.clear()
+    prepare(cfg)
+    run_search(cfg)
+    train_from_config(cfg)
+    runs = run_baselines(cfg)
+    assert reads["test"] == 0 and reads["train"] > 0 and reads["val"] > 0
+    assert {r["name"] for r in runs} == {
+        "transfer-s0",
+        "scratch-s0",
+        "probe-s0",
+        "transfer-s1",
+        "scratch-s1",
+        "probe-s1",
+        "transfer-k2",
+        "scratch-k2",
+    }
+    m = evaluate(cfg)
+    assert reads["test"] == 1
+
+    out = tmp_path / "reports"
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(m))
+    for key in (
+        "test_size",
+        "confidence",
+        "models",
+        "transfer_minus_scratch",
+        "transfer_minus_probe",
+        "transfer_beats_scratch",
+        "verdict",
+        "per_class",
+        "efficiency",
+        "data_hash",
+    ):
+        assert key in saved
+    assert set(saved["models"]) == {"transfer", "scratch", "probe", "classical"}
+    acc = saved["models"]["transfer"]["accuracy"]
+    assert acc["n"] == 2 and acc["ci_low"] <= acc["mean"] <= acc["ci_high"]
+    d = saved["transfer_minus_scratch"]["accuracy"]
+    assert saved["verdict"] == verdict(d)
+    assert [r["per_class"] for r in saved["efficiency"]] == [2, "all"]
+    assert all({"transfer", "scratch"} <= set(r) for r in saved["efficiency"])
+    assert set(saved["per_class"]["transfer"]) == {"one", "two", "zero"}
+    report = (out / "evaluation.md").read_text()
+    assert saved["verdict"] in report and "Data efficiency" in report
+    for png in ("data_efficiency", "learning_curves", "confusion_transfer", "confusion_scratch"):
+        assert (out / "plots" / f"{png}.png").stat().st_size > 1000
+    assert (out / "efficiency.csv").read_text().splitlines()[0] == "per_class,transfer,scratch"
+
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("e")
+    roles = {r.data.tags.get("role") for r in client.search_runs([exp.experiment_id])}
+    assert {"transfer", "scratch", "probe", "search", "trial", "evaluation"} <= roles
+    t0 = client.get_run(runs[0]["mlflow_run_id"])
+    assert "test_accuracy" in t0.data.metrics and t0.data.tags["data_hash"] == saved["data_hash"]
+
+
+def test_evaluate_refuses_baselines_from_other_data(tmp_path, digits_prepared):
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "index.json").write_text(json.dumps({"data_hash": "0" * 64, "seeds": [0], "runs": []}))
+    cfg = validate_config({"data": {"out": str(digits_prepared)}, "baseline": {"out": str(base)}})
+    from transferops.errors import DataError
+
+    with pytest.raises(DataError, match="re-run `transferops baseline`"):
+        evaluate(cfg)
