@@ -322,3 +322,18 @@ def test_depth_above_blocks_is_refused_before_training(tmp_path, digits_prepared
     with pytest.raises(ConfigError, match="9 blocks"):
         train_from_config(cfg)
     assert not (tmp_path / "ft").exists()
+
+
+def test_learned_bn_statistics_use_the_configured_momentum(digits_prepared, lite0_source):
+    """EfficientNet-Lite ships BN momentum 0.01 (TF port): too slow for short from-scratch runs."""
+
+    def momenta(net: nn.Module) -> set[float]:
+        return {round(m.momentum, 6) for m in net.modules() if isinstance(m, nn.BatchNorm2d)}
+
+    net, tr, va, cfg, pre = _setup(digits_prepared, lite0_source, bn_mode="train", bn_momentum=0.1)
+    assert momenta(net) == {0.01}
+    finetune(net, tr, va, cfg, pre, CPU)
+    assert momenta(net) == {0.1}
+    net, tr, va, cfg, pre = _setup(digits_prepared, lite0_source, bn_momentum=None)
+    finetune(net, tr, va, cfg, pre, CPU)
+    assert momenta(net) == {0.01}

@@ -185,6 +185,12 @@ class FinetuneConfig(_Section):
         description="BatchNorm in thawed blocks: train (batch statistics) or frozen (running "
         "statistics kept, affine params still learn). Frozen blocks always keep theirs.",
     )
+    bn_momentum: Annotated[float, Field(gt=0, le=1)] | None = Field(
+        0.1,
+        description="momentum of BatchNorm running statistics that are learned (bn_mode: "
+        "train). TF-ported models such as EfficientNet-Lite ship 0.01, far too slow for short "
+        "runs; null keeps the model's own",
+    )
     augment: Literal["none", "flip_crop"] = "none"
     feature_cache: bool = True
     cached_views: Annotated[int, Field(ge=1)] = Field(

@@ -310,6 +310,10 @@ def finetune(
     depth = min(cfg.unfreeze_depth, net.num_blocks)
     depths = stage_depths(depth, cfg.blocks_per_stage)
     net.to(device)
+    if cfg.bn_momentum is not None:  # only matters where statistics are learned (bn_mode train)
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.momentum = cfg.bn_momentum
     if pre.channels_last:
         net.to(memory_format=torch.channels_last)
     train, val = train.to(device), val.to(device)
