@@ -53,26 +53,27 @@ def image_folder(tmp_path: Path) -> Path:
     return write_image_folder(tmp_path / "raw")
 
 
+def tiny_digits(root: Path) -> dict:
+    """Write 3 classes x 16 real digit scans under root/raw; the `data:` section for them
+    (16 px; train 36 / val 6 / test 6 once prepared into root/prep)."""
+    write_image_folder(root / "raw", per_class=16)
+    return {
+        "demo": None,
+        "path": str(root / "raw"),
+        "out": str(root / "prep"),
+        "image": {"size": 16},
+        "splits": {"train": 0.75, "val": 0.125, "test": 0.125},
+    }
+
+
 @pytest.fixture(scope="session")
 def digits_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """3 classes x 16 real digit scans at 16 px, prepared (train 36 / val 6 / test 6)."""
+    """The tiny digits dataset, prepared."""
     from transferops.config import validate_config
     from transferops.data import prepare
 
     root = tmp_path_factory.mktemp("digits")
-    write_image_folder(root / "raw", per_class=16)
-    cfg = validate_config(
-        {
-            "data": {
-                "demo": None,
-                "path": str(root / "raw"),
-                "out": str(root / "prep"),
-                "image": {"size": 16},
-                "splits": {"train": 0.75, "val": 0.125, "test": 0.125},
-            }
-        }
-    )
-    prepare(cfg)
+    prepare(validate_config({"data": tiny_digits(root)}))
     return root / "prep"
 
 

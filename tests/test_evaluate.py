@@ -14,7 +14,7 @@ from transferops.evaluate import ece, evaluate, mean_ci, verdict
 from transferops.finetune.train import train_from_config
 from transferops.search import run_search
 
-from .conftest import write_image_folder
+from .conftest import tiny_digits
 
 
 def test_mean_ci_on_known_values():
@@ -60,16 +60,9 @@ def test_scratch_gets_the_same_budget():
 
 
 def test_pipeline_reads_test_only_in_evaluate_and_writes_the_report(tmp_path, lite0_source):
-    write_image_folder(tmp_path / "raw", per_class=16)
     cfg = validate_config(
         {
-            "data": {
-                "demo": None,
-                "path": str(tmp_path / "raw"),
-                "out": str(tmp_path / "prep"),
-                "image": {"size": 16},
-                "splits": {"train": 0.75, "val": 0.125, "test": 0.125},
-            },
+            "data": tiny_digits(tmp_path),
             "source": {"out": str(lite0_source)},
             "finetune": {
                 "unfreeze_depth": 2,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -337,3 +338,28 @@ def test_learned_bn_statistics_use_the_configured_momentum(digits_prepared, lite
     net, tr, va, cfg, pre = _setup(digits_prepared, lite0_source, bn_momentum=None)
     finetune(net, tr, va, cfg, pre, CPU)
     assert momenta(net) == {0.01}
+
+
+def test_precise_bn_statistics_are_the_train_average():
+    from transferops.finetune.engine import recalibrate_bn
+
+    torch.manual_seed(0)
+    net = build_staged(torchvision.models.resnet18(), "resnet", num_classes=3)
+    data = Inputs(torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8), torch.zeros(20))
+    pre = Preprocess("image")
+    bn = net.blocks[4].mods[0][0].bn1  # first BN of layer4: its input is frozen prefix + conv
+    seen = []
+    hook = bn.register_forward_hook(lambda m, i, o: seen.append(i[0].detach()))
+    with torch.no_grad():
+        net.eval()
+        net(pre(data.x, False, None))
+    hook.remove()
+    x = seen[0]
+    recalibrate_bn(net, 1, data, None, pre, bs=5, amp=nullcontext)  # 4 equal batches
+    assert torch.allclose(bn.running_mean, x.mean(dim=(0, 2, 3)), atol=1e-5)
+    batch_means = [x[i : i + 7].mean(dim=(0, 2, 3)) for i in range(0, 20, 7)]
+    recalibrate_bn(net, 1, data, None, pre, bs=7, amp=nullcontext)  # 7 + 7 + 6
+    assert torch.allclose(bn.running_mean, torch.stack(batch_means).mean(0), atol=1e-5)
+    assert bn.momentum == pytest.approx(0.1)  # restored
+    frozen_bn = net.blocks[3].mods[0][0].bn1
+    assert torch.equal(frozen_bn.running_mean, torch.zeros_like(frozen_bn.running_mean))

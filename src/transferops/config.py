@@ -185,6 +185,12 @@ class FinetuneConfig(_Section):
         description="BatchNorm in thawed blocks: train (batch statistics) or frozen (running "
         "statistics kept, affine params still learn). Frozen blocks always keep theirs.",
     )
+    bn_recalibrate: bool = Field(
+        True,
+        description="with bn_mode: train, recompute the learned BatchNorm statistics as the "
+        "average of per-batch statistics over the train split before each validation (precise "
+        "BN); without it short or few-shot runs are judged with statistics that lag behind",
+    )
     bn_momentum: Annotated[float, Field(gt=0, le=1)] | None = Field(
         0.1,
         description="momentum of BatchNorm running statistics that are learned (bn_mode: "

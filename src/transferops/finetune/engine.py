@@ -261,6 +261,46 @@ def _evaluate(
     return float(correct) / n, float(loss_sum) / n  # one host sync per evaluation
 
 
+@torch.no_grad()
+def recalibrate_bn(
+    net: StagedNet,
+    depth: int,
+    data: Inputs,
+    feats: torch.Tensor | None,
+    pre: Preprocess,
+    bs: int,
+    amp: Any,
+) -> None:
+    """Precise BN: thawed blocks' BatchNorm statistics = the average of per-batch statistics
+    over one pass of `data` (exactly the data mean when batches are equal in size)."""
+    bns = [
+        m
+        for b in net.blocks[net.num_blocks - depth :]
+        for m in b.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ]
+    if not bns:
+        return
+    net.eval()
+    saved = []
+    for m in bns:
+        saved.append(m.momentum)
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+        m.train()
+    prefix = net.num_blocks - depth
+    for i in range(0, len(data), bs):
+        ctx = data.ctx[i : i + bs] if data.ctx is not None else None
+        with amp():
+            if feats is not None:
+                h = feats[i : i + bs]
+            else:
+                h = net.run_blocks(pre(data.x[i : i + bs], False, None), 0, prefix, ctx)
+            net.run_blocks(h, prefix, net.num_blocks, ctx)
+    for m, mom in zip(bns, saved, strict=True):
+        m.momentum = mom
+
+
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -422,6 +462,9 @@ def finetune(
                     opt.step()
                     loss_sum += loss.detach() * len(idx)
                     prog.advance(task)
+                if cfg.bn_mode == "train" and cfg.bn_recalibrate and d > 0:
+                    feats = train_views[0] if use_cache else None
+                    recalibrate_bn(net, d, train, feats, pre, cfg.batch_size * 2, amp)
                 va, vl = _evaluate(net, val_feats, val, start, pre, cfg.batch_size * 2, amp)
                 tl = float(loss_sum) / len(train)
                 rec = {
