@@ -23,6 +23,8 @@ def test_mean_ci_on_known_values():
     assert ci["mean"] == pytest.approx(0.9)
     assert ci["ci_low"] == pytest.approx(0.9 - half) and ci["ci_high"] == pytest.approx(0.9 + half)
     assert mean_ci([0.5])["ci_low"] is None
+    clipped = mean_ci([0.98, 1.0, 1.0], 0.95, (0, 1))  # a t-interval can pass 1.0
+    assert clipped["ci_high"] == 1.0 and clipped["ci_low"] < clipped["mean"]
 
 
 def test_verdict_logic():

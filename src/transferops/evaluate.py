@@ -43,8 +43,13 @@ log = logging.getLogger(__name__)
 # ------------------------------------------------------------------- statistics
 
 
-def mean_ci(values: list[float], confidence: float = 0.95) -> dict[str, Any]:
-    """Mean and two-sided t confidence interval (None bounds with a single value)."""
+def mean_ci(
+    values: list[float],
+    confidence: float = 0.95,
+    bounds: tuple[float, float] = (-math.inf, math.inf),
+) -> dict[str, Any]:
+    """Mean and two-sided t confidence interval, clipped to the metric's `bounds` (None bounds
+    with a single value)."""
     from scipy import stats
 
     v = np.asarray(values, dtype=float)
@@ -53,7 +58,8 @@ def mean_ci(values: list[float], confidence: float = 0.95) -> dict[str, Any]:
     if n < 2:
         return {"mean": mean, "ci_low": None, "ci_high": None, "n": n}
     half = float(stats.t.ppf((1 + confidence) / 2, n - 1) * v.std(ddof=1) / math.sqrt(n))
-    return {"mean": mean, "ci_low": mean - half, "ci_high": mean + half, "n": n}
+    lo, hi = bounds
+    return {"mean": mean, "ci_low": max(lo, mean - half), "ci_high": min(hi, mean + half), "n": n}
 
 
 def verdict(diff: dict[str, Any], a: str = "transfer", b: str = "scratch") -> str:
@@ -180,7 +186,7 @@ def evaluate(cfg: Config) -> dict[str, Any]:
         runs = sorted((r for r in main if r["role"] == role), key=lambda r: r["seed"])
         if runs:
             models[role] = {
-                m: mean_ci([r["metrics"][m] for r in runs], ec.confidence)
+                m: mean_ci([r["metrics"][m] for r in runs], ec.confidence, (0, 1))
                 for m in ("accuracy", "macro_f1", "ece")
             }
     classical_name = None
@@ -194,7 +200,7 @@ def evaluate(cfg: Config) -> dict[str, Any]:
         b = {r["seed"]: r["metrics"]["accuracy"] for r in main if r["role"] == other}
         seeds = sorted(set(a) & set(b))
         if seeds:
-            diffs[other] = mean_ci([a[s] - b[s] for s in seeds], ec.confidence)
+            diffs[other] = mean_ci([a[s] - b[s] for s in seeds], ec.confidence, (-1, 1))
     line = verdict(diffs["scratch"])
     first = {r["role"]: r for r in main if r["seed"] == index["seeds"][0]}
     efficiency = _efficiency(per_run, first, cfg.baseline.efficiency_per_class)
