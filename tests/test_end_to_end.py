@@ -69,6 +69,7 @@ def test_text_source_fine_tunes_minilm(tmp_path, monkeypatch):
         "finetune:\n  unfreeze_depth: 1\n  epochs_per_stage: [1]\n  max_length: 32\n"
         "  batch_size: 16\n"
         "search:\n  n_trials: 2\n  space:\n    unfreeze_depth: {low: 0, high: 1}\n"
+        "baseline:\n  seeds: [0, 1]\n  linear_probe: false\n  efficiency_per_class: [null]\n"
     )
     # Only 3 categories keep the test fast: the CSV's other rows are filtered by a new table.
     r = runner.invoke(app, ["demo-data"])
@@ -84,6 +85,9 @@ def test_text_source_fine_tunes_minilm(tmp_path, monkeypatch):
     assert spec["modality"] == "text" and spec["class_names"] == ["computers", "food", "pets"]
     assert (tmp_path / "models" / "finetuned" / "hf" / "tokenizer.json").exists()
     assert not list((tmp_path / "models" / "finetuned" / "hf").glob("*.safetensors"))
+    metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
+    assert set(metrics["models"]) == {"transfer", "scratch", "classical"}
+    assert metrics["models"]["classical"]["accuracy"] >= 0  # TF-IDF baseline ran on text
 
 
 def test_image_source_on_text_data_is_refused(tmp_path, monkeypatch):

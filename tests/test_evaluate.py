@@ -125,7 +125,6 @@ def test_pipeline_reads_test_only_in_evaluate_and_writes_the_report(tmp_path, li
         "transfer_minus_probe",
         "transfer_beats_scratch",
         "verdict",
-        "per_class",
         "efficiency",
         "data_hash",
     ):
@@ -137,7 +136,11 @@ def test_pipeline_reads_test_only_in_evaluate_and_writes_the_report(tmp_path, li
     assert saved["verdict"] == verdict(d)
     assert [r["per_class"] for r in saved["efficiency"]] == [2, "all"]
     assert all({"transfer", "scratch"} <= set(r) for r in saved["efficiency"])
-    assert set(saved["per_class"]["transfer"]) == {"one", "two", "zero"}
+    per_class = json.loads((out / "per_class.json").read_text())
+    assert set(per_class) == {"transfer", "scratch", "probe"}
+    assert set(per_class["transfer"]["one"]) == {"precision", "recall"}
+    assert set(per_class["transfer"]) == {"one", "two", "zero"}
+    assert "per_class" not in saved
     report = (out / "evaluation.md").read_text()
     assert saved["verdict"] in report and "Data efficiency" in report
     for png in ("data_efficiency", "learning_curves", "confusion_transfer", "confusion_scratch"):

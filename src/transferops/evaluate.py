@@ -12,8 +12,9 @@ metrics.json keys: ``test_size``, ``confidence``, ``models.<role>.<metric>.{mean
 ci_high, n}`` for role in transfer/scratch/probe (metric: accuracy, macro_f1, ece) and
 ``models.classical.<metric>``, ``transfer_minus_scratch.accuracy.{mean, ci_low, ci_high, n}``,
 ``transfer_minus_probe.accuracy...``, ``transfer_beats_scratch`` (bool), ``verdict`` (str),
-``per_class.transfer.<class>.{precision, recall}``, ``efficiency`` (list of {per_class,
-transfer, scratch}).
+``efficiency`` (list of {per_class, transfer, scratch}), ``data_hash``. Per-class precision
+and recall (``<role>.<class>.{precision, recall}``, first seed) are in ``per_class.json``, so
+``dvc metrics show`` stays a summary.
 """
 
 from __future__ import annotations
@@ -213,15 +214,16 @@ def evaluate(cfg: Config) -> dict[str, Any]:
         "transfer_beats_scratch": diffs["scratch"]["ci_low"] is not None
         and diffs["scratch"]["ci_low"] > 0,
         "verdict": line,
-        "per_class": {role: r["metrics"]["per_class"] for role, r in first.items()},
         "efficiency": efficiency,
         "data_hash": data_hash,
     }
+    per_class = {role: r["metrics"]["per_class"] for role, r in first.items()}
     out = Path(ec.out)
     with atomic_dir(out) as tmp:
         write_json_atomic(tmp / "metrics.json", metrics)
+        write_json_atomic(tmp / "per_class.json", per_class)
         _write_plots(tmp, first, efficiency, test.class_names)
-        (tmp / "evaluation.md").write_text(_report(metrics, first, classical_name, cfg))
+        (tmp / "evaluation.md").write_text(_report(metrics, per_class, classical_name, cfg))
     _log_to_mlflow(cfg, per_run, metrics, out)
     log.info("%s", line)
     return metrics
@@ -306,7 +308,7 @@ def _fmt(m: dict[str, Any]) -> str:
     return f"{m['mean']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
 
 
-def _report(metrics: dict, first: dict, classical: str | None, cfg: Config) -> str:
+def _report(metrics: dict, per_class: dict, classical: str | None, cfg: Config) -> str:
     conf = int(metrics["confidence"] * 100)
     lines = [
         "# Evaluation report",
@@ -367,7 +369,7 @@ def _report(metrics: dict, first: dict, classical: str | None, cfg: Config) -> s
     ]
     lines += [
         f"| {c} | {v['precision']:.3f} | {v['recall']:.3f} |"
-        for c, v in metrics["per_class"].get("transfer", {}).items()
+        for c, v in per_class.get("transfer", {}).items()
     ]
     lines += [
         "",
