@@ -117,6 +117,12 @@ def test_pruned_trial_is_pruned_in_optuna_and_mlflow(tmp_path, digits_prepared, 
     assert trials[2].state == TS.PRUNED and len(trials[2].intermediate_values) < 4
     summary = json.loads((tmp_path / "search" / "summary.json").read_text())
     assert _mlflow_children(tmp_path, summary["mlflow_run_id"])["2"] == "pruned"
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("t")
+    (run,) = client.search_runs([exp.experiment_id], "tags.trial = '2'")
+    assert run.info.status == "FINISHED"  # pruning is an outcome, not a crash
     assert summary["counts"]["pruned"] == 1
 
 

@@ -19,12 +19,14 @@ Optuna retries on lock); use PostgreSQL for more workers or several machines.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import multiprocessing as mp
 import os
 import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,6 +170,25 @@ def _max_epochs(cfg: Config, num_blocks: int) -> int:
 # ---------------------------------------------------------------- the worker
 
 
+@contextlib.contextmanager
+def _trial_run(
+    cfg: Config, parent: str | None, trial: optuna.Trial, overrides: dict[str, Any]
+) -> Iterator[Any]:
+    """An MLflow child run of the search's parent run for one trial (params logged)."""
+    from transferops.tracking import setup_tracking
+
+    mlflow = setup_tracking(cfg.tracking)
+    with mlflow.start_run(
+        run_name=f"trial-{trial.number}",
+        nested=True,
+        parent_run_id=parent,
+        tags={"role": "trial", "trial": str(trial.number)},
+    ) as run:
+        trial.set_user_attr("mlflow_run_id", run.info.run_id)
+        mlflow.log_params({k.removeprefix("finetune."): v for k, v in overrides.items()})
+        yield mlflow
+
+
 def _objective(cfg: Config, parent_run_id: str | None, store: dict) -> Any:
     from transferops.finetune.train import train_model
 
@@ -178,63 +199,36 @@ def _objective(cfg: Config, parent_run_id: str | None, store: dict) -> Any:
         for t in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
             if t.params == trial.params and t.number != trial.number:
                 trial.set_user_attr("duplicate_of", t.number)
-                _child_run(cfg, parent_run_id, trial, overrides, "duplicate", t.value)
+                with _trial_run(cfg, parent_run_id, trial, overrides) as mlflow:
+                    mlflow.set_tag("state", "duplicate")
+                    mlflow.log_metric("best_val_accuracy", float(t.value))  # type: ignore[arg-type]
                 return float(t.value)  # type: ignore[arg-type]
-        tcfg = with_overrides(cfg, overrides)
 
         def report(epoch: int, rec: dict[str, float]) -> None:
             trial.report(rec["val_accuracy"], epoch)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {epoch}")
 
-        mlflow = _mlflow(cfg)
-        with mlflow.start_run(
-            run_name=f"trial-{trial.number}",
-            nested=True,
-            parent_run_id=parent_run_id,
-            tags={"role": "trial", "trial": str(trial.number)},
-        ) as run:
-            trial.set_user_attr("mlflow_run_id", run.info.run_id)
-            mlflow.log_params({k.removeprefix("finetune."): v for k, v in overrides.items()})
+        pruned = None
+        with _trial_run(cfg, parent_run_id, trial, overrides) as mlflow:
             try:
-                res, _ = train_model(tcfg, on_epoch_end=report, feature_store=store)
-            except optuna.TrialPruned:
-                mlflow.set_tag("state", "pruned")
-                raise
+                res, _ = train_model(
+                    with_overrides(cfg, overrides), on_epoch_end=report, feature_store=store
+                )
+            except optuna.TrialPruned as exc:
+                mlflow.set_tag("state", "pruned")  # the MLflow run itself ends normally
+                pruned = exc
             except Exception:
                 mlflow.set_tag("state", "failed")
                 raise
-            mlflow.set_tag("state", "complete")
-            mlflow.log_metric("best_val_accuracy", res.best_val_accuracy)
+            else:
+                mlflow.set_tag("state", "complete")
+                mlflow.log_metric("best_val_accuracy", res.best_val_accuracy)
+        if pruned is not None:
+            raise pruned
         return res.best_val_accuracy
 
     return objective
-
-
-def _mlflow(cfg: Config) -> Any:
-    from transferops.tracking import setup_tracking
-
-    return setup_tracking(cfg.tracking)
-
-
-def _child_run(
-    cfg: Config,
-    parent: str | None,
-    trial: optuna.Trial,
-    overrides: dict,
-    state: str,
-    value: float | None,
-) -> None:
-    mlflow = _mlflow(cfg)
-    with mlflow.start_run(
-        run_name=f"trial-{trial.number}",
-        nested=True,
-        parent_run_id=parent,
-        tags={"role": "trial", "trial": str(trial.number), "state": state},
-    ):
-        mlflow.log_params({k.removeprefix("finetune."): v for k, v in overrides.items()})
-        if value is not None:
-            mlflow.log_metric("best_val_accuracy", value)
 
 
 def _run_worker(cfg_json: dict, name: str, parent_run_id: str | None, show: bool) -> None:
@@ -306,7 +300,9 @@ def run_search(cfg: Config) -> SearchResult:
     log.info(
         "study %s in %s: %d finished trial(s), target %d", name, sc.storage, before, sc.n_trials
     )
-    mlflow = _mlflow(cfg)
+    from transferops.tracking import setup_tracking
+
+    mlflow = setup_tracking(cfg.tracking)
     data_hash = read_manifest(cfg.data.out)["data_hash"]
     source = read_source_manifest(cfg.source.out)
     with mlflow.start_run(

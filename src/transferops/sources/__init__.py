@@ -78,8 +78,8 @@ def torchvision_family(name: str) -> str:
         return "resnet"
     if name.startswith("vit_"):
         return "tv_vit"
-    if name.startswith(("mobilenet", "efficientnet", "mnasnet", "regnet")):
-        return "tv_features" if not name.startswith("regnet") else "unknown"
+    if name.startswith(("mobilenet", "efficientnet", "mnasnet")):
+        return "tv_features"
     return "unknown"
 
 
