@@ -117,3 +117,15 @@ def test_dvc_train_stage_reads_the_search_output():
     assert "--overrides-file ${search.out}/best_params.json" in stages["train"]["cmd"]
     assert "${search.out}/best_params.json" in stages["train"]["deps"]
     assert stages["search"]["outs"] == ["${search.out}"]
+
+
+def test_dockerfile_installs_like_the_readme_and_runs_the_pipeline():
+    """No Docker engine here: check the image uses the README's setup and run commands."""
+    docker = (REPO / "Dockerfile").read_text()
+    readme = (REPO / "README.md").read_text()
+    runs = [ln for ln in docker.splitlines() if ln.startswith("RUN ")]
+    assert any(ln.startswith("RUN make setup") for ln in runs)
+    assert "```bash\nmake setup\n```" in readme
+    assert 'CMD ["transferops", "run"]' in docker and "make run" in readme
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert {".venv", "data", "models", "mlflow.db"} <= set(ignored)  # no weights or data
