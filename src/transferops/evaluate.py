@@ -32,11 +32,10 @@ from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_
 
 from transferops.artifacts import atomic_dir, read_json, write_json_atomic
 from transferops.baseline import INDEX
-from transferops.config import Config
+from transferops.config import Config, FinetuneConfig
 from transferops.data.prepare import PreparedData, load_prepared, read_manifest
 from transferops.errors import DataError
-from transferops.finetune.engine import Preprocess
-from transferops.finetune.train import load_finetuned, make_inputs, pick_device
+from transferops.finetune.train import load_finetuned, make_inputs, make_preprocess, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -121,10 +120,8 @@ def predict(model_dir: Path, data: PreparedData, device: torch.device) -> np.nda
         )
     net.to(device).eval()
     inputs = make_inputs(data, model_dir, spec, spec.get("max_length", 64))
-    inp = spec["input"]
-    pre = Preprocess(
-        data.modality, tuple(inp.get("mean", (0.5,) * 3)), tuple(inp.get("std", (0.5,) * 3))
-    )
+    # The training normalisation, without augmentation (FinetuneConfig's default).
+    pre = make_preprocess(spec["source"], FinetuneConfig(), device, data.modality)
     out = []
     for i in range(0, len(inputs), 256):
         ctx = inputs.ctx[i : i + 256].to(device) if inputs.ctx is not None else None

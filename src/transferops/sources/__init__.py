@@ -134,7 +134,8 @@ def pull(cfg: SourceConfig, force: bool = False) -> PullResult:
             verify(out, manifest)  # refuses a tampered / corrupted weights file
             log.info("source model in %s is up to date (%s)", out, manifest["origin"])
             return PullResult(out, manifest, True)
-    manifest = _pull_hf(cfg, out) if cfg.kind == "hf" else _pull_torch(cfg, out)
+    pull_fn = _pull_hf if cfg.kind == "hf" else _pull_torch
+    manifest = pull_fn(cfg, out, spec_hash)
     log.info("pulled %s into %s (%d blocks)", manifest["origin"], out, manifest["num_blocks"])
     return PullResult(out, manifest, False)
 
@@ -188,7 +189,7 @@ def _torchvision_weights(cfg: SourceConfig) -> tuple[dict[str, torch.Tensor] | N
     return sd, f"torchvision:{cfg.name}/{weights.name}", norm
 
 
-def _pull_torch(cfg: SourceConfig, out: Path) -> dict[str, Any]:
+def _pull_torch(cfg: SourceConfig, out: Path, spec_hash: str) -> dict[str, Any]:
     if cfg.kind == "torchvision":
         model, family = build_architecture("torchvision", cfg.name)
         sd, origin, norm = _torchvision_weights(cfg)
@@ -248,7 +249,7 @@ def _pull_torch(cfg: SourceConfig, out: Path) -> dict[str, Any]:
             "input": {"type": "image", **norm},
             "weights_file": WEIGHTS,
             "sha256": sha256_file(tmp / WEIGHTS),
-            "spec_hash": sha256_json(_spec(cfg)),
+            "spec_hash": spec_hash,
         }
 
         write_json_atomic(tmp / MANIFEST, manifest)
@@ -276,7 +277,7 @@ def _hf_candidates(cfg: SourceConfig) -> list[tuple[str, str]]:
     return cands
 
 
-def _pull_hf(cfg: SourceConfig, out: Path) -> dict[str, Any]:
+def _pull_hf(cfg: SourceConfig, out: Path, spec_hash: str) -> dict[str, Any]:
     from transformers import AutoModel, AutoTokenizer
 
     tried = []
@@ -330,7 +331,7 @@ def _pull_hf(cfg: SourceConfig, out: Path) -> dict[str, Any]:
             "input": {"type": "text", "tokenizer": HF_DIR, "note": vocab_note},
             "weights_file": wfile,
             "sha256": sha256_file(tmp / wfile),
-            "spec_hash": sha256_json(_spec(cfg)),
+            "spec_hash": spec_hash,
         }
 
         write_json_atomic(tmp / MANIFEST, manifest)
