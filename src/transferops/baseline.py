@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from transferops.artifacts import write_json_atomic
-from transferops.config import Config, with_overrides
+from transferops.config import Config, FinetuneConfig, with_overrides
 from transferops.data.prepare import prepare, read_manifest
 from transferops.finetune.engine import stage_depths
 from transferops.finetune.train import save_finetuned, train_model
@@ -68,21 +68,20 @@ def _train_one(
     seed: int,
     per_class: int | None,
     data_out: Path,
-    num_blocks: int,
+    source: dict[str, Any],
     store: dict | None,
 ) -> dict[str, Any]:
     out = Path(cfg.baseline.out)
     rcfg = with_overrides(
         cfg,
         {
-            **role_overrides(cfg, role, seed, num_blocks),
+            **role_overrides(cfg, role, seed, source["num_blocks"]),
             "data.out": str(data_out),
             "finetune.checkpoint_dir": str(out / ".checkpoints" / name),
         },
     )
     mlflow = setup_tracking(cfg.tracking)
     manifest = read_manifest(data_out)
-    source = read_source_manifest(cfg.source.out)
     tags = {
         "role": role,
         "seed": str(seed),
@@ -95,8 +94,9 @@ def _train_one(
         mlflow.log_params(
             {
                 k.removeprefix("finetune."): v
-                for k, v in rcfg.finetune.model_dump(mode="json").items()
-                if k not in ("out", "metrics", "checkpoint_dir")
+                for k, v in rcfg.finetune.model_dump(
+                    mode="json", exclude=set(FinetuneConfig.OUTPUT_FIELDS)
+                ).items()
             }
         )
         res, spec = train_model(
@@ -135,7 +135,7 @@ def _train_one(
 def run_baselines(cfg: Config) -> list[dict[str, Any]]:
     """Train transfer / scratch / probe over seeds, and the few-shot curve models."""
     bc = cfg.baseline
-    num_blocks = read_source_manifest(cfg.source.out)["num_blocks"]
+    source = read_source_manifest(cfg.source.out)
     roles = ["transfer", "scratch"] + (["probe"] if bc.linear_probe else [])
     store: dict = {}  # pretrained prefix features, shared by transfer and probe runs
     entries = []
@@ -149,7 +149,7 @@ def run_baselines(cfg: Config) -> list[dict[str, Any]]:
                     seed,
                     None,
                     Path(cfg.data.out),
-                    num_blocks,
+                    source,
                     store if role != "scratch" else None,
                 )
             )
@@ -173,7 +173,7 @@ def run_baselines(cfg: Config) -> list[dict[str, Any]]:
                     seed,
                     k,
                     sub,
-                    num_blocks,
+                    source,
                     sub_store if role == "transfer" else None,
                 )
             )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -219,6 +219,14 @@ class FinetuneConfig(_Section):
         if isinstance(v, list) and not v:
             raise ValueError("give at least one epoch count, e.g. [3, 2]")
         return v
+
+    # Where outputs go: they never change what is trained.
+    OUTPUT_FIELDS: ClassVar[frozenset[str]] = frozenset({"out", "metrics", "checkpoint_dir"})
+
+    def trajectory_params(self) -> dict[str, Any]:
+        """The params that decide the training trajectory (not output paths, not the device):
+        what checkpoint fingerprints and search study names are keyed on."""
+        return self.model_dump(mode="json", exclude=set(self.OUTPUT_FIELDS) | {"device"})
 
     def epochs_for_stage(self, stage: int) -> int:
         """Epochs of stage `stage` (0 = head only); the last listed value repeats."""

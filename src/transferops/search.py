@@ -81,9 +81,7 @@ def study_name(cfg: Config) -> str:
         "space": cfg.search.space.model_dump(mode="json"),
         "sampler": cfg.search.sampler,
         "seed": cfg.search.seed,
-        "finetune": cfg.finetune.model_dump(
-            mode="json", exclude={"out", "metrics", "checkpoint_dir", "device"}
-        ),
+        "finetune": cfg.finetune.trajectory_params(),
     }
     return f"transferops-{data_hash[:8]}-{sha256_json(key)[:12]}"
 

@@ -149,9 +149,7 @@ def train_model(
             "source": source.manifest["sha256"],
             "pretrained": pretrained,
             "data_hash": spec["data_hash"],
-            "finetune": cfg.finetune.model_dump(
-                mode="json", exclude={"out", "metrics", "checkpoint_dir", "device"}
-            ),
+            "finetune": cfg.finetune.trajectory_params(),
         }
     )
     res = finetune(
