@@ -12,7 +12,9 @@ metrics.json keys: ``test_size``, ``confidence``, ``models.<role>.<metric>.{mean
 ci_high, n}`` for role in transfer/scratch/probe (metric: accuracy, macro_f1, ece) and
 ``models.classical.<metric>``, ``transfer_minus_scratch.accuracy.{mean, ci_low, ci_high, n}``,
 ``transfer_minus_probe.accuracy...``, ``transfer_beats_scratch`` (bool), ``verdict`` (str),
-``efficiency`` (list of {per_class, transfer, scratch}), ``data_hash``. Per-class precision
+``efficiency`` (list of {per_class, transfer, scratch}), ``data_hash``, and
+``finetuned.{accuracy, macro_f1, ece, model_sha256, dir}``: the model `train` wrote, which
+`register` registers with these test metrics. Per-class precision
 and recall (``<role>.<class>.{precision, recall}``, first seed) are in ``per_class.json``, so
 ``dvc metrics show`` stays a summary.
 """
@@ -30,12 +32,13 @@ import numpy as np
 import torch
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 
-from transferops.artifacts import atomic_dir, read_json, write_json_atomic
+from transferops.artifacts import atomic_dir, read_json, sha256_file, write_json_atomic
 from transferops.baseline import INDEX
-from transferops.config import Config, FinetuneConfig
+from transferops.config import Config
 from transferops.data.prepare import PreparedData, load_prepared, read_manifest
 from transferops.errors import DataError
-from transferops.finetune.train import load_finetuned, make_inputs, make_preprocess, pick_device
+from transferops.finetune.train import load_finetuned, make_inputs, pick_device
+from transferops.predict import predict_probs
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +112,6 @@ def classification_metrics(
 # ------------------------------------------------------------------- predicting
 
 
-@torch.no_grad()
 def predict(model_dir: Path, data: PreparedData, device: torch.device) -> np.ndarray:
     """Class probabilities of a saved model on a prepared split."""
     net, spec = load_finetuned(model_dir)
@@ -118,16 +120,8 @@ def predict(model_dir: Path, data: PreparedData, device: torch.device) -> np.nda
             f"{model_dir} was trained on classes {spec['class_names']}, the test "
             f"split has {data.class_names}: re-run `transferops baseline`"
         )
-    net.to(device).eval()
-    inputs = make_inputs(data, model_dir, spec, spec.get("max_length", 64))
-    # The training normalisation, without augmentation (FinetuneConfig's default).
-    pre = make_preprocess(spec["source"], FinetuneConfig(), device, data.modality)
-    out = []
-    for i in range(0, len(inputs), 256):
-        ctx = inputs.ctx[i : i + 256].to(device) if inputs.ctx is not None else None
-        x = pre(inputs.x[i : i + 256].to(device), False, None)
-        out.append(torch.softmax(net(x, ctx).float(), 1).cpu())
-    return torch.cat(out).numpy()
+    inputs = make_inputs(data, model_dir, spec["source"], spec.get("max_length", 64))
+    return predict_probs(net, spec, inputs, device)
 
 
 def classical_probs(train: PreparedData, test: PreparedData) -> tuple[np.ndarray, str]:
@@ -214,6 +208,9 @@ def evaluate(cfg: Config) -> dict[str, Any]:
         "efficiency": efficiency,
         "data_hash": data_hash,
     }
+    finetuned = _score_finetuned(cfg, test, device, data_hash)
+    if finetuned is not None:
+        metrics["finetuned"] = finetuned
     per_class = {role: r["metrics"]["per_class"] for role, r in first.items()}
     out = Path(ec.out)
     with atomic_dir(out) as tmp:
@@ -224,6 +221,44 @@ def evaluate(cfg: Config) -> dict[str, Any]:
     _log_to_mlflow(cfg, per_run, metrics, out)
     log.info("%s", line)
     return metrics
+
+
+def _score_finetuned(
+    cfg: Config, test: PreparedData, device: torch.device, data_hash: str
+) -> dict[str, Any] | None:
+    """Test metrics of the model `train` wrote (the one `register` will register)."""
+    model_dir = Path(cfg.finetune.out)
+    if not (model_dir / "model.json").exists():
+        log.warning(
+            "%s not found: run `transferops train` to score the model to register", model_dir
+        )
+        return None
+    if read_json(model_dir / "model.json")["data_hash"] != data_hash:
+        log.warning("%s was trained on other data: re-run `transferops train`", model_dir)
+        return None
+    m = classification_metrics(
+        predict(model_dir, test, device),
+        test.labels.numpy(),
+        test.class_names,
+        cfg.evaluate.ece_bins,
+    )
+    return {k: m[k] for k in ("accuracy", "macro_f1", "ece")} | {
+        "model_sha256": sha256_file(model_dir / "model.safetensors"),
+        "dir": str(model_dir),
+    }
+
+
+def score_model_dir(model_dir: Path, cfg: Config) -> dict[str, float]:
+    """Test metrics of any saved model folder on the current test split (e.g. a champion
+    trained on older data, re-scored by `promote`)."""
+    test = load_prepared(cfg.data.out, "test")
+    m = classification_metrics(
+        predict(model_dir, test, pick_device(cfg.finetune.device)),
+        test.labels.numpy(),
+        test.class_names,
+        cfg.evaluate.ece_bins,
+    )
+    return {k: m[k] for k in ("accuracy", "macro_f1", "ece")}
 
 
 def _efficiency(per_run: dict, first: dict, ks: list[int | None]) -> list[dict[str, Any]]:
@@ -329,6 +364,13 @@ def _report(metrics: dict, per_class: dict, classical: str | None, cfg: Config) 
             lines.append(
                 f"| {role} | {_fmt(m['accuracy'])} | {_fmt(m['macro_f1'])} | {_fmt(m['ece'])} |"
             )
+    if "finetuned" in metrics:
+        f = metrics["finetuned"]
+        lines.insert(
+            lines.index("| --- | --- | --- | --- |") + 1,
+            f"| **model to register** (`{f['dir']}`) | {f['accuracy']:.3f} | "
+            f"{f['macro_f1']:.3f} | {f['ece']:.3f} |",
+        )
     d = metrics["transfer_minus_scratch"]["accuracy"]
     lines += ["", f"Transfer − scratch (accuracy): {_fmt(d)}."]
     if "transfer_minus_probe" in metrics:

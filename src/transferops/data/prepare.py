@@ -9,6 +9,7 @@ input and params does nothing.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from collections import Counter, defaultdict
@@ -236,7 +237,16 @@ def assign_splits(raw: RawDataset, d: DataConfig) -> dict[Split, list[Example]]:
             else:
                 out[s] += [e for e in exs if e.split == s]
     if d.limit_per_class is not None:
+        full = len(out["train"])
         out["train"] = _limit(out["train"], d.limit_per_class)
+        if len(out["train"]) < full:
+            log.warning(
+                "data.limit_per_class=%d: training on %d of %d training examples (few-shot); "
+                "set data.limit_per_class: null to use them all",
+                d.limit_per_class,
+                len(out["train"]),
+                full,
+            )
     return out
 
 
@@ -278,8 +288,12 @@ def _limit(train: list[Example], k: int) -> list[Example]:
     return kept
 
 
-def _load_image(path: Path, size: int, resize: str) -> np.ndarray:
-    with Image.open(path) as im:
+def decode_image(src: Path | str | bytes, size: int, resize: str) -> np.ndarray:
+    """One image file (a path or its encoded bytes) -> size x size x 3 uint8 RGB.
+
+    The one decoder: `prepare` uses it for the dataset, the registered model for raw inputs.
+    """
+    with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
         im = ImageOps.exif_transpose(im)
         im = im.convert("RGB")
         if resize == "crop":
@@ -297,7 +311,7 @@ def _decode_images(
     for e in progress_bar(exs, f"decode {split}"):
         assert e.path is not None
         try:
-            arr = _load_image(e.path, size, d.image.resize)
+            arr = decode_image(e.path, size, d.image.resize)
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
             if d.on_bad_file == "fail":
                 raise DataError(

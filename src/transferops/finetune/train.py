@@ -36,6 +36,7 @@ __all__ = [
     "load_finetuned",
     "make_inputs",
     "pick_device",
+    "tokenize",
     "train_from_config",
     "train_model",
 ]
@@ -81,6 +82,17 @@ def make_preprocess(
     )
 
 
+def tokenize(
+    texts: list[str], model_dir: Path, manifest: dict[str, Any], max_length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask with the tokenizer saved beside the weights."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(Path(model_dir) / manifest["input"]["tokenizer"])
+    enc = tok(texts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
 def make_inputs(
     data: PreparedData, source_dir: Path, manifest: dict[str, Any], max_length: int
 ) -> Inputs:
@@ -88,13 +100,8 @@ def make_inputs(
     if data.modality == "image":
         assert data.images is not None
         return Inputs(data.images, data.labels)
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(source_dir / manifest["input"]["tokenizer"])
-    enc = tok(
-        data.texts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt"
-    )
-    return Inputs(enc["input_ids"], data.labels, enc["attention_mask"])
+    ids, mask = tokenize(data.texts or [], source_dir, manifest, max_length)
+    return Inputs(ids, data.labels, mask)
 
 
 def _check_compatible(modality: str, manifest: dict[str, Any]) -> None:
@@ -137,6 +144,8 @@ def train_model(
         "class_names": train.class_names,
         "modality": train.modality,
         "image_size": data_manifest.get("image_size"),
+        # how raw images were fitted to image_size (the registered model does the same)
+        "image_resize": (data_manifest.get("params", {}).get("image") or {}).get("resize", "crop"),
         "input": source.manifest["input"],
         "max_length": cfg.finetune.max_length,
         "finetune": cfg.finetune.model_dump(mode="json"),

@@ -1,0 +1,76 @@
+"""Predicting with a saved model folder (``finetune.out`` or a baseline run).
+
+Two callers, one code path: `evaluate` scores prepared splits, and the registered MLflow model
+(:mod:`transferops.serving`) scores raw images or texts. Raw inputs go through the same
+decoder as `prepare` and the same normalisation as training, so a served model sees exactly
+what the fine-tuned model saw.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from transferops.config import FinetuneConfig
+from transferops.data.prepare import decode_image
+from transferops.errors import DataError
+from transferops.finetune.blocks import StagedNet
+from transferops.finetune.engine import Inputs
+from transferops.finetune.train import make_preprocess, tokenize
+
+
+@torch.no_grad()
+def predict_probs(
+    net: StagedNet,
+    spec: dict[str, Any],
+    inputs: Inputs,
+    device: torch.device,
+    batch_size: int = 256,
+) -> np.ndarray:
+    """Class probabilities [N, C] of `net` (in eval mode) on `inputs`."""
+    net.to(device).eval()
+    # The training normalisation, without augmentation (FinetuneConfig's default).
+    pre = make_preprocess(spec["source"], FinetuneConfig(), device, spec["modality"])
+    out = []
+    for i in range(0, len(inputs), batch_size):
+        ctx = inputs.ctx[i : i + batch_size].to(device) if inputs.ctx is not None else None
+        x = pre(inputs.x[i : i + batch_size].to(device), False, None)
+        out.append(torch.softmax(net(x, ctx).float(), 1).cpu())
+    if not out:
+        return np.zeros((0, len(spec["class_names"])), dtype=np.float32)
+    return torch.cat(out).numpy()
+
+
+def raw_inputs(spec: dict[str, Any], model_dir: Path, items: list[Any]) -> Inputs:
+    """Raw examples -> model inputs: image paths or encoded bytes, or texts."""
+    n = len(items)
+    labels = torch.zeros(n, dtype=torch.int64)  # unused by prediction
+    if spec["modality"] == "text":
+        bad = [i for i, t in enumerate(items) if not isinstance(t, str)]
+        if bad:
+            raise DataError(f"text input: items {bad[:5]} are not strings")
+        ids, mask = tokenize(list(items), model_dir, spec["source"], spec.get("max_length", 64))
+        return Inputs(ids, labels, mask)
+    size = spec.get("image_size") or 32
+    resize = spec.get("image_resize", "crop")
+    arrays = []
+    for i, item in enumerate(items):
+        if not isinstance(item, bytes | str | Path):
+            raise DataError(
+                f"image input {i}: expected a file path or the file's bytes, got "
+                f"{type(item).__name__}"
+            )
+        try:
+            arrays.append(decode_image(item, size, resize))
+        except (OSError, ValueError) as exc:
+            what = item if isinstance(item, str | Path) else f"{len(item)} bytes"
+            raise DataError(f"image input {i} ({what}): cannot be decoded ({exc})") from None
+    x = (
+        torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+        if arrays
+        else torch.zeros((0, 3, size, size), dtype=torch.uint8)
+    )
+    return Inputs(x, labels)
