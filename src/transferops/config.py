@@ -358,7 +358,11 @@ class RegistryConfig(_Section):
 
     model_name: str = Field("transferops-demo", min_length=1)
     metric: Literal["accuracy", "macro_f1"] = "accuracy"
-    min_improvement: Annotated[float, Field(ge=0)] = 0.0
+    min_improvement: Annotated[float, Field(ge=0, le=1)] = 0.0
+    # significant: evaluate's verdict must say transfer beats scratch (interval above 0);
+    # mean: the model's test metric above the scratch mean (e.g. with a single seed)
+    baseline_gate: Literal["significant", "mean"] = "significant"
+    out: str = "models/registry.json"  # what `register` registered (a DVC output)
 
 
 class ScheduleConfig(_Section):

@@ -22,3 +22,7 @@ class DataError(TransferopsError):
 
 class SourceError(TransferopsError):
     """The source model cannot be found, loaded or trusted."""
+
+
+class RegistryError(TransferopsError):
+    """The registry cannot do what was asked (nothing registered, stale evaluation, ...)."""

@@ -1,0 +1,282 @@
+"""Registry: the promotion gates on a real MLflow registry, and registration of a real
+fine-tuned model (idempotent, lineage tags, model card, pyfunc on raw images)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+from PIL import Image
+
+from transferops.config import Config, with_overrides
+from transferops.errors import RegistryError
+from transferops.registry import CHALLENGER, CHAMPION, decide, promote, register
+
+from .conftest import write_image_folder
+
+NAME = "gate-test"
+
+
+# ----------------------------------------------------------- gates (synthetic)
+
+
+@pytest.fixture
+def gate_cfg(tmp_path: Path, monkeypatch) -> Config:
+    monkeypatch.chdir(tmp_path)
+    return with_overrides(
+        Config(),
+        {
+            "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "tracking.artifact_location": str(tmp_path / "art"),
+            "registry.model_name": NAME,
+        },
+    )
+
+
+def _challenger(cfg: Config, acc: float, beats: bool = True, scratch: float = 0.5) -> str:
+    """A version with the tags `register` writes, aliased challenger."""
+    from transferops.tracking import setup_tracking
+
+    setup_tracking(cfg.tracking)
+    client = MlflowClient()
+    if not client.search_registered_models(f"name='{NAME}'"):
+        client.create_registered_model(NAME)
+    src = Path(cfg.tracking.artifact_location) / f"m{acc}"
+    src.mkdir(parents=True, exist_ok=True)
+    mv = client.create_model_version(
+        NAME,
+        src.resolve().as_uri(),
+        tags={
+            "test_accuracy": str(acc),
+            "scratch_accuracy": str(scratch),
+            "transfer_beats_scratch": str(beats).lower(),
+            "verdict": "transfer beats scratch" if beats else "no significant gain",
+            "data_hash": "d1",
+            "classes": '["a", "b"]',
+        },
+    )
+    client.set_registered_model_alias(NAME, CHALLENGER, mv.version)
+    return str(mv.version)
+
+
+def _champion(cfg: Config) -> str | None:
+    try:
+        return str(MlflowClient().get_model_version_by_alias(NAME, CHAMPION).version)
+    except Exception:
+        return None
+
+
+def test_first_model_that_beats_the_baseline_becomes_champion(gate_cfg):
+    v = _challenger(gate_cfg, 0.8)
+    assert promote(gate_cfg, dry_run=True).promote and _champion(gate_cfg) is None  # dry run
+    d = promote(gate_cfg)
+    assert d.applied and _champion(gate_cfg) == v
+    assert "first model" in d.summary()
+    again = promote(gate_cfg)
+    assert not again.promote and "already the champion" in again.summary()
+
+
+def test_first_model_that_does_not_beat_the_baseline_is_not_promoted(gate_cfg):
+    _challenger(gate_cfg, 0.8, beats=False)
+    d = promote(gate_cfg)
+    assert not d.applied and _champion(gate_cfg) is None
+    assert "fails the baseline gate (no significant gain)" in d.summary()
+
+
+def test_beats_both_is_promoted(gate_cfg):
+    old = _challenger(gate_cfg, 0.80)
+    promote(gate_cfg)
+    new = _challenger(gate_cfg, 0.85)
+    d = promote(gate_cfg)
+    assert d.applied and _champion(gate_cfg) == new != old
+    assert d.champion_metric == pytest.approx(0.80) and d.challenger_metric == pytest.approx(0.85)
+    tags = MlflowClient().get_model_version(NAME, new).tags
+    assert tags["replaced_champion"] == old
+
+
+@pytest.mark.parametrize("acc", [0.79, 0.80])
+def test_losing_or_tying_with_the_champion_changes_nothing(gate_cfg, acc):
+    old = _challenger(gate_cfg, 0.80)
+    promote(gate_cfg)
+    _challenger(gate_cfg, acc)
+    d = promote(gate_cfg)
+    assert not d.applied and _champion(gate_cfg) == old
+    assert f"does not beat {CHAMPION} v{old}" in d.summary()
+
+
+def test_beating_the_champion_but_not_the_baseline_changes_nothing(gate_cfg):
+    old = _challenger(gate_cfg, 0.80)
+    promote(gate_cfg)
+    _challenger(gate_cfg, 0.95, beats=False)
+    d = promote(gate_cfg)
+    assert not d.applied and _champion(gate_cfg) == old
+    assert "fails the baseline gate" in d.summary() and "beats champion" in d.summary()
+
+
+def test_min_improvement_margin(gate_cfg):
+    cfg = with_overrides(gate_cfg, {"registry.min_improvement": 0.05})
+    old = _challenger(cfg, 0.80)
+    promote(cfg)
+    _challenger(cfg, 0.84)
+    assert not promote(cfg).applied and _champion(cfg) == old
+    new = _challenger(cfg, 0.86)
+    assert promote(cfg).applied and _champion(cfg) == new
+
+
+def test_mean_gate_compares_with_the_scratch_mean(gate_cfg):
+    cfg = with_overrides(gate_cfg, {"registry.baseline_gate": "mean"})
+    _challenger(cfg, 0.60, beats=False, scratch=0.70)
+    assert not promote(cfg).applied
+    v = _challenger(cfg, 0.75, beats=False, scratch=0.70)
+    assert promote(cfg).applied and _champion(cfg) == v
+
+
+def test_promote_without_a_challenger_says_what_to_do(gate_cfg):
+    with pytest.raises(RegistryError, match="run `transferops register` first"):
+        decide(gate_cfg)
+
+
+# ---------------------------------------------------- a real registered model
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory) -> Path:
+    """The whole pipeline (plain-Python door) once on tiny real digits."""
+    from transferops.config import load_config
+    from transferops.pipeline import run_pipeline
+
+    root = tmp_path_factory.mktemp("reg")
+    write_image_folder(root / "raw", per_class=12)
+    (root / "params.yaml").write_text(
+        "data:\n  demo: null\n  path: raw\n  image: {size: 16}\n  limit_per_class: null\n"
+        "finetune:\n  unfreeze_depth: 1\n  epochs_per_stage: [2, 1]\n  batch_size: 8\n"
+        "search:\n  n_trials: 2\n  space:\n    unfreeze_depth: {low: 0, high: 1}\n"
+        "baseline:\n  seeds: [0, 1]\n  linear_probe: false\n  efficiency_per_class: [null]\n"
+        "registry:\n  baseline_gate: mean\n"
+    )
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        run_pipeline(load_config(root / "params.yaml"))
+        yield root
+    finally:
+        os.chdir(cwd)
+
+
+@pytest.fixture
+def in_pipeline_dir(pipeline_dir, monkeypatch) -> Config:
+    from transferops.config import load_config
+    from transferops.tracking import setup_tracking
+
+    monkeypatch.chdir(pipeline_dir)
+    cfg = load_config("params.yaml")
+    setup_tracking(cfg.tracking)
+    return cfg
+
+
+def test_registering_the_same_model_twice_makes_one_version(in_pipeline_dir):
+    cfg = in_pipeline_dir
+    again = register(cfg)  # the pipeline registered it already
+    assert not again.created and again.version == "1"
+    versions = MlflowClient().search_model_versions(f"name='{cfg.registry.model_name}'")
+    assert [int(v.version) for v in versions] == [1]
+    receipt = json.loads(Path(cfg.registry.out).read_text())
+    assert receipt["version"] == "1" and receipt["alias"] == CHALLENGER
+
+
+def test_lineage_tags_and_model_card(in_pipeline_dir):
+    from transferops.artifacts import read_json, sha256_file
+
+    cfg = in_pipeline_dir
+    client = MlflowClient()
+    mv = client.get_model_version_by_alias(cfg.registry.model_name, CHALLENGER)
+    t = mv.tags
+    metrics = read_json(Path(cfg.evaluate.out) / "metrics.json")
+    source = read_json(Path(cfg.source.out) / "manifest.json")
+    summary = read_json(Path(cfg.search.out) / "summary.json")
+    assert t["data_hash"] == read_json(Path(cfg.data.out) / "manifest.json")["data_hash"]
+    assert t["source_sha256"] == source["sha256"] and t["source_origin"] == source["origin"]
+    assert t["model_sha256"] == sha256_file(Path(cfg.finetune.out) / "model.safetensors")
+    assert len(t["git_commit"]) == 40 or t["git_commit"] == "unknown"
+    assert t["best_trial"] == f"{summary['study_name']}#{summary['best_trial']}"
+    assert json.loads(t["best_params"]) == summary["best_params"]
+    assert json.loads(t["params"])["unfreeze_depth"] == summary["best_params"].get(
+        "finetune.unfreeze_depth", cfg.finetune.unfreeze_depth
+    )
+    assert float(t["test_accuracy"]) == pytest.approx(metrics["finetuned"]["accuracy"], abs=1e-6)
+    assert float(t["scratch_accuracy"]) == pytest.approx(
+        metrics["models"]["scratch"]["accuracy"]["mean"], abs=1e-6
+    )
+    assert t["verdict"] == metrics["verdict"]
+    card = client.download_artifacts(mv.run_id, "model_card.md")
+    text = Path(card).read_text()
+    assert t["data_hash"][:12] in text and metrics["verdict"] in text
+    assert f"models:/{cfg.registry.model_name}@champion" in text
+
+
+def test_pyfunc_predicts_on_raw_images_like_the_trained_model(in_pipeline_dir, tmp_path):
+    import mlflow
+    import torch
+
+    from transferops.data.prepare import load_prepared
+    from transferops.finetune.train import load_finetuned
+    from transferops.predict import predict_probs
+
+    cfg = in_pipeline_dir
+    model = mlflow.pyfunc.load_model(f"models:/{cfg.registry.model_name}@{CHALLENGER}")
+    train = load_prepared(cfg.data.out, "train")
+    assert train.images is not None
+    imgs = train.images[:6]
+    encoded = []
+    for i, img in enumerate(imgs):
+        buf = io.BytesIO()
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(buf, format="PNG")
+        encoded.append(buf.getvalue())
+        (tmp_path / f"{i}.png").write_bytes(buf.getvalue())
+    out = model.predict(pd.DataFrame({"image": encoded}))
+    by_path = model.predict(pd.DataFrame({"image": [str(tmp_path / f"{i}.png") for i in range(6)]}))
+    net, spec = load_finetuned(cfg.finetune.out)
+    from transferops.finetune.engine import Inputs
+
+    ref = predict_probs(net, spec, Inputs(imgs, torch.zeros(6)), torch.device("cpu"))
+    assert list(out["label"]) == [spec["class_names"][i] for i in ref.argmax(1)]
+    np.testing.assert_allclose(np.stack(out["probabilities"]), ref, atol=1e-5)
+    assert list(by_path["label"]) == list(out["label"])
+    assert model.metadata.metadata["class_names"] == spec["class_names"]
+
+
+def test_champion_trained_on_other_data_is_rescored_on_the_new_test_split(in_pipeline_dir):
+    """A champion from older data: its tagged metric is not comparable, so it is re-scored."""
+    cfg = in_pipeline_dir
+    client = MlflowClient()
+    name = cfg.registry.model_name
+    real = client.get_model_version_by_alias(name, CHALLENGER)
+    old = client.create_model_version(
+        name, real.source, tags=real.tags | {"data_hash": "old-data", "test_accuracy": "0.0"}
+    )
+    prev_champion = _alias(client, name, CHAMPION)
+    client.set_registered_model_alias(name, CHAMPION, old.version)
+    try:
+        d = decide(cfg)
+        # Re-scored, the champion is the same network as the challenger: equal, not 0.0.
+        assert d.champion_metric == pytest.approx(float(real.tags["test_accuracy"]), abs=1e-6)
+        assert "re-scored on the new test split" in d.summary() and not d.promote
+    finally:
+        if prev_champion:
+            client.set_registered_model_alias(name, CHAMPION, prev_champion)
+        else:
+            client.delete_registered_model_alias(name, CHAMPION)
+        client.delete_model_version(name, old.version)
+
+
+def _alias(client, name, alias):
+    try:
+        return client.get_model_version_by_alias(name, alias).version
+    except Exception:
+        return None
