@@ -7,23 +7,26 @@ overrides, validated by the same pydantic models as the file.
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import logging
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Annotated, Any, TypeVar
 
 import typer
 
-from transferops.config import Config, load_config, read_overrides_file
+from transferops.config import Config, load_config, parse_override, read_overrides_file
 from transferops.errors import TransferopsError
-from transferops.progress import console, setup_logging
+from transferops.progress import console, hand_logging_to_prefect, setup_logging
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="Transfer-learning pipeline: prepare -> pull -> search -> train -> baseline -> "
-    "evaluate (`run` does them all).",
+    "evaluate -> register -> promote (`run` does them all; `serve` schedules it).",
 )
 log = logging.getLogger("transferops")
 
@@ -205,16 +208,120 @@ def evaluate(
 
 @app.command()
 @_user_errors
-def run(
+def register(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
 ) -> None:
-    """The whole pipeline: prepare -> pull -> search -> train -> baseline -> evaluate."""
-    from transferops.pipeline import run_pipeline
+    """Register finetune.out in MLflow with its lineage; alias it `challenger`."""
+    from transferops.registry import register as _register
 
     cfg = _cfg(params, set_)
-    summary = run_pipeline(cfg)
+    res = _register(cfg)
+    state = "registered" if res.created else "already registered"
+    console.print(f"{res.name} v{res.version}: {state}; alias challenger")
+
+
+@app.command()
+@_user_errors
+def promote(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    dry_run: Annotated[bool, typer.Option(help="show the decision, change nothing")] = False,
+) -> None:
+    """Move alias `champion` to the challenger if it beats the baseline and the champion."""
+    from transferops.registry import promote as _promote
+
+    cfg = _cfg(params, set_)
+    d = _promote(cfg, dry_run=dry_run)
+    prefix = "[dim](dry run)[/] " if dry_run else ""
+    console.print(f"{prefix}[bold]{d.summary()}[/]")
+
+
+def _overrides_map(
+    overrides: list[str] | None, overrides_file: Path | None = None
+) -> dict[str, Any]:
+    """--overrides-file and --set as one mapping of dotted keys (what the flow takes)."""
+    out = dict(read_overrides_file(overrides_file)) if overrides_file else {}
+    for text in overrides or []:
+        parts, value = parse_override(text)
+        out[".".join(parts)] = value
+    return out
+
+
+def _flow_module() -> ModuleType:
+    """flows/transfer_pipeline.py of this project (the working directory's, else the
+    checkout this package is installed from)."""
+    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        if (root / "flows" / "transfer_pipeline.py").exists():
+            if str(root) not in sys.path:
+                sys.path.insert(0, str(root))
+            return importlib.import_module("flows.transfer_pipeline")
+    raise TransferopsError(
+        "flows/transfer_pipeline.py not found: run from the transferops project folder, or "
+        "use `transferops run --no-prefect`"
+    )
+
+
+@app.command()
+@_user_errors
+def run(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    prefect: Annotated[
+        bool,
+        typer.Option(
+            help="run as the Prefect flow (ephemeral: no server needed); --no-prefect calls "
+            "the same steps directly"
+        ),
+    ] = True,
+) -> None:
+    """The whole pipeline: prepare -> pull -> search -> train -> baseline -> evaluate ->
+    register -> promote. Unchanged steps are skipped."""
+    cfg = _cfg(params, set_)  # validate before Prefect starts
+    if prefect:
+        flows = _flow_module()
+        hand_logging_to_prefect()
+        summary = flows.transfer_pipeline(params_file=str(params), overrides=_overrides_map(set_))
+    else:
+        from transferops.pipeline import run_pipeline
+
+        summary = run_pipeline(cfg)
     console.print_json(data=summary)
+
+
+@app.command()
+@_user_errors
+def serve(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    name: Annotated[str, typer.Option(help="deployment name")] = "transferops",
+) -> None:
+    """Serve the flow as a Prefect deployment, on schedule.cron when schedule.enabled.
+
+    Needs a Prefect API (e.g. `prefect server start`, then PREFECT_API_URL); trigger a run
+    with `prefect deployment run transfer-pipeline/<name>`. Ctrl-C stops serving.
+    """
+    cfg = _cfg(params, set_)
+    flows = _flow_module()
+    schedules = []
+    if cfg.schedule.enabled:
+        from prefect.schedules import Cron
+
+        schedules = [Cron(cfg.schedule.cron, timezone=cfg.schedule.timezone)]
+    console.print(
+        f"serving deployment transfer-pipeline/{name}: "
+        + (
+            f"cron {cfg.schedule.cron!r} ({cfg.schedule.timezone})"
+            if schedules
+            else "no schedule (schedule.enabled is false); runs start by hand"
+        )
+    )
+    flows.transfer_pipeline.serve(
+        name=name,
+        schedules=schedules,
+        parameters={"params_file": str(params), "overrides": _overrides_map(set_)},
+        tags=["transferops"],
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

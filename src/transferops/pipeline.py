@@ -1,52 +1,280 @@
-"""The whole pipeline as plain function calls (what `transferops run` does).
+"""The whole pipeline, in one place: the steps, their order, and when a step can be skipped.
 
-Each step is the same library function the CLI verbs, DVC stages and Prefect tasks call.
+prepare -> pull -> search -> train -> baseline -> evaluate -> register -> promote. Each step
+is the same library function the CLI verbs and DVC stages call, wrapped to return a small
+JSON-able result. :func:`run_pipeline` chains them; *how* a step runs is the caller's choice
+(a :data:`StepRunner`): :func:`run_locally` (the Python door) or a Prefect task
+(``flows/transfer_pipeline.py``, what ``transferops run`` uses).
+
+Skipping unchanged work. The expensive steps (search, train, baseline, evaluate) get a
+*fingerprint*: a hash of the params they read and of their upstream results (the data hash,
+the source sha256, the best params, the trained model's sha256...). After a step runs, a
+stamp ``.transferops/steps/<step>.json`` records its fingerprint, its result and the hash of
+its marker output file. A step is *current* when its stamp has the same fingerprint and the
+marker file is unchanged (so outputs rewritten by another door, or deleted, are redone).
+Prefect keys its task cache on the same fingerprint and refreshes it when the step is not
+current. prepare and pull skip themselves (their own up-to-date checks), register is
+idempotent, and promote always re-decides (the registry may have changed).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transferops.baseline import run_baselines
+from transferops.artifacts import read_json, sha256_file, sha256_json, write_json_atomic
 from transferops.config import Config, with_overrides
-from transferops.data.prepare import prepare
-from transferops.evaluate import evaluate
-from transferops.finetune.train import train_from_config
-from transferops.search import run_search
-from transferops.sources import pull
 
 log = logging.getLogger(__name__)
 
+STEPS = ("prepare", "pull", "search", "train", "baseline", "evaluate", "register", "promote")
+STAMPS = Path(".transferops") / "steps"
 
-def run_pipeline(cfg: Config) -> dict[str, Any]:
-    """prepare -> pull -> search -> train -> baseline -> evaluate; returns a summary."""
-    prep = prepare(cfg)
-    src = pull(cfg.source)
-    found = run_search(cfg)
-    best = with_overrides(cfg, found.best_params)
-    res = train_from_config(best)
-    run_baselines(best)
-    report = evaluate(best)
-    test_acc = {
-        role: m["accuracy"]["mean"] if isinstance(m["accuracy"], dict) else m["accuracy"]
-        for role, m in report["models"].items()
-    }
+StepFn = Callable[[], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class StepKey:
+    """Cache identity of a skippable step."""
+
+    fingerprint: str
+    current: bool  # its outputs on disk match the fingerprint (a cached result is valid)
+
+
+# run_step(step name, key (None: never skipped), the step) -> the step's result
+StepRunner = Callable[[str, StepKey | None, StepFn], dict[str, Any]]
+
+
+# ----------------------------------------------------------------- the steps
+
+
+def step_prepare(cfg: Config) -> dict[str, Any]:
+    """Split, decode, hash (no-op when up to date)."""
+    from transferops.data.prepare import prepare
+
+    res = prepare(cfg)
+    return {"data_hash": res.data_hash, "counts": res.counts, "skipped": res.skipped}
+
+
+def step_pull(cfg: Config) -> dict[str, Any]:
+    """Fetch the source model (no-op when up to date)."""
+    from transferops.sources import pull
+
+    res = pull(cfg.source)
     return {
-        "data_hash": prep.data_hash,
-        "counts": prep.counts,
-        "source": src.manifest["origin"],
-        "source_sha256": src.manifest["sha256"],
-        "study": found.study_name,
-        "best_params": found.best_params,
-        "trials": {k: v for k, v in found.counts.items() if v},
+        "origin": res.manifest["origin"],
+        "sha256": res.manifest["sha256"],
+        "skipped": res.skipped,
+    }
+
+
+def step_search(cfg: Config) -> dict[str, Any]:
+    """The Optuna study (resumes; the test split is never read)."""
+    from transferops.search import run_search
+
+    res = run_search(cfg)
+    summary = read_json(res.out / "summary.json")
+    return {
+        "study": res.study_name,
+        "best_params": res.best_params,
+        "best_value": res.best_value,
+        "best_trial": res.best_trial,
+        "trials": {k: v for k, v in res.counts.items() if v},
+        "mlflow_run_id": summary["mlflow_run_id"],
+    }
+
+
+def step_train(cfg: Config) -> dict[str, Any]:
+    """Fine-tune with the best params (cfg already carries them)."""
+    from transferops.finetune.train import train_from_config
+
+    res = train_from_config(cfg)
+    return {
+        "model": str(cfg.finetune.out),
+        "model_sha256": sha256_file(Path(cfg.finetune.out) / "model.safetensors"),
         "unfreeze_depth": res.unfreeze_depth,
         "val_accuracy": round(res.best_val_accuracy, 4),
         "epochs": res.epochs_run,
         "train_seconds": round(res.seconds, 1),
-        "model": str(cfg.finetune.out),
+    }
+
+
+def step_baseline(cfg: Config) -> dict[str, Any]:
+    """Transfer / scratch / probe over seeds, and the few-shot curve."""
+    from transferops.baseline import INDEX, run_baselines
+
+    runs = run_baselines(cfg)
+    return {
+        "runs": len(runs),
+        "index_sha256": sha256_file(Path(cfg.baseline.out) / INDEX),
+    }
+
+
+def step_evaluate(cfg: Config) -> dict[str, Any]:
+    """The test split: every model, the verdict, the report."""
+    from transferops.evaluate import evaluate
+
+    report = evaluate(cfg)
+    test_acc = {
+        role: m["accuracy"]["mean"] if isinstance(m["accuracy"], dict) else m["accuracy"]
+        for role, m in report["models"].items()
+    }
+    if "finetuned" in report:
+        test_acc["finetuned"] = report["finetuned"]["accuracy"]
+    return {
         "test_accuracy": {k: round(v, 4) for k, v in test_acc.items()},
         "verdict": report["verdict"],
+        "transfer_beats_scratch": report["transfer_beats_scratch"],
         "report": str(Path(cfg.evaluate.out) / "evaluation.md"),
+    }
+
+
+def step_register(cfg: Config) -> dict[str, Any]:
+    """A model version with lineage, alias challenger (idempotent)."""
+    from transferops.registry import register
+
+    res = register(cfg)
+    return {
+        "model_name": res.name,
+        "version": res.version,
+        "created": res.created,
+        "mlflow_run_id": res.run_id,
+    }
+
+
+def step_promote(cfg: Config) -> dict[str, Any]:
+    """Move champion to the challenger when both gates pass."""
+    from transferops.registry import promote
+
+    d = promote(cfg)
+    return {
+        "promoted": d.applied,
+        "champion": d.challenger if d.applied else d.champion,
+        "decision": d.summary(),
+    }
+
+
+# --------------------------------------------------- fingerprints and stamps
+
+
+def _marker(step: str, cfg: Config) -> Path:
+    """The output file whose change means a step's output was rewritten or removed."""
+    return {
+        "search": Path(cfg.search.out) / "best_params.json",
+        "train": Path(cfg.finetune.out) / "model.safetensors",
+        "baseline": Path(cfg.baseline.out) / "index.json",
+        "evaluate": Path(cfg.evaluate.out) / "metrics.json",
+    }[step]
+
+
+def fingerprint(step: str, cfg: Config, upstream: dict[str, Any]) -> str:
+    """Hash of what a step's output depends on: the params it reads and upstream results."""
+    params: dict[str, Any] = {
+        "search": {"search": cfg.search, "finetune": cfg.finetune.trajectory_params()},
+        "train": {"finetune": cfg.finetune},
+        # the few-shot subsets are re-prepared from the raw data with data.*
+        "baseline": {"finetune": cfg.finetune, "baseline": cfg.baseline, "data": cfg.data},
+        "evaluate": {
+            "evaluate": cfg.evaluate,
+            "baseline": cfg.baseline,
+            "finetune_out": cfg.finetune.out,
+            "data_out": cfg.data.out,
+        },
+    }[step]
+    dumped = {
+        k: v.model_dump(mode="json") if hasattr(v, "model_dump") else v for k, v in params.items()
+    }
+    return sha256_json({"step": step, "params": dumped, "upstream": upstream})
+
+
+def stamp_path(step: str) -> Path:
+    """Where a step's stamp lives (relative to the working directory, like all outputs)."""
+    return STAMPS / f"{step}.json"
+
+
+def current_result(step: str, cfg: Config, fp: str) -> dict[str, Any] | None:
+    """The recorded result if `step` already ran with fingerprint `fp` and its output is
+    unchanged on disk; else None."""
+    path, marker = stamp_path(step), _marker(step, cfg)
+    if not (path.exists() and marker.exists()):
+        return None
+    stamp = read_json(path)
+    if stamp.get("fingerprint") != fp or stamp.get("marker_sha256") != sha256_file(marker):
+        return None
+    return stamp["result"]
+
+
+def record(step: str, cfg: Config, fp: str, result: dict[str, Any]) -> None:
+    """Stamp a finished step (see :func:`current_result`)."""
+    write_json_atomic(
+        stamp_path(step),
+        {
+            "fingerprint": fp,
+            "marker": str(_marker(step, cfg)),
+            "marker_sha256": sha256_file(_marker(step, cfg)),
+            "result": result,
+        },
+    )
+
+
+def run_locally(step: str, key: StepKey | None, fn: StepFn) -> dict[str, Any]:
+    """The plain-Python runner: run the step (skipping is decided by `run_pipeline`)."""
+    log.info("step %s", step)
+    return fn()
+
+
+# ------------------------------------------------------------------ pipeline
+
+
+def run_pipeline(cfg: Config, run_step: StepRunner = run_locally) -> dict[str, Any]:
+    """prepare -> pull -> search -> train -> baseline -> evaluate -> register -> promote.
+
+    Returns a summary. Steps whose fingerprint and outputs are unchanged are not redone.
+    """
+
+    def cached(step: str, c: Config, upstream: dict[str, Any], fn: Callable) -> dict[str, Any]:
+        fp = fingerprint(step, c, upstream)
+        hit = current_result(step, c, fp)
+
+        def body() -> dict[str, Any]:
+            if hit is not None:
+                log.info("step %s: up to date (fingerprint %s), not redone", step, fp[:12])
+                return hit
+            result = fn(c)
+            record(step, c, fp, result)
+            return result
+
+        return run_step(step, StepKey(fp, hit is not None), body)
+
+    prep = run_step("prepare", None, lambda: step_prepare(cfg))
+    src = run_step("pull", None, lambda: step_pull(cfg))
+    up = {"data_hash": prep["data_hash"], "source_sha256": src["sha256"]}
+    found = cached("search", cfg, up, step_search)
+    best = with_overrides(cfg, found["best_params"])
+    trained = cached("train", best, up, step_train)
+    baselines = cached("baseline", best, up, step_baseline)
+    evaluated = cached(
+        "evaluate",
+        best,
+        up | {"model_sha256": trained["model_sha256"], "index": baselines["index_sha256"]},
+        step_evaluate,
+    )
+    registered = run_step("register", None, lambda: step_register(best))
+    promoted = run_step("promote", None, lambda: step_promote(best))
+    return {
+        "data_hash": prep["data_hash"],
+        "counts": prep["counts"],
+        "source": src["origin"],
+        "source_sha256": src["sha256"],
+        "study": found["study"],
+        "best_params": found["best_params"],
+        "trials": found["trials"],
+        **{k: trained[k] for k in ("unfreeze_depth", "val_accuracy", "epochs", "model")},
+        **{k: evaluated[k] for k in ("test_accuracy", "verdict", "report")},
+        "registered": f"{registered['model_name']} v{registered['version']}",
+        "champion": promoted["champion"],
+        "promotion": promoted["decision"],
     }

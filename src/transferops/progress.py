@@ -64,3 +64,11 @@ def setup_logging(level: int = logging.INFO) -> None:
     handler.setFormatter(logging.Formatter("%(message)s"))
     root.addHandler(handler)
     root.setLevel(level)
+
+
+def hand_logging_to_prefect() -> None:
+    """Inside a Prefect flow run, Prefect's handlers print (and ship to the API) the
+    `transferops` logs; drop ours so each line shows once."""
+    root = logging.getLogger("transferops")
+    for h in [h for h in root.handlers if isinstance(h, RichHandler)]:
+        root.removeHandler(h)

@@ -1,0 +1,88 @@
+"""The Prefect door: `transferops run` runs the `transfer-pipeline` flow in Prefect's
+ephemeral mode (no server to start), end to end on tiny real data, and a second run takes
+the unchanged steps from Prefect's cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO, write_image_folder
+
+CLI = str(Path(sys.executable).parent / "transferops")
+
+
+def _run(cwd: Path, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:
+    env = os.environ | {
+        "PREFECT_HOME": str(cwd / ".prefect"),  # its own ephemeral database and result cache
+        "PREFECT_API_URL": "",
+        "TRANSFEROPS_PROGRESS": "0",
+        "COLUMNS": "200",
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run(
+        [CLI, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _summary(out: str) -> dict:
+    """The JSON summary `run` prints last (Prefect may log after it)."""
+    return json.JSONDecoder().raw_decode(out[out.rindex("\n{\n") + 1 :])[0]
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A user's project: params.yaml, flows/ (as in the repo) and an image folder."""
+    write_image_folder(tmp_path / "raw", per_class=10)
+    (tmp_path / "flows").symlink_to(REPO / "flows")
+    (tmp_path / "params.yaml").write_text(
+        "data:\n  demo: null\n  path: raw\n  image: {size: 16}\n  limit_per_class: null\n"
+        "finetune:\n  unfreeze_depth: 1\n  epochs_per_stage: [2, 1]\n  batch_size: 8\n"
+        "search:\n  n_trials: 2\n  space:\n    unfreeze_depth: {low: 0, high: 1}\n"
+        "baseline:\n  seeds: [0, 1]\n  linear_probe: false\n  efficiency_per_class: [null]\n"
+    )
+    return tmp_path
+
+
+def test_run_is_a_prefect_flow_and_unchanged_steps_are_cached(project):
+    first = _run(project, "run")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    log = first.stdout + first.stderr
+    assert "Beginning flow run" in log and "for flow 'transfer-pipeline'" in log
+    for step in ("prepare", "pull", "search", "train", "baseline", "evaluate", "register"):
+        assert f"Task run '{step}' - Finished in state Completed()" in log, step
+    assert "register: MLflow run http://127.0.0.1:5000/#/experiments/" in log
+    summary = _summary(log)
+    assert summary["registered"] == "transferops-demo v1"
+
+    second = _run(project, "run")
+    assert second.returncode == 0, second.stderr[-3000:]
+    log2 = second.stdout + second.stderr
+    for step in ("search", "train", "baseline", "evaluate"):
+        assert f"Task run '{step}' - Finished in state Cached(type=COMPLETED)" in log2, step
+    again = _summary(log2)
+    assert {k: v for k, v in again.items() if k != "promotion"} == {
+        k: v for k, v in summary.items() if k != "promotion"
+    }
+
+    # A params edit invalidates exactly the steps that read it: evaluate only.
+    params = (project / "params.yaml").read_text() + "evaluate:\n  ece_bins: 5\n"
+    (project / "params.yaml").write_text(params)
+    third = _run(project, "run")
+    log3 = third.stdout + third.stderr
+    assert third.returncode == 0, third.stderr[-3000:]
+    for step in ("search", "train", "baseline"):
+        assert f"Task run '{step}' - Finished in state Cached(type=COMPLETED)" in log3, step
+    assert "Task run 'evaluate' - Finished in state Completed()" in log3
+
+
+def test_bad_params_fail_before_prefect_starts(project):
+    r = _run(project, "run", "--set", "finetune.lr=-1")
+    assert r.returncode == 2
+    assert "finetune.lr" in r.stdout + r.stderr
+    assert "Beginning flow run" not in r.stdout + r.stderr
