@@ -16,7 +16,7 @@ run:    ## the whole pipeline on the built-in demo (params.yaml)
 	$(BIN)/transferops run
 
 test:   ## the CI test suite (fast end-to-end included; slow ones are marked)
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench flows
 	$(BIN)/pytest -q -m "not slow"
 
 test-all:
