@@ -397,7 +397,12 @@ def _champion_metric(
     from transferops.evaluate import score_model_dir
 
     root = Path(mlflow.artifacts.download_artifacts(f"models:/{champion.name}/{champion.version}"))
-    folder = next(p.parent for p in (root / "artifacts").rglob("model.json"))
+    folder = next((p.parent for p in (root / "artifacts").rglob("model.json")), None)
+    if folder is None:
+        raise RegistryError(
+            f"{champion.name} v{champion.version} (the champion) holds no transferops model "
+            "folder, so it cannot be re-scored on the new test split: move the alias by hand"
+        )
     scored = score_model_dir(folder, cfg)
     return scored[metric], f"re-scored on the new test split (data {current[:12]})"
 
