@@ -149,12 +149,13 @@ def test_resume_after_a_killed_process(tmp_path, digits_prepared, lite0_source):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     cfg = validate_config(raw)
     name = study_name(cfg)
+    log = open(tmp_path / "search.log", "w")  # noqa: SIM115 (closed by the child's end)
     proc = subprocess.Popen(
         [sys.executable, "-m", "transferops.cli", "search"],
         cwd=tmp_path,
         env=_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     before: dict[int, float] = {}
     deadline = time.time() + 240
@@ -172,8 +173,13 @@ def test_resume_after_a_killed_process(tmp_path, digits_prepared, lite0_source):
                 proc.send_signal(signal.SIGKILL)
                 killed = running[0].number
                 break
-        else:
-            pytest.fail("the search never had a finished and a running trial at once")
+            if proc.poll() is not None:
+                break
+        if not before:
+            pytest.fail(
+                "the search never had a finished and a running trial at once (exit "
+                f"{proc.poll()}):\n" + (tmp_path / "search.log").read_text()[-3000:]
+            )
     finally:
         proc.kill()
         proc.wait()
