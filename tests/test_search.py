@@ -195,6 +195,41 @@ def test_resume_after_a_killed_process(tmp_path, digits_prepared, lite0_source):
     assert len({t.number for t in trials}) == len(trials)
 
 
+def test_trial_killed_before_its_first_heartbeat_is_failed_and_retried(
+    tmp_path, digits_prepared, lite0_source
+):
+    """Optuna asks a trial before its heartbeat thread starts; a process killed in between
+    leaves a RUNNING trial with no heartbeat, which must not stay RUNNING forever."""
+    raw = _raw(tmp_path, digits_prepared, lite0_source, n_trials=2, pruner="none")
+    raw["finetune"]["epochs_per_stage"] = [1]
+    cfg = validate_config(raw)
+    study = optuna.create_study(
+        study_name=study_name(cfg), storage=make_storage(cfg.search), direction="maximize"
+    )
+    study.enqueue_trial({"lr": 0.01, "unfreeze_depth": 0})
+    orphan = study.ask()  # RUNNING with its params fixed, and never a heartbeat
+    orphan.suggest_float("lr", 1e-3, 3e-2, log=True)
+    orphan.suggest_int("unfreeze_depth", 0, 2)
+    time.sleep(2.5)  # past the grace period (2 x 1 s)
+    res = run_search(cfg)
+    trials = optuna.load_study(study_name=res.study_name, storage=cfg.search.storage).trials
+    assert trials[orphan.number].state == TS.FAIL
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") == orphan.number]
+    assert len(retried) == 1 and retried[0].params == {"lr": 0.01, "unfreeze_depth": 0}
+    assert retried[0].state == TS.COMPLETE and res.counts["complete"] == 2
+
+
+def test_a_fresh_trial_without_heartbeat_is_not_failed(tmp_path, digits_prepared, lite0_source):
+    """Within the grace period a trial with no heartbeat yet may be a live worker's."""
+    cfg = validate_config(_raw(tmp_path, digits_prepared, lite0_source))
+    storage = make_storage(cfg.search)
+    study = optuna.create_study(study_name=study_name(cfg), storage=storage)
+    trial = study.ask()
+    assert storage._get_stale_trial_ids(study._study_id) == []
+    time.sleep(2.5)
+    assert storage._get_stale_trial_ids(study._study_id) == [trial._trial_id]
+
+
 def test_two_workers_share_one_study(tmp_path, digits_prepared, lite0_source):
     raw = _raw(tmp_path, digits_prepared, lite0_source, n_trials=4, n_workers=2, pruner="none")
     cfg = validate_config(raw)

@@ -5,7 +5,8 @@ is never read here), reported per epoch so the pruner can stop poor trials early
 lives in ``search.storage`` (sqlite by default, any SQLAlchemy URL) under a name derived from
 the data hash, the source sha256 and the search config, so re-running after an interruption
 resumes it: finished trials are kept, and a trial that was running when its process died is
-failed by the heartbeat and retried once with the same params.
+failed by the heartbeat (also when it died before its first heartbeat) and retried once with
+the same params.
 
 MLflow: one parent run per search invocation, one nested child run per trial (params,
 per-epoch metrics, tag ``state`` = complete / pruned / failed / duplicate), the best params
@@ -28,11 +29,13 @@ import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import optuna
 import torch
+from optuna.storages._rdb import models as _rdb_models  # the heartbeat table (see _Storage)
 
 from transferops.artifacts import atomic_dir, sha256_json, write_json_atomic
 from transferops.config import (
@@ -120,6 +123,35 @@ def make_pruner(sc: SearchConfig, max_epochs: int) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
+class _Storage(optuna.storages.RDBStorage):
+    """RDBStorage that also fails trials whose process died before their first heartbeat.
+
+    Optuna starts a trial (``ask``) and only then its heartbeat thread. A process killed in
+    between leaves a RUNNING trial with no heartbeat row, which Optuna never counts as stale,
+    so it would stay RUNNING forever. A live trial writes its first heartbeat at once, so one
+    with none after the grace period is treated like one whose heartbeat stopped.
+    """
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        stale = super()._get_stale_trial_ids(study_id)
+        grace = timedelta(seconds=self.grace_period or 2 * (self.heartbeat_interval or 0))
+        now = datetime.now()  # the model's datetime_start is naive local time, like this
+        trial, beat = _rdb_models.TrialModel, _rdb_models.TrialHeartbeatModel
+        with self.scoped_session() as session:
+            orphans = (
+                session.query(trial)
+                .filter(trial.study_id == study_id)
+                .filter(trial.state == optuna.trial.TrialState.RUNNING)
+                .filter(trial.trial_id.not_in(session.query(beat.trial_id)))
+                .all()
+            )
+            for t in orphans:
+                start = t.datetime_start
+                if start is not None and now - start > grace and t.trial_id not in stale:
+                    stale.append(t.trial_id)
+        return stale
+
+
 def make_storage(sc: SearchConfig) -> optuna.storages.RDBStorage:
     """RDB storage with a heartbeat: a trial whose process died is failed and retried once."""
     url = sc.storage
@@ -128,7 +160,7 @@ def make_storage(sc: SearchConfig) -> optuna.storages.RDBStorage:
     kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         kwargs = {"connect_args": {"timeout": 60}}  # workers wait for the write lock
-    return optuna.storages.RDBStorage(
+    return _Storage(
         url,
         engine_kwargs=kwargs,
         heartbeat_interval=sc.heartbeat_s,
