@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from transferops.cli import app
-from transferops.finetune.train import load_finetuned
+from transferops.config import load_config
+from transferops.finetune.train import load_finetuned, rebuild_finetuned
+from transferops.sources import load_source
 
 from .conftest import write_image_folder
 
@@ -97,6 +100,20 @@ def test_text_source_fine_tunes_minilm(tmp_path, monkeypatch):
     metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
     assert set(metrics["models"]) == {"transfer", "scratch", "classical"}
     assert metrics["models"]["classical"]["accuracy"] >= 0  # TF-IDF baseline ran on text
+    # The registered text model is a source for the next fine-tune: tuned encoder + tokenizer.
+    uri = f"models:/{load_config('params.yaml').registry.model_name}@challenger"
+    sets = ["source.kind=mlflow", "source.out=models/again", f"source.name={uri}"]
+    r = runner.invoke(app, ["pull", *(a for s in sets for a in ("--set", s))])
+    assert r.exit_code == 0, r.output
+    tuned, _, _ = rebuild_finetuned(tmp_path / "models" / "finetuned")
+    pulled = load_source(tmp_path / "models" / "again")
+    assert pulled.manifest["input"]["type"] == "text" and pulled.manifest["family"] == "hf_text"
+    assert (tmp_path / "models" / "again" / "hf" / "tokenizer.json").exists()
+    a, b = tuned.state_dict(), pulled.model.state_dict()
+    # Everything the fine-tune trained is carried over; only BERT's pooler, which the
+    # fine-tuned model does not use (its head replaces it), is re-initialised.
+    assert set(a) == set(b) and any(k.startswith("encoder.layer.") for k in a)
+    assert all(k.startswith("pooler.") for k in a if not torch.equal(a[k], b[k]))
 
 
 def test_image_source_on_text_data_is_refused(tmp_path, monkeypatch):

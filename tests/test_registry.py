@@ -280,3 +280,83 @@ def _alias(client, name, alias):
         return client.get_model_version_by_alias(name, alias).version
     except Exception:
         return None
+
+
+def test_registered_model_is_a_source_for_a_new_fine_tune(in_pipeline_dir, tmp_path):
+    """source.kind mlflow: the registered model's fine-tuned backbone, head dropped; an alias
+    is resolved on every pull, so moving it pulls the new version."""
+    import torch
+
+    from transferops.finetune.blocks import build_staged
+    from transferops.finetune.train import load_finetuned, train_from_config
+    from transferops.sources import load_source, pull_from_config
+
+    cfg = in_pipeline_dir
+    name = cfg.registry.model_name
+    client = MlflowClient()
+    real = client.get_model_version_by_alias(name, CHALLENGER)
+    client.set_registered_model_alias(name, "src-test", real.version)
+    src_cfg = with_overrides(
+        cfg,
+        {
+            "source.kind": "mlflow",
+            "source.name": f"models:/{name}@src-test",
+            "source.out": str(tmp_path / "source"),
+            "finetune.out": str(tmp_path / "tuned"),
+            "finetune.metrics": str(tmp_path / "tuned.json"),
+            "finetune.checkpoint_dir": str(tmp_path / "ck"),
+        },
+    )
+    moved = None
+    try:
+        res = pull_from_config(src_cfg)
+        reg = res.manifest["registered"]
+        assert not res.skipped and reg["version"] == int(real.version)
+        assert reg["model_sha256"] == real.tags["model_sha256"]
+        assert res.manifest["origin"].startswith(f"mlflow:{name} v{real.version} (@src-test)")
+        # The pulled backbone is the registered model's, weight for weight.
+        net, spec = load_finetuned(cfg.finetune.out)
+        src = load_source(tmp_path / "source", spec["image_size"])
+        pulled = build_staged(src.model, src.family, 2, image_size=spec["image_size"])
+        tuned, again = net.state_dict(), pulled.state_dict()
+        backbone = [k for k in tuned if not k.startswith("head.")]
+        assert backbone and all(torch.equal(tuned[k], again[k]) for k in backbone)
+        assert pull_from_config(src_cfg).skipped
+        # Move the alias: the next pull resolves and fetches the new version.
+        moved = client.create_model_version(name, real.source, tags=real.tags)
+        client.set_registered_model_alias(name, "src-test", moved.version)
+        res2 = pull_from_config(src_cfg)
+        assert not res2.skipped and res2.manifest["registered"]["version"] == int(moved.version)
+        assert res2.manifest["sha256"] == res.manifest["sha256"]  # same weights, same file
+        # And it fine-tunes like any other source.
+        train_from_config(src_cfg)
+        _, new_spec = load_finetuned(tmp_path / "tuned")
+        assert new_spec["source"]["origin"].startswith(f"mlflow:{name} v{moved.version}")
+    finally:
+        client.delete_registered_model_alias(name, "src-test")
+        if moved is not None:
+            client.delete_model_version(name, moved.version)
+
+
+def test_registry_source_errors_name_what_is_wrong(in_pipeline_dir, tmp_path):
+    from transferops.errors import ConfigError, SourceError
+    from transferops.sources import pull_from_config
+
+    cfg = in_pipeline_dir
+    out = {"source.kind": "mlflow", "source.out": str(tmp_path / "s")}
+    with pytest.raises(SourceError, match=f"Registered models there: {cfg.registry.model_name}"):
+        pull_from_config(with_overrides(cfg, {**out, "source.name": "models:/nope@champion"}))
+    with pytest.raises(SourceError, match=r"does not exist; set source\.registry_uri"):
+        pull_from_config(
+            with_overrides(
+                cfg,
+                {
+                    **out,
+                    "source.name": "models:/x/1",
+                    "source.registry_uri": f"sqlite:///{tmp_path}/none.db",
+                },
+            )
+        )
+    assert not (tmp_path / "none.db").exists() and not (tmp_path / "s").exists()
+    with pytest.raises(ConfigError, match=r"source\.name: kind mlflow takes models:/"):
+        with_overrides(cfg, {**out, "source.name": "transferops-demo"})

@@ -127,10 +127,10 @@ def pull(
     force: Annotated[bool, typer.Option(help="re-pull even when up to date")] = False,
 ) -> None:
     """Fetch the source model into source.out with a checksummed manifest (offline first)."""
-    from transferops.sources import pull as _pull
+    from transferops.sources import pull_from_config
 
     cfg = _cfg(params, set_)
-    res = _pull(cfg.source, force=force)
+    res = pull_from_config(cfg, force=force)
     state = "up to date" if res.skipped else "written"
     m = res.manifest
     console.print(

@@ -9,6 +9,7 @@ allowed.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -137,12 +138,13 @@ class DataConfig(_Section):
 class SourceConfig(_Section):
     """The pretrained source model to transfer from."""
 
-    kind: Literal["torchvision", "efficientnet_lite", "hf", "local"] = "efficientnet_lite"
+    kind: Literal["torchvision", "efficientnet_lite", "hf", "local", "mlflow"] = "efficientnet_lite"
     name: str = Field(
         "efficientnet-lite0",
         description="torchvision: resnet18, mobilenet_v3_small, ...; efficientnet_lite: "
         "efficientnet-lite0..4; hf: hub id or local dir; local: the architecture of the file "
-        "(e.g. torchvision:resnet18)",
+        "(e.g. torchvision:resnet18); mlflow: a registered transferops model, "
+        "models:/<name>@<alias> or models:/<name>/<version>",
     )
     weights: str | None = Field(
         "packaged",
@@ -151,12 +153,32 @@ class SourceConfig(_Section):
         "null: random init",
     )
     path: Path | None = Field(None, description="local: weights file (.safetensors/.pt/.pth)")
+    registry_uri: str | None = Field(
+        None, description="mlflow: the registry holding source.name; null: tracking.uri"
+    )
     out: Path = Path("models/source")
     blocks: list[list[str]] | None = Field(
         None,
         description="optional block list for unknown architectures: each block is a list of "
         "module-name prefixes, ordered input -> output",
     )
+
+    @model_validator(mode="after")
+    def _mlflow_uri(self) -> SourceConfig:
+        if self.kind == "mlflow" and registered_model_uri(self.name) is None:
+            raise ValueError(
+                f"source.name: kind mlflow takes models:/<name>@<alias> or "
+                f"models:/<name>/<version>, got {self.name!r}"
+            )
+        return self
+
+
+def registered_model_uri(uri: str) -> tuple[str, str | None, int | None] | None:
+    """``models:/<name>@<alias>`` or ``models:/<name>/<version>`` -> (name, alias, version)."""
+    m = re.fullmatch(r"models:/([^/@]+)(?:@([\w-]+)|/(\d+))", uri)
+    if m is None:
+        return None
+    return m.group(1), m.group(2), int(m.group(3)) if m.group(3) else None
 
 
 # ----------------------------------------------------------------------- finetune

@@ -61,9 +61,9 @@ def step_prepare(cfg: Config) -> dict[str, Any]:
 
 def step_pull(cfg: Config) -> dict[str, Any]:
     """Fetch the source model (no-op when up to date)."""
-    from transferops.sources import pull
+    from transferops.sources import pull_from_config
 
-    res = pull(cfg.source)
+    res = pull_from_config(cfg)
     return {
         "origin": res.manifest["origin"],
         "sha256": res.manifest["sha256"],

