@@ -30,11 +30,6 @@ def _run(cwd: Path, *args: str, timeout: int = 400) -> subprocess.CompletedProce
     )
 
 
-def _summary(out: str) -> dict:
-    """The JSON summary `run` prints last (Prefect may log after it)."""
-    return json.JSONDecoder().raw_decode(out[out.rindex("\n{\n") + 1 :])[0]
-
-
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     """A user's project: params.yaml, flows/ (as in the repo) and an image folder."""
@@ -57,7 +52,7 @@ def test_run_is_a_prefect_flow_and_unchanged_steps_are_cached(project):
     for step in ("prepare", "pull", "search", "train", "baseline", "evaluate", "register"):
         assert f"Task run '{step}' - Finished in state Completed()" in log, step
     assert "register: MLflow run http://127.0.0.1:5000/#/experiments/" in log
-    summary = _summary(log)
+    summary = json.loads(first.stdout)  # the summary alone is on stdout; the logs on stderr
     assert summary["registered"] == "transferops-demo v1"
 
     second = _run(project, "run")
@@ -65,7 +60,7 @@ def test_run_is_a_prefect_flow_and_unchanged_steps_are_cached(project):
     log2 = second.stdout + second.stderr
     for step in ("search", "train", "baseline", "evaluate"):
         assert f"Task run '{step}' - Finished in state Cached(type=COMPLETED)" in log2, step
-    again = _summary(log2)
+    again = json.loads(second.stdout)
     assert {k: v for k, v in again.items() if k != "promotion"} == {
         k: v for k, v in summary.items() if k != "promotion"
     }

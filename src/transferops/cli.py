@@ -286,7 +286,8 @@ def run(
         from transferops.pipeline import run_pipeline
 
         summary = run_pipeline(cfg)
-    console.print_json(data=summary)
+    # The result goes to stdout (the logs are on stderr): `transferops run > summary.json`.
+    typer.echo(json.dumps(summary, indent=2))
 
 
 @app.command()

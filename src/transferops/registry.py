@@ -125,6 +125,11 @@ def _registered_inputs(cfg: Config) -> tuple[Path, dict, dict, dict | None]:
     return model_dir, spec, metrics, search
 
 
+def trained_params(spec: dict[str, Any]) -> dict[str, Any]:
+    """The finetune params a model folder was trained with, without its output paths."""
+    return {k: v for k, v in spec["finetune"].items() if k not in FinetuneConfig.OUTPUT_FIELDS}
+
+
 def lineage_tags(
     cfg: Config, spec: dict, metrics: dict, search: dict | None, model_sha: str
 ) -> dict[str, str]:
@@ -139,10 +144,7 @@ def lineage_tags(
         "git_commit": commit,
         "git_dirty": dirty,
         "model_sha256": model_sha,
-        "params": json.dumps(
-            {k: v for k, v in spec["finetune"].items() if k not in FinetuneConfig.OUTPUT_FIELDS},
-            sort_keys=True,
-        ),
+        "params": json.dumps(trained_params(spec), sort_keys=True),
         "classes": json.dumps(spec["class_names"]),
         "val_accuracy": spec.get("val_accuracy"),
         "test_size": metrics["test_size"],
@@ -323,9 +325,7 @@ def register(cfg: Config) -> RegisterResult:
         )
     run_tags = {"role": "registered-model", **{k: tags[k] for k in ("data_hash", "model_sha256")}}
     with mlflow.start_run(run_name=f"register-{name}", tags=run_tags) as run:
-        mlflow.log_params(
-            {k: v for k, v in spec["finetune"].items() if k not in FinetuneConfig.OUTPUT_FIELDS}
-        )
+        mlflow.log_params(trained_params(spec))
         mlflow.log_metrics({f"test_{m}": metrics["finetuned"][m] for m in METRICS})
         info = mlflow.pyfunc.log_model(
             name=MODEL_ARTIFACT,
