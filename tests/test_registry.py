@@ -360,3 +360,45 @@ def test_registry_source_errors_name_what_is_wrong(in_pipeline_dir, tmp_path):
     assert not (tmp_path / "none.db").exists() and not (tmp_path / "s").exists()
     with pytest.raises(ConfigError, match=r"source\.name: kind mlflow takes models:/"):
         with_overrides(cfg, {**out, "source.name": "transferops-demo"})
+
+
+def test_registered_model_loads_where_transferops_is_not_installed(in_pipeline_dir, tmp_path):
+    """The model ships transferops' code (code_paths) and pins what that code imports."""
+    import subprocess
+    import sys
+
+    import mlflow
+
+    from transferops.tracking import absolute_uri
+
+    cfg = in_pipeline_dir
+    uri = f"models:/{cfg.registry.model_name}@{CHALLENGER}"
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp_path)))
+    reqs = (local / "requirements.txt").read_text().split()
+    assert not any(r.split("==")[0] == "transferops" for r in reqs)
+    assert {"torch", "efficientnet-lite-pytorch", "pydantic", "pillow"} <= {
+        r.split("==")[0] for r in reqs
+    }
+    for i in range(4):
+        Image.fromarray(np.full((16, 16, 3), 60 * i, dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    paths = [str(tmp_path / f"{i}.png") for i in range(4)]
+    expected = list(mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"image": paths}))["label"])
+    script = f"""
+import importlib.util, json, sys
+from pathlib import Path
+sys.path = [p for p in sys.path if not (Path(p or ".") / "transferops").is_dir()]
+assert importlib.util.find_spec("transferops") is None, "transferops still importable"
+import mlflow, pandas as pd
+mlflow.set_tracking_uri({absolute_uri(cfg.tracking.uri)!r})
+model = mlflow.pyfunc.load_model({uri!r})
+import transferops
+out = model.predict(pd.DataFrame({{"image": {paths!r}}}))
+print(json.dumps({{"file": transferops.__file__, "labels": list(out["label"])}}))
+"""
+    r = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "/code/transferops/" in got["file"]  # the copy inside the model, not the install
+    assert got["labels"] == expected

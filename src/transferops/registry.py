@@ -284,12 +284,24 @@ def _signature_and_example(spec: dict, model_dir: Path, cfg: Config) -> tuple[An
     return ModelSignature(Schema([ColSpec("binary", "image")]), outputs), example
 
 
-def _requirements() -> list[str]:
-    """Pinned requirements of the pyfunc (explicit: skips MLflow's slow inference)."""
+def _requirements(spec: dict[str, Any]) -> list[str]:
+    """Pinned pip requirements of the pyfunc (explicit: skips MLflow's slow inference).
+
+    transferops itself is not among them: its code ships inside the model (``code_paths``),
+    so the model loads where transferops is not installed.
+    """
     from importlib.metadata import version
 
-    pkgs = ["torch", "torchvision", "mlflow", "pandas", "numpy", "pillow", "safetensors"]
-    return [f"{p}=={version(p)}" for p in pkgs] + ["transferops"]
+    pkgs = ["torch", "mlflow", "pandas", "numpy", "pillow", "safetensors", "pydantic"]
+    pkgs += ["pyyaml", "rich"]  # imported by the shipped transferops modules
+    family = spec["source"]["family"]
+    if spec["modality"] == "text":
+        pkgs.append("transformers")
+    elif family == "efficientnet_lite":
+        pkgs.append("efficientnet-lite-pytorch")
+    else:
+        pkgs.append("torchvision")
+    return [f"{p}=={version(p)}" for p in pkgs]
 
 
 def find_version(client: Any, name: str, model_sha: str) -> Any | None:
@@ -315,6 +327,7 @@ def register(cfg: Config) -> RegisterResult:
         _write_receipt(cfg, res)
         return res
 
+    import transferops
     from transferops import _pyfunc_entry
 
     tags = lineage_tags(cfg, spec, metrics, search, model_sha)
@@ -333,7 +346,8 @@ def register(cfg: Config) -> RegisterResult:
             artifacts={"model": str(model_dir)},
             signature=signature,
             input_example=example,
-            pip_requirements=_requirements(),
+            pip_requirements=_requirements(spec),
+            code_paths=[str(Path(transferops.__file__).parent)],
             metadata={"class_names": spec["class_names"], "modality": spec["modality"]},
         )
         mv = client.create_model_version(

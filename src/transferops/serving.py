@@ -9,7 +9,8 @@
 and returns a DataFrame with ``label`` (class name), ``confidence`` (its probability) and
 ``probabilities`` (one per class, in ``class_names`` order, which is in the model's
 metadata). The model folder inside the MLflow model is the same ``finetune.out`` folder
-`train` writes (safetensors weights + ``model.json``): nothing is pickled.
+`train` writes (safetensors weights + ``model.json``): nothing is pickled. transferops' code
+travels with the model (``code_paths``), so loading it does not need transferops installed.
 """
 
 from __future__ import annotations
