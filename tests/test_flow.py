@@ -75,6 +75,18 @@ def test_run_is_a_prefect_flow_and_unchanged_steps_are_cached(project):
         assert f"Task run '{step}' - Finished in state Cached(type=COMPLETED)" in log3, step
     assert "Task run 'evaluate' - Finished in state Completed()" in log3
 
+    # New labelled images arrive (what a scheduled run finds): everything downstream of the
+    # data reruns, and the retrained model is registered as a new version.
+    write_image_folder(project / "raw", per_class=13)  # 000-009 unchanged, 010-012 new
+    fourth = _run(project, "run")
+    log4 = fourth.stdout + fourth.stderr
+    assert fourth.returncode == 0, fourth.stderr[-3000:]
+    for step in ("search", "train", "baseline", "evaluate", "register"):
+        assert f"Task run '{step}' - Finished in state Completed()" in log4, step
+    new = json.loads(fourth.stdout)
+    assert new["data_hash"] != summary["data_hash"] and new["counts"] != summary["counts"]
+    assert new["registered"] == "transferops-demo v2"
+
 
 def test_bad_params_fail_before_prefect_starts(project):
     r = _run(project, "run", "--set", "finetune.lr=-1")
