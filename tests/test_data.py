@@ -47,6 +47,27 @@ def test_image_folder_random_split_is_stratified_and_deterministic(tmp_path, ima
     assert other.data_hash != res.data_hash
 
 
+def test_new_examples_do_not_move_trained_examples_into_test(tmp_path):
+    """A scheduled rerun on grown data: nothing an earlier model trained on becomes test data
+    (so re-scoring the champion on the new test split is honest)."""
+    from transferops.data.prepare import assign_splits
+    from transferops.data.readers import read_dataset
+
+    def splits(cfg) -> dict[str, set[str]]:
+        got = assign_splits(read_dataset(cfg.data), cfg.data)
+        return {s: {e.path.relative_to(root).as_posix() for e in exs} for s, exs in got.items()}
+
+    root = write_image_folder(tmp_path / "raw", per_class=20)
+    cfg = cfg_for(root, tmp_path / "prep")
+    before = splits(cfg)
+    write_image_folder(root, per_class=30)  # 000-019 unchanged, 020-029 new in every class
+    after = splits(cfg)
+    assert {s: len(v) for s, v in after.items()} == {"train": 66, "val": 12, "test": 12}
+    assert not before["train"] & after["test"]
+    assert before["test"] <= after["test"] | after["val"]
+    assert splits(cfg) == after  # deterministic
+
+
 def test_rerun_unchanged_does_nothing_and_change_reruns(tmp_path, image_folder):
     out = tmp_path / "prep"
     cfg = cfg_for(image_folder, out, image={"size": 16})

@@ -9,6 +9,7 @@ input and params does nothing.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -207,6 +208,12 @@ def _totals(manifest: dict[str, Any]) -> dict[str, int]:
 def assign_splits(raw: RawDataset, d: DataConfig) -> dict[Split, list[Example]]:
     """Deterministic stratified split (seeded), or the data's own splits when present.
 
+    Within a class, examples are ordered by a seeded hash of their identity (the file's path
+    under the data root, or the text), not by a shuffle of the list: when new examples
+    arrive, existing ones keep their relative order, so the test split of the new data
+    holds no example an earlier model trained on (unless a class more than doubles). That
+    keeps a champion re-scored on the new test split honest.
+
     Raises DataError before any decoding when a class has too few examples.
     """
     sc = d.splits
@@ -216,21 +223,21 @@ def assign_splits(raw: RawDataset, d: DataConfig) -> dict[Split, list[Example]]:
             "data.splits.mode is 'given' but the data has no split folders (train/ val/ test/) "
             "or split column; use mode: auto or random to split by data.splits.seed"
         )
-    rng = np.random.default_rng(sc.seed)
     by_class: dict[str, list[Example]] = defaultdict(list)
     for e in raw.examples:
         by_class[e.label].append(e)
     # With given splits, a split the data lacks (e.g. no val/ folder) is carved from train.
     carve = {
         s: getattr(sc, s)
-        for s in ("val", "test")
+        for s in ("test", "val")  # test first: see the docstring
         if not use_given or not any(e.split == s for e in raw.examples)
     }
     out: dict[Split, list[Example]] = {"train": [], "val": [], "test": []}
     for label in sorted(by_class):
         exs = by_class[label]
         pool = [e for e in exs if e.split == "train"] if use_given else exs
-        parts = _split_class(label, pool, rng, carve, "train split" if use_given else "data")
+        pool = sorted(pool, key=lambda e: _split_key(e, raw.root, sc.seed))
+        parts = _split_class(label, pool, carve, "train split" if use_given else "data")
         for s in SPLITS:
             if s == "train" or s in carve:
                 out[s] += parts[s]
@@ -250,15 +257,23 @@ def assign_splits(raw: RawDataset, d: DataConfig) -> dict[Split, list[Example]]:
     return out
 
 
+def _split_key(e: Example, root: Path, seed: int) -> str:
+    """Where an example falls in its class's split order: a seeded hash of its identity."""
+    if e.path is not None:
+        p = Path(e.path)
+        ident = (p.relative_to(root) if p.is_relative_to(root) else p).as_posix()
+    else:
+        ident = e.text or ""
+    return hashlib.sha256(f"{seed}\0{ident}".encode()).hexdigest()
+
+
 def _split_class(
     label: str,
-    exs: list[Example],
-    rng: np.random.Generator,
+    shuffled: list[Example],
     fractions: dict[str, float],
     where: str,
 ) -> dict[Split, list[Example]]:
-    order = rng.permutation(len(exs))
-    shuffled = [exs[i] for i in order]
+    """Test first, then val, from the class's (hash-ordered) examples; the rest is train."""
     n = len(shuffled)
     need = {s: max(1, round(n * f)) for s, f in fractions.items()}
     if n - sum(need.values()) < 1:
