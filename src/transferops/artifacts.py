@@ -96,3 +96,12 @@ def atomic_dir(target: Path) -> Iterator[Path]:
 def read_json(path: Path) -> Any:
     """Read a JSON file."""
     return json.loads(Path(path).read_text())
+
+
+def save_weights(module: Any, path: Path | str) -> None:
+    """A module's state dict as safetensors (contiguous CPU clones: safetensors refuses
+    tensors that share storage, e.g. tied weights)."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
+    save_file(state, str(path))

@@ -18,10 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from transferops.artifacts import atomic_dir, read_json, sha256_json, write_json_atomic
+from transferops.artifacts import (
+    atomic_dir,
+    read_json,
+    save_weights,
+    sha256_json,
+    write_json_atomic,
+)
 from transferops.config import Config, FinetuneConfig, check_depth
 from transferops.data.prepare import PreparedData, load_prepared, read_manifest
 from transferops.errors import ConfigError
@@ -183,8 +189,7 @@ def train_model(
 def save_finetuned(res: TrainResult, spec: dict[str, Any], out: Path, source_dir: Path) -> None:
     """Write the model folder atomically (weights, spec, history, tokenizer for text)."""
     with atomic_dir(out) as tmp:
-        state = {k: v.detach().cpu().contiguous().clone() for k, v in res.net.state_dict().items()}
-        save_file(state, str(tmp / "model.safetensors"))
+        save_weights(res.net, tmp / "model.safetensors")
         write_json_atomic(tmp / "model.json", spec)
         write_json_atomic(tmp / "history.json", res.history)
         if spec["modality"] == "text":  # config + tokenizer (not weights) to rebuild offline

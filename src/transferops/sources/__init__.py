@@ -27,10 +27,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from transferops.artifacts import atomic_dir, read_json, sha256_file, sha256_json, write_json_atomic
+from transferops.artifacts import (
+    atomic_dir,
+    read_json,
+    save_weights,
+    sha256_file,
+    sha256_json,
+    write_json_atomic,
+)
 from transferops.config import Config, SourceConfig, registered_model_uri
 from transferops.errors import SourceError
 from transferops.finetune.blocks import discover
@@ -265,11 +272,7 @@ def _pull_torch(cfg: SourceConfig, out: Path, spec_hash: str) -> dict[str, Any]:
         )
     blocks, _, feat_dim = discover(model, family, user_blocks=cfg.blocks)
     with atomic_dir(out) as tmp:
-        # Contiguous clones: safetensors refuses shared storage (e.g. tied weights).
-        save_file(
-            {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()},
-            str(tmp / WEIGHTS),
-        )
+        save_weights(model, tmp / WEIGHTS)
         manifest = {
             "kind": cfg.kind,
             "name": cfg.name,
@@ -470,10 +473,7 @@ def _pull_mlflow(
                 model.save_pretrained(tmp / HF_DIR, safe_serialization=True)
                 wfile = f"{HF_DIR}/model.safetensors"
             else:
-                save_file(
-                    {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()},
-                    str(tmp / WEIGHTS),
-                )
+                save_weights(model, tmp / WEIGHTS)
                 wfile = WEIGHTS
             keep = ("kind", "name", "family", "user_blocks", "num_blocks", "block_names")
             manifest = {
