@@ -162,10 +162,12 @@ def step_promote(cfg: Config) -> dict[str, Any]:
 
 def _marker(step: str, cfg: Config) -> Path:
     """The output file whose change means a step's output was rewritten or removed."""
+    from transferops.baseline import INDEX
+
     return {
         "search": Path(cfg.search.out) / "best_params.json",
         "train": Path(cfg.finetune.out) / "model.safetensors",
-        "baseline": Path(cfg.baseline.out) / "index.json",
+        "baseline": Path(cfg.baseline.out) / INDEX,
         "evaluate": Path(cfg.evaluate.out) / "metrics.json",
     }[step]
 
@@ -209,12 +211,13 @@ def current_result(step: str, cfg: Config, fp: str) -> dict[str, Any] | None:
 
 def record(step: str, cfg: Config, fp: str, result: dict[str, Any]) -> None:
     """Stamp a finished step (see :func:`current_result`)."""
+    marker = _marker(step, cfg)
     write_json_atomic(
         stamp_path(step),
         {
             "fingerprint": fp,
-            "marker": str(_marker(step, cfg)),
-            "marker_sha256": sha256_file(_marker(step, cfg)),
+            "marker": str(marker),
+            "marker_sha256": sha256_file(marker),
             "result": result,
         },
     )
