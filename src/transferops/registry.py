@@ -391,6 +391,33 @@ def _alias(client: Any, name: str, alias: str) -> Any | None:
         return None
 
 
+def download_model_folder(
+    name: str, version: str | int, dst: Path | str, registry_uri: str | None = None
+) -> Path | None:
+    """Download a registered version into `dst`; the transferops model folder inside it
+    (the pyfunc's ``model`` artifact, see :func:`register`), or None if it has none.
+
+    `registry_uri` None: the registry MLflow is set up for (:func:`setup_tracking`).
+    """
+    import mlflow
+    import yaml
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=registry_uri, registry_uri=registry_uri)
+    where = client.get_model_version_download_uri(name, str(version))
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=where, dst_path=str(dst), tracking_uri=registry_uri
+        )
+    )
+    if not (local / "MLmodel").exists():
+        return None
+    flavors = yaml.safe_load((local / "MLmodel").read_text()).get("flavors", {})
+    rel = flavors.get("python_function", {}).get("artifacts", {}).get("model", {}).get("path")
+    folder = local / rel if rel else None
+    return folder if folder is not None and (folder / "model.json").exists() else None
+
+
 def _champion_metric(
     cfg: Config, champion: Any, challenger: Any, metric: str
 ) -> tuple[float | None, str]:
@@ -406,18 +433,18 @@ def _champion_metric(
         )
     if json.loads(champion.tags.get("classes", "[]")) != json.loads(challenger.tags["classes"]):
         return None, "champion was trained on other classes and cannot be scored on this split"
-    import mlflow
+    import tempfile
 
     from transferops.evaluate import score_model_dir
 
-    root = Path(mlflow.artifacts.download_artifacts(f"models:/{champion.name}/{champion.version}"))
-    folder = next((p.parent for p in (root / "artifacts").rglob("model.json")), None)
-    if folder is None:
-        raise RegistryError(
-            f"{champion.name} v{champion.version} (the champion) holds no transferops model "
-            "folder, so it cannot be re-scored on the new test split: move the alias by hand"
-        )
-    scored = score_model_dir(folder, cfg)
+    with tempfile.TemporaryDirectory(prefix="transferops-champion-") as dl:
+        folder = download_model_folder(champion.name, champion.version, dl)
+        if folder is None:
+            raise RegistryError(
+                f"{champion.name} v{champion.version} (the champion) holds no transferops model "
+                "folder, so it cannot be re-scored on the new test split: move the alias by hand"
+            )
+        scored = score_model_dir(folder, cfg)
     return scored[metric], f"re-scored on the new test split (data {current[:12]})"
 
 

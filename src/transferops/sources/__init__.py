@@ -430,25 +430,13 @@ def _pull_mlflow(
     """
     import tempfile
 
-    import mlflow
-    import yaml
-    from mlflow import MlflowClient
-
     from transferops.finetune.train import rebuild_finetuned
+    from transferops.registry import download_model_folder
 
-    client = MlflowClient(tracking_uri=reg["registry_uri"], registry_uri=reg["registry_uri"])
-    where = client.get_model_version_download_uri(reg["model"], str(reg["version"]))
     label = f"{reg['model']} v{reg['version']}"
     with tempfile.TemporaryDirectory(prefix="transferops-pull-") as dl:
-        local = Path(
-            mlflow.artifacts.download_artifacts(
-                artifact_uri=where, dst_path=dl, tracking_uri=reg["registry_uri"]
-            )
-        )
-        flavor = yaml.safe_load((local / "MLmodel").read_text()).get("flavors", {})
-        rel = flavor.get("python_function", {}).get("artifacts", {}).get("model", {}).get("path")
-        model_dir = local / rel if rel else None
-        if model_dir is None or not (model_dir / "model.json").exists():
+        model_dir = download_model_folder(reg["model"], reg["version"], dl, reg["registry_uri"])
+        if model_dir is None:
             raise SourceError(
                 f"source.name: {cfg.name} ({label}) is not a transferops model (no fine-tuned "
                 "model folder in its artifacts); kind mlflow takes models registered by "
