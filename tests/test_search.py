@@ -167,7 +167,9 @@ def test_resume_after_a_killed_process(tmp_path, digits_prepared, lite0_source):
             except KeyError:  # study not created yet
                 continue
             done = {t.number: t.value for t in trials if t.state == TS.COMPLETE}
-            running = [t for t in trials if t.state == TS.RUNNING and t.number not in done]
+            # A trial with its params set (the retry must repeat them); one killed before
+            # that is test_trial_killed_before_its_first_heartbeat_is_failed_and_retried.
+            running = [t for t in trials if t.state == TS.RUNNING and t.params]
             if done and running:
                 before = done
                 proc.send_signal(signal.SIGKILL)
@@ -183,7 +185,10 @@ def test_resume_after_a_killed_process(tmp_path, digits_prepared, lite0_source):
     finally:
         proc.kill()
         proc.wait()
-    time.sleep(2.5)  # past the heartbeat grace period (2 x 1 s)
+    # Past the grace period (2 x 1 s) by more than a second: sqlite stores heartbeats and
+    # compares them with CURRENT_TIMESTAMP at 1-second resolution, so 2.5 s after the last
+    # beat can read as exactly 2 s, "not stale", and the killed trial would stay RUNNING.
+    time.sleep(3.5)
     res = run_search(cfg)
     trials = optuna.load_study(study_name=name, storage=cfg.search.storage).trials
     # Finished trials were kept as they were, not rerun.
