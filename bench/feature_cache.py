@@ -25,8 +25,10 @@ os.environ.setdefault("TRANSFEROPS_PROGRESS", "0")
 
 from transferops.config import FinetuneConfig, validate_config
 from transferops.data import load_prepared, prepare
-from transferops.finetune.engine import Inputs, encode_prefix, finetune
-from transferops.finetune.train import build_net, make_preprocess, pick_device
+from transferops.finetune.cache import encode_prefix
+from transferops.finetune.engine import finetune
+from transferops.finetune.train import build_net
+from transferops.model_io import Inputs, make_preprocess, pick_device
 from transferops.sources import load_source, pull
 
 
@@ -71,7 +73,7 @@ def main() -> None:
             batch_size=args.batch_size,
         )
         net = build_net(load_source(cfg.source.out, args.size), 10, fc, args.size)
-        pre = make_preprocess(src.manifest, fc, device, "image")
+        pre = make_preprocess(src.manifest, device, "image", fc.augment)
         _sync(device)
         t = time.perf_counter()
         finetune(net, train, val, fc, pre, device)
@@ -88,7 +90,7 @@ def main() -> None:
     # timed after a warm-up pass.
     fc = FinetuneConfig()
     net = build_net(src, 10, fc, args.size).to(device)
-    pre = make_preprocess(src.manifest, fc, device, "image")
+    pre = make_preprocess(src.manifest, device, "image", fc.augment)
     both = Inputs(torch.cat([train.x, val.x]), torch.cat([train.y, val.y])).to(device)
     amp = (
         (lambda: torch.autocast("cuda", dtype=torch.bfloat16))

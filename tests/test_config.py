@@ -76,7 +76,7 @@ def test_bad_choice_lists_allowed_values() -> None:
 
 def test_depth_above_block_count() -> None:
     cfg = validate_config({"finetune": {"unfreeze_depth": 12}})
-    with pytest.raises(ConfigError, match=r"finetune.unfreeze_depth=12 .* 9 blocks .*0\.\.9"):
+    with pytest.raises(ConfigError, match=r"finetune.unfreeze_depth is 12 .* 9 blocks .*0\.\.9"):
         check_depth(cfg, 9)
     cfg = validate_config(
         {

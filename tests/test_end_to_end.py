@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from transferops.cli import app
 from transferops.config import load_config
-from transferops.finetune.train import load_finetuned, rebuild_finetuned
+from transferops.model_io import load_finetuned, rebuild_finetuned
 from transferops.sources import load_source
 
 from .conftest import write_image_folder

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -111,6 +112,12 @@ def test_pipeline_reads_test_only_in_evaluate_and_writes_the_report(tmp_path, li
         "transfer-k2",
         "scratch-k2",
     }
+    # per-epoch metrics reach each run's MLflow run through the engine's on_epoch_end hook
+    from mlflow import MlflowClient
+
+    history = MlflowClient().get_metric_history(runs[0]["mlflow_run_id"], "val_accuracy")
+    epochs = json.loads((Path(runs[0]["dir"]) / "history.json").read_text())
+    assert [h.step for h in history] == [e["epoch"] for e in epochs]
     m = evaluate(cfg)
     assert reads["test"] == 1
 

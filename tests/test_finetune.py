@@ -13,16 +13,12 @@ from torch import nn
 from transferops.config import FinetuneConfig, validate_config
 from transferops.data import load_prepared
 from transferops.errors import ConfigError
-from transferops.finetune.blocks import build_staged
-from transferops.finetune.engine import (
-    Inputs,
-    Preprocess,
-    finetune,
-    set_train_mode,
-    set_trainable,
-    stage_depths,
-)
-from transferops.finetune.train import build_net, load_finetuned, train_from_config
+from transferops.families import build_staged
+from transferops.finetune.engine import finetune
+from transferops.finetune.plan import stage_depths
+from transferops.finetune.thaw import make_trainable, set_train_mode
+from transferops.finetune.train import build_net, train_from_config
+from transferops.model_io import Inputs, Preprocess, load_finetuned
 from transferops.sources import load_source
 
 CPU = torch.device("cpu")
@@ -118,7 +114,7 @@ def test_stage_depths():
 def test_freeze_plan_exact_requires_grad(depth):
     m = torchvision.models.resnet18()
     net = build_staged(m, "resnet", num_classes=3)
-    set_trainable(net, depth)
+    make_trainable(net, depth)
     trainable = {
         n.split(".")[1]
         for n, p in net.named_parameters()
@@ -363,3 +359,46 @@ def test_precise_bn_statistics_are_the_train_average():
     assert bn.momentum == pytest.approx(0.1)  # restored
     frozen_bn = net.blocks[3].mods[0][0].bn1
     assert torch.equal(frozen_bn.running_mean, torch.zeros_like(frozen_bn.running_mean))
+
+
+# ------------------------------------------------------- the plan and the family table
+
+
+def test_stage_plan_says_what_thaws_when_and_refuses_a_deeper_depth():
+    from transferops.finetune.plan import stage_plan, total_epochs
+
+    cfg = FinetuneConfig(unfreeze_depth=5, blocks_per_stage=2, epochs_per_stage=[3, 2])
+    plan = stage_plan(cfg, 9)
+    assert [(s.depth, s.thaws, s.epochs, s.frozen) for s in plan] == [
+        (0, (), 3, 9),
+        (2, (1, 2), 2, 7),
+        (4, (3, 4), 2, 5),
+        (5, (5,), 2, 4),
+    ]
+    assert total_epochs(cfg, 9) == 9
+    with pytest.raises(ConfigError, match=r"finetune.unfreeze_depth is 10 .* 9 blocks"):
+        stage_plan(cfg.model_copy(update={"unfreeze_depth": 10}), 9)  # no silent clamp
+
+
+def test_family_table_decides_names_and_channels_last():
+    from transferops.families import FAMILIES, torchvision_family
+    from transferops.model_io import make_preprocess
+
+    assert [torchvision_family(n) for n in ("resnet50", "wide_resnet50_2", "vit_b_16")] == [
+        "resnet",
+        "resnet",
+        "tv_vit",
+    ]
+    assert torchvision_family("mobilenet_v3_small") == "tv_features"
+    assert torchvision_family("alexnet") == "unknown"
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")  # only device.type is read
+
+    def channels_last(fam: str, device: torch.device) -> bool:
+        return make_preprocess({"family": fam, "input": {}}, device, "image").channels_last
+
+    assert (
+        {f for f in FAMILIES if channels_last(f, gpu)}
+        == {f for f, row in FAMILIES.items() if row.channels_last}
+        == {"resnet", "tv_features", "efficientnet_lite", "unknown"}
+    )
+    assert not any(channels_last(f, cpu) for f in FAMILIES)

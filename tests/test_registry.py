@@ -14,9 +14,10 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from transferops.config import Config, with_overrides
+from transferops.config import Config, RegistryConfig, with_overrides
 from transferops.errors import RegistryError
-from transferops.registry import CHALLENGER, CHAMPION, decide, promote, register
+from transferops.promotion import Evidence, decide, gate, promote
+from transferops.register import CHALLENGER, CHAMPION, register
 
 from .conftest import write_image_folder
 
@@ -56,6 +57,8 @@ def _challenger(cfg: Config, acc: float, beats: bool = True, scratch: float = 0.
             "test_accuracy": str(acc),
             "scratch_accuracy": str(scratch),
             "transfer_beats_scratch": str(beats).lower(),
+            # the gate reads the interval, not the verdict text
+            "transfer_minus_scratch_ci_low": "0.05" if beats else "-0.02",
             "verdict": "transfer beats scratch" if beats else "no significant gain",
             "data_hash": "d1",
             "classes": '["a", "b"]',
@@ -70,6 +73,47 @@ def _champion(cfg: Config) -> str | None:
         return str(MlflowClient().get_model_version_by_alias(NAME, CHAMPION).version)
     except Exception:
         return None
+
+
+# ------------------------------------------------------ the gate (pure function)
+
+
+def _ev(**kw) -> Evidence:
+    base = dict(
+        name="m",
+        challenger="2",
+        challenger_metric=0.85,
+        scratch_mean=0.70,
+        gain_low=0.03,
+        verdict="transfer beats scratch by 15 ± 12 points",
+    )
+    return Evidence(**(base | kw))
+
+
+def test_gate_decides_on_the_interval_not_on_text():
+    rule = RegistryConfig()
+    assert gate(_ev(), rule).promote  # first model, interval above 0
+    refused = gate(_ev(gain_low=-0.01, verdict="transfer beats scratch (wrong text)"), rule)
+    assert not refused.promote and "fails the baseline gate" in refused.summary()
+    assert not gate(_ev(gain_low=None), rule).promote  # one seed: no interval, no promotion
+    mean_rule = RegistryConfig(baseline_gate="mean")
+    assert gate(_ev(gain_low=None), mean_rule).promote
+    assert not gate(_ev(challenger_metric=0.69), mean_rule).promote
+
+
+def test_gate_against_the_champion():
+    rule = RegistryConfig(min_improvement=0.02)
+    champ = {"champion": "1", "champion_note": "on the same test split"}
+    assert gate(_ev(champion_metric=0.80, **champ), rule).promote
+    tie = gate(_ev(champion_metric=0.84, **champ), rule)  # +0.01 < min_improvement
+    assert not tie.promote and "does not beat champion v1" in tie.summary()
+    other = gate(_ev(champion_metric=None, champion="1", champion_note="other classes"), rule)
+    assert other.promote and "replaces it" in other.summary()
+    same = gate(_ev(champion="2", champion_metric=0.85), rule)
+    assert not same.promote and "already the champion" in same.summary()
+
+
+# ------------------------------------------------------ the gate on a real registry
 
 
 def test_first_model_that_beats_the_baseline_becomes_champion(gate_cfg):
@@ -225,7 +269,7 @@ def test_pyfunc_predicts_on_raw_images_like_the_trained_model(in_pipeline_dir, t
     import torch
 
     from transferops.data.prepare import load_prepared
-    from transferops.finetune.train import load_finetuned
+    from transferops.model_io import load_finetuned
     from transferops.predict import predict_probs
 
     cfg = in_pipeline_dir
@@ -242,7 +286,7 @@ def test_pyfunc_predicts_on_raw_images_like_the_trained_model(in_pipeline_dir, t
     out = model.predict(pd.DataFrame({"image": encoded}))
     by_path = model.predict(pd.DataFrame({"image": [str(tmp_path / f"{i}.png") for i in range(6)]}))
     net, spec = load_finetuned(cfg.finetune.out)
-    from transferops.finetune.engine import Inputs
+    from transferops.model_io import Inputs
 
     ref = predict_probs(net, spec, Inputs(imgs, torch.zeros(6)), torch.device("cpu"))
     assert list(out["label"]) == [spec["class_names"][i] for i in ref.argmax(1)]
@@ -287,8 +331,9 @@ def test_registered_model_is_a_source_for_a_new_fine_tune(in_pipeline_dir, tmp_p
     is resolved on every pull, so moving it pulls the new version."""
     import torch
 
-    from transferops.finetune.blocks import build_staged
-    from transferops.finetune.train import load_finetuned, train_from_config
+    from transferops.families import build_staged
+    from transferops.finetune.train import train_from_config
+    from transferops.model_io import load_finetuned
     from transferops.sources import load_source, pull_from_config
 
     cfg = in_pipeline_dir
@@ -376,9 +421,11 @@ def test_registered_model_loads_where_transferops_is_not_installed(in_pipeline_d
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp_path)))
     reqs = (local / "requirements.txt").read_text().split()
     assert not any(r.split("==")[0] == "transferops" for r in reqs)
-    assert {"torch", "efficientnet-lite-pytorch", "pydantic", "pillow"} <= {
-        r.split("==")[0] for r in reqs
-    }
+    pinned = {r.split("==")[0] for r in reqs}
+    assert {"torch", "efficientnet-lite-pytorch", "pillow", "safetensors"} <= pinned
+    assert not {"pydantic", "pyyaml", "rich", "optuna"} & pinned  # inference code only
+    shipped = {p.name for p in (local / "code" / "transferops").rglob("*.py")}
+    assert "model_io.py" in shipped and not {"engine.py", "train.py", "search.py"} & shipped
     for i in range(4):
         Image.fromarray(np.full((16, 16, 3), 60 * i, dtype=np.uint8)).save(tmp_path / f"{i}.png")
     paths = [str(tmp_path / f"{i}.png") for i in range(4)]

@@ -235,9 +235,14 @@ def test_a_fresh_trial_without_heartbeat_is_not_failed(tmp_path, digits_prepared
     assert storage._get_stale_trial_ids(study._study_id) == [trial._trial_id]
 
 
-def test_two_workers_share_one_study(tmp_path, digits_prepared, lite0_source):
+def test_two_workers_share_one_study(tmp_path, digits_prepared, lite0_source, monkeypatch):
     raw = _raw(tmp_path, digits_prepared, lite0_source, n_trials=4, n_workers=2, pruner="none")
     cfg = validate_config(raw)
+    # What loading a registered pyfunc in this process does: its shipped, inference-only copy
+    # of transferops goes first on sys.path. Workers must still import the real package.
+    (tmp_path / "code" / "transferops").mkdir(parents=True)
+    (tmp_path / "code" / "transferops" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path / "code"))
     res = run_search(cfg)
     trials = optuna.load_study(study_name=res.study_name, storage=cfg.search.storage).trials
     numbers = [t.number for t in trials]

@@ -25,21 +25,17 @@ from typing import Any
 from transferops.artifacts import write_json_atomic
 from transferops.config import Config, FinetuneConfig, with_overrides
 from transferops.data.prepare import prepare, read_manifest
-from transferops.finetune.engine import stage_depths
+from transferops.finetune.plan import total_epochs
 from transferops.finetune.train import save_finetuned, train_model
 from transferops.sources import read_source_manifest
-from transferops.tracking import setup_tracking
+from transferops.tracking import log_epoch, setup_tracking
 
 log = logging.getLogger(__name__)
-
-INDEX = "index.json"
 
 
 def transfer_epochs(cfg: Config, num_blocks: int) -> int:
     """Total epochs of the transfer schedule (the budget the baselines get)."""
-    fc = cfg.finetune
-    stages = stage_depths(min(fc.unfreeze_depth, num_blocks), fc.blocks_per_stage)
-    return sum(fc.epochs_for_stage(s) for s in range(len(stages)))
+    return total_epochs(cfg.finetune, num_blocks)
 
 
 def role_overrides(cfg: Config, role: str, seed: int, num_blocks: int) -> dict[str, Any]:
@@ -101,6 +97,7 @@ def _train_one(
         )
         res, spec = train_model(
             rcfg,
+            on_epoch_end=log_epoch,
             checkpoint=Path(rcfg.finetune.checkpoint_dir) / "last.pt",
             feature_store=store,
             pretrained=role != "scratch",
@@ -178,7 +175,7 @@ def run_baselines(cfg: Config) -> list[dict[str, Any]]:
                 )
             )
     write_json_atomic(
-        Path(bc.out) / INDEX,
+        bc.index,
         {"data_hash": read_manifest(cfg.data.out)["data_hash"], "seeds": bc.seeds, "runs": entries},
     )
     return entries

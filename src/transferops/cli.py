@@ -1,7 +1,8 @@
 """`transferops` command line: a thin door onto the library (one command per pipeline verb).
 
 Every command takes ``--params params.yaml`` and any number of ``--set key.path=value``
-overrides, validated by the same pydantic models as the file.
+overrides, validated by the same pydantic models as the file. Each command imports its verb's
+module when it runs, so `transferops --help` answers without loading torch, Optuna or MLflow.
 """
 
 from __future__ import annotations
@@ -213,7 +214,7 @@ def register(
     set_: SetOpt = None,
 ) -> None:
     """Register finetune.out in MLflow with its lineage; alias it `challenger`."""
-    from transferops.registry import register as _register
+    from transferops.register import register as _register
 
     cfg = _cfg(params, set_)
     res = _register(cfg)
@@ -229,7 +230,7 @@ def promote(
     dry_run: Annotated[bool, typer.Option(help="show the decision, change nothing")] = False,
 ) -> None:
     """Move alias `champion` to the challenger if it beats the baseline and the champion."""
-    from transferops.registry import promote as _promote
+    from transferops.promotion import promote as _promote
 
     cfg = _cfg(params, set_)
     d = _promote(cfg, dry_run=dry_run)

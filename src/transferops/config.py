@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -245,10 +246,15 @@ class FinetuneConfig(_Section):
     # Where outputs go: they never change what is trained.
     OUTPUT_FIELDS: ClassVar[frozenset[str]] = frozenset({"out", "metrics", "checkpoint_dir"})
 
-    def trajectory_params(self) -> dict[str, Any]:
+    @classmethod
+    def trajectory_fields(cls) -> list[str]:
         """The params that decide the training trajectory (not output paths, not the device):
-        what checkpoint fingerprints and search study names are keyed on."""
-        return self.model_dump(mode="json", exclude=set(self.OUTPUT_FIELDS) | {"device"})
+        what checkpoint fingerprints, search study names and the train step are keyed on."""
+        return [k for k in cls.model_fields if k not in cls.OUTPUT_FIELDS | {"device"}]
+
+    def trajectory_params(self) -> dict[str, Any]:
+        """Values of :meth:`trajectory_fields`."""
+        return self.model_dump(mode="json", include=set(self.trajectory_fields()))
 
     def epochs_for_stage(self, stage: int) -> int:
         """Epochs of stage `stage` (0 = head only); the last listed value repeats."""
@@ -365,6 +371,11 @@ class BaselineConfig(_Section):
         "(null = all); one seed each",
     )
     out: Path = Path("models/baseline")
+
+    @property
+    def index(self) -> Path:
+        """The list of trained baseline runs (what `evaluate` scores)."""
+        return self.out / "index.json"
 
 
 class EvaluateConfig(_Section):
@@ -554,22 +565,102 @@ def read_overrides_file(path: Path | str) -> dict[str, Any]:
     return data
 
 
+def depth_problem(what: str, depth: int, num_blocks: int) -> str | None:
+    """The one rule for unfreeze depths: at most the source model's block count.
+
+    `what` names the key in the message, e.g. "finetune.unfreeze_depth is"."""
+    if depth > num_blocks:
+        return (
+            f"{what} {depth} but the source model has {num_blocks} blocks "
+            f"(allowed: 0..{num_blocks})"
+        )
+    return None
+
+
 def check_depth(cfg: Config, num_blocks: int, search: bool = True) -> None:
-    """Reject unfreeze depths larger than the source model's block count.
+    """Refuse unfreeze depths larger than the source model's block count, before training.
 
     `search=False` checks only finetune.unfreeze_depth (what `train` uses).
     """
-    problems = []
-    if cfg.finetune.unfreeze_depth > num_blocks:
-        problems.append(
-            f"finetune.unfreeze_depth={cfg.finetune.unfreeze_depth} but the source model has "
-            f"{num_blocks} blocks (allowed: 0..{num_blocks})"
-        )
+    problems = [
+        depth_problem("finetune.unfreeze_depth is", cfg.finetune.unfreeze_depth, num_blocks)
+    ]
     space = cfg.search.space.unfreeze_depth if search else None
-    if space is not None and max(space.values()) > num_blocks:
-        problems.append(
-            f"search.space.unfreeze_depth goes up to {max(space.values())} but the source model "
-            f"has {num_blocks} blocks (allowed: 0..{num_blocks})"
-        )
-    if problems:
-        raise ConfigError("\n".join(problems))
+    if space is not None:
+        top = max(space.values())
+        problems.append(depth_problem("search.space.unfreeze_depth goes up to", top, num_blocks))
+    if any(problems):
+        raise ConfigError("\n".join(p for p in problems if p))
+
+
+# ------------------------------------------------------------- step inputs
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """What a pipeline step reads: params.yaml keys (dvc.yaml ``params:``) and the paths,
+    named by their params key, of upstream outputs (in dvc.yaml ``deps:`` as ``${key}``)."""
+
+    params: tuple[str, ...]
+    paths: tuple[str, ...] = ()
+
+
+# Declared once: pipeline.fingerprint hashes these values, and a test checks dvc.yaml's
+# stages list exactly these params and depend on these paths.
+STEP_INPUTS: dict[str, StepInputs] = {
+    "prepare": StepInputs(
+        tuple(
+            f"data.{k}"
+            for k in (
+                "format",
+                "path",
+                "table",
+                "image",
+                "splits",
+                "limit_per_class",
+                "on_bad_file",
+            )
+        ),
+        ("data.path",),
+    ),
+    "pull": StepInputs(("source",)),
+    "search": StepInputs(("search", "finetune"), ("data.out", "source.out")),
+    "train": StepInputs(
+        tuple(f"finetune.{k}" for k in [*FinetuneConfig.trajectory_fields(), "device"]),
+        ("data.out", "source.out"),
+    ),
+    # the few-shot subsets are re-prepared from the raw data with data.*
+    "baseline": StepInputs(
+        ("baseline", "finetune", "data"), ("data.out", "data.path", "source.out")
+    ),
+    "evaluate": StepInputs(
+        ("evaluate", "baseline.classical", "baseline.efficiency_per_class"),
+        ("data.out", "baseline.out", "finetune.out"),
+    ),
+    "register": StepInputs(
+        ("registry.model_name", "registry.out", "tracking"), ("finetune.out", "data.out")
+    ),
+    # promote may re-score the champion on the current test split: it reads data.out
+    "promote": StepInputs(
+        ("registry.metric", "registry.min_improvement", "registry.baseline_gate", "tracking"),
+        ("registry.out", "data.out"),
+    ),
+}
+
+
+def param_value(cfg: Config, key: str) -> Any:
+    """The JSON value of a dotted params key (a whole section for a section name)."""
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return (
+        node.model_dump(mode="json")
+        if isinstance(node, BaseModel)
+        else (str(node) if isinstance(node, Path) else node)
+    )
+
+
+def step_params(cfg: Config, step: str) -> dict[str, Any]:
+    """The values of everything `step` reads from params.yaml (see :data:`STEP_INPUTS`)."""
+    inputs = STEP_INPUTS[step]
+    return {k: param_value(cfg, k) for k in (*inputs.params, *inputs.paths)}

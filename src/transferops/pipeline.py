@@ -26,7 +26,15 @@ from pathlib import Path
 from typing import Any
 
 from transferops.artifacts import read_json, sha256_file, sha256_json, write_json_atomic
-from transferops.config import Config, with_overrides
+from transferops.baseline import run_baselines
+from transferops.config import STEP_INPUTS, Config, step_params, with_overrides
+from transferops.data.prepare import prepare
+from transferops.evaluate import evaluate
+from transferops.finetune.train import train_from_config
+from transferops.promotion import promote
+from transferops.register import register
+from transferops.search import run_search
+from transferops.sources import pull_from_config
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +61,6 @@ StepRunner = Callable[[str, StepKey | None, StepFn], dict[str, Any]]
 
 def step_prepare(cfg: Config) -> dict[str, Any]:
     """Split, decode, hash (no-op when up to date)."""
-    from transferops.data.prepare import prepare
 
     res = prepare(cfg)
     return {"data_hash": res.data_hash, "counts": res.counts, "skipped": res.skipped}
@@ -61,7 +68,6 @@ def step_prepare(cfg: Config) -> dict[str, Any]:
 
 def step_pull(cfg: Config) -> dict[str, Any]:
     """Fetch the source model (no-op when up to date)."""
-    from transferops.sources import pull_from_config
 
     res = pull_from_config(cfg)
     return {
@@ -73,7 +79,6 @@ def step_pull(cfg: Config) -> dict[str, Any]:
 
 def step_search(cfg: Config) -> dict[str, Any]:
     """The Optuna study (resumes; the test split is never read)."""
-    from transferops.search import run_search
 
     res = run_search(cfg)
     summary = read_json(res.out / "summary.json")
@@ -89,7 +94,6 @@ def step_search(cfg: Config) -> dict[str, Any]:
 
 def step_train(cfg: Config) -> dict[str, Any]:
     """Fine-tune with the best params (cfg already carries them)."""
-    from transferops.finetune.train import train_from_config
 
     res = train_from_config(cfg)
     return {
@@ -104,18 +108,16 @@ def step_train(cfg: Config) -> dict[str, Any]:
 
 def step_baseline(cfg: Config) -> dict[str, Any]:
     """Transfer / scratch / probe over seeds, and the few-shot curve."""
-    from transferops.baseline import INDEX, run_baselines
 
     runs = run_baselines(cfg)
     return {
         "runs": len(runs),
-        "index_sha256": sha256_file(Path(cfg.baseline.out) / INDEX),
+        "index_sha256": sha256_file(cfg.baseline.index),
     }
 
 
 def step_evaluate(cfg: Config) -> dict[str, Any]:
     """The test split: every model, the verdict, the report."""
-    from transferops.evaluate import evaluate
 
     report = evaluate(cfg)
     test_acc = {
@@ -134,7 +136,6 @@ def step_evaluate(cfg: Config) -> dict[str, Any]:
 
 def step_register(cfg: Config) -> dict[str, Any]:
     """A model version with lineage, alias challenger (idempotent)."""
-    from transferops.registry import register
 
     res = register(cfg)
     return {
@@ -147,7 +148,6 @@ def step_register(cfg: Config) -> dict[str, Any]:
 
 def step_promote(cfg: Config) -> dict[str, Any]:
     """Move champion to the challenger when both gates pass."""
-    from transferops.registry import promote
 
     d = promote(cfg)
     return {
@@ -162,34 +162,20 @@ def step_promote(cfg: Config) -> dict[str, Any]:
 
 def _marker(step: str, cfg: Config) -> Path:
     """The output file whose change means a step's output was rewritten or removed."""
-    from transferops.baseline import INDEX
 
     return {
         "search": Path(cfg.search.out) / "best_params.json",
         "train": Path(cfg.finetune.out) / "model.safetensors",
-        "baseline": Path(cfg.baseline.out) / INDEX,
+        "baseline": cfg.baseline.index,
         "evaluate": Path(cfg.evaluate.out) / "metrics.json",
     }[step]
 
 
 def fingerprint(step: str, cfg: Config, upstream: dict[str, Any]) -> str:
-    """Hash of what a step's output depends on: the params it reads and upstream results."""
-    params: dict[str, Any] = {
-        "search": {"search": cfg.search, "finetune": cfg.finetune.trajectory_params()},
-        "train": {"finetune": cfg.finetune},
-        # the few-shot subsets are re-prepared from the raw data with data.*
-        "baseline": {"finetune": cfg.finetune, "baseline": cfg.baseline, "data": cfg.data},
-        "evaluate": {
-            "evaluate": cfg.evaluate,
-            "baseline": cfg.baseline,
-            "finetune_out": cfg.finetune.out,
-            "data_out": cfg.data.out,
-        },
-    }[step]
-    dumped = {
-        k: v.model_dump(mode="json") if hasattr(v, "model_dump") else v for k, v in params.items()
-    }
-    return sha256_json({"step": step, "params": dumped, "upstream": upstream})
+    """Hash of what a step's output depends on: the params and paths it reads (declared once,
+    in :data:`transferops.config.STEP_INPUTS`, like dvc.yaml's stage) and upstream results."""
+    assert step in STEP_INPUTS, step
+    return sha256_json({"step": step, "params": step_params(cfg, step), "upstream": upstream})
 
 
 def stamp_path(step: str) -> Path:

@@ -14,12 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from transferops.config import FinetuneConfig
-from transferops.data.prepare import decode_image
 from transferops.errors import DataError
 from transferops.finetune.blocks import StagedNet
-from transferops.finetune.engine import Inputs
-from transferops.finetune.train import make_preprocess, tokenize
+from transferops.model_io import Inputs, decode_image, make_preprocess, tokenize
 
 
 @torch.no_grad()
@@ -32,8 +29,7 @@ def predict_probs(
 ) -> np.ndarray:
     """Class probabilities [N, C] of `net` (in eval mode) on `inputs`."""
     net.to(device).eval()
-    # The training normalisation, without augmentation (FinetuneConfig's default).
-    pre = make_preprocess(spec["source"], FinetuneConfig(), device, spec["modality"])
+    pre = make_preprocess(spec["source"], device, spec["modality"])  # no augmentation
     out = []
     for i in range(0, len(inputs), batch_size):
         ctx = inputs.ctx[i : i + batch_size].to(device) if inputs.ctx is not None else None

@@ -25,6 +25,7 @@ import logging
 import math
 import multiprocessing as mp
 import os
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -48,8 +49,11 @@ from transferops.config import (
 )
 from transferops.data.prepare import read_manifest
 from transferops.errors import ConfigError
+from transferops.finetune.plan import total_epochs
+from transferops.finetune.train import train_model
 from transferops.progress import make_progress
 from transferops.sources import read_source_manifest
+from transferops.tracking import log_epoch, setup_tracking
 
 log = logging.getLogger(__name__)
 
@@ -189,12 +193,11 @@ def suggest(trial: optuna.Trial, sc: SearchConfig) -> dict[str, Any]:
 
 
 def _max_epochs(cfg: Config, num_blocks: int) -> int:
-    from transferops.finetune.engine import stage_depths
-
+    """Epochs of the deepest trial: the pruner's maximum resource."""
     depth = cfg.search.space.unfreeze_depth
     top = max(depth.values()) if depth is not None else cfg.finetune.unfreeze_depth
-    stages = stage_depths(min(top, num_blocks), cfg.finetune.blocks_per_stage)
-    return sum(cfg.finetune.epochs_for_stage(s) for s in range(len(stages)))
+    deepest = cfg.finetune.model_copy(update={"unfreeze_depth": min(top, num_blocks)})
+    return total_epochs(deepest, num_blocks)
 
 
 # ---------------------------------------------------------------- the worker
@@ -205,8 +208,6 @@ def _trial_run(
     cfg: Config, parent: str | None, trial: optuna.Trial, overrides: dict[str, Any]
 ) -> Iterator[Any]:
     """An MLflow child run of the search's parent run for one trial (params logged)."""
-    from transferops.tracking import setup_tracking
-
     mlflow = setup_tracking(cfg.tracking)
     with mlflow.start_run(
         run_name=f"trial-{trial.number}",
@@ -220,8 +221,6 @@ def _trial_run(
 
 
 def _objective(cfg: Config, parent_run_id: str | None, store: dict) -> Any:
-    from transferops.finetune.train import train_model
-
     def objective(trial: optuna.Trial) -> float:
         overrides = suggest(trial, cfg.search)
         trial.set_user_attr("worker_pid", os.getpid())
@@ -235,6 +234,7 @@ def _objective(cfg: Config, parent_run_id: str | None, store: dict) -> Any:
                 return float(t.value)  # type: ignore[arg-type]
 
         def report(epoch: int, rec: dict[str, float]) -> None:
+            log_epoch(epoch, rec)  # into the trial's MLflow run
             trial.report(rec["val_accuracy"], epoch)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {epoch}")
@@ -312,6 +312,44 @@ def _run_worker(cfg_json: dict, name: str, parent_run_id: str | None, show: bool
 # -------------------------------------------------------------------- public
 
 
+def _run_workers(cfg: Config, name: str, parent_run_id: str) -> None:
+    """`search.n_workers` worker processes on the shared study (this process when 1)."""
+    cfg_json = cfg.model_dump(mode="json")
+    if cfg.search.n_workers == 1:
+        _run_worker(cfg_json, name, parent_run_id, show=True)
+        return
+    ctx = mp.get_context("spawn")  # a fresh interpreter: no forked torch / sqlite state
+    procs = [
+        ctx.Process(target=_run_worker, args=(cfg_json, name, parent_run_id, i == 0))
+        for i in range(cfg.search.n_workers)
+    ]
+    # A child imports with this process's sys.path. A registered model loaded here put its
+    # shipped (inference-only) copy of transferops first on it: put this package back first.
+    saved = list(sys.path)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        sys.path[:] = saved
+    for p in procs:
+        p.join()
+    bad = [p.exitcode for p in procs if p.exitcode != 0]
+    if bad:
+        log.warning("%d search worker(s) exited with codes %s", len(bad), bad)
+
+
+def _best_trial(study: optuna.Study) -> tuple[optuna.trial.FrozenTrial, dict[str, int]]:
+    """The best trial and the count of trials per state; refuses a study with none complete."""
+    trials = study.get_trials(deepcopy=False)
+    counts = {s.name.lower(): sum(t.state == s for t in trials) for s in optuna.trial.TrialState}
+    if not any(t.state == optuna.trial.TrialState.COMPLETE for t in trials):
+        raise ConfigError(
+            f"study {study.study_name}: no trial completed ({counts}); see the logs above"
+        )
+    return study.best_trial, counts
+
+
 def run_search(cfg: Config) -> SearchResult:
     """Run (or resume) the study; write best params; log everything to MLflow."""
     sc = cfg.search
@@ -330,8 +368,6 @@ def run_search(cfg: Config) -> SearchResult:
     log.info(
         "study %s in %s: %d finished trial(s), target %d", name, sc.storage, before, sc.n_trials
     )
-    from transferops.tracking import setup_tracking
-
     mlflow = setup_tracking(cfg.tracking)
     data_hash = read_manifest(cfg.data.out)["data_hash"]
     source = read_source_manifest(cfg.source.out)
@@ -355,31 +391,9 @@ def run_search(cfg: Config) -> SearchResult:
                 "space": sc.space.model_dump_json(exclude_none=True),
             }
         )
-        cfg_json = cfg.model_dump(mode="json")
-        if sc.n_workers == 1:
-            _run_worker(cfg_json, name, parent.info.run_id, show=True)
-        else:
-            ctx = mp.get_context("spawn")
-            procs = [
-                ctx.Process(target=_run_worker, args=(cfg_json, name, parent.info.run_id, i == 0))
-                for i in range(sc.n_workers)
-            ]
-            for p in procs:
-                p.start()
-            for p in procs:
-                p.join()
-            bad = [p.exitcode for p in procs if p.exitcode != 0]
-            if bad:
-                log.warning("%d search worker(s) exited with codes %s", len(bad), bad)
+        _run_workers(cfg, name, parent.info.run_id)
         study = optuna.load_study(study_name=name, storage=storage)
-        trials = study.get_trials(deepcopy=False)
-        counts = {
-            s.name.lower(): sum(t.state == s for t in trials) for s in optuna.trial.TrialState
-        }
-        complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-        if not complete:
-            raise ConfigError(f"study {name}: no trial completed ({counts}); see the logs above")
-        best = study.best_trial
+        best, counts = _best_trial(study)
         best_params = suggest_to_overrides(best.params)
         mlflow.log_params({f"best.{k}": v for k, v in best_params.items()})
         mlflow.log_metrics(

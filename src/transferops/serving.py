@@ -10,7 +10,8 @@ and returns a DataFrame with ``label`` (class name), ``confidence`` (its probabi
 ``probabilities`` (one per class, in ``class_names`` order, which is in the model's
 metadata). The model folder inside the MLflow model is the same ``finetune.out`` folder
 `train` writes (safetensors weights + ``model.json``): nothing is pickled. transferops' code
-travels with the model (``code_paths``), so loading it does not need transferops installed.
+travels with the model (``code_paths``: the inference modules only, see
+:data:`transferops.register.SHIPPED_MODULES`), so loading it does not need transferops installed.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import mlflow.pyfunc
 import pandas as pd
 
 from transferops.errors import DataError
+from transferops.model_io import load_finetuned, pick_device
+from transferops.predict import predict_probs, raw_inputs
 
 INPUT_COLUMN = {"image": "image", "text": "text"}
 
@@ -31,8 +34,6 @@ class TransferopsModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context: Any) -> None:
         """Rebuild the network from the folder's safetensors weights."""
-        from transferops.finetune.train import load_finetuned, pick_device
-
         self.model_dir = Path(context.artifacts["model"])
         self.net, self.spec = load_finetuned(self.model_dir)
         self.device = pick_device("auto")
@@ -41,8 +42,6 @@ class TransferopsModel(mlflow.pyfunc.PythonModel):
     # logged with the model is the schema).
     def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
         """Labels and probabilities for raw images (bytes or paths) or texts -> DataFrame."""
-        from transferops.predict import predict_probs, raw_inputs
-
         items = _items(model_input, INPUT_COLUMN[self.spec["modality"]])
         probs = predict_probs(
             self.net, self.spec, raw_inputs(self.spec, self.model_dir, items), self.device

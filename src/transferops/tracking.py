@@ -49,3 +49,10 @@ def run_link(cfg: TrackingConfig, run_id: str) -> str:
     exp = mlflow.get_run(run_id).info.experiment_id
     base = cfg.uri.rstrip("/") if cfg.uri.startswith("http") else "http://127.0.0.1:5000"
     return f"{base}/#/experiments/{exp}/runs/{run_id}"
+
+
+def log_epoch(epoch: int, record: dict[str, float]) -> None:
+    """An engine ``on_epoch_end`` hook: the epoch's metrics into the active MLflow run."""
+    import mlflow
+
+    mlflow.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)

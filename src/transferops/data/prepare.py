@@ -10,7 +10,6 @@ input and params does nothing.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 from collections import Counter, defaultdict
@@ -20,7 +19,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from safetensors.torch import load_file, save_file
 
 from transferops.artifacts import (
@@ -34,6 +33,7 @@ from transferops.config import Config, DataConfig
 from transferops.data.demo import write_demo
 from transferops.data.readers import SPLITS, Example, RawDataset, Split, read_dataset
 from transferops.errors import DataError
+from transferops.model_io import decode_image
 from transferops.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -301,21 +301,6 @@ def _limit(train: list[Example], k: int) -> list[Example]:
             kept.append(e)
             seen[e.label] += 1
     return kept
-
-
-def decode_image(src: Path | str | bytes, size: int, resize: str) -> np.ndarray:
-    """One image file (a path or its encoded bytes) -> size x size x 3 uint8 RGB.
-
-    The one decoder: `prepare` uses it for the dataset, the registered model for raw inputs.
-    """
-    with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
-        im = ImageOps.exif_transpose(im)
-        im = im.convert("RGB")
-        if resize == "crop":
-            im = ImageOps.fit(im, (size, size), Image.Resampling.BILINEAR)
-        else:
-            im = im.resize((size, size), Image.Resampling.BILINEAR)
-        return np.asarray(im, dtype=np.uint8)
 
 
 def _decode_images(

@@ -1,4 +1,4 @@
-"""Block discovery: a source model as an ordered list of blocks (input -> output) + a new head.
+"""A source model as an ordered list of blocks (input -> output), a pool and a new head.
 
 Freezing, per-depth learning rates and the feature cache all read this one structure
 (``StagedNet.blocks``), so no other module needs to know an architecture. Each block is a
@@ -6,16 +6,8 @@ module ``forward(h, ctx)``; ``ctx`` carries what every block may need besides th
 state (the attention mask for text). Running ``blocks[a:b]`` continues exactly where
 ``blocks[:a]`` stopped, which is what makes the frozen-prefix feature cache exact.
 
-Families (DESIGN §4):
-
-| family | blocks |
-| --- | --- |
-| torchvision ResNet | stem (conv1, bn1, relu, maxpool), layer1..layer4 |
-| torchvision MobileNet / EfficientNet | features[0] .. features[n-1] |
-| torchvision ViT | embed (patchify + cls + pos), encoder layers, then ln + cls pool |
-| EfficientNet-Lite (timm-style) | stem, one block per resolution/width stage, head conv |
-| HF BERT-/ViT-like encoders | embeddings, encoder.layer.0 .. N-1 (mean / cls pool) |
-| anything else | `source.blocks`: module names applied in order, then global pool |
+The splitters at the bottom cut one architecture family each; which family uses which
+splitter is in the family table (:mod:`transferops.families`).
 """
 
 from __future__ import annotations
@@ -185,17 +177,25 @@ class StagedNet(nn.Module):
             h = b(h, ctx)
         return h
 
-    def forward_from(self, h: torch.Tensor, start: int, ctx: Any = None) -> torch.Tensor:
-        """Logits from the output of blocks[:start] (start == num_blocks + 1: pooled features)."""
-        if start <= self.num_blocks:
+    def encode(self, x: torch.Tensor, upto: int, ctx: Any = None) -> torch.Tensor:
+        """Output of blocks[:upto]; with every block (upto == num_blocks) the pooled features
+        the head reads, so a cache of a fully frozen backbone holds one vector per example."""
+        h = self.run_blocks(x, 0, upto, ctx)
+        return self.pool(h, ctx) if upto == self.num_blocks else h
+
+    def decode(self, h: torch.Tensor, start: int, ctx: Any = None) -> torch.Tensor:
+        """Logits from ``encode(x, start)``: the remaining blocks, the pool, the head."""
+        if start < self.num_blocks:
             h = self.pool(self.run_blocks(h, start, self.num_blocks, ctx), ctx)
         return self.head(h)
 
     def forward(self, x: torch.Tensor, ctx: Any = None) -> torch.Tensor:
-        return self.forward_from(x, 0, ctx)
+        return self.decode(x, 0, ctx)
 
 
-# ---------------------------------------------------------------- discovery
+# ---------------------------------------------------------------- splitters
+
+Split = tuple[list[tuple[str, nn.Module]], nn.Module, int]  # (named blocks, pool, feature dim)
 
 
 def _resolve(model: nn.Module, name: str) -> nn.Module:
@@ -208,90 +208,66 @@ def _resolve(model: nn.Module, name: str) -> nn.Module:
         ) from None
 
 
-def _feat_dim(blocks: list[tuple[str, nn.Module]], pool: nn.Module, probe: torch.Tensor) -> int:
+def feature_dim(blocks: list[tuple[str, nn.Module]], pool: nn.Module, image_size: int) -> int:
+    """Width of the pooled features, found by running a small probe image through."""
     with torch.no_grad():
-        h = probe
+        h = torch.zeros(2, 3, image_size, image_size)
         for _, b in blocks:
             b.eval()
             h = b(h, None)
         return int(pool(h, None).shape[-1])
 
 
-def discover(
-    model: nn.Module,
-    family: str,
-    image_size: int = 32,
-    user_blocks: list[list[str]] | None = None,
-) -> tuple[list[tuple[str, nn.Module]], nn.Module, int]:
-    """Blocks, pool and feature dim of a source model of the given family."""
-    if user_blocks:
-        blocks = [
-            (" + ".join(names), Seq(*[_resolve(model, n) for n in names])) for names in user_blocks
-        ]
-        pool: nn.Module = AvgPool()
-        dim = _feat_dim(blocks, pool, torch.zeros(2, 3, image_size, image_size))
-        return blocks, pool, dim
-    if family == "resnet":
-        m: Any = model
-        blocks = [("stem", Seq(m.conv1, m.bn1, m.relu, m.maxpool))]
-        blocks += [(f"layer{i}", Seq(getattr(m, f"layer{i}"))) for i in range(1, 5)]
-        return blocks, AvgPool(), int(m.fc.in_features)
-    if family == "tv_features":  # MobileNet v2/v3, EfficientNet v1/v2, ...
-        m = model
-        blocks = [(f"features.{i}", Seq(f)) for i, f in enumerate(m.features)]
-        pool = AvgPool()
-        return blocks, pool, _feat_dim(blocks, pool, torch.zeros(2, 3, image_size, image_size))
-    if family == "tv_vit":
-        m = model
-        blocks = [("embed", TVViTEmbed(m))]
-        blocks += [(f"encoder.layers.{i}", Wrap(layer)) for i, layer in enumerate(m.encoder.layers)]
-        return blocks, ClsPool(m.encoder.ln), int(m.hidden_dim)
-    if family == "efficientnet_lite":
-        return _efficientnet_lite(model)
-    if family == "hf_text":
-        m = model
-        layers = m.encoder.layer
-        blocks = [("embeddings", HFEmbed(m.embeddings))]
-        blocks += [
-            (f"encoder.layer.{i}", HFLayer(layer, m.config)) for i, layer in enumerate(layers)
-        ]
-        return blocks, MaskedMeanPool(), int(m.config.hidden_size)
-    raise SourceError(
-        f"no block discovery for architecture family {family!r}; supported: resnet, tv_features "
-        "(MobileNet/EfficientNet), tv_vit, efficientnet_lite, hf_text. For another model give "
-        "source.blocks: a list of blocks, each a list of module names applied in order."
-    )
+def split_user(model: nn.Module, user_blocks: list[list[str]], image_size: int) -> Split:
+    """`source.blocks`: each block a list of module names applied in order, then a global pool."""
+    blocks = [(" + ".join(ns), Seq(*[_resolve(model, n) for n in ns])) for ns in user_blocks]
+    return blocks, AvgPool(), feature_dim(blocks, AvgPool(), image_size)
 
 
-def _efficientnet_lite(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], nn.Module, int]:
-    m: Any = model
+def split_resnet(m: Any, image_size: int) -> Split:
+    """stem (conv1, bn1, relu, maxpool), layer1..layer4."""
+    blocks = [("stem", Seq(m.conv1, m.bn1, m.relu, m.maxpool))]
+    blocks += [(f"layer{i}", Seq(getattr(m, f"layer{i}"))) for i in range(1, 5)]
+    return blocks, AvgPool(), int(m.fc.in_features)
+
+
+def split_tv_features(m: Any, image_size: int) -> Split:
+    """features[0] .. features[n-1] (MobileNet v2/v3, EfficientNet v1/v2, MNASNet)."""
+    blocks = [(f"features.{i}", Seq(f)) for i, f in enumerate(m.features)]
+    return blocks, AvgPool(), feature_dim(blocks, AvgPool(), image_size)
+
+
+def split_tv_vit(m: Any, image_size: int) -> Split:
+    """embed (patchify + class token + position), encoder layers; final norm + class token."""
+    blocks = [("embed", TVViTEmbed(m))]
+    blocks += [(f"encoder.layers.{i}", Wrap(layer)) for i, layer in enumerate(m.encoder.layers)]
+    return blocks, ClsPool(m.encoder.ln), int(m.hidden_dim)
+
+
+def split_hf_text(m: Any, image_size: int) -> Split:
+    """embeddings, encoder.layer.0 .. N-1; mean over real tokens."""
+    blocks = [("embeddings", HFEmbed(m.embeddings))]
+    blocks += [
+        (f"encoder.layer.{i}", HFLayer(lyr, m.config)) for i, lyr in enumerate(m.encoder.layer)
+    ]
+    return blocks, MaskedMeanPool(), int(m.config.hidden_size)
+
+
+def split_efficientnet_lite(m: Any, image_size: int) -> Split:
+    """stem, one block per stage (consecutive MBConv blocks of one output width), head conv."""
     blocks: list[tuple[str, nn.Module]] = [("stem", EffLiteStem(m._conv_stem, m._bn0, m._swish))]
     n = len(m._blocks)
     base_rate = m._global_params.drop_connect_rate or 0.0
-    # One block per stage: consecutive MBConv blocks whose output width is the same.
-    groups: list[list[int]] = []
+    stages: list[list[int]] = []
     for i, b in enumerate(m._blocks):
         width = b._block_args.output_filters
-        if groups and m._blocks[groups[-1][0]]._block_args.output_filters == width:
-            groups[-1].append(i)
+        if stages and m._blocks[stages[-1][0]]._block_args.output_filters == width:
+            stages[-1].append(i)
         else:
-            groups.append([i])
-    for g in groups:
-        name = f"_blocks.{g[0]}-{g[-1]}" if len(g) > 1 else f"_blocks.{g[0]}"
-        rates = [base_rate * i / n for i in g]
-        blocks.append((name, EffLiteStage([m._blocks[i] for i in g], rates)))
+            stages.append([i])
+    for st in stages:
+        name = f"_blocks.{st[0]}-{st[-1]}" if len(st) > 1 else f"_blocks.{st[0]}"
+        rates = [base_rate * i / n for i in st]
+        blocks.append((name, EffLiteStage([m._blocks[i] for i in st], rates)))
     blocks.append(("head", EffLiteStem(m._conv_head, m._bn1, m._swish)))
     return blocks, AvgPool(), int(m._fc.in_features)
-
-
-def build_staged(
-    model: nn.Module,
-    family: str,
-    num_classes: int,
-    dropout: float = 0.0,
-    image_size: int = 32,
-    user_blocks: list[list[str]] | None = None,
-) -> StagedNet:
-    """Wrap a source model as a StagedNet with a fresh head for `num_classes`."""
-    blocks, pool, dim = discover(model, family, image_size, user_blocks)
-    return StagedNet(blocks, pool, dim, num_classes, dropout)

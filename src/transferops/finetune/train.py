@@ -1,62 +1,30 @@
-"""`transferops train`: config -> fine-tuned model folder, and reloading that folder.
+"""`transferops train`: config -> fine-tuned model folder.
 
-``train_from_config`` is what the CLI, DVC and (later) Prefect call. It validates the
-configuration against the prepared data and the pulled source *before* any training, reads
-only the train and val splits, and writes ``finetune.out/``:
-
-- ``model.safetensors``: the fine-tuned StagedNet weights,
-- ``model.json``: everything needed to rebuild and run it (source manifest, classes, input
-  spec, params, data hash, val metrics),
-- ``history.json``: per-epoch metrics; and ``finetune.metrics`` (JSON) for DVC.
+``train_from_config`` is what the CLI, DVC and Prefect call. It validates the configuration
+against the prepared data and the pulled source *before* any training, reads only the train
+and val splits, and writes ``finetune.out/`` (a model folder, see :mod:`transferops.model_io`)
+and ``finetune.metrics`` (JSON) for DVC.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
-from torch import nn
 
-from transferops.artifacts import (
-    atomic_dir,
-    read_json,
-    save_weights,
-    sha256_json,
-    write_json_atomic,
-)
+from transferops.artifacts import sha256_json, write_json_atomic
 from transferops.config import Config, FinetuneConfig, check_depth
-from transferops.data.prepare import PreparedData, load_prepared, read_manifest
+from transferops.data.prepare import load_prepared, read_manifest
 from transferops.errors import ConfigError
-from transferops.finetune.blocks import StagedNet, build_staged
-from transferops.finetune.engine import EpochHook, Inputs, Preprocess, TrainResult, finetune
-from transferops.sources import HF_DIR, SourceModel, build_architecture, load_source, random_init
+from transferops.families import build_staged
+from transferops.finetune.blocks import StagedNet
+from transferops.finetune.engine import EpochHook, TrainResult, finetune
+from transferops.model_io import make_inputs, make_preprocess, pick_device, save_model_folder
+from transferops.sources import SourceModel, load_source, random_init
 
 log = logging.getLogger(__name__)
-
-__all__ = [
-    "TrainResult",
-    "build_net",
-    "load_finetuned",
-    "make_inputs",
-    "pick_device",
-    "rebuild_finetuned",
-    "tokenize",
-    "train_from_config",
-    "train_model",
-]
-
-
-def pick_device(choice: str) -> torch.device:
-    """cuda when asked for or available (auto), else cpu."""
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("finetune.device: cuda requested but no CUDA device is available")
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(choice)
 
 
 def build_net(
@@ -72,44 +40,6 @@ def build_net(
         image_size=image_size,
         user_blocks=source.manifest.get("user_blocks"),
     )
-
-
-def make_preprocess(
-    manifest: dict[str, Any], cfg: FinetuneConfig, device: torch.device, modality: str
-) -> Preprocess:
-    """Normalisation from the source manifest; augmentation from params."""
-    inp = manifest["input"]
-    return Preprocess(
-        modality=modality,
-        mean=tuple(inp.get("mean", (0.5, 0.5, 0.5))),
-        std=tuple(inp.get("std", (0.5, 0.5, 0.5))),
-        augment=cfg.augment,
-        channels_last=device.type == "cuda"
-        and modality == "image"
-        and manifest["family"] not in ("tv_vit", "hf_text"),
-    )
-
-
-def tokenize(
-    texts: list[str], model_dir: Path, manifest: dict[str, Any], max_length: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and attention mask with the tokenizer saved beside the weights."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(Path(model_dir) / manifest["input"]["tokenizer"])
-    enc = tok(texts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
-    return enc["input_ids"], enc["attention_mask"]
-
-
-def make_inputs(
-    data: PreparedData, source_dir: Path, manifest: dict[str, Any], max_length: int
-) -> Inputs:
-    """Tensors for one split; texts are tokenised once with the source's tokenizer."""
-    if data.modality == "image":
-        assert data.images is not None
-        return Inputs(data.images, data.labels)
-    ids, mask = tokenize(data.texts or [], source_dir, manifest, max_length)
-    return Inputs(ids, data.labels, mask)
 
 
 def _check_compatible(modality: str, manifest: dict[str, Any]) -> None:
@@ -145,7 +75,7 @@ def train_model(
     train = load_prepared(cfg.data.out, "train")
     val = load_prepared(cfg.data.out, "val")
     net = build_net(source, len(train.class_names), cfg.finetune, image_size or 32)
-    pre = make_preprocess(source.manifest, cfg.finetune, device, train.modality)
+    pre = make_preprocess(source.manifest, device, train.modality, cfg.finetune.augment)
     spec = {
         "format_version": 1,
         "source": source.manifest,
@@ -187,17 +117,8 @@ def train_model(
 
 
 def save_finetuned(res: TrainResult, spec: dict[str, Any], out: Path, source_dir: Path) -> None:
-    """Write the model folder atomically (weights, spec, history, tokenizer for text)."""
-    with atomic_dir(out) as tmp:
-        save_weights(res.net, tmp / "model.safetensors")
-        write_json_atomic(tmp / "model.json", spec)
-        write_json_atomic(tmp / "history.json", res.history)
-        if spec["modality"] == "text":  # config + tokenizer (not weights) to rebuild offline
-            shutil.copytree(
-                source_dir / HF_DIR,
-                tmp / HF_DIR,
-                ignore=shutil.ignore_patterns("*.safetensors", "*.bin"),
-            )
+    """Write a trained model's folder (weights, spec, history) atomically."""
+    save_model_folder(res.net, spec, res.history, out, source_dir)
 
 
 def train_from_config(
@@ -222,36 +143,3 @@ def train_from_config(
     )
     log.info("fine-tuned model written to %s (val accuracy %.4f)", fc.out, res.best_val_accuracy)
     return res
-
-
-def rebuild_finetuned(path: Path | str) -> tuple[nn.Module, StagedNet, dict[str, Any]]:
-    """The source architecture, the StagedNet around it and the spec of a model folder.
-
-    The fine-tuned weights are loaded into the StagedNet, whose blocks are the architecture's
-    own modules, so the architecture then holds the fine-tuned backbone (its original
-    classifier, which the StagedNet replaced, keeps its initialisation).
-    """
-    path = Path(path)
-    spec = read_json(path / "model.json")
-    src = spec["source"]
-    if src["kind"] == "hf":
-        from transformers import AutoConfig, AutoModel
-
-        model = AutoModel.from_config(AutoConfig.from_pretrained(path / HF_DIR))
-    else:
-        model, _ = build_architecture(src["kind"], src["name"], spec.get("image_size"))
-    net = build_staged(
-        model,
-        src["family"],
-        len(spec["class_names"]),
-        image_size=spec.get("image_size") or 32,
-        user_blocks=src.get("user_blocks"),
-    )
-    net.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
-    return model, net, spec
-
-
-def load_finetuned(path: Path | str) -> tuple[StagedNet, dict[str, Any]]:
-    """Rebuild a fine-tuned model from its folder (no source download needed)."""
-    _, net, spec = rebuild_finetuned(path)
-    return net.eval(), spec

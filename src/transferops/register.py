@@ -1,36 +1,34 @@
-"""MLflow model registry: `register` a fine-tuned model with its lineage, `promote` it.
+"""`transferops register`: a fine-tuned, evaluated model becomes an MLflow model version.
 
 ``register`` logs ``finetune.out`` as an MLflow pyfunc model (:mod:`transferops.serving`:
 raw images or texts in, labels out; signature and input example included), creates a version
-of ``registry.model_name`` tagged with its lineage, logs a model card, and points the alias
-``challenger`` at it. The same model (same weights' sha256) registered again returns the
-existing version: no second version.
+of ``registry.model_name`` tagged with its lineage (:func:`lineage_tags`), logs a model card,
+and points the alias ``challenger`` at it. The same model (same weights' sha256) registered
+again returns the existing version: no second version. Moving ``champion`` is
+:mod:`transferops.promotion`'s job.
 
-``promote`` moves the alias ``champion`` to the challenger only when both gates pass:
-
-1. baseline gate: the evaluation says transfer beats the from-scratch baseline
-   (``registry.baseline_gate``: ``significant`` = the verdict's interval is above 0;
-   ``mean`` = the model's test metric is above the scratch mean);
-2. champion gate: the challenger's test ``registry.metric`` beats the champion's by more
-   than 0 and at least ``registry.min_improvement``, on the same test split. A champion
-   registered on other data is re-scored on the current test split first.
-
-Otherwise nothing changes and the decision says why. The first model passes gate 2.
+The registered model carries only inference code (:data:`SHIPPED_MODULES`, from
+:mod:`transferops.model_io` down) and pins only what that code imports.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import shutil
 import subprocess
-from dataclasses import dataclass, field
+import tempfile
+from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 from transferops.artifacts import read_json, sha256_file, write_json_atomic
 from transferops.config import Config, FinetuneConfig
-from transferops.data.prepare import read_manifest
+from transferops.data.prepare import load_prepared, read_manifest
 from transferops.errors import RegistryError
+from transferops.families import family
 from transferops.tracking import setup_tracking
 
 log = logging.getLogger(__name__)
@@ -50,30 +48,6 @@ class RegisterResult:
     created: bool
     run_id: str
     tags: dict[str, str]
-
-
-@dataclass
-class Decision:
-    """What `promote` decided, and why."""
-
-    promote: bool
-    name: str
-    challenger: str | None
-    champion: str | None
-    reasons: list[str] = field(default_factory=list)
-    challenger_metric: float | None = None
-    champion_metric: float | None = None
-    applied: bool = False
-
-    def summary(self) -> str:
-        """One line for humans."""
-        head = (
-            f"promote {self.name} v{self.challenger} to {CHAMPION}"
-            if self.promote
-            else f"keep {self.name} {CHAMPION} "
-            + (f"v{self.champion}" if self.champion else "(none)")
-        )
-        return f"{head}: " + "; ".join(self.reasons)
 
 
 # ------------------------------------------------------------------- lineage
@@ -136,6 +110,7 @@ def lineage_tags(
     """Tags every registered version carries (values are strings, as MLflow stores them)."""
     commit, dirty = git_commit()
     ft = metrics["finetuned"]
+    gain = metrics["transfer_minus_scratch"]["accuracy"]
     models = metrics["models"]
     tags: dict[str, Any] = {
         "data_hash": spec["data_hash"],
@@ -150,7 +125,10 @@ def lineage_tags(
         "test_size": metrics["test_size"],
         "verdict": metrics["verdict"],
         "transfer_beats_scratch": metrics["transfer_beats_scratch"],
-        "transfer_minus_scratch": metrics["transfer_minus_scratch"]["accuracy"]["mean"],
+        "transfer_minus_scratch": gain["mean"],
+        # the interval the promotion gate reads (None with a single seed: no interval)
+        "transfer_minus_scratch_ci_low": gain["ci_low"],
+        "transfer_minus_scratch_ci_high": gain["ci_high"],
     }
     for m in METRICS:
         tags[f"test_{m}"] = ft[m]
@@ -259,13 +237,9 @@ def model_card(name: str, version: str, tags: dict[str, str], spec: dict, metric
 
 
 def _signature_and_example(spec: dict, model_dir: Path, cfg: Config) -> tuple[Any, Any]:
-    import io
-
     import pandas as pd
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
-
-    from transferops.data.prepare import load_prepared
 
     outputs = Schema([ColSpec("string", "label"), ColSpec("double", "confidence")])
     train = load_prepared(cfg.data.out, "train")  # an example input, never the test split
@@ -284,23 +258,43 @@ def _signature_and_example(spec: dict, model_dir: Path, cfg: Config) -> tuple[An
     return ModelSignature(Schema([ColSpec("binary", "image")]), outputs), example
 
 
-def _requirements(spec: dict[str, Any]) -> list[str]:
+# The inference code a registered model carries: model_io and what it imports, never the
+# trainer. A test checks the set is closed under imports and loads the model without
+# transferops installed.
+SHIPPED_MODULES = (
+    "_pyfunc_entry.py",
+    "serving.py",
+    "predict.py",
+    "model_io.py",
+    "families.py",
+    "finetune/blocks.py",
+    "artifacts.py",
+    "errors.py",
+)
+# What those modules import (transformers / the architecture's package come from the family).
+INFERENCE_REQUIREMENTS = ("torch", "mlflow", "pandas", "numpy", "pillow", "safetensors")
+
+
+def shipped_code(dst: Path) -> Path:
+    """A ``transferops`` package in `dst` holding only :data:`SHIPPED_MODULES`."""
+    src, pkg = Path(__file__).parent, dst / "transferops"
+    for rel in SHIPPED_MODULES:
+        (pkg / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src / rel, pkg / rel)
+    for folder in {(pkg / rel).parent for rel in SHIPPED_MODULES}:
+        (folder / "__init__.py").write_text(
+            '"""transferops inference code (a registered model)."""\n'
+        )
+    return pkg
+
+
+def requirements(spec: dict[str, Any]) -> list[str]:
     """Pinned pip requirements of the pyfunc (explicit: skips MLflow's slow inference).
 
-    transferops itself is not among them: its code ships inside the model (``code_paths``),
-    so the model loads where transferops is not installed.
+    transferops itself is not among them: its inference code ships inside the model
+    (``code_paths``), so the model loads where transferops is not installed.
     """
-    from importlib.metadata import version
-
-    pkgs = ["torch", "mlflow", "pandas", "numpy", "pillow", "safetensors", "pydantic"]
-    pkgs += ["pyyaml", "rich"]  # imported by the shipped transferops modules
-    family = spec["source"]["family"]
-    if spec["modality"] == "text":
-        pkgs.append("transformers")
-    elif family == "efficientnet_lite":
-        pkgs.append("efficientnet-lite-pytorch")
-    else:
-        pkgs.append("torchvision")
+    pkgs = [*INFERENCE_REQUIREMENTS, family(spec["source"]["family"]).requirement]
     return [f"{p}=={version(p)}" for p in pkgs]
 
 
@@ -327,9 +321,6 @@ def register(cfg: Config) -> RegisterResult:
         _write_receipt(cfg, res)
         return res
 
-    import transferops
-    from transferops import _pyfunc_entry
-
     tags = lineage_tags(cfg, spec, metrics, search, model_sha)
     signature, example = _signature_and_example(spec, model_dir, cfg)
     if not client.search_registered_models(f"name='{name}'"):
@@ -337,17 +328,21 @@ def register(cfg: Config) -> RegisterResult:
             name, description="Fine-tuned by transferops; see each version's model card."
         )
     run_tags = {"role": "registered-model", **{k: tags[k] for k in ("data_hash", "model_sha256")}}
-    with mlflow.start_run(run_name=f"register-{name}", tags=run_tags) as run:
+    with (
+        mlflow.start_run(run_name=f"register-{name}", tags=run_tags) as run,
+        tempfile.TemporaryDirectory(prefix="transferops-code-") as code,
+    ):
         mlflow.log_params(trained_params(spec))
         mlflow.log_metrics({f"test_{m}": metrics["finetuned"][m] for m in METRICS})
+        pkg = shipped_code(Path(code))
         info = mlflow.pyfunc.log_model(
             name=MODEL_ARTIFACT,
-            python_model=_pyfunc_entry.__file__,  # models from code: nothing pickled
+            python_model=str(pkg / "_pyfunc_entry.py"),  # models from code: nothing pickled
             artifacts={"model": str(model_dir)},
             signature=signature,
             input_example=example,
-            pip_requirements=_requirements(spec),
-            code_paths=[str(Path(transferops.__file__).parent)],
+            pip_requirements=requirements(spec),
+            code_paths=[str(pkg)],
             metadata={"class_names": spec["class_names"], "modality": spec["modality"]},
         )
         mv = client.create_model_version(
@@ -377,149 +372,3 @@ def _write_receipt(cfg: Config, res: RegisterResult) -> None:
             "tracking_uri": cfg.tracking.uri,
         },
     )
-
-
-# ------------------------------------------------------------------- promote
-
-
-def _alias(client: Any, name: str, alias: str) -> Any | None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
-
-
-def download_model_folder(
-    name: str, version: str | int, dst: Path | str, registry_uri: str | None = None
-) -> Path | None:
-    """Download a registered version into `dst`; the transferops model folder inside it
-    (the pyfunc's ``model`` artifact, see :func:`register`), or None if it has none.
-
-    `registry_uri` None: the registry MLflow is set up for (:func:`setup_tracking`).
-    """
-    import mlflow
-    import yaml
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=registry_uri, registry_uri=registry_uri)
-    where = client.get_model_version_download_uri(name, str(version))
-    local = Path(
-        mlflow.artifacts.download_artifacts(
-            artifact_uri=where, dst_path=str(dst), tracking_uri=registry_uri
-        )
-    )
-    if not (local / "MLmodel").exists():
-        return None
-    flavors = yaml.safe_load((local / "MLmodel").read_text()).get("flavors", {})
-    rel = flavors.get("python_function", {}).get("artifacts", {}).get("model", {}).get("path")
-    folder = local / rel if rel else None
-    return folder if folder is not None and (folder / "model.json").exists() else None
-
-
-def _champion_metric(
-    cfg: Config, champion: Any, challenger: Any, metric: str
-) -> tuple[float | None, str]:
-    """The champion's test metric on the challenger's test split, and how it was obtained."""
-    if champion.tags.get("data_hash") == challenger.tags.get("data_hash"):
-        return float(champion.tags[f"test_{metric}"]), "on the same test split"
-    # Other data: score the champion on the current test split (the challenger's).
-    current = read_manifest(cfg.data.out)["data_hash"]
-    if current != challenger.tags.get("data_hash"):
-        raise RegistryError(
-            f"{cfg.data.out} (data {current[:12]}) is neither the challenger's data nor the "
-            "champion's: run the pipeline on the current data before promoting"
-        )
-    if json.loads(champion.tags.get("classes", "[]")) != json.loads(challenger.tags["classes"]):
-        return None, "champion was trained on other classes and cannot be scored on this split"
-    import tempfile
-
-    from transferops.evaluate import score_model_dir
-
-    with tempfile.TemporaryDirectory(prefix="transferops-champion-") as dl:
-        folder = download_model_folder(champion.name, champion.version, dl)
-        if folder is None:
-            raise RegistryError(
-                f"{champion.name} v{champion.version} (the champion) holds no transferops model "
-                "folder, so it cannot be re-scored on the new test split: move the alias by hand"
-            )
-        scored = score_model_dir(folder, cfg)
-    return scored[metric], f"re-scored on the new test split (data {current[:12]})"
-
-
-def decide(cfg: Config) -> Decision:
-    """The promotion decision for the current challenger (changes nothing)."""
-    from mlflow import MlflowClient
-
-    rc = cfg.registry
-    setup_tracking(cfg.tracking)
-    client = MlflowClient()
-    name, metric = rc.model_name, rc.metric
-    challenger = _alias(client, name, CHALLENGER)
-    if challenger is None:
-        raise RegistryError(
-            f"{name} has no @{CHALLENGER} version: run `transferops register` first"
-        )
-    champion = _alias(client, name, CHAMPION)
-    d = Decision(
-        False,
-        name,
-        str(challenger.version),
-        str(champion.version) if champion else None,
-        challenger_metric=float(challenger.tags[f"test_{metric}"]),
-    )
-    if champion is not None and champion.version == challenger.version:
-        d.reasons.append(f"v{challenger.version} is already the {CHAMPION}")
-        return d
-    # Gate 1: the from-scratch baseline.
-    if rc.baseline_gate == "significant":
-        beats = challenger.tags.get("transfer_beats_scratch") == "true"
-        d.reasons.append(
-            ("passes" if beats else "fails")
-            + f" the baseline gate ({challenger.tags.get('verdict')})"
-        )
-    else:
-        scratch = float(challenger.tags.get(f"scratch_{metric}", "nan"))
-        beats = d.challenger_metric > scratch
-        d.reasons.append(
-            ("passes" if beats else "fails")
-            + f" the baseline gate (test {metric} {d.challenger_metric:.4f} vs scratch mean "
-            f"{scratch:.4f})"
-        )
-    # Gate 2: the current champion.
-    if champion is None:
-        d.reasons.append("no champion yet (first model)")
-        d.promote = beats
-        return d
-    d.champion_metric, how = _champion_metric(cfg, champion, challenger, metric)
-    if d.champion_metric is None:
-        d.reasons.append(f"v{champion.version}: {how}; the challenger replaces it")
-        d.promote = beats
-        return d
-    gain = d.challenger_metric - d.champion_metric
-    wins = gain > 0 and gain >= rc.min_improvement
-    d.reasons.append(
-        ("beats" if wins else "does not beat")
-        + f" {CHAMPION} v{champion.version}: test {metric} {d.challenger_metric:.4f} vs "
-        f"{d.champion_metric:.4f} ({how}; gain {gain:+.4f}, needed > 0 and >= "
-        f"{rc.min_improvement})"
-    )
-    d.promote = beats and wins
-    return d
-
-
-def promote(cfg: Config, dry_run: bool = False) -> Decision:
-    """Move `champion` to the challenger if both gates pass; `dry_run` only decides."""
-    from mlflow import MlflowClient
-
-    d = decide(cfg)
-    if d.promote and not dry_run:
-        client = MlflowClient()
-        assert d.challenger is not None
-        client.set_registered_model_alias(d.name, CHAMPION, d.challenger)
-        if d.champion is not None:
-            client.set_model_version_tag(d.name, d.challenger, "replaced_champion", d.champion)
-        d.applied = True
-    log.info("%s%s", "(dry run) " if dry_run else "", d.summary())
-    return d

@@ -1,0 +1,97 @@
+"""Resume: where a fine-tune is, saved atomically after every epoch and loaded on a rerun.
+
+A checkpoint resumes only a run with the same fingerprint (data, source, trajectory params),
+and restores the global RNG, so the resumed run ends bit-exactly where an uninterrupted one
+would.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from transferops.finetune.blocks import StagedNet
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunState:
+    """Progress of a fine-tune besides the live weights: what a checkpoint holds."""
+
+    best_state: dict[str, torch.Tensor]
+    history: list[dict[str, float]] = field(default_factory=list)
+    best: tuple[float, float] = (-1.0, -math.inf)  # (val accuracy, -val loss) of best_state
+    stage: int = 0  # the stage to run next ...
+    next_epoch: int = 0  # ... from this epoch
+    stage_done: bool = False  # ... unless it already finished (early stop or last epoch)
+
+    @classmethod
+    def fresh(cls, net: StagedNet) -> RunState:
+        """Nothing trained yet: the best weights so far are the initial ones."""
+        return cls(best_state=copy.deepcopy(net.state_dict()))
+
+    def improve(self, net: StagedNet, val_accuracy: float, val_loss: float) -> None:
+        """Keep the weights if this is the best validation so far (accuracy, then loss)."""
+        if (val_accuracy, -val_loss) > self.best:
+            self.best = (val_accuracy, -val_loss)
+            self.best_state = copy.deepcopy(net.state_dict())
+
+
+def save_checkpoint(
+    path: Path, fingerprint: str, net: StagedNet, opt: torch.optim.Optimizer, state: RunState
+) -> None:
+    """Write the checkpoint via a temp file + rename (a kill never leaves half a file)."""
+    ck = {
+        "fingerprint": fingerprint,
+        "stage": state.stage,
+        "next_epoch": state.next_epoch,
+        "stage_done": state.stage_done,
+        "net": net.state_dict(),
+        "opt": opt.state_dict(),
+        "best_state": state.best_state,
+        "best_acc": state.best[0],
+        "best_neg_loss": state.best[1],
+        "history": state.history,
+        "rng": torch.get_rng_state(),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(ck, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The checkpoint at `path` if it belongs to this run configuration, else None."""
+    if not path.exists():
+        return None
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        log.warning("ignoring unreadable checkpoint %s (%s)", path, exc)
+        return None
+    if ck.get("fingerprint") != fingerprint:
+        log.info("checkpoint %s is for another run configuration: starting fresh", path)
+        return None
+    return ck
+
+
+def restore(net: StagedNet, ck: dict[str, Any]) -> RunState:
+    """Load a checkpoint's weights and global RNG into the run; its progress as a RunState."""
+    net.load_state_dict(ck["net"])
+    torch.set_rng_state(ck["rng"])
+    return RunState(
+        best_state=ck["best_state"],
+        history=list(ck["history"]),
+        best=(ck["best_acc"], ck["best_neg_loss"]),
+        stage=ck["stage"],
+        next_epoch=ck["next_epoch"],
+        stage_done=ck["stage_done"],
+    )

@@ -1,0 +1,82 @@
+"""Finding and fetching a model that `transferops register` put in an MLflow registry.
+
+Shared by the ``mlflow`` source kind (a registered model as the source of a new fine-tune)
+and promotion (re-scoring the champion on a new test split): one way to resolve
+``models:/<name>@<alias>`` or ``/<version>``, one way to download its model folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from transferops.config import registered_model_uri
+from transferops.errors import SourceError
+
+
+def registered_version(uri: str, registry_uri: str) -> dict[str, Any]:
+    """Resolve ``models:/<name>@<alias>`` or ``models:/<name>/<version>`` in a registry."""
+    parsed = registered_model_uri(uri)
+    if parsed is None:
+        raise SourceError(
+            f"source.name: {uri!r} is not models:/<name>@<alias> or models:/<name>/<version>"
+        )
+    name, alias, version = parsed
+    if registry_uri.startswith("sqlite:///"):
+        db = Path(registry_uri.removeprefix("sqlite:///"))
+        if not db.exists():  # MLflow would silently create an empty registry there
+            raise SourceError(
+                f"source.name: {uri} cannot be looked up: the registry {registry_uri} does not "
+                "exist; set source.registry_uri (or tracking.uri) to the MLflow registry that "
+                "holds it"
+            )
+    from mlflow import MlflowClient  # MLflow costs seconds to import: only when used
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=registry_uri, registry_uri=registry_uri)
+    try:
+        if alias is not None:
+            mv = client.get_model_version_by_alias(name, alias)
+        else:
+            mv = client.get_model_version(name, str(version))
+    except MlflowException as exc:
+        known = sorted(m.name for m in client.search_registered_models(max_results=50))
+        raise SourceError(
+            f"source.name: {uri} is not in the registry {registry_uri} "
+            f"({str(exc.message).splitlines()[0]}). Registered models there: "
+            f"{', '.join(known) or 'none'}; register one with `transferops register`"
+        ) from None
+    return {
+        "uri": uri,
+        "model": name,
+        "alias": alias,
+        "version": int(mv.version),
+        "run_id": mv.run_id,
+        "model_sha256": mv.tags.get("model_sha256"),
+        "registry_uri": registry_uri,
+    }
+
+
+def download_model_folder(
+    name: str, version: str | int, dst: Path | str, registry_uri: str | None = None
+) -> Path | None:
+    """Download a registered version into `dst`; the transferops model folder inside it
+    (the pyfunc's ``model`` artifact, see :mod:`transferops.register`), or None if it has
+    none. `registry_uri` None: the registry MLflow is set up for."""
+    import mlflow
+    import yaml
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=registry_uri, registry_uri=registry_uri)
+    where = client.get_model_version_download_uri(name, str(version))
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=where, dst_path=str(dst), tracking_uri=registry_uri
+        )
+    )
+    if not (local / "MLmodel").exists():
+        return None
+    flavors = yaml.safe_load((local / "MLmodel").read_text()).get("flavors", {})
+    rel = flavors.get("python_function", {}).get("artifacts", {}).get("model", {}).get("path")
+    folder = local / rel if rel else None
+    return folder if folder is not None and (folder / "model.json").exists() else None

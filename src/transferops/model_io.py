@@ -1,0 +1,219 @@
+"""A fine-tuned model folder in and out, and the inputs it takes (no training code here).
+
+What predict, serving, evaluate and the source pulls import (Made-With-ML's ``predict.py``
+is the model): the registered MLflow model ships this module and what it imports, never the
+trainer. A model folder (``finetune.out`` or a baseline run) holds
+
+- ``model.safetensors``: the StagedNet weights (nothing is pickled),
+- ``model.json``: everything needed to rebuild and feed it (source manifest, classes, image
+  size and resize, tokenizer, params, data hash, val metrics),
+- ``history.json``: per-epoch metrics; and ``hf/`` (config + tokenizer) for text models.
+
+Inputs: the one image decoder (``prepare`` and the served model both use it), the input
+normalisation of the source (with augmentation, on the training device), and tokenising.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from safetensors.torch import load_file
+from torch import nn
+
+from transferops.artifacts import atomic_dir, read_json, save_weights, write_json_atomic
+from transferops.errors import ConfigError
+from transferops.families import build_architecture, build_staged, family
+from transferops.finetune.blocks import StagedNet
+
+HF_DIR = "hf"  # a text model's config + tokenizer, in source and model folders alike
+
+
+# ------------------------------------------------------------------- inputs
+
+
+@dataclass
+class Inputs:
+    """One split as tensors: images uint8 [N,3,H,W] or token ids [N,L] (+ mask), labels [N]."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    ctx: torch.Tensor | None = None  # attention mask for text
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def to(self, device: torch.device) -> Inputs:
+        ctx = self.ctx.to(device) if self.ctx is not None else None
+        return Inputs(self.x.to(device), self.y.to(device), ctx)
+
+    def batch(self, idx: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(x, ctx) of the examples at `idx`."""
+        return self.x[idx], self.ctx[idx] if self.ctx is not None else None
+
+
+def decode_image(src: Path | str | bytes, size: int, resize: str) -> np.ndarray:
+    """One image file (a path or its encoded bytes) -> size x size x 3 uint8 RGB.
+
+    The one decoder: `prepare` uses it for the dataset, the registered model for raw inputs.
+    """
+    with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
+        im = ImageOps.exif_transpose(im)
+        im = im.convert("RGB")
+        if resize == "crop":
+            im = ImageOps.fit(im, (size, size), Image.Resampling.BILINEAR)
+        else:
+            im = im.resize((size, size), Image.Resampling.BILINEAR)
+        return np.asarray(im, dtype=np.uint8)
+
+
+@dataclass
+class Preprocess:
+    """uint8 images -> normalised float on the training device, with optional augmentation."""
+
+    modality: str
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    augment: str = "none"
+    channels_last: bool = False
+
+    def __call__(self, x: torch.Tensor, train: bool, gen: torch.Generator | None) -> torch.Tensor:
+        if self.modality != "image":
+            return x
+        x = x.float().div_(255.0)
+        if train and self.augment == "flip_crop":
+            x = flip_crop(x, gen)
+        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+        x = (x - mean) / std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+def flip_crop(x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+    """Random horizontal flip + random crop with 1/8 padding, vectorised on the device."""
+    n, c, h, w = x.shape
+    dev = x.device
+    # Random numbers come from `gen` on the CPU, so a run is the same on any device.
+    flip = torch.rand(n, generator=gen, device="cpu").to(dev) < 0.5
+    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+    pad = max(1, h // 8)
+    xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(dev)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(dev)
+    iy = (torch.arange(h, device=dev).view(1, h) + dy.view(n, 1)).view(n, 1, h, 1)
+    ix = (torch.arange(w, device=dev).view(1, w) + dx.view(n, 1)).view(n, 1, 1, w)
+    rows = torch.arange(n, device=dev).view(n, 1, 1, 1)
+    return xp[rows, torch.arange(c, device=dev).view(1, c, 1, 1), iy, ix]
+
+
+def make_preprocess(
+    manifest: dict[str, Any], device: torch.device, modality: str, augment: str = "none"
+) -> Preprocess:
+    """The source's input normalisation (from its manifest), channels_last where it pays."""
+    inp = manifest["input"]
+    return Preprocess(
+        modality=modality,
+        mean=tuple(inp.get("mean", (0.5, 0.5, 0.5))),
+        std=tuple(inp.get("std", (0.5, 0.5, 0.5))),
+        augment=augment,
+        channels_last=device.type == "cuda"
+        and modality == "image"
+        and family(manifest["family"]).channels_last,
+    )
+
+
+def tokenize(
+    texts: list[str], model_dir: Path, manifest: dict[str, Any], max_length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask with the tokenizer saved beside the weights."""
+    from transformers import AutoTokenizer  # text models only: image serving never needs it
+
+    tok = AutoTokenizer.from_pretrained(Path(model_dir) / manifest["input"]["tokenizer"])
+    enc = tok(texts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+class Split(Protocol):
+    """A prepared split as :func:`make_inputs` reads it (``data.prepare.PreparedData``)."""
+
+    modality: str
+    images: torch.Tensor | None
+    texts: list[str] | None
+    labels: torch.Tensor
+
+
+def make_inputs(data: Split, source_dir: Path, manifest: dict[str, Any], max_length: int) -> Inputs:
+    """Tensors for one prepared split; texts are tokenised with the source's tokenizer."""
+    if data.modality == "image":
+        assert data.images is not None
+        return Inputs(data.images, data.labels)
+    ids, mask = tokenize(data.texts or [], source_dir, manifest, max_length)
+    return Inputs(ids, data.labels, mask)
+
+
+def pick_device(choice: str) -> torch.device:
+    """cuda when asked for or available (auto), else cpu."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("finetune.device: cuda requested but no CUDA device is available")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+# ------------------------------------------------------------- model folders
+
+
+def save_model_folder(
+    net: nn.Module, spec: dict[str, Any], history: list[dict], out: Path, source_dir: Path
+) -> None:
+    """Write a model folder atomically (weights, spec, history, tokenizer for text)."""
+    with atomic_dir(out) as tmp:
+        save_weights(net, tmp / "model.safetensors")
+        write_json_atomic(tmp / "model.json", spec)
+        write_json_atomic(tmp / "history.json", history)
+        if spec["modality"] == "text":  # config + tokenizer (not weights) to rebuild offline
+            shutil.copytree(
+                source_dir / HF_DIR,
+                tmp / HF_DIR,
+                ignore=shutil.ignore_patterns("*.safetensors", "*.bin"),
+            )
+
+
+def rebuild_finetuned(path: Path | str) -> tuple[nn.Module, StagedNet, dict[str, Any]]:
+    """The source architecture, the StagedNet around it and the spec of a model folder.
+
+    The fine-tuned weights are loaded into the StagedNet, whose blocks are the architecture's
+    own modules, so the architecture then holds the fine-tuned backbone (its original
+    classifier, which the StagedNet replaced, keeps its initialisation).
+    """
+    path = Path(path)
+    spec = read_json(path / "model.json")
+    src = spec["source"]
+    if src["kind"] == "hf":
+        from transformers import AutoConfig, AutoModel
+
+        model = AutoModel.from_config(AutoConfig.from_pretrained(path / HF_DIR))
+    else:
+        model, _ = build_architecture(src["kind"], src["name"], spec.get("image_size"))
+    net = build_staged(
+        model,
+        src["family"],
+        len(spec["class_names"]),
+        image_size=spec.get("image_size") or 32,
+        user_blocks=src.get("user_blocks"),
+    )
+    net.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
+    return model, net, spec
+
+
+def load_finetuned(path: Path | str) -> tuple[StagedNet, dict[str, Any]]:
+    """Rebuild a fine-tuned model from its folder, in eval mode (no source download needed)."""
+    _, net, spec = rebuild_finetuned(path)
+    return net.eval(), spec

@@ -1,0 +1,159 @@
+"""The evaluation report a person reads: ``evaluation.md``, its plots and the CSVs that
+``dvc plots`` draws. Numbers come from :mod:`transferops.evaluate`; nothing here scores."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from transferops.artifacts import read_json
+
+
+def write_plots(out: Path, first: dict, efficiency: list[dict], classes: list[str]) -> None:
+    """efficiency.csv, learning_curves.csv (DVC plots) and the PNGs under plots/."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots = out / "plots"
+    plots.mkdir()
+    with open(out / "efficiency.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["per_class", "transfer", "scratch"])
+        w.writerows([[r["per_class"], r["transfer"], r["scratch"]] for r in efficiency])
+    curves = []
+    for role, r in first.items():
+        for h in read_json(Path(r["dir"]) / "history.json"):
+            curves.append([role, h["epoch"], h["val_accuracy"], h["train_loss"]])
+    with open(out / "learning_curves.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["role", "epoch", "val_accuracy", "train_loss"])
+        w.writerows(curves)
+
+    if efficiency:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        xs = list(range(len(efficiency)))
+        for role in ("transfer", "scratch"):
+            ax.plot(xs, [r[role] for r in efficiency], marker="o", label=role)
+        ax.set_xticks(xs, [str(r["per_class"]) for r in efficiency])
+        ax.set(
+            xlabel="labelled training examples per class",
+            ylabel="test accuracy",
+            title="Data efficiency: transfer vs scratch",
+        )
+        ax.legend()
+        fig.savefig(plots / "data_efficiency.png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for role in first:
+        pts = [(c[1], c[2]) for c in curves if c[0] == role]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=role)
+    ax.set(xlabel="epoch", ylabel="val accuracy", title="Learning curves (first seed)")
+    ax.legend()
+    fig.savefig(plots / "learning_curves.png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    for role in ("transfer", "scratch"):
+        if role not in first:
+            continue
+        cm = np.asarray(first[role]["metrics"]["confusion"])
+        fig, ax = plt.subplots(figsize=(4.5, 4))
+        ax.imshow(cm, cmap="Blues")
+        ticks = range(len(classes))
+        ax.set_xticks(ticks, classes, rotation=90)
+        ax.set_yticks(ticks, classes)
+        for i in ticks:
+            for j in ticks:
+                ax.text(j, i, cm[i, j], ha="center", va="center", fontsize=7)
+        ax.set(xlabel="predicted", ylabel="true", title=f"Confusion matrix: {role}")
+        fig.savefig(plots / f"confusion_{role}.png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+
+
+def _fmt(m: dict[str, Any]) -> str:
+    if m.get("ci_low") is None:
+        return f"{m['mean']:.3f}"
+    return f"{m['mean']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
+
+
+def report_markdown(metrics: dict, per_class: dict, classical: str | None) -> str:
+    """evaluation.md: the verdict first, then the table, the curves and per-class scores."""
+    conf = int(metrics["confidence"] * 100)
+    lines = [
+        "# Evaluation report",
+        "",
+        f"**Verdict: {metrics['verdict']}** (test accuracy, paired by seed over "
+        f"{metrics['models']['transfer']['accuracy']['n']} seed(s), {conf}% t-interval).",
+        "",
+        f"Test split: {metrics['test_size']} examples, read only here. Data hash "
+        f"`{metrics['data_hash'][:12]}`.",
+        "",
+        f"| model | accuracy ({conf}% CI) | macro-F1 | ECE |",
+        "| --- | --- | --- | --- |",
+    ]
+    for role, m in metrics["models"].items():
+        if role == "classical":
+            lines.append(
+                f"| classical ({classical}) | {m['accuracy']:.3f} | "
+                f"{m['macro_f1']:.3f} | {m['ece']:.3f} |"
+            )
+        else:
+            lines.append(
+                f"| {role} | {_fmt(m['accuracy'])} | {_fmt(m['macro_f1'])} | {_fmt(m['ece'])} |"
+            )
+    if "finetuned" in metrics:
+        f = metrics["finetuned"]
+        lines.insert(
+            lines.index("| --- | --- | --- | --- |") + 1,
+            f"| **model to register** (`{f['dir']}`) | {f['accuracy']:.3f} | "
+            f"{f['macro_f1']:.3f} | {f['ece']:.3f} |",
+        )
+    d = metrics["transfer_minus_scratch"]["accuracy"]
+    lines += ["", f"Transfer − scratch (accuracy): {_fmt(d)}."]
+    if "transfer_minus_probe" in metrics:
+        lines.append(
+            f"Transfer − linear probe: {_fmt(metrics['transfer_minus_probe']['accuracy'])}."
+        )
+    if "classical" in metrics["models"]:
+        gap = (
+            metrics["models"]["transfer"]["accuracy"]["mean"]
+            - metrics["models"]["classical"]["accuracy"]
+        )
+        lines.append(
+            f"Transfer − classical: {gap * 100:+.1f} points"
+            + (" — the classical model is better: say so before shipping." if gap < 0 else ".")
+        )
+    if metrics["efficiency"]:
+        lines += [
+            "",
+            "## Data efficiency (first seed)",
+            "",
+            "| examples per class | transfer | scratch |",
+            "| --- | --- | --- |",
+        ]
+        lines += [
+            f"| {r['per_class']} | {r['transfer']:.3f} | {r['scratch']:.3f} |"
+            for r in metrics["efficiency"]
+        ]
+        lines += ["", "![data efficiency](plots/data_efficiency.png)"]
+    lines += [
+        "",
+        "## Per class (transfer, first seed)",
+        "",
+        "| class | precision | recall |",
+        "| --- | --- | --- |",
+    ]
+    lines += [
+        f"| {c} | {v['precision']:.3f} | {v['recall']:.3f} |"
+        for c, v in per_class.get("transfer", {}).items()
+    ]
+    lines += [
+        "",
+        "![learning curves](plots/learning_curves.png)",
+        "![confusion transfer](plots/confusion_transfer.png)",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,79 @@
+"""``source.kind: local``: a weights file on disk plus the architecture it belongs to
+(``source.name: torchvision:resnet18`` or ``efficientnet-lite0``).
+
+Nothing is unpickled: ``.safetensors``, or ``torch.load(weights_only=True)`` for .pt/.pth,
+which refuses anything but tensors and plain containers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from transferops.artifacts import save_weights
+from transferops.config import SourceConfig
+from transferops.errors import SourceError
+from transferops.families import build_architecture, family
+from transferops.sources.manifest import WEIGHTS, Pulled
+
+
+def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a .safetensors / .pt / .pth file, never unpickling code."""
+    if not path.exists():
+        raise SourceError(f"weights file {path} does not exist (source.path / source.weights)")
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise SourceError(
+            f"{path}: not loadable as plain tensors with weights_only=True ({exc}); convert it to "
+            "a state dict (.safetensors or a .pt of tensors)"
+        ) from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise SourceError(f"{path}: expected a state dict, found {type(sd).__name__}")
+    return sd
+
+
+def image_source(
+    cfg: SourceConfig,
+    model: nn.Module,
+    fam: str,
+    sd: dict[str, torch.Tensor] | None,
+    origin: str,
+    norm: dict,
+) -> Pulled:
+    """An image architecture with its weights loaded (`sd` None: random init)."""
+    if sd is not None:
+        try:
+            model.load_state_dict(sd, strict=True)
+        except RuntimeError as exc:
+            raise SourceError(f"{origin}: weights do not fit {cfg.name}: {exc}") from None
+    if cfg.blocks is None and family(fam).split is None:
+        raise SourceError(
+            f"source.name: no block discovery for {cfg.name!r}; give source.blocks (module names "
+            "per block, input -> output)"
+        )
+
+    def save(folder: Path) -> str:
+        save_weights(model, folder / WEIGHTS)
+        return WEIGHTS
+
+    return Pulled(
+        cfg.kind, cfg.name, model, fam, origin, {"type": "image", **norm}, save, cfg.blocks
+    )
+
+
+def load(cfg: SourceConfig, workdir: Path) -> Pulled:
+    """The file at ``source.path`` in the architecture ``source.name``."""
+    if cfg.path is None:
+        raise SourceError("source.path: kind local needs the weights file path")
+    model, fam = build_architecture("local", cfg.name)
+    sd = load_weights_file(Path(cfg.path))
+    norm = family(fam).norm or {}
+    return image_source(cfg, model, fam, sd, f"file:{cfg.path}", norm)

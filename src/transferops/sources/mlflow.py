@@ -1,0 +1,77 @@
+"""``source.kind: mlflow``: a model `transferops register` put in an MLflow registry.
+
+``source.name`` is ``models:/<name>@<alias>`` or ``models:/<name>/<version>``. The pull takes
+its fine-tuned backbone (blocks, input spec, normalisation or tokenizer of the model it was
+tuned from) and drops its head: the next fine-tune gets a new one for its own classes. The
+weights are checked against the version's ``model_sha256`` tag. An alias is resolved on every
+pull (:func:`resolve`), so a moved alias is pulled again.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from transferops.artifacts import save_weights, sha256_file
+from transferops.config import SourceConfig
+from transferops.errors import SourceError
+from transferops.mlflow_models import download_model_folder, registered_version
+from transferops.model_io import HF_DIR, rebuild_finetuned
+from transferops.sources.manifest import WEIGHTS, Pulled
+from transferops.tracking import absolute_uri
+
+
+def resolve(cfg: SourceConfig, registry_uri: str | None) -> dict[str, Any]:
+    """The registered version ``source.name`` points at now."""
+    uri = absolute_uri(registry_uri or cfg.registry_uri or "sqlite:///mlflow.db")
+    return registered_version(cfg.name, uri)
+
+
+def load(cfg: SourceConfig, workdir: Path, reg: dict[str, Any]) -> Pulled:
+    """Download version `reg` into `workdir`, check it, and rebuild its backbone."""
+    label = f"{reg['model']} v{reg['version']}"
+    model_dir = download_model_folder(reg["model"], reg["version"], workdir, reg["registry_uri"])
+    if model_dir is None:
+        raise SourceError(
+            f"source.name: {cfg.name} ({label}) is not a transferops model (no fine-tuned "
+            "model folder in its artifacts); kind mlflow takes models registered by "
+            "`transferops register`"
+        )
+    sha = sha256_file(model_dir / "model.safetensors")
+    if reg["model_sha256"] and sha != reg["model_sha256"]:
+        raise SourceError(
+            f"checksum mismatch: {label}'s weights have sha256 {sha[:16]}... but the "
+            f"version is tagged model_sha256 {reg['model_sha256'][:16]}...; the artifact "
+            "was modified. Refusing to use it."
+        )
+    # The architecture's own classifier is not part of the fine-tuned model: seed its
+    # (unused) initialisation so that pulling the same version twice gives the same file.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model, _, spec = rebuild_finetuned(model_dir)
+    src = spec["source"]
+
+    def save(folder: Path) -> str:
+        if src["kind"] == "hf":
+            shutil.copytree(model_dir / HF_DIR, folder / HF_DIR)  # config + tokenizer
+            model.save_pretrained(folder / HF_DIR, safe_serialization=True)
+            return f"{HF_DIR}/model.safetensors"
+        save_weights(model, folder / WEIGHTS)
+        return WEIGHTS
+
+    alias = f" (@{reg['alias']})" if reg["alias"] else ""
+    registered = {**reg, "class_names": spec["class_names"], "data_hash": spec["data_hash"]}
+    return Pulled(
+        src["kind"],
+        src["name"],
+        model,
+        src["family"],
+        f"mlflow:{label}{alias}, tuned from {src['origin']}",
+        src["input"],
+        save,
+        src.get("user_blocks"),
+        {"registered": registered},
+    )
