@@ -1,0 +1,175 @@
+"""The codebase's own rules, checked on its source: no import cycle (function-level imports
+included), no overlong function, dvc.yaml true to the declared step inputs, and a registered
+model that ships inference code only."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import yaml
+
+from transferops.config import STEP_INPUTS, FinetuneConfig
+from transferops.register import INFERENCE_REQUIREMENTS, SHIPPED_MODULES, requirements
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "src" / "transferops"
+MAX_FUNCTION_LINES = 80
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PKG.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, modules: set[str]) -> set[str]:
+    """transferops modules `path` imports, at any depth of the file (functions included)."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name in modules}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*up, base] if base else up)
+            for a in node.names:
+                sub = f"{base}.{a.name}"
+                found.add(sub if sub in modules else base)
+    return (found & modules) - {name}
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the transferops modules it imports (function-level imports included)."""
+    files = {_module_name(p): p for p in PKG.rglob("*.py")}
+    return {m: _imports(p, set(files)) for m, p in files.items()}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    path: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        path.append(m)
+        for n in sorted(graph[m]):
+            if state.get(n) == 1:
+                return [*path[path.index(n) :], n]
+            if n not in state and (found := visit(n)):
+                return found
+        state[m] = 2
+        path.pop()
+        return None
+
+    for m in sorted(graph):
+        if m not in state and (found := visit(m)):
+            return found
+    return None
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_cycle_even_through_function_level_imports():
+    graph = import_graph()
+    assert "transferops.model_io" in graph["transferops.predict"]  # the graph sees imports
+    assert _cycle(graph) is None
+
+
+def test_serving_never_imports_the_trainer():
+    graph = import_graph()
+    trainer = {
+        m
+        for m in graph
+        if m.startswith("transferops.finetune.") and m != "transferops.finetune.blocks"
+    }
+    for user in (
+        "transferops.predict",
+        "transferops.serving",
+        "transferops.model_io",
+        "transferops.evaluate",
+    ):
+        seen, todo = set(), [user]
+        while todo:
+            m = todo.pop()
+            if m not in seen:
+                seen.add(m)
+                todo += graph[m]
+        assert not seen & trainer, f"{user} reaches training code: {sorted(seen & trainer)}"
+
+
+def test_no_function_is_longer_than_a_screen():
+    long = []
+    for p in PKG.rglob("*.py"):
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                n = node.end_lineno - node.lineno + 1  # type: ignore[operator]
+                if n > MAX_FUNCTION_LINES:
+                    long.append(f"{p.relative_to(ROOT)}:{node.name} ({n} lines)")
+    assert not long
+
+
+# ---------------------------------------------------------- dvc.yaml
+
+
+def _stages() -> dict:
+    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+@pytest.mark.parametrize("step", sorted(STEP_INPUTS))
+def test_dvc_stage_lists_exactly_the_declared_inputs(step):
+    stage = _stages()[step]
+    declared = STEP_INPUTS[step]
+    assert stage["params"] == list(declared.params)
+    deps = stage.get("deps", [])
+    for key in declared.paths:
+        assert f"${{{key}}}" in deps, f"dvc.yaml stage {step} does not depend on ${{{key}}}"
+
+
+def test_train_step_reads_every_trajectory_param():
+    keys = set(STEP_INPUTS["train"].params)
+    assert {f"finetune.{k}" for k in FinetuneConfig.trajectory_fields()} <= keys
+    assert not {f"finetune.{k}" for k in FinetuneConfig.OUTPUT_FIELDS} & keys
+
+
+# ------------------------------------------------- the registered model's code
+
+
+def test_shipped_code_is_closed_under_imports_and_has_no_trainer():
+    files = {_module_name(PKG / rel) for rel in SHIPPED_MODULES}
+    graph = import_graph()
+    for m in files:
+        missing = {
+            n
+            for n in graph[m]
+            if n not in files and n not in ("transferops", "transferops.finetune")
+        }
+        assert not missing, f"{m} imports {missing}, which the registered model does not ship"
+    assert (
+        not {
+            "transferops.finetune.engine",
+            "transferops.finetune.train",
+            "transferops.search",
+            "transferops.config",
+        }
+        & files
+    )
+
+
+@pytest.mark.parametrize(
+    ("family", "package"),
+    [
+        ("efficientnet_lite", "efficientnet-lite-pytorch"),
+        ("hf_text", "transformers"),
+        ("resnet", "torchvision"),
+    ],
+)
+def test_requirements_pin_what_inference_imports(family, package):
+    reqs = [r.split("==")[0] for r in requirements({"source": {"family": family}})]
+    assert reqs == [*INFERENCE_REQUIREMENTS, package]
+    assert not {"pyyaml", "rich", "pydantic", "optuna"} & set(reqs)
