@@ -96,6 +96,14 @@ def finetune(
     run = restore(net, ck) if ck else RunState.fresh(net)
     if ck:
         log.info("resuming from %s: stage %d, epoch %d", checkpoint, ck["stage"], ck["next_epoch"])
+
+    def end_epoch(rec: dict[str, float]) -> None:
+        # Checkpoint first: a hook that raises (Optuna pruning) still leaves a resumable run.
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, fingerprint, net, opt, run)
+        if on_epoch_end is not None:
+            on_epoch_end(int(rec["epoch"]), rec)
+
     stage_groups = []
     for stage in plan:
         thaw(net, opt, stage, cfg)
@@ -109,14 +117,7 @@ def finetune(
                 continue
             first_epoch = ck["next_epoch"]
         feats = stage_features(net, train, val, stage.frozen, pre, cfg, feature_store, amp)
-
-        def save(state: RunState) -> None:
-            if checkpoint is not None:
-                save_checkpoint(checkpoint, fingerprint, net, opt, state)
-
-        run_stage(
-            net, opt, stage, first_epoch, train, val, feats, pre, cfg, amp, run, save, on_epoch_end
-        )
+        run_stage(net, opt, stage, first_epoch, train, val, feats, pre, cfg, amp, run, end_epoch)
         del feats  # free this stage's cache before the next stage builds its own
     net.load_state_dict(run.best_state)
     return TrainResult(
@@ -145,8 +146,7 @@ def run_stage(
     cfg: FinetuneConfig,
     amp: Autocast,
     run: RunState,
-    save: Callable[[RunState], None],
-    on_epoch_end: EpochHook | None,
+    end_epoch: Callable[[dict[str, float]], None],
 ) -> None:
     """The epochs of one stage, until its last epoch or early stopping on val accuracy."""
     steps = math.ceil(len(train) / cfg.batch_size)
@@ -182,9 +182,7 @@ def run_stage(
             patience = cfg.early_stopping_patience
             run.stage, run.next_epoch = stage.index, epoch + 1
             run.stage_done = epoch == stage.epochs - 1 or (patience is not None and bad >= patience)
-            save(run)
-            if on_epoch_end is not None:
-                on_epoch_end(rec["epoch"], rec)  # may raise (e.g. Optuna pruning the trial)
+            end_epoch(rec)  # checkpoint + hooks; may raise (Optuna pruning the trial)
             if run.stage_done:
                 break
 
