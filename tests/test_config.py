@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from transferops.config import Config, check_depth, load_config, validate_config
+from transferops.config import (
+    Config,
+    check_depth,
+    load_config,
+    resolve_depth_range,
+    validate_config,
+)
 from transferops.errors import ConfigError
 
 from .conftest import REPO
@@ -90,6 +96,16 @@ def test_depth_above_block_count() -> None:
     check_depth(
         validate_config({"search": {"space": {"unfreeze_depth": {"low": 0, "high": 9}}}}), 9
     )
+
+
+def test_default_depth_range_follows_the_source() -> None:
+    # The packaged MiniLM has 7 blocks: the default range adapts instead of being refused.
+    cfg = validate_config({"finetune": {"unfreeze_depth": 3}})
+    check_depth(cfg, 7)
+    assert resolve_depth_range(cfg, 7).search.space.unfreeze_depth.values() == list(range(8))
+    assert resolve_depth_range(cfg, 9).search.space.unfreeze_depth.values() == list(range(10))
+    explicit = validate_config({"search": {"space": {"unfreeze_depth": {"low": 1, "high": 4}}}})
+    assert resolve_depth_range(explicit, 9).search.space.unfreeze_depth.values() == [1, 2, 3, 4]
 
 
 def test_overrides_are_validated_like_the_file(tmp_path: Path) -> None:

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from transferops import baseline as baseline_module
+from transferops.artifacts import sha256_file
 from transferops.baseline import role_overrides, run_baselines, transfer_epochs
 from transferops.config import validate_config
 from transferops.data.prepare import SPLIT_READS, prepare
@@ -62,7 +64,9 @@ def test_scratch_gets_the_same_budget():
     assert role_overrides(cfg, "probe", 1, 9)["finetune.epochs_per_stage"] == [7]
 
 
-def test_pipeline_reads_test_only_in_evaluate_and_writes_the_report(tmp_path, lite0_source):
+def test_pipeline_reads_test_only_in_evaluate_and_writes_the_report(
+    tmp_path, lite0_source, monkeypatch
+):
     cfg = validate_config(
         {
             "data": tiny_digits(tmp_path),
@@ -100,7 +104,22 @@ def test_pipeline_reads_test_only_in_evaluate_and_writes_the_report(tmp_path, li
     prepare(cfg)
     run_search(cfg)
     train_from_config(cfg)
+    trained = []  # (role seed, pretrained) of every baseline run actually trained
+    real_train = baseline_module.train_model
+    monkeypatch.setattr(
+        baseline_module,
+        "train_model",
+        lambda rcfg, **kw: (
+            trained.append((rcfg.finetune.seed, kw["pretrained"])) or real_train(rcfg, **kw)
+        ),
+    )
     runs = run_baselines(cfg)
+    # transfer-s0 is the model `train` wrote (same seed and params): copied, not retrained
+    assert len(trained) == len(runs) - 1 and (0, True) in trained  # probe-s0 still trains
+    by_name = {r["name"]: r for r in runs}
+    assert sha256_file(Path(by_name["transfer-s0"]["dir"]) / "model.safetensors") == sha256_file(
+        tmp_path / "ft" / "model.safetensors"
+    )
     assert reads["test"] == 0 and reads["train"] > 0 and reads["val"] > 0
     assert {r["name"] for r in runs} == {
         "transfer-s0",

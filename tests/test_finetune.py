@@ -5,6 +5,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -179,7 +180,12 @@ def test_param_groups_and_lrs_per_stage_and_adam_state_kept(digits_prepared, lit
 
 def test_frozen_bn_statistics_do_not_move(digits_prepared, lite0_source):
     net, tr, va, cfg, pre = _setup(
-        digits_prepared, lite0_source, unfreeze_depth=2, bn_mode="train", feature_cache=False
+        digits_prepared,
+        lite0_source,
+        unfreeze_depth=2,
+        bn_mode="train",
+        feature_cache=False,
+        head_init="random",  # else the exact probe, better than these epochs, is the model
     )
     before = {k: v.clone() for k, v in net.state_dict().items() if "running_mean" in k}
     finetune(net, tr, va, cfg, pre, CPU)
@@ -402,3 +408,50 @@ def test_family_table_decides_names_and_channels_last():
         == {"resnet", "tv_features", "efficientnet_lite", "unknown"}
     )
     assert not any(channels_last(f, cpu) for f in FAMILIES)
+
+
+# ----------------------------------------------------------- the exact probe (LP-FT)
+
+
+def test_exact_probe_equals_sklearn_and_picks_c_on_val():
+    from sklearn.linear_model import LogisticRegression
+
+    from transferops.finetune.probe import C_GRID, fit_probe
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(4, 12))
+    y = rng.integers(0, 4, 240)
+    x = centers[y] + rng.normal(scale=1.5, size=(240, 12))
+    fit = fit_probe(x[:160], y[:160], x[160:], y[160:], num_classes=4)
+    ref = LogisticRegression(C=fit.C, max_iter=1000).fit(x[:160], y[:160])
+    logits = x[160:] @ fit.weight.double().numpy().T + fit.bias.double().numpy()
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    assert np.allclose(probs, ref.predict_proba(x[160:]), atol=1e-5)
+    val_accs = [
+        (
+            LogisticRegression(C=c, max_iter=1000).fit(x[:160], y[:160]).predict(x[160:]) == y[160:]
+        ).mean()
+        for c in C_GRID
+    ]
+    assert fit.val_accuracy == pytest.approx(max(val_accs))
+
+
+def test_head_starts_as_the_probe_and_the_probe_is_the_floor(digits_prepared, lite0_source):
+    # A tiny LR: fine-tuning barely moves the head, so it must still be the probe's.
+    net, tr, va, cfg, pre = _setup(digits_prepared, lite0_source, unfreeze_depth=2, lr=1e-9)
+    res = finetune(net, tr, va, cfg, pre, CPU)
+    assert res.probe is not None
+    assert torch.allclose(net.head[-1].weight, res.probe.weight, atol=1e-5)
+    assert res.best_val_accuracy >= res.probe.val_accuracy
+    # An LR that wrecks every epoch: nothing beats the probe on val, so the probe is the model.
+    net, tr, va, cfg, pre = _setup(digits_prepared, lite0_source, unfreeze_depth=2, lr=50.0)
+    res = finetune(net, tr, va, cfg, pre, CPU)
+    assert res.best_val_accuracy == res.probe.val_accuracy
+    assert torch.equal(net.head[-1].weight, res.probe.weight)
+    # head_init random: no probe, the head is not the probe's
+    net, tr, va, cfg, pre = _setup(
+        digits_prepared, lite0_source, unfreeze_depth=0, head_init="random", lr=1e-9
+    )
+    res2 = finetune(net, tr, va, cfg, pre, CPU)
+    assert res2.probe is None and not torch.allclose(net.head[-1].weight, res.probe.weight)

@@ -19,10 +19,11 @@ the UI compares them side by side; ``baseline.out/index.json`` lists them for `e
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
-from transferops.artifacts import write_json_atomic
+from transferops.artifacts import atomic_dir, read_json, write_json_atomic
 from transferops.config import Config, FinetuneConfig, with_overrides
 from transferops.data.prepare import prepare, read_manifest
 from transferops.finetune.plan import total_epochs
@@ -51,6 +52,7 @@ def role_overrides(cfg: Config, role: str, seed: int, num_blocks: int) -> dict[s
             "finetune.lr": cfg.baseline.lr,
             "finetune.layer_decay": 1.0,
             "finetune.bn_mode": "train",  # random BN statistics must be learned
+            "finetune.head_init": "random",  # a probe of random features is no head start
         }
     elif role == "probe":
         o |= {"finetune.unfreeze_depth": 0, "finetune.epochs_per_stage": [budget]}
@@ -86,6 +88,7 @@ def _train_one(
         "source": source["origin"],
         "source_sha256": source["sha256"],
     }
+    same = _same_as_trained(rcfg, role, manifest["data_hash"], source["sha256"])
     with mlflow.start_run(run_name=name, tags=tags) as run:
         mlflow.log_params(
             {
@@ -95,28 +98,26 @@ def _train_one(
                 ).items()
             }
         )
-        res, spec = train_model(
-            rcfg,
-            on_epoch_end=log_epoch,
-            checkpoint=Path(rcfg.finetune.checkpoint_dir) / "last.pt",
-            feature_store=store,
-            pretrained=role != "scratch",
-        )
-        spec |= {
-            "role": role,
-            "seed": seed,
-            "per_class": per_class,
-            "mlflow_run_id": run.info.run_id,
-        }
-        save_finetuned(res, spec, out / name, Path(cfg.source.out))
-        mlflow.log_metric("best_val_accuracy", res.best_val_accuracy)
-    log.info(
-        "%s: val accuracy %.4f (%d epochs, %.1fs)",
-        name,
-        res.best_val_accuracy,
-        res.epochs_run,
-        res.seconds,
-    )
+        labels = {"role": role, "seed": seed, "per_class": per_class}
+        if same is not None:  # `train` already trained exactly this model: no second training
+            mlflow.set_tag("reused_from", str(same))
+            val_accuracy, epochs, seconds = _reuse(
+                same, out / name, labels | {"mlflow_run_id": run.info.run_id}
+            )
+        else:
+            res, spec = train_model(
+                rcfg,
+                on_epoch_end=log_epoch,
+                checkpoint=Path(rcfg.finetune.checkpoint_dir) / "last.pt",
+                feature_store=store,
+                pretrained=role != "scratch",
+            )
+            spec |= labels | {"mlflow_run_id": run.info.run_id}
+            save_finetuned(res, spec, out / name, Path(cfg.source.out))
+            val_accuracy, epochs, seconds = res.best_val_accuracy, res.epochs_run, res.seconds
+        mlflow.log_metric("best_val_accuracy", val_accuracy)
+    how = f"reused {same}" if same is not None else f"{epochs} epochs, {seconds:.1f}s"
+    log.info("%s: val accuracy %.4f (%s)", name, val_accuracy, how)
     return {
         "name": name,
         "role": role,
@@ -125,8 +126,36 @@ def _train_one(
         "dir": str(out / name),
         "data_out": str(data_out),
         "mlflow_run_id": run.info.run_id,
-        "val_accuracy": res.best_val_accuracy,
+        "val_accuracy": val_accuracy,
     }
+
+
+def _same_as_trained(rcfg: Config, role: str, data_hash: str, source_sha: str) -> Path | None:
+    """finetune.out when it holds exactly the run `rcfg` describes (same data, source and
+    trajectory params: deterministic training would give the same weights), else None."""
+    folder = Path(rcfg.finetune.out)
+    if role != "transfer" or not (folder / "model.json").exists():
+        return None
+    spec = read_json(folder / "model.json")
+    trained = {k: spec["finetune"].get(k) for k in FinetuneConfig.trajectory_fields()}
+    same = (
+        spec["data_hash"] == data_hash
+        and spec["source"]["sha256"] == source_sha
+        and trained == rcfg.finetune.trajectory_params()
+    )
+    return folder if same else None
+
+
+def _reuse(folder: Path, dst: Path, labels: dict[str, Any]) -> tuple[float, int, float]:
+    """Copy a trained model folder as a baseline run and replay its curves into MLflow."""
+    spec = read_json(folder / "model.json") | labels
+    history = read_json(folder / "history.json")
+    with atomic_dir(dst) as tmp:
+        shutil.copytree(folder, tmp, dirs_exist_ok=True)
+        write_json_atomic(tmp / "model.json", spec)
+    for rec in history:
+        log_epoch(int(rec["epoch"]), rec)
+    return float(spec["val_accuracy"]), len(history), 0.0
 
 
 def run_baselines(cfg: Config) -> list[dict[str, Any]]:

@@ -221,6 +221,12 @@ class FinetuneConfig(_Section):
         "runs; null keeps the model's own",
     )
     augment: Literal["none", "flip_crop"] = "none"
+    head_init: Literal["probe", "random"] = Field(
+        "probe",
+        description="probe: the head starts as the exact linear probe (logistic regression on "
+        "the frozen features, regularisation picked on val) and fine-tuning is kept only where "
+        "it beats it on val (LP-FT); random: a fresh head (from-scratch baselines)",
+    )
     feature_cache: bool = True
     cached_views: Annotated[int, Field(ge=1)] = Field(
         2, description="augmented views cached per example when `augment` is on"
@@ -287,7 +293,9 @@ class IntRange(_Section):
     """An integer search range or an explicit list of choices."""
 
     low: int | None = None
-    high: int | None = None
+    high: int | None = Field(
+        None, description="unfreeze_depth: null = the source model's block count"
+    )
     choices: list[int] | None = None
 
     @model_validator(mode="after")
@@ -297,17 +305,24 @@ class IntRange(_Section):
                 raise ValueError("choices must not be empty")
             if self.low is not None or self.high is not None:
                 raise ValueError("give either choices or low/high, not both")
-        elif self.low is None or self.high is None:
+        elif self.low is None:
             raise ValueError("give low and high (or choices)")
-        elif self.low > self.high:
+        elif self.high is not None and self.low > self.high:
             raise ValueError(f"low ({self.low}) must be <= high ({self.high})")
         return self
 
+    def lowest(self) -> int:
+        """The smallest admissible value."""
+        return min(self.choices) if self.choices is not None else int(self.low)  # type: ignore[arg-type]
+
     def values(self) -> list[int]:
-        """All admissible values."""
+        """All admissible values (an open `high` must be resolved first)."""
         if self.choices is not None:
             return list(self.choices)
-        assert self.low is not None and self.high is not None
+        if self.low is None or self.high is None:
+            raise ConfigError(
+                "an integer range with high: null is resolved once the source is known"
+            )
         return list(range(self.low, self.high + 1))
 
 
@@ -315,7 +330,10 @@ class SearchSpace(_Section):
     """What Optuna searches over; omitted entries stay at their `finetune` value."""
 
     lr: FloatRange | None = Field(default_factory=lambda: FloatRange(low=3e-4, high=3e-2, log=True))
-    unfreeze_depth: IntRange | None = Field(default_factory=lambda: IntRange(low=0, high=9))
+    unfreeze_depth: IntRange | None = Field(
+        default_factory=lambda: IntRange(low=0, high=None),
+        description="default: 0 .. the source model's block count",
+    )
     layer_decay: FloatRange | None = None
     weight_decay: FloatRange | None = None
 
@@ -328,7 +346,7 @@ class SearchSpace(_Section):
             )
         if self.lr is not None and self.lr.low <= 0:
             raise ValueError(f"lr.low must be > 0, got {self.lr.low}")
-        if self.unfreeze_depth is not None and min(self.unfreeze_depth.values()) < 0:
+        if self.unfreeze_depth is not None and self.unfreeze_depth.lowest() < 0:
             raise ValueError("unfreeze_depth values must be >= 0 (0 = linear probe)")
         return self
 
@@ -577,6 +595,14 @@ def depth_problem(what: str, depth: int, num_blocks: int) -> str | None:
     return None
 
 
+def resolve_depth_range(cfg: Config, num_blocks: int) -> Config:
+    """`search.space.unfreeze_depth` with ``high: null`` made ``high: num_blocks``."""
+    rng = cfg.search.space.unfreeze_depth
+    if rng is None or rng.choices is not None or rng.high is not None:
+        return cfg
+    return with_overrides(cfg, {"search.space.unfreeze_depth.high": num_blocks})
+
+
 def check_depth(cfg: Config, num_blocks: int, search: bool = True) -> None:
     """Refuse unfreeze depths larger than the source model's block count, before training.
 
@@ -585,7 +611,7 @@ def check_depth(cfg: Config, num_blocks: int, search: bool = True) -> None:
     problems = [
         depth_problem("finetune.unfreeze_depth is", cfg.finetune.unfreeze_depth, num_blocks)
     ]
-    space = cfg.search.space.unfreeze_depth if search else None
+    space = resolve_depth_range(cfg, num_blocks).search.space.unfreeze_depth if search else None
     if space is not None:
         top = max(space.values())
         problems.append(depth_problem("search.space.unfreeze_depth goes up to", top, num_blocks))
@@ -630,8 +656,9 @@ STEP_INPUTS: dict[str, StepInputs] = {
         ("data.out", "source.out"),
     ),
     # the few-shot subsets are re-prepared from the raw data with data.*
+    # the transfer run of finetune.seed is the model `train` wrote (copied, not retrained)
     "baseline": StepInputs(
-        ("baseline", "finetune", "data"), ("data.out", "data.path", "source.out")
+        ("baseline", "finetune", "data"), ("data.out", "data.path", "source.out", "finetune.out")
     ),
     "evaluate": StepInputs(
         ("evaluate", "baseline.classical", "baseline.efficiency_per_class"),

@@ -244,7 +244,9 @@ def run_pipeline(cfg: Config, run_step: StepRunner = run_locally) -> dict[str, A
     found = cached("search", cfg, up, step_search)
     best = with_overrides(cfg, found["best_params"])
     trained = cached("train", best, up, step_train)
-    baselines = cached("baseline", best, up, step_baseline)
+    baselines = cached(
+        "baseline", best, up | {"model_sha256": trained["model_sha256"]}, step_baseline
+    )
     evaluated = cached(
         "evaluate",
         best,

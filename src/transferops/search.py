@@ -44,6 +44,7 @@ from transferops.config import (
     FloatRange,
     SearchConfig,
     check_depth,
+    resolve_depth_range,
     validate_config,
     with_overrides,
 )
@@ -352,9 +353,10 @@ def _best_trial(study: optuna.Study) -> tuple[optuna.trial.FrozenTrial, dict[str
 
 def run_search(cfg: Config) -> SearchResult:
     """Run (or resume) the study; write best params; log everything to MLflow."""
-    sc = cfg.search
     num_blocks = read_source_manifest(cfg.source.out)["num_blocks"]
     check_depth(cfg, num_blocks)  # before any trial runs
+    cfg = resolve_depth_range(cfg, num_blocks)  # the default depth range: 0..block count
+    sc = cfg.search
     name = study_name(cfg)
     storage = make_storage(sc)
     study = optuna.create_study(

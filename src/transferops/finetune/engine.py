@@ -1,11 +1,12 @@
 """The staged fine-tuning loop (DESIGN §4): :func:`finetune` on one screen.
 
-The plan (:mod:`.plan`) says which blocks thaw in which stage; the thaw policy (:mod:`.thaw`)
-adds their param groups; the frozen prefix's output is cached per stage (:mod:`.cache`); a
-checkpoint after every epoch (:mod:`.checkpoint`) makes a rerun resume bit-exactly. Each
-stage has its own warm-up + schedule and early stopping on val; the best weights over all
-epochs win. Metrics leave through the ``on_epoch_end`` hook (MLflow, Optuna's pruner): the
-loop itself logs nowhere but the progress bar.
+The head starts as the exact linear probe (:mod:`.probe`), whose val score is the floor an
+epoch must beat. The plan (:mod:`.plan`) says which blocks thaw in which stage; the thaw
+policy (:mod:`.thaw`) adds their param groups; the frozen prefix's output is cached per stage
+(:mod:`.cache`); a checkpoint after every epoch (:mod:`.checkpoint`) makes a rerun resume
+bit-exactly. Each stage has its own warm-up + schedule and early stopping on val; the best
+weights over all epochs win. Metrics leave through the ``on_epoch_end`` hook (MLflow,
+Optuna's pruner): the loop itself logs nowhere but the progress bar.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from transferops.finetune.checkpoint import (
     save_checkpoint,
 )
 from transferops.finetune.plan import Stage, lr_factor, stage_plan
+from transferops.finetune.probe import ProbeFit, probe_head
 from transferops.finetune.thaw import make_optimizer, set_bn_momentum, set_train_mode, thaw
 from transferops.model_io import Inputs, Preprocess
 from transferops.progress import make_progress
@@ -57,6 +59,7 @@ class TrainResult:
     stage_groups: list[list[tuple[str, float]]] = field(default_factory=list)
     # optimizer steps taken per param group (Adam state survives thawing)
     optimizer_steps: dict[str, int] = field(default_factory=dict)
+    probe: ProbeFit | None = None  # the exact probe the head started from (head_init probe)
 
 
 def autocast_for(device: torch.device) -> Autocast:
@@ -93,7 +96,13 @@ def finetune(
     amp = autocast_for(device)
     opt = make_optimizer(net, cfg)
     ck = load_checkpoint(checkpoint, fingerprint) if checkpoint else None
+    store = feature_store if feature_store is not None else {}
+    probe = None
+    if cfg.head_init == "probe" and not ck:  # a checkpoint already holds the probed head
+        probe = probe_head(net, train, val, pre, cfg.batch_size * 2, store, amp)
     run = restore(net, ck) if ck else RunState.fresh(net)
+    if probe is not None:
+        run.best = (probe.val_accuracy, -probe.val_loss)  # the floor an epoch must beat
     if ck:
         log.info("resuming from %s: stage %d, epoch %d", checkpoint, ck["stage"], ck["next_epoch"])
 
@@ -116,9 +125,11 @@ def finetune(
             if ck["stage_done"]:
                 continue
             first_epoch = ck["next_epoch"]
-        feats = stage_features(net, train, val, stage.frozen, pre, cfg, feature_store, amp)
+        feats = stage_features(net, train, val, stage.frozen, pre, cfg, store, amp)
         run_stage(net, opt, stage, first_epoch, train, val, feats, pre, cfg, amp, run, end_epoch)
-        del feats  # free this stage's cache before the next stage builds its own
+        del feats
+        if feature_store is None:
+            store.clear()  # free this stage's cache before the next stage builds its own
     net.load_state_dict(run.best_state)
     return TrainResult(
         net=net,
@@ -131,6 +142,7 @@ def finetune(
         resumed_from=len(ck["history"]) if ck else None,
         stage_groups=stage_groups,
         optimizer_steps={g["name"]: _steps(opt, g) for g in opt.param_groups},
+        probe=probe,
     )
 
 
