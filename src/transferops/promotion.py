@@ -21,7 +21,7 @@ import json
 import logging
 import math
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from transferops.config import Config, RegistryConfig
@@ -173,7 +173,7 @@ def evidence(cfg: Config, client: Any) -> Evidence:
     if champion is None or champion.version == challenger.version:
         return ev
     value, note = _champion_metric(cfg, champion, challenger)
-    return Evidence(**{**ev.__dict__, "champion_metric": value, "champion_note": note})
+    return replace(ev, champion_metric=value, champion_note=note)
 
 
 def decide(cfg: Config) -> Decision:

@@ -97,14 +97,7 @@ def finetune(
     opt = make_optimizer(net, cfg)
     ck = load_checkpoint(checkpoint, fingerprint) if checkpoint else None
     store = feature_store if feature_store is not None else {}
-    probe = None
-    if cfg.head_init == "probe" and not ck:  # a checkpoint already holds the probed head
-        probe = probe_head(net, train, val, pre, cfg.batch_size * 2, store, amp)
-    run = restore(net, ck) if ck else RunState.fresh(net)
-    if probe is not None:
-        run.best = (probe.val_accuracy, -probe.val_loss)  # the floor an epoch must beat
-    if ck:
-        log.info("resuming from %s: stage %d, epoch %d", checkpoint, ck["stage"], ck["next_epoch"])
+    run, probe = start(net, train, val, pre, cfg, store, amp, ck)
 
     def end_epoch(rec: dict[str, float]) -> None:
         # Checkpoint first: a hook that raises (Optuna pruning) still leaves a resumable run.
@@ -144,6 +137,30 @@ def finetune(
         optimizer_steps={g["name"]: _steps(opt, g) for g in opt.param_groups},
         probe=probe,
     )
+
+
+def start(
+    net: StagedNet,
+    train: Inputs,
+    val: Inputs,
+    pre: Preprocess,
+    cfg: FinetuneConfig,
+    store: dict,
+    amp: Autocast,
+    ck: dict | None,
+) -> tuple[RunState, ProbeFit | None]:
+    """Where training starts: the checkpoint's state, or the exact probe's head, whose val
+    score is then the floor an epoch must beat (head_init probe)."""
+    if ck:
+        log.info("resuming: stage %d, epoch %d", ck["stage"], ck["next_epoch"])
+        return restore(net, ck), None  # the checkpoint already holds the probed head
+    probe = None
+    if cfg.head_init == "probe":
+        probe = probe_head(net, train, val, pre, cfg.batch_size * 2, store, amp)
+    run = RunState.fresh(net)
+    if probe is not None:
+        run.best = (probe.val_accuracy, -probe.val_loss)
+    return run, probe
 
 
 def run_stage(
