@@ -101,9 +101,8 @@ def _train_one(
         labels = {"role": role, "seed": seed, "per_class": per_class}
         if same is not None:  # `train` already trained exactly this model: no second training
             mlflow.set_tag("reused_from", str(same))
-            val_accuracy, epochs, seconds = _reuse(
-                same, out / name, labels | {"mlflow_run_id": run.info.run_id}
-            )
+            val_accuracy = _reuse(same, out / name, labels | {"mlflow_run_id": run.info.run_id})
+            how = f"reused {same}"
         else:
             res, spec = train_model(
                 rcfg,
@@ -114,9 +113,9 @@ def _train_one(
             )
             spec |= labels | {"mlflow_run_id": run.info.run_id}
             save_finetuned(res, spec, out / name, Path(cfg.source.out))
-            val_accuracy, epochs, seconds = res.best_val_accuracy, res.epochs_run, res.seconds
+            val_accuracy = res.best_val_accuracy
+            how = f"{res.epochs_run} epochs, {res.seconds:.1f}s"
         mlflow.log_metric("best_val_accuracy", val_accuracy)
-    how = f"reused {same}" if same is not None else f"{epochs} epochs, {seconds:.1f}s"
     log.info("%s: val accuracy %.4f (%s)", name, val_accuracy, how)
     return {
         "name": name,
@@ -146,8 +145,9 @@ def _same_as_trained(rcfg: Config, role: str, data_hash: str, source_sha: str) -
     return folder if same else None
 
 
-def _reuse(folder: Path, dst: Path, labels: dict[str, Any]) -> tuple[float, int, float]:
-    """Copy a trained model folder as a baseline run and replay its curves into MLflow."""
+def _reuse(folder: Path, dst: Path, labels: dict[str, Any]) -> float:
+    """Copy a trained model folder as a baseline run, replay its curves into MLflow; its val
+    accuracy."""
     spec = read_json(folder / "model.json") | labels
     history = read_json(folder / "history.json")
     with atomic_dir(dst) as tmp:
@@ -155,7 +155,7 @@ def _reuse(folder: Path, dst: Path, labels: dict[str, Any]) -> tuple[float, int,
         write_json_atomic(tmp / "model.json", spec)
     for rec in history:
         log_epoch(int(rec["epoch"]), rec)
-    return float(spec["val_accuracy"]), len(history), 0.0
+    return float(spec["val_accuracy"])
 
 
 def run_baselines(cfg: Config) -> list[dict[str, Any]]:

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from transferops.config import FinetuneConfig
 from transferops.finetune.blocks import StagedNet
@@ -34,7 +33,13 @@ from transferops.finetune.checkpoint import (
 )
 from transferops.finetune.plan import Stage, lr_factor, stage_plan
 from transferops.finetune.probe import ProbeFit, probe_head
-from transferops.finetune.thaw import make_optimizer, set_bn_momentum, set_train_mode, thaw
+from transferops.finetune.thaw import (
+    batchnorms,
+    make_optimizer,
+    set_bn_momentum,
+    set_train_mode,
+    thaw,
+)
 from transferops.model_io import Inputs, Preprocess
 from transferops.progress import make_progress
 
@@ -297,12 +302,7 @@ def recalibrate_bn(
     """Precise BN: thawed blocks' BatchNorm statistics = the average of per-batch statistics
     over one pass of `data` (exactly the data mean when batches are equal in size)."""
     frozen = net.num_blocks - depth
-    bns = [
-        m
-        for b in net.blocks[frozen:]
-        for m in b.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm)
-    ]
+    bns = [m for b in net.blocks[frozen:] for m in batchnorms(b)]
     if not bns:
         return
     net.eval()

@@ -19,7 +19,8 @@ from transferops.finetune.blocks import StagedNet
 from transferops.finetune.plan import Stage
 
 
-def _batchnorms(module: nn.Module) -> list[nn.Module]:
+def batchnorms(module: nn.Module) -> list[nn.Module]:
+    """The BatchNorm layers in `module`."""
     return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
@@ -41,14 +42,14 @@ def set_train_mode(net: StagedNet, depth: int, bn_mode: str = "train") -> None:
     for b in net.blocks[: net.num_blocks - depth]:
         b.eval()
     if bn_mode == "frozen":
-        for m in _batchnorms(net):
+        for m in batchnorms(net):
             m.eval()
 
 
 def set_bn_momentum(net: nn.Module, momentum: float | None) -> None:
     """Momentum of learned BatchNorm statistics (None keeps the model's own)."""
     if momentum is not None:
-        for m in _batchnorms(net):
+        for m in batchnorms(net):
             m.momentum = momentum
 
 
