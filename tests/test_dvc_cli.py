@@ -90,8 +90,9 @@ def test_cli_prepare_and_overrides(tmp_path, monkeypatch):
     r = runner.invoke(app, ["prepare", "--set", "data.image.size=8", "--limit-per-class", "2"])
     assert r.exit_code == 0, r.output
     assert "written" in r.output and "train=6" in r.output
+    assert r.output.count("data hash") == 1  # the result once (it was logged and printed)
     r = runner.invoke(app, ["prepare", "--set", "data.image.size=8", "--limit-per-class", "2"])
-    assert r.exit_code == 0 and "up to date" in r.output
+    assert r.exit_code == 0 and r.output.count("up to date") == 1
 
 
 def test_cli_bad_input_is_a_message_not_a_traceback(tmp_path, monkeypatch):

@@ -122,10 +122,15 @@ def test_local_weights_file_with_user_blocks(tmp_path):
 def test_pickled_object_is_not_unpickled(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"model": torchvision.models.resnet18()}, path)  # a whole pickled module
-    with pytest.raises(SourceError, match="weights_only=True"):
+    with pytest.raises(SourceError, match="weights_only=True") as err:
         pull(
             SourceConfig(kind="local", name="torchvision:resnet18", path=path, out=tmp_path / "src")
         )
+    msg = str(err.value)
+    # says why (the class it would have to run), never PyTorch's "weights_only=False" advice
+    assert "refused" in msg and "torchvision.models.resnet.ResNet" in msg
+    assert "weights_only=False" not in msg and "weights_only` set to `False" not in msg
+    assert not (tmp_path / "src").exists()
 
 
 def test_hf_packaged_minilm_and_unreachable_message(tmp_path, monkeypatch):

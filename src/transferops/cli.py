@@ -95,13 +95,7 @@ def prepare(
     from transferops.data.prepare import prepare as _prepare
 
     cfg = _cfg(params, set_, {"data.limit_per_class": limit_per_class})
-    res = _prepare(cfg, force=force)
-    state = "up to date" if res.skipped else "written"
-    console.print(
-        f"{res.out}: {state}; "
-        + ", ".join(f"{k}={v}" for k, v in sorted(res.counts.items()))
-        + f"; data hash {res.data_hash[:12]}"
-    )
+    _prepare(cfg, force=force)  # its log line is the result: printed once
 
 
 @app.command("demo-data")
@@ -233,9 +227,7 @@ def promote(
     from transferops.promotion import promote as _promote
 
     cfg = _cfg(params, set_)
-    d = _promote(cfg, dry_run=dry_run)
-    prefix = "[dim](dry run)[/] " if dry_run else ""
-    console.print(f"{prefix}[bold]{d.summary()}[/]")
+    _promote(cfg, dry_run=dry_run)  # its log line is the decision: printed once
 
 
 def _overrides_map(

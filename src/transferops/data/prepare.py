@@ -91,8 +91,14 @@ def prepare(cfg: Config | DataConfig, force: bool = False) -> PrepareResult:
     out = Path(dcfg.out)
     if not force and _up_to_date(out, fingerprint):
         manifest = read_json(out / MANIFEST)
-        log.info("prepared data in %s is up to date (%s)", out, manifest["data_hash"][:12])
-        return PrepareResult(out, manifest["data_hash"], True, _totals(manifest))
+        totals = _totals(manifest)
+        log.info(
+            "%s: up to date; %s; data hash %s",
+            out,
+            ", ".join(f"{k}={v}" for k, v in sorted(totals.items())),
+            manifest["data_hash"][:12],
+        )
+        return PrepareResult(out, manifest["data_hash"], True, totals)
 
     assignment = assign_splits(raw, dcfg)  # validates counts before any decoding
     class_names = sorted({e.label for e in raw.examples})
@@ -139,9 +145,9 @@ def prepare(cfg: Config | DataConfig, force: bool = False) -> PrepareResult:
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     log.info(
-        "prepared %s: %s (data hash %s)",
+        "%s: written; %s; data hash %s",
         out,
-        ", ".join(f"{s}={sum(c.values())}" for s, c in counts.items()),
+        ", ".join(f"{s}={sum(c.values())}" for s, c in sorted(counts.items())),
         manifest["data_hash"][:12],
     )
     return PrepareResult(out, manifest["data_hash"], False, _totals(manifest))

@@ -7,6 +7,7 @@ which refuses anything but tensors and plain containers.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -29,15 +30,28 @@ def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise SourceError(
-            f"{path}: not loadable as plain tensors with weights_only=True ({exc}); convert it to "
-            "a state dict (.safetensors or a .pt of tensors)"
-        ) from None
+        raise SourceError(_refusal(path, exc)) from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict):
         raise SourceError(f"{path}: expected a state dict, found {type(sd).__name__}")
     return sd
+
+
+def _refusal(path: Path, exc: Exception) -> str:
+    """Why a weights file was refused, without PyTorch's advice to load it unsafely."""
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+    if found is None:
+        return (
+            f"{path}: refused: not a file of plain tensors ({type(exc).__name__}); give a state "
+            "dict saved as .safetensors or with torch.save(model.state_dict(), ...)"
+        )
+    return (
+        f"{path}: refused: it holds a pickled Python object ({found.group(1)}), not plain "
+        "tensors. Loading it would let the file run code, so transferops never does (it loads "
+        "with weights_only=True). Where the file comes from, save only the weights "
+        "(torch.save(model.state_dict(), ...) or safetensors) and point source.path at that."
+    )
 
 
 def image_source(
