@@ -95,6 +95,13 @@ def test_cli_prepare_and_overrides(tmp_path, monkeypatch):
     assert r.exit_code == 0 and r.output.count("up to date") == 1
 
 
+def test_cli_version():
+    from importlib.metadata import version
+
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.output.strip() == f"transferops {version('transferops')}"
+
+
 def test_cli_bad_input_is_a_message_not_a_traceback(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     r = runner.invoke(app, ["prepare", "--set", "data.splits.train=0.9"])

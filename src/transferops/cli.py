@@ -13,6 +13,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
+from importlib.metadata import version
 from pathlib import Path
 from types import ModuleType
 from typing import Annotated, Any, TypeVar
@@ -30,6 +31,26 @@ app = typer.Typer(
     "evaluate -> register -> promote (`run` does them all; `serve` schedules it).",
 )
 log = logging.getLogger("transferops")
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        print(f"transferops {version('transferops')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_show_version, is_eager=True, help="print the version and exit"
+        ),
+    ] = False,
+) -> None:
+    """Transfer-learning pipeline: prepare -> pull -> search -> train -> baseline -> evaluate
+    -> register -> promote (`run` does them all; `serve` schedules it)."""
+
 
 ParamsOpt = Annotated[
     Path, typer.Option("--params", "-p", help="params file (the one config file)")
