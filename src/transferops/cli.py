@@ -2,7 +2,7 @@
 
 Every command takes ``--params params.yaml`` and any number of ``--set key.path=value``
 overrides, validated by the same pydantic models as the file. Each command imports its verb's
-module when it runs, so `transferops --help` answers without loading torch, Optuna or MLflow.
+module when it runs, so `transferops --help` answers without loading Optuna or MLflow.
 """
 
 from __future__ import annotations

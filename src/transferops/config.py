@@ -634,19 +634,9 @@ class StepInputs:
 # Declared once: pipeline.fingerprint hashes these values, and a test checks dvc.yaml's
 # stages list exactly these params and depend on these paths.
 STEP_INPUTS: dict[str, StepInputs] = {
+    # every data.* key but where the output goes and which demo fills an empty data.path
     "prepare": StepInputs(
-        tuple(
-            f"data.{k}"
-            for k in (
-                "format",
-                "path",
-                "table",
-                "image",
-                "splits",
-                "limit_per_class",
-                "on_bad_file",
-            )
-        ),
+        tuple(f"data.{k}" for k in DataConfig.model_fields if k not in ("out", "demo")),
         ("data.path",),
     ),
     "pull": StepInputs(("source",)),

@@ -29,7 +29,7 @@ from transferops.artifacts import (
     sha256_files,
     sha256_json,
 )
-from transferops.config import Config, DataConfig
+from transferops.config import STEP_INPUTS, Config, DataConfig
 from transferops.data.demo import write_demo
 from transferops.data.readers import SPLITS, Example, RawDataset, Split, read_dataset
 from transferops.errors import DataError
@@ -91,14 +91,7 @@ def prepare(cfg: Config | DataConfig, force: bool = False) -> PrepareResult:
     out = Path(dcfg.out)
     if not force and _up_to_date(out, fingerprint):
         manifest = read_json(out / MANIFEST)
-        totals = _totals(manifest)
-        log.info(
-            "%s: up to date; %s; data hash %s",
-            out,
-            ", ".join(f"{k}={v}" for k, v in sorted(totals.items())),
-            manifest["data_hash"][:12],
-        )
-        return PrepareResult(out, manifest["data_hash"], True, totals)
+        return _result(out, manifest, skipped=True)
 
     assignment = assign_splits(raw, dcfg)  # validates counts before any decoding
     class_names = sorted({e.label for e in raw.examples})
@@ -144,13 +137,7 @@ def prepare(cfg: Config | DataConfig, force: bool = False) -> PrepareResult:
             "data_hash": sha256_json(artifacts),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    log.info(
-        "%s: written; %s; data hash %s",
-        out,
-        ", ".join(f"{s}={sum(c.values())}" for s, c in sorted(counts.items())),
-        manifest["data_hash"][:12],
-    )
-    return PrepareResult(out, manifest["data_hash"], False, _totals(manifest))
+    return _result(out, manifest, skipped=False)
 
 
 def prepared_data_hash(out: Path | str = "data/prepared") -> str:
@@ -190,8 +177,9 @@ def load_prepared(out: Path | str, split: Split) -> PreparedData:
 
 
 def _prepare_params(d: DataConfig) -> dict[str, Any]:
-    """The params that change prepare's output (DVC lists the same keys)."""
-    p = d.model_dump(mode="json", exclude={"out", "demo"})
+    """The params that change prepare's output (STEP_INPUTS["prepare"], as DVC lists them)."""
+    keys = {k.removeprefix("data.") for k in STEP_INPUTS["prepare"].params}
+    p = d.model_dump(mode="json", include=keys)
     if d.modality == "text":
         p.pop("image")
     return p
@@ -207,8 +195,13 @@ def _up_to_date(out: Path, fingerprint: str) -> bool:
     return all((out / name).exists() for name in m.get("artifacts", {}))
 
 
-def _totals(manifest: dict[str, Any]) -> dict[str, int]:
-    return {s: sum(c.values()) for s, c in manifest["counts"].items()}
+def _result(out: Path, manifest: dict[str, Any], skipped: bool) -> PrepareResult:
+    """The outcome, logged as the one line `transferops prepare` shows."""
+    totals = {s: sum(c.values()) for s, c in manifest["counts"].items()}
+    counts = ", ".join(f"{k}={v}" for k, v in sorted(totals.items()))
+    state = "up to date" if skipped else "written"
+    log.info("%s: %s; %s; data hash %s", out, state, counts, manifest["data_hash"][:12])
+    return PrepareResult(out, manifest["data_hash"], skipped, totals)
 
 
 def assign_splits(raw: RawDataset, d: DataConfig) -> dict[Split, list[Example]]:

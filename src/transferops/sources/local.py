@@ -14,11 +14,10 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from transferops.artifacts import save_weights
 from transferops.config import SourceConfig
 from transferops.errors import SourceError
 from transferops.families import build_architecture, family
-from transferops.sources.manifest import WEIGHTS, Pulled
+from transferops.sources.manifest import Pulled, torch_weights
 
 
 def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
@@ -73,13 +72,9 @@ def image_source(
             f"source.name: no block discovery for {cfg.name!r}; give source.blocks (module names "
             "per block, input -> output)"
         )
-
-    def save(folder: Path) -> str:
-        save_weights(model, folder / WEIGHTS)
-        return WEIGHTS
-
+    image_input = {"type": "image", **norm}
     return Pulled(
-        cfg.kind, cfg.name, model, fam, origin, {"type": "image", **norm}, save, cfg.blocks
+        cfg.kind, cfg.name, model, fam, origin, image_input, torch_weights(model), cfg.blocks
     )
 
 

@@ -15,7 +15,13 @@ from typing import Any
 
 from torch import nn
 
-from transferops.artifacts import atomic_dir, read_json, sha256_file, write_json_atomic
+from transferops.artifacts import (
+    atomic_dir,
+    read_json,
+    save_weights,
+    sha256_file,
+    write_json_atomic,
+)
 from transferops.errors import SourceError
 from transferops.families import discover
 
@@ -36,6 +42,16 @@ class Pulled:
     save: Callable[[Path], str]  # writes the weights into a folder, returns their file name
     user_blocks: list[list[str]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. the registered version
+
+
+def torch_weights(model: nn.Module) -> Callable[[Path], str]:
+    """A `Pulled.save` writing `model`'s state dict as safetensors."""
+
+    def save(folder: Path) -> str:
+        save_weights(model, folder / WEIGHTS)
+        return WEIGHTS
+
+    return save
 
 
 def write_source(out: Path, pulled: Pulled, spec_hash: str) -> dict[str, Any]:

@@ -15,12 +15,12 @@ from typing import Any
 
 import torch
 
-from transferops.artifacts import save_weights, sha256_file
+from transferops.artifacts import sha256_file
 from transferops.config import SourceConfig
 from transferops.errors import SourceError
 from transferops.mlflow_models import download_model_folder, registered_version
 from transferops.model_io import HF_DIR, rebuild_finetuned
-from transferops.sources.manifest import WEIGHTS, Pulled
+from transferops.sources.manifest import Pulled, torch_weights
 from transferops.tracking import absolute_uri
 
 
@@ -59,8 +59,7 @@ def load(cfg: SourceConfig, workdir: Path, reg: dict[str, Any]) -> Pulled:
             shutil.copytree(model_dir / HF_DIR, folder / HF_DIR)  # config + tokenizer
             model.save_pretrained(folder / HF_DIR, safe_serialization=True)
             return f"{HF_DIR}/model.safetensors"
-        save_weights(model, folder / WEIGHTS)
-        return WEIGHTS
+        return torch_weights(model)(folder)
 
     alias = f" (@{reg['alias']})" if reg["alias"] else ""
     registered = {**reg, "class_names": spec["class_names"], "data_hash": spec["data_hash"]}
