@@ -137,6 +137,37 @@ def test_color_and_odd_sizes_are_resized_once(tmp_path):
     assert (red[:, 0] == 255).all() and (red[:, 2] == 0).all()
 
 
+@pytest.mark.parametrize(
+    ("side", "auto_max", "chosen"),
+    [(8, 128, 64), (80, 128, 96), (300, 128, 128), (300, 256, 256)],
+)
+def test_auto_image_size_follows_the_images(tmp_path, caplog, side, auto_max, chosen):
+    """auto: the images' median shorter side rounded up to a multiple of 32, never below the
+    64 px a 32x-downsampling backbone needs, never above auto_max; the log says why."""
+    root = tmp_path / "raw"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i in range(5):
+            Image.new("RGB", (side + 20, side + i % 2), (i * 40, 0, 0)).save(
+                root / cls / f"{i}.png"
+            )
+    caplog.set_level(logging.INFO, logger="transferops")
+    r = prepare(cfg_for(root, tmp_path / "prep", image={"size": "auto", "auto_max": auto_max}))
+    assert read_manifest(r.out)["image_size"] == chosen
+    assert load_prepared(r.out, "train").images.shape[-1] == chosen
+    assert f"data.image.size: auto -> {chosen} px (median shorter side {side} px" in caplog.text
+
+
+def test_explicit_size_below_the_images_warns(tmp_path, caplog):
+    root = tmp_path / "raw"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i in range(5):
+            Image.new("RGB", (64, 64), (i * 40, 0, 0)).save(root / cls / f"{i}.png")
+    prepare(cfg_for(root, tmp_path / "prep", image={"size": 32}))
+    assert "data.image.size 32 downsizes your images (median shorter side 64 px)" in caplog.text
+
+
 # ----------------------------------------------------------------------- tables
 
 

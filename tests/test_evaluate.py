@@ -13,9 +13,10 @@ from transferops.artifacts import sha256_file
 from transferops.baseline import role_overrides, run_baselines, transfer_epochs
 from transferops.config import validate_config
 from transferops.data.prepare import SPLIT_READS, prepare
-from transferops.evaluate import ece, evaluate, mean_ci, verdict
+from transferops.evaluate import evaluate
 from transferops.finetune.train import train_from_config
 from transferops.search import run_search
+from transferops.stats import ece, mean_ci, paired_bootstrap, verdict
 
 from .conftest import tiny_digits
 
@@ -40,7 +41,28 @@ def test_verdict_logic():
     assert verdict({"mean": -0.10, "ci_low": -0.12, "ci_high": -0.08}) == (
         "scratch beats transfer by 10.0 ± 2.0 points"
     )
-    assert "one seed" in verdict({"mean": 0.1, "ci_low": None, "ci_high": None})
+    assert "no interval" in verdict({"mean": 0.1, "ci_low": None, "ci_high": None})
+
+
+def test_paired_bootstrap_uses_the_pairing():
+    rng = np.random.default_rng(1)
+    a = rng.random(300) < 0.8
+    b = a.copy()
+    b[:30] = ~b[:30]  # b differs from a on 30 of 300 examples, 10 %
+    d = paired_bootstrap(a, b)
+    assert d["mean"] == pytest.approx(a.mean() - b.mean()) and d["n"] == 300
+    assert d["ci_low"] < d["mean"] < d["ci_high"]
+    assert d == paired_bootstrap(a, b)  # seeded: reproducible
+    # identical models: a zero-width interval (an unpaired test could not see that)
+    assert paired_bootstrap(a, a) == {"mean": 0.0, "ci_low": 0.0, "ci_high": 0.0, "n": 300}
+    # a consistent 5-point gain on 300 examples is significant when paired
+    c = a.copy()
+    c[np.flatnonzero(~a)[:15]] = True
+    assert paired_bootstrap(c, a)["ci_low"] > 0
+    # the half width shrinks like 1/sqrt(n)
+    wide = paired_bootstrap(c[:75], a[:75])
+    full = paired_bootstrap(c, a)
+    assert wide["ci_high"] - wide["ci_low"] > 1.5 * (full["ci_high"] - full["ci_low"])
 
 
 def test_ece():
@@ -160,6 +182,11 @@ def test_pipeline_reads_test_only_in_evaluate_and_writes_the_report(
     assert acc["n"] == 2 and acc["ci_low"] <= acc["mean"] <= acc["ci_high"]
     d = saved["transfer_minus_scratch"]["accuracy"]
     assert saved["verdict"] == verdict(d)
+    # decided over the test examples, each role averaged over its seeds: the same mean as the
+    # seed-paired differences, whose t-interval is reported beside it
+    assert d["n"] == saved["test_size"] and d["over_seeds"]["n"] == 2
+    assert d["mean"] == pytest.approx(d["over_seeds"]["mean"])
+    assert saved["transfer_beats_scratch"] == (d["ci_low"] > 0)
     assert [r["per_class"] for r in saved["efficiency"]] == [2, "all"]
     assert all({"transfer", "scratch"} <= set(r) for r in saved["efficiency"])
     per_class = json.loads((out / "per_class.json").read_text())

@@ -19,7 +19,7 @@ from transferops.finetune.engine import finetune
 from transferops.finetune.plan import stage_depths
 from transferops.finetune.thaw import make_trainable, set_train_mode
 from transferops.finetune.train import build_net, train_from_config
-from transferops.model_io import Inputs, Preprocess, load_finetuned
+from transferops.model_io import Inputs, Preprocess, fit_width, load_finetuned
 from transferops.sources import load_source
 
 CPU = torch.device("cpu")
@@ -88,6 +88,54 @@ def test_hf_bert_blocks_reproduce_the_model():
         ref = (ref * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
         ours = net.pool(net.run_blocks(ids, 0, 4, mask), mask)
     assert torch.allclose(ours, ref, atol=1e-5)
+
+
+def test_texts_are_padded_per_batch_with_the_same_outputs():
+    """Batches are cut to their longest text and inference runs in length order; outputs are
+    those of padding every text to the split's longest."""
+    from transformers import BertConfig, BertModel
+
+    from transferops.finetune.cache import encode_prefix
+    from transferops.predict import predict_probs
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+    )
+    net = build_staged(BertModel(cfg).eval(), "hf_text", num_classes=3).eval()
+    lengths = torch.tensor([2, 12, 3, 2, 7, 4])
+    mask = (torch.arange(12)[None] < lengths[:, None]).long()
+    ids = torch.randint(1, 50, (6, 12)) * mask
+    data = Inputs(ids, torch.zeros(6, dtype=torch.long), mask)
+    x, ctx = data.batch(torch.tensor([0, 2, 3]))
+    assert x.shape == (3, 3) and ctx.shape == (3, 3)  # not 12 wide
+    assert data.inference_order().tolist() == [0, 3, 2, 5, 4, 1]
+    with torch.no_grad():
+        full = torch.softmax(net(ids, mask), 1).numpy()
+        feats = encode_prefix(net, data, 2, lambda x, *_: x, batch_size=2)
+        cached = net.decode(feats, 2, mask)
+    spec = {"source": {"family": "hf_text", "input": {"type": "text"}}, "modality": "text"}
+    assert np.allclose(predict_probs(net, spec, data, CPU, batch_size=2), full, atol=1e-5)
+    assert feats.shape[:2] == (6, 12)  # back to the split's width, in the original order
+    assert np.allclose(torch.softmax(cached, 1).numpy(), full, atol=1e-5)
+    assert fit_width(feats[:2], mask[:2, :3]).shape == (2, 3, 16)
+    assert fit_width(torch.zeros(2, 16), mask[:2, :3]).shape == (2, 16)  # pooled: unchanged
+    # training order: chunks of 16 shuffled batches, each sorted by length; small sets as drawn
+    n = 100
+    lens = torch.randint(1, 12, (n,))
+    big = Inputs(torch.zeros(n, 12), torch.zeros(n), None, lengths=lens)
+    perm = torch.randperm(n)
+    order = big.train_order(perm, batch_size=2)  # chunks of 32
+    assert sorted(order.tolist()) == list(range(n))
+    for i in range(0, n, 32):
+        chunk = order[i : i + 32]
+        assert set(chunk.tolist()) == set(perm[i : i + 32].tolist())
+        assert (lens[chunk].diff() >= 0).all()
+    assert torch.equal(big.train_order(perm, batch_size=16), perm)  # one chunk: left as drawn
 
 
 def test_lite0_blocks_reproduce_extract_features(lite0_source):

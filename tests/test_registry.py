@@ -40,8 +40,11 @@ def gate_cfg(tmp_path: Path, monkeypatch) -> Config:
     )
 
 
-def _challenger(cfg: Config, acc: float, beats: bool = True, scratch: float = 0.5) -> str:
-    """A version with the tags `register` writes, aliased challenger."""
+def _challenger(
+    cfg: Config, acc: float, beats: bool = True, scratch: float = 0.5, classical: float = 0.0
+) -> str:
+    """A version with the tags `register` writes, aliased challenger; `classical` is its test
+    accuracy minus the classical baseline's (interval +-0.03 around it)."""
     from transferops.tracking import setup_tracking
 
     setup_tracking(cfg.tracking)
@@ -62,6 +65,9 @@ def _challenger(cfg: Config, acc: float, beats: bool = True, scratch: float = 0.
             "verdict": "transfer beats scratch" if beats else "no significant gain",
             "data_hash": "d1",
             "classes": '["a", "b"]',
+            "minus_classical_mean": str(classical),
+            "minus_classical_ci_low": str(classical - 0.03),
+            "minus_classical_ci_high": str(classical + 0.03),
         },
     )
     client.set_registered_model_alias(NAME, CHALLENGER, mv.version)
@@ -88,6 +94,21 @@ def _ev(**kw) -> Evidence:
         verdict="transfer beats scratch by 15 ± 12 points",
     )
     return Evidence(**(base | kw))
+
+
+def test_cheap_gate_refuses_a_model_a_cheap_baseline_beats():
+    rule = RegistryConfig()
+    beaten = gate(
+        _ev(cheap={"probe": (0.01, -0.02, 0.04), "classical": (-0.08, -0.11, -0.05)}), rule
+    )
+    assert not beaten.promote
+    assert "fails the cheap-baseline gate (vs probe +1.0" in beaten.summary()
+    assert "beaten by classical -8.0 [-11.0, -5.0] points" in beaten.summary()
+    # within the noise of the test split (interval spans 0): not beaten
+    tied = gate(_ev(cheap={"classical": (-0.02, -0.05, 0.01)}), rule)
+    assert tied.promote and "passes the cheap-baseline gate" in tied.summary()
+    off = gate(_ev(cheap={"classical": (-0.08, -0.11, -0.05)}), RegistryConfig(cheap_gate=False))
+    assert off.promote and "cheap-baseline" not in off.summary()
 
 
 def test_gate_decides_on_the_interval_not_on_text():
@@ -171,6 +192,15 @@ def test_min_improvement_margin(gate_cfg):
     assert not promote(cfg).applied and _champion(cfg) == old
     new = _challenger(cfg, 0.86)
     assert promote(cfg).applied and _champion(cfg) == new
+
+
+def test_challenger_beaten_by_the_classical_baseline_is_not_crowned(gate_cfg):
+    old = _challenger(gate_cfg, 0.80)
+    promote(gate_cfg)
+    _challenger(gate_cfg, 0.90, classical=-0.05)  # beats the champion, loses to classical
+    d = promote(gate_cfg)
+    assert not d.applied and _champion(gate_cfg) == old
+    assert "fails the cheap-baseline gate (beaten by classical -5.0" in d.summary()
 
 
 def test_mean_gate_compares_with_the_scratch_mean(gate_cfg):
@@ -258,6 +288,10 @@ def test_lineage_tags_and_model_card(in_pipeline_dir):
         metrics["models"]["scratch"]["accuracy"]["mean"], abs=1e-6
     )
     assert t["verdict"] == metrics["verdict"]
+    for role in ("scratch", "classical"):  # what the cheap-baseline gate reads (+ scratch)
+        d = metrics["finetuned"]["minus"][role]
+        assert float(t[f"minus_{role}_ci_high"]) == pytest.approx(d["ci_high"], abs=1e-5)
+        assert d["ci_low"] <= d["mean"] <= d["ci_high"]
     card = client.download_artifacts(mv.run_id, "model_card.md")
     text = Path(card).read_text()
     assert t["data_hash"][:12] in text and metrics["verdict"] in text

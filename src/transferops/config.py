@@ -90,7 +90,10 @@ class TableConfig(_Section):
 class ImageConfig(_Section):
     """How images are decoded once in `prepare`."""
 
-    size: Annotated[int, Field(ge=8, le=1024)] = 32
+    # auto: from the data's image sizes (median shorter side, rounded up to a multiple of 32),
+    # at least AUTO_IMAGE_MIN, at most auto_max; prepare logs what it chose and why
+    size: Annotated[int, Field(ge=8, le=1024)] | Literal["auto"] = "auto"
+    auto_max: Annotated[int, Field(ge=32, le=1024)] = 128  # the CPU budget of `auto`
     resize: Literal["crop", "squash"] = Field(
         "crop", description="crop: shorter side to `size` then centre crop; squash: stretch"
     )
@@ -413,6 +416,9 @@ class RegistryConfig(_Section):
     # significant: evaluate's verdict must say transfer beats scratch (interval above 0);
     # mean: the model's test metric above the scratch mean (e.g. with a single seed)
     baseline_gate: Literal["significant", "mean"] = "significant"
+    # refuse a model that a cheap baseline (exact linear probe, classical) significantly beats
+    # on test accuracy (paired bootstrap over the test examples)
+    cheap_gate: bool = True
     out: str = "models/registry.json"  # what `register` registered (a DVC output)
 
 

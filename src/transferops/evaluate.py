@@ -3,27 +3,28 @@
 For every run `baseline` trained (transfer / scratch / probe over seeds, few-shot curve
 models) and a classical baseline fitted here on the train split: accuracy, macro-F1,
 per-class precision/recall, confusion matrix, calibration (ECE). Over seeds: the mean with a
-t confidence interval; transfer - scratch as paired differences (same seed) with their
-interval, and a verdict. Writes ``evaluate.out/``: ``metrics.json`` (DVC metrics),
-``evaluation.md`` (read this first), ``efficiency.csv`` / ``learning_curves.csv`` (DVC plots)
-and PNG plots, and logs test metrics into each run's MLflow run.
+t confidence interval. Transfer - scratch (and - probe) is decided by a paired bootstrap over
+the test examples (each role's correctness averaged over its seeds; `transferops.stats`), with
+the paired-by-seed t-interval reported beside it. The model `train` wrote (the one `register`
+registers) is compared the same way with every baseline: what the promotion gates read.
+Writes ``evaluate.out/``: ``metrics.json`` (DVC metrics), ``evaluation.md`` (read this first),
+``efficiency.csv`` / ``learning_curves.csv`` (DVC plots) and PNG plots, and logs test metrics
+into each run's MLflow run.
 
 metrics.json keys: ``test_size``, ``confidence``, ``models.<role>.<metric>.{mean, ci_low,
 ci_high, n}`` for role in transfer/scratch/probe (metric: accuracy, macro_f1, ece) and
-``models.classical.<metric>``, ``transfer_minus_scratch.accuracy.{mean, ci_low, ci_high, n}``,
-``transfer_minus_probe.accuracy...``, ``transfer_beats_scratch`` (bool), ``verdict`` (str),
-``efficiency`` (list of {per_class, transfer, scratch}), ``data_hash``, and
-``finetuned.{accuracy, macro_f1, ece, model_sha256, dir}``: the model `train` wrote, which
-`register` registers with these test metrics. Per-class precision
-and recall (``<role>.<class>.{precision, recall}``, first seed) are in ``per_class.json``, so
-``dvc metrics show`` stays a summary.
+``models.classical.<metric>``, ``transfer_minus_scratch.accuracy.{mean, ci_low, ci_high, n,
+over_seeds}`` (bootstrap interval; ``n`` test examples), ``transfer_minus_probe.accuracy...``,
+``transfer_beats_scratch`` (bool), ``verdict`` (str), ``efficiency`` (list of {per_class,
+transfer, scratch}), ``data_hash``, and ``finetuned.{accuracy, macro_f1, ece, model_sha256,
+dir, minus.<role>}``: the model `register` registers, with its paired accuracy difference
+to each baseline. Per-class precision and recall (``<role>.<class>.{precision, recall}``,
+first seed) are in ``per_class.json``, so ``dvc metrics show`` stays a summary.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -38,57 +39,13 @@ from transferops.errors import DataError
 from transferops.model_io import load_finetuned, make_inputs, pick_device
 from transferops.predict import predict_probs
 from transferops.report import report_markdown, write_plots
+from transferops.stats import ece, mean_ci, paired_bootstrap, verdict
 from transferops.tracking import setup_tracking
 
 log = logging.getLogger(__name__)
 
 
-# ------------------------------------------------------------------- statistics
-
-
-def mean_ci(
-    values: list[float],
-    confidence: float = 0.95,
-    bounds: tuple[float, float] = (-math.inf, math.inf),
-) -> dict[str, Any]:
-    """Mean and two-sided t confidence interval, clipped to the metric's `bounds` (None bounds
-    with a single value)."""
-    from scipy import stats
-
-    v = np.asarray(values, dtype=float)
-    n = len(v)
-    mean = float(v.mean())
-    if n < 2:
-        return {"mean": mean, "ci_low": None, "ci_high": None, "n": n}
-    half = float(stats.t.ppf((1 + confidence) / 2, n - 1) * v.std(ddof=1) / math.sqrt(n))
-    lo, hi = bounds
-    return {"mean": mean, "ci_low": max(lo, mean - half), "ci_high": min(hi, mean + half), "n": n}
-
-
-def verdict(diff: dict[str, Any], a: str = "transfer", b: str = "scratch") -> str:
-    """One line: does `a` beat `b` (accuracy difference in points, with its interval)?"""
-    m = diff["mean"] * 100
-    if diff["ci_low"] is None:
-        return f"{a} - {b}: {m:+.1f} points (one seed: no interval; add baseline.seeds)"
-    half = (diff["ci_high"] - diff["ci_low"]) / 2 * 100
-    if diff["ci_low"] > 0:
-        return f"{a} beats {b} by {m:.1f} ± {half:.1f} points"
-    if diff["ci_high"] < 0:
-        return f"{b} beats {a} by {-m:.1f} ± {half:.1f} points"
-    return f"no significant gain of {a} over {b} ({m:+.1f} ± {half:.1f} points)"
-
-
-def ece(probs: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
-    """Expected calibration error of the top-class confidence."""
-    conf = probs.max(1)
-    correct = probs.argmax(1) == y
-    edges = np.linspace(0, 1, bins + 1)
-    total = 0.0
-    for lo, hi in itertools.pairwise(edges):
-        m = (conf > lo) & (conf <= hi)
-        if m.any():
-            total += m.mean() * abs(correct[m].mean() - conf[m].mean())
-    return float(total)
+# ---------------------------------------------------------------------- scores
 
 
 def classification_metrics(
@@ -170,10 +127,12 @@ def evaluate(cfg: Config) -> dict[str, Any]:
     for e in index["runs"]:
         probs = predict(Path(e["dir"]), test, device)
         per_run[e["name"]] = e | {
-            "metrics": classification_metrics(probs, y, test.class_names, ec.ece_bins)
+            "metrics": classification_metrics(probs, y, test.class_names, ec.ece_bins),
+            "correct": probs.argmax(1) == y,
         }
     main = [r for r in per_run.values() if r["per_class"] is None]
     models: dict[str, Any] = {}
+    correct: dict[str, np.ndarray] = {}  # per test example, averaged over the role's seeds
     for role in ("transfer", "scratch", "probe"):
         runs = sorted((r for r in main if r["role"] == role), key=lambda r: r["seed"])
         if runs:
@@ -181,18 +140,18 @@ def evaluate(cfg: Config) -> dict[str, Any]:
                 m: mean_ci([r["metrics"][m] for r in runs], ec.confidence, (0, 1))
                 for m in ("accuracy", "macro_f1", "ece")
             }
+            correct[role] = np.mean([r["correct"] for r in runs], axis=0)
     classical_name = None
     if cfg.baseline.classical:
         cprobs, classical_name = classical_probs(load_prepared(cfg.data.out, "train"), test)
         cm = classification_metrics(cprobs, y, test.class_names, ec.ece_bins)
         models["classical"] = {k: cm[k] for k in ("accuracy", "macro_f1", "ece")}
-    diffs = {}
-    for other in ("scratch", "probe"):
-        a = {r["seed"]: r["metrics"]["accuracy"] for r in main if r["role"] == "transfer"}
-        b = {r["seed"]: r["metrics"]["accuracy"] for r in main if r["role"] == other}
-        seeds = sorted(set(a) & set(b))
-        if seeds:
-            diffs[other] = mean_ci([a[s] - b[s] for s in seeds], ec.confidence, (-1, 1))
+        correct["classical"] = cprobs.argmax(1) == y
+    diffs = {
+        other: _transfer_minus(main, correct, other, ec.confidence)
+        for other in ("scratch", "probe")
+        if other in correct
+    }
     line = verdict(diffs["scratch"])
     first = {r["role"]: r for r in main if r["seed"] == index["seeds"][0]}
     efficiency = _efficiency(per_run, first, cfg.baseline.efficiency_per_class)
@@ -202,13 +161,12 @@ def evaluate(cfg: Config) -> dict[str, Any]:
         "models": models,
         "transfer_minus_scratch": {"accuracy": diffs["scratch"]},
         **({"transfer_minus_probe": {"accuracy": diffs["probe"]}} if "probe" in diffs else {}),
-        "transfer_beats_scratch": diffs["scratch"]["ci_low"] is not None
-        and diffs["scratch"]["ci_low"] > 0,
+        "transfer_beats_scratch": diffs["scratch"]["ci_low"] > 0,
         "verdict": line,
         "efficiency": efficiency,
         "data_hash": data_hash,
     }
-    finetuned = _score_finetuned(cfg, test, device, data_hash)
+    finetuned = _score_finetuned(cfg, test, device, data_hash, correct)
     if finetuned is not None:
         metrics["finetuned"] = finetuned
     per_class = {role: r["metrics"]["per_class"] for role, r in first.items()}
@@ -223,10 +181,27 @@ def evaluate(cfg: Config) -> dict[str, Any]:
     return metrics
 
 
+def _transfer_minus(
+    main: list[dict], correct: dict[str, np.ndarray], other: str, confidence: float
+) -> dict[str, Any]:
+    """Transfer - `other` test accuracy: a paired bootstrap over test examples (the decision),
+    with the paired-by-seed t-interval beside it (``over_seeds``: how much seeds move it)."""
+    diff = paired_bootstrap(correct["transfer"], correct[other], confidence)
+    a = {r["seed"]: r["metrics"]["accuracy"] for r in main if r["role"] == "transfer"}
+    b = {r["seed"]: r["metrics"]["accuracy"] for r in main if r["role"] == other}
+    seeds = sorted(set(a) & set(b))
+    return diff | {"over_seeds": mean_ci([a[s] - b[s] for s in seeds], confidence, (-1, 1))}
+
+
 def _score_finetuned(
-    cfg: Config, test: PreparedData, device: torch.device, data_hash: str
+    cfg: Config,
+    test: PreparedData,
+    device: torch.device,
+    data_hash: str,
+    baselines: dict[str, np.ndarray],
 ) -> dict[str, Any] | None:
-    """Test metrics of the model `train` wrote (the one `register` will register)."""
+    """Test metrics of the model `train` wrote (the one `register` will register), and its
+    paired accuracy difference to each baseline (``minus.<role>``: what the gates read)."""
     model_dir = Path(cfg.finetune.out)
     if not (model_dir / "model.json").exists():
         log.warning(
@@ -236,15 +211,16 @@ def _score_finetuned(
     if read_json(model_dir / "model.json")["data_hash"] != data_hash:
         log.warning("%s was trained on other data: re-run `transferops train`", model_dir)
         return None
-    m = classification_metrics(
-        predict(model_dir, test, device),
-        test.labels.numpy(),
-        test.class_names,
-        cfg.evaluate.ece_bins,
-    )
+    probs = predict(model_dir, test, device)
+    y = test.labels.numpy()
+    m = classification_metrics(probs, y, test.class_names, cfg.evaluate.ece_bins)
+    conf = cfg.evaluate.confidence
     return {k: m[k] for k in ("accuracy", "macro_f1", "ece")} | {
         "model_sha256": sha256_file(model_dir / "model.safetensors"),
         "dir": str(model_dir),
+        "minus": {
+            role: paired_bootstrap(probs.argmax(1) == y, c, conf) for role, c in baselines.items()
+        },
     }
 
 

@@ -33,6 +33,7 @@ from transferops.errors import ConfigError
 from transferops.families import build_architecture, build_staged, family
 from transferops.finetune.blocks import StagedNet
 
+GROUP_BATCHES = 16  # batches per length-sorted chunk of a text training epoch
 HF_DIR = "hf"  # a text model's config + tokenizer, in source and model folders alike
 
 
@@ -41,22 +42,60 @@ HF_DIR = "hf"  # a text model's config + tokenizer, in source and model folders 
 
 @dataclass
 class Inputs:
-    """One split as tensors: images uint8 [N,3,H,W] or token ids [N,L] (+ mask), labels [N]."""
+    """One split as tensors: images uint8 [N,3,H,W] or token ids [N,L] (+ mask), labels [N].
+
+    Texts are stored padded to the split's longest but batched to the batch's longest
+    (:meth:`batch`): attention cost grows with the padded width, so one long text must not
+    make every batch pay for it."""
 
     x: torch.Tensor
     y: torch.Tensor
     ctx: torch.Tensor | None = None  # attention mask for text
+    lengths: torch.Tensor | None = None  # tokens per text, on the CPU (no host sync per batch)
+
+    def __post_init__(self) -> None:
+        if self.ctx is not None and self.lengths is None:
+            self.lengths = self.ctx.sum(1).cpu()
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
     def to(self, device: torch.device) -> Inputs:
         ctx = self.ctx.to(device) if self.ctx is not None else None
-        return Inputs(self.x.to(device), self.y.to(device), ctx)
+        return Inputs(self.x.to(device), self.y.to(device), ctx, self.lengths)
 
     def batch(self, idx: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(x, ctx) of the examples at `idx`."""
-        return self.x[idx], self.ctx[idx] if self.ctx is not None else None
+        """(x, ctx) of the examples at `idx` (a slice or a CPU index tensor), texts cut to
+        the longest text among them."""
+        if self.ctx is None or self.lengths is None:
+            return self.x[idx], None
+        lengths = self.lengths[idx]
+        width = max(1, int(lengths.max())) if lengths.numel() else 1
+        return self.x[idx, :width], self.ctx[idx, :width]
+
+    def train_order(self, perm: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """A shuffled order whose batches hold texts of similar length (what Hugging Face's
+        ``group_by_length`` does): each chunk of ``GROUP_BATCHES`` batches of `perm` sorted by
+        length. Sets smaller than one chunk keep `perm`: they are cheap, and grouping them
+        would fix each batch's members for every epoch."""
+        chunk = GROUP_BATCHES * batch_size
+        if self.lengths is None or len(perm) <= chunk:
+            return perm
+        parts = [perm[i : i + chunk] for i in range(0, len(perm), chunk)]
+        return torch.cat([p[torch.argsort(self.lengths[p], stable=True)] for p in parts])
+
+    def inference_order(self) -> torch.Tensor:
+        """An order of the examples for batched inference: texts by length, so a batch holds
+        texts of similar length and little padding (undo with ``argsort``)."""
+        if self.lengths is None:
+            return torch.arange(len(self))
+        return torch.argsort(self.lengths, stable=True)
+
+
+def fit_width(h: torch.Tensor, ctx: torch.Tensor | None) -> torch.Tensor:
+    """Cached text features [B, L, H] cut to the width of their batch's mask (pooled
+    features [B, H] and image features pass unchanged)."""
+    return h[:, : ctx.shape[1]] if ctx is not None and h.dim() == 3 else h
 
 
 def decode_image(src: Path | str | bytes, size: int, resize: str) -> np.ndarray:

@@ -30,14 +30,15 @@ def predict_probs(
     """Class probabilities [N, C] of `net` (in eval mode) on `inputs`."""
     net.to(device).eval()
     pre = make_preprocess(spec["source"], device, spec["modality"])  # no augmentation
+    order = inputs.inference_order()  # texts by length: little padding per batch
     out = []
     for i in range(0, len(inputs), batch_size):
-        ctx = inputs.ctx[i : i + batch_size].to(device) if inputs.ctx is not None else None
-        x = pre(inputs.x[i : i + batch_size].to(device), False, None)
-        out.append(torch.softmax(net(x, ctx).float(), 1).cpu())
+        x, ctx = inputs.batch(order[i : i + batch_size])
+        ctx = ctx.to(device) if ctx is not None else None
+        out.append(torch.softmax(net(pre(x.to(device), False, None), ctx).float(), 1).cpu())
     if not out:
         return np.zeros((0, len(spec["class_names"])), dtype=np.float32)
-    return torch.cat(out).numpy()
+    return torch.cat(out)[torch.argsort(order)].numpy()
 
 
 def raw_inputs(spec: dict[str, Any], model_dir: Path, items: list[Any]) -> Inputs:

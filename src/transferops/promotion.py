@@ -8,9 +8,13 @@ and the rule:
 1. baseline gate: the challenger beats the from-scratch baseline
    (``registry.baseline_gate``: ``significant`` = the lower end of the transfer - scratch
    interval is above 0; ``mean`` = its test metric is above the scratch mean);
-2. champion gate: its test ``registry.metric`` beats the champion's by more than 0 and at
+2. cheap-baseline gate (``registry.cheap_gate``): no cheap alternative (the exact linear
+   probe, the classical model) beats it significantly: the upper end of its paired-bootstrap
+   interval of test accuracy minus that baseline's is not below 0. A user is never handed a
+   model that something fitted in seconds beats;
+3. champion gate: its test ``registry.metric`` beats the champion's by more than 0 and at
    least ``registry.min_improvement``, on the same test split. The first model passes it; a
-   champion trained on other classes cannot be compared and is replaced when gate 1 passes.
+   champion trained on other classes cannot be compared and is replaced when gates 1-2 pass.
 
 Otherwise nothing changes and the decision says why.
 """
@@ -33,6 +37,9 @@ from transferops.register import CHALLENGER, CHAMPION
 from transferops.tracking import setup_tracking
 
 log = logging.getLogger(__name__)
+
+CHEAP = ("probe", "classical")  # the baselines fitted in seconds that a model must not lose to
+BOUNDS = ("mean", "ci_low", "ci_high")
 
 
 @dataclass
@@ -69,6 +76,8 @@ class Evidence:
     scratch_mean: float  # the from-scratch baseline's mean test metric
     gain_low: float | None  # lower end of the transfer - scratch interval (None: one seed)
     verdict: str  # evaluate's verdict line, quoted in the reason
+    # cheap baseline -> (mean, ci_low, ci_high) of this model's test accuracy minus its
+    cheap: dict[str, tuple[float, float, float]] = field(default_factory=dict)
     champion: str | None = None  # version, None when there is none
     champion_metric: float | None = None  # on the challenger's test split; None: not comparable
     champion_note: str = ""  # how champion_metric was obtained, or why there is none
@@ -88,6 +97,10 @@ def gate(ev: Evidence, rule: RegistryConfig) -> Decision:
         beats = ev.challenger_metric > ev.scratch_mean
         detail = f"test {metric} {ev.challenger_metric:.4f} vs scratch mean {ev.scratch_mean:.4f}"
     d.reasons.append(f"{'passes' if beats else 'fails'} the baseline gate ({detail})")
+    if rule.cheap_gate and ev.cheap:
+        cheap_ok, detail = _cheap_gate(ev.cheap)
+        d.reasons.append(f"{'passes' if cheap_ok else 'fails'} the cheap-baseline gate ({detail})")
+        beats = beats and cheap_ok
     if ev.champion is None:
         d.reasons.append("no champion yet (first model)")
         d.promote = beats
@@ -106,6 +119,17 @@ def gate(ev: Evidence, rule: RegistryConfig) -> Decision:
     )
     d.promote = beats and wins
     return d
+
+
+def _cheap_gate(cheap: dict[str, tuple[float, float, float]]) -> tuple[bool, str]:
+    """Whether no cheap baseline beats the model significantly; the differences, in points."""
+    better = [r for r, (_, _, hi) in cheap.items() if hi < 0]
+    detail = ", ".join(
+        f"{'beaten by' if r in better else 'vs'} {r} {m * 100:+.1f} [{lo * 100:+.1f}, "
+        f"{hi * 100:+.1f}] points"
+        for r, (m, lo, hi) in cheap.items()
+    )
+    return not better, detail
 
 
 def _alias(client: Any, name: str, alias: str) -> Any | None:
@@ -168,6 +192,11 @@ def evidence(cfg: Config, client: Any) -> Evidence:
         scratch_mean=_metric_tag(challenger, f"scratch_{metric}"),
         gain_low=_float_tag(challenger, "transfer_minus_scratch_ci_low"),
         verdict=challenger.tags.get("verdict", "no verdict recorded"),
+        cheap={
+            role: tuple(float(challenger.tags[f"minus_{role}_{k}"]) for k in BOUNDS)
+            for role in CHEAP
+            if f"minus_{role}_ci_high" in challenger.tags
+        },
         champion=str(champion.version) if champion else None,
     )
     if champion is None or champion.version == challenger.version:

@@ -137,6 +137,8 @@ def lineage_tags(
                 tags[f"{role}_{m}"] = models[role][m]["mean"]
         if "classical" in models:
             tags[f"classical_{m}"] = models["classical"][m]
+    for role, d in ft.get("minus", {}).items():  # what the cheap-baseline gate reads
+        tags |= {f"minus_{role}_{k}": d[k] for k in ("mean", "ci_low", "ci_high")}
     if search is not None:
         tags |= {
             "best_trial": f"{search['study_name']}#{search['best_trial']}",
@@ -225,10 +227,11 @@ def model_card(name: str, version: str, tags: dict[str, str], spec: dict, metric
         "Scored on one held-out test split of the data above; expect lower accuracy on data "
         "that differs from it.",
     ]
-    if "classical" in models and models["classical"]["accuracy"] > float(tags["test_accuracy"]):
+    better = [r for r, d in metrics["finetuned"].get("minus", {}).items() if d["ci_high"] < 0]
+    if better:
         lines.append(
-            "The classical baseline scores higher than this model on the test split: prefer it "
-            "unless the transfer model is needed for another reason."
+            f"The {' and '.join(better)} baseline(s) score significantly higher than this model "
+            "on the test split: prefer them unless this model is needed for another reason."
         )
     return "\n".join(lines) + "\n"
 

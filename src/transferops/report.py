@@ -85,8 +85,9 @@ def report_markdown(metrics: dict, per_class: dict, classical: str | None) -> st
     lines = [
         "# Evaluation report",
         "",
-        f"**Verdict: {metrics['verdict']}** (test accuracy, paired by seed over "
-        f"{metrics['models']['transfer']['accuracy']['n']} seed(s), {conf}% t-interval).",
+        f"**Verdict: {metrics['verdict']}** (test accuracy; {conf}% paired bootstrap over the "
+        f"{metrics['test_size']} test examples, each model averaged over its "
+        f"{metrics['models']['transfer']['accuracy']['n']} seed(s)).",
         "",
         f"Test split: {metrics['test_size']} examples, read only here. Data hash "
         f"`{metrics['data_hash'][:12]}`.",
@@ -111,20 +112,18 @@ def report_markdown(metrics: dict, per_class: dict, classical: str | None) -> st
             f"| **model to register** (`{f['dir']}`) | {f['accuracy']:.3f} | "
             f"{f['macro_f1']:.3f} | {f['ece']:.3f} |",
         )
-    d = metrics["transfer_minus_scratch"]["accuracy"]
-    lines += ["", f"Transfer − scratch (accuracy): {_fmt(d)}."]
-    if "transfer_minus_probe" in metrics:
+    lines += ["", f"Differences in test accuracy ({conf}% intervals):", ""]
+    for other in ("scratch", "probe"):
+        if f"transfer_minus_{other}" in metrics:
+            d = metrics[f"transfer_minus_{other}"]["accuracy"]
+            lines.append(
+                f"- transfer − {other}: {_fmt(d)} over test examples; "
+                f"{_fmt(d['over_seeds'])} over seeds"
+            )
+    for role, d in metrics.get("finetuned", {}).get("minus", {}).items():
         lines.append(
-            f"Transfer − linear probe: {_fmt(metrics['transfer_minus_probe']['accuracy'])}."
-        )
-    if "classical" in metrics["models"]:
-        gap = (
-            metrics["models"]["transfer"]["accuracy"]["mean"]
-            - metrics["models"]["classical"]["accuracy"]
-        )
-        lines.append(
-            f"Transfer − classical: {gap * 100:+.1f} points"
-            + (" — the classical model is better: say so before shipping." if gap < 0 else ".")
+            f"- model to register − {role}: {_fmt(d)}"
+            + (f" — the {role} baseline is significantly better" if d["ci_high"] < 0 else "")
         )
     if metrics["efficiency"]:
         lines += [

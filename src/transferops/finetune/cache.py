@@ -17,6 +17,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from transferops.config import FinetuneConfig
 from transferops.finetune.blocks import StagedNet
@@ -49,19 +50,25 @@ def encode_prefix(
     gen: torch.Generator | None = None,
     amp: Autocast = nullcontext,
 ) -> torch.Tensor:
-    """``net.encode(x, prefix)`` for every example, in batches, with the prefix in eval mode."""
+    """``net.encode(x, prefix)`` for every example, in batches, with the prefix in eval mode.
+    Texts go in length order (little padding per batch) and come out padded to the split's
+    width, in the original order."""
     was = [b.training for b in net.blocks[:prefix]]
     for b in net.blocks[:prefix]:
         b.eval()
+    order = data.inference_order()
     outs = []
     for i in range(0, len(data), batch_size):
-        x, ctx = data.batch(slice(i, i + batch_size))
+        x, ctx = data.batch(order[i : i + batch_size])
         x = pre(x, train_aug, gen)
         with amp():
-            outs.append(net.encode(x, prefix, ctx).float())
+            h = net.encode(x, prefix, ctx).float()
+        if ctx is not None and h.dim() == 3:  # back to the split's width for one tensor
+            h = F.pad(h, (0, 0, 0, data.x.shape[1] - h.shape[1]))
+        outs.append(h)
     for b, w in zip(net.blocks[:prefix], was, strict=True):
         b.train(w)
-    return torch.cat(outs)
+    return torch.cat(outs)[torch.argsort(order)]
 
 
 def _fits(
@@ -74,8 +81,8 @@ def _fits(
     cfg: FinetuneConfig,
 ) -> bool:
     """Whether `n_views` train views + val of this prefix fit feature_cache_max_mb."""
-    x, ctx = train.batch(slice(0, 2))
-    per_example = encode_prefix(net, Inputs(x, train.y[:2], ctx), prefix, pre, 2)[0].numel() * 4
+    two = Inputs(train.x[:2], train.y[:2], train.ctx[:2] if train.ctx is not None else None)
+    per_example = encode_prefix(net, two, prefix, pre, 2)[0].numel() * 4
     n_examples = len(train) * n_views + len(val)
     return per_example * n_examples <= cfg.feature_cache_max_mb * 2**20
 

@@ -40,7 +40,7 @@ from transferops.finetune.thaw import (
     set_train_mode,
     thaw,
 )
-from transferops.model_io import Inputs, Preprocess
+from transferops.model_io import Inputs, Preprocess, fit_width
 from transferops.progress import make_progress
 
 log = logging.getLogger(__name__)
@@ -236,7 +236,8 @@ def train_epoch(
     """One pass over `train` in a seeded order; returns the mean training loss."""
     set_train_mode(net, stage.depth, cfg.bn_mode)
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + stage.index * 1009 + epoch)
-    perm = torch.randperm(len(train), generator=gen).to(train.y.device)
+    # CPU indices: batch() cuts text widths to the batch's longest, with no host sync
+    perm = train.train_order(torch.randperm(len(train), generator=gen), cfg.batch_size)
     steps = math.ceil(len(train) / cfg.batch_size)
     loss_sum = torch.zeros((), device=train.y.device)  # on the device: no host sync per step
     for b in range(steps):
@@ -247,7 +248,7 @@ def train_epoch(
         x, ctx = train.batch(idx)
         with amp():
             if feats is not None:
-                h = feats.train_batch(epoch, idx)
+                h = fit_width(feats.train_batch(epoch, idx), ctx)
             else:
                 x = pre(x, True, gen)
                 with torch.no_grad():  # the frozen prefix needs no graph
@@ -280,7 +281,7 @@ def evaluate(
         y = data.y[i : i + bs]
         with amp():
             if feats is not None:
-                logits = net.decode(feats.val[i : i + bs], frozen, ctx)
+                logits = net.decode(fit_width(feats.val[i : i + bs], ctx), frozen, ctx)
             else:
                 logits = net(pre(x, False, None), ctx)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
@@ -315,7 +316,7 @@ def recalibrate_bn(
         x, ctx = data.batch(slice(i, i + bs))
         with amp():
             h = (
-                feats[i : i + bs]
+                fit_width(feats[i : i + bs], ctx)
                 if feats is not None
                 else net.encode(pre(x, False, None), frozen, ctx)
             )
