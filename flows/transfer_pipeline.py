@@ -24,12 +24,24 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from transferops.config import load_config, with_overrides
+from transferops.errors import TransferopsError
 from transferops.pipeline import StepFn, StepKey, run_pipeline
 from transferops.tracking import run_link
 
 # Transient failures worth retrying: a locked sqlite store under parallel workers, a hub or
 # tracking server that drops a connection. Training steps are deterministic: no retry.
 RETRIES = {"pull": 2, "search": 1, "register": 2, "promote": 2}
+
+
+def _transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry only what retrying can fix: never a user error (params, data, credentials)."""
+    try:
+        state.result()
+    except TransferopsError:
+        return False
+    except Exception:
+        return True
+    return True
 
 
 def _cache_key(context: Any, parameters: dict[str, Any]) -> str | None:
@@ -49,6 +61,7 @@ def _prefect_runner(tracking: Any) -> Any:
             task_run_name=step,
             retries=RETRIES.get(step, 0),
             retry_delay_seconds=5,
+            retry_condition_fn=_transient,
             refresh_cache=key is not None and not key.current,
         )
         result = runner(step, key.fingerprint if key else None, fn)

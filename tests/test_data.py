@@ -268,11 +268,31 @@ def test_missing_folder(tmp_path):
     assert "data.path" in msg and str(tmp_path / "nope") in msg and "does not exist" in msg
 
 
-def test_empty_class_folder(tmp_path, image_folder):
-    (image_folder / "three").mkdir()
-    (image_folder / "three" / "readme.md").write_text("x")
-    msg = _bad(cfg_for(image_folder, tmp_path / "prep"))
-    assert str(image_folder / "three") in msg and "no image files" in msg
+def test_empty_class_folders_are_skipped_or_all_named(tmp_path, image_folder, caplog):
+    for name in ("three", "four"):
+        (image_folder / name).mkdir()
+        (image_folder / name / "readme.md").write_text("x")
+    msg = _bad(cfg_for(image_folder, tmp_path / "prep", on_empty_class="fail"))
+    assert "2 class folder(s)" in msg and "three" in msg and "four" in msg  # all, at once
+    assert "data.on_empty_class: skip" in msg
+    r = prepare(cfg_for(image_folder, tmp_path / "prep"))  # default: skip with one warning
+    assert read_manifest(r.out)["class_names"] == ["one", "two", "zero"]
+    assert "skipped 2 class folder(s) with no image files: four, three" in caplog.text
+
+
+def test_many_bad_files_warn_a_few_times_and_the_manifest_lists_them(
+    tmp_path, image_folder, caplog
+):
+    for i in range(30):
+        (image_folder / "one" / f"broken{i}.png").write_bytes(b"not a png")
+    r = prepare(cfg_for(image_folder, tmp_path / "prep"))
+    per_file = [m for m in caplog.messages if m.startswith("skipping ")]
+    assert len(per_file) == 5
+    assert (
+        "skipped 30 undecodable file(s)" in caplog.text and "listed in the manifest" in caplog.text
+    )
+    m = read_manifest(r.out)["skipped_files"]
+    assert m["count"] == 30 and len(m["files"]) == 30
 
 
 def test_only_one_class(tmp_path):
@@ -298,7 +318,7 @@ def test_corrupt_image_skip_or_fail(tmp_path, image_folder, caplog):
     with caplog.at_level(logging.WARNING):
         prepare(cfg_for(image_folder, tmp_path / "prep", on_bad_file="skip"))
     m = read_manifest(tmp_path / "prep")
-    assert m["skipped_files"] == {"count": 1, "examples": [str(bad)]}
+    assert m["skipped_files"] == {"count": 1, "files": [str(bad)]}
     assert sum(sum(c.values()) for c in m["counts"].values()) == 18
     assert "broken.jpg" in caplog.text
 

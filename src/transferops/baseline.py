@@ -29,7 +29,7 @@ from transferops.data.prepare import prepare, read_manifest
 from transferops.finetune.plan import total_epochs
 from transferops.finetune.train import save_finetuned, train_model
 from transferops.sources import read_source_manifest
-from transferops.tracking import log_epoch, setup_tracking
+from transferops.tracking import log_epoch, setup_tracking, start_run
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def _train_one(
         "source_sha256": source["sha256"],
     }
     same = _same_as_trained(rcfg, role, manifest["data_hash"], source["sha256"])
-    with mlflow.start_run(run_name=name, tags=tags) as run:
+    with start_run(mlflow, run_name=name, tags=tags) as run:
         mlflow.log_params(
             {
                 k.removeprefix("finetune."): v

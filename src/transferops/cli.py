@@ -7,10 +7,12 @@ module when it runs, so `transferops --help` answers without loading Optuna or M
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from importlib.metadata import version
@@ -20,9 +22,12 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from transferops import interrupt
 from transferops.config import Config, load_config, parse_override, read_overrides_file
 from transferops.errors import TransferopsError
+from transferops.lock import project_lock
 from transferops.progress import console, hand_logging_to_prefect, setup_logging
+from transferops.redact import has_password, mask
 
 app = typer.Typer(
     add_completion=False,
@@ -81,8 +86,20 @@ def _user_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except TransferopsError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            console.print(f"[bold red]error:[/] {mask(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _locked(fn: F) -> F:
+    """Hold the project folder's lock (one run per folder) while the command runs."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with project_lock(fn.__name__):
+            interrupt.install(fn.__name__)  # Ctrl-C / SIGTERM: clean stop, exit 130
+            return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
 
@@ -99,11 +116,14 @@ def _cfg(
         sets += [f"{k}={json.dumps(v)}" for k, v in read_overrides_file(overrides_file).items()]
     sets += list(overrides or [])
     sets += [f"{k}={json.dumps(v)}" for k, v in (extra or {}).items() if v is not None]
-    return load_config(params, sets)
+    cfg = load_config(params, sets)
+    interrupt.at_step(interrupt.STATE["step"] or "start", cfg)  # what an interrupt cleans
+    return cfg
 
 
 @app.command()
 @_user_errors
+@_locked
 def prepare(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
@@ -121,6 +141,7 @@ def prepare(
 
 @app.command("demo-data")
 @_user_errors
+@_locked
 def demo_data(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
@@ -137,6 +158,7 @@ def demo_data(
 
 @app.command()
 @_user_errors
+@_locked
 def pull(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
@@ -157,6 +179,7 @@ def pull(
 
 @app.command()
 @_user_errors
+@_locked
 def train(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
@@ -194,6 +217,7 @@ def search(
 
 @app.command()
 @_user_errors
+@_locked
 def baseline(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
@@ -210,6 +234,7 @@ def baseline(
 
 @app.command()
 @_user_errors
+@_locked
 def evaluate(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
@@ -224,6 +249,7 @@ def evaluate(
 
 @app.command()
 @_user_errors
+@_locked
 def register(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
@@ -248,17 +274,25 @@ def promote(
     from transferops.promotion import promote as _promote
 
     cfg = _cfg(params, set_)
-    _promote(cfg, dry_run=dry_run)  # its log line is the decision: printed once
+    with contextlib.nullcontext() if dry_run else project_lock("promote"):
+        _promote(cfg, dry_run=dry_run)  # its log line is the decision: printed once
 
 
 def _overrides_map(
     overrides: list[str] | None, overrides_file: Path | None = None
 ) -> dict[str, Any]:
-    """--overrides-file and --set as one mapping of dotted keys (what the flow takes)."""
+    """--overrides-file and --set as one mapping of dotted keys (what the flow takes). A URL
+    with a password is handed over as a ``${TRANSFEROPS_SECRET_<n>}`` placeholder set in this
+    process's environment (which the flow run inherits): Prefect stores flow-run parameters
+    in its database and shows them in its UI."""
     out = dict(read_overrides_file(overrides_file)) if overrides_file else {}
     for text in overrides or []:
         parts, value = parse_override(text)
         out[".".join(parts)] = value
+    for i, (key, value) in enumerate(sorted(out.items())):
+        if isinstance(value, str) and has_password(value):
+            os.environ[f"TRANSFEROPS_SECRET_{i}"] = value
+            out[key] = f"${{TRANSFEROPS_SECRET_{i}}}"
     return out
 
 
@@ -278,6 +312,7 @@ def _flow_module() -> ModuleType:
 
 @app.command()
 @_user_errors
+@_locked
 def run(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
@@ -293,6 +328,9 @@ def run(
     register -> promote. Unchanged steps are skipped."""
     cfg = _cfg(params, set_)  # validate before Prefect starts
     if prefect:
+        from transferops.services import check_services
+
+        check_services(cfg)  # and reach the services: a bad URL fails before Prefect starts
         flows = _flow_module()
         hand_logging_to_prefect()
         summary = flows.transfer_pipeline(params_file=str(params), overrides=_overrides_map(set_))

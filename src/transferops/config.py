@@ -127,6 +127,9 @@ class DataConfig(_Section):
     on_bad_file: Literal["skip", "fail"] = Field(
         "skip", description="corrupt / undecodable files: skip with a warning, or fail"
     )
+    on_empty_class: Literal["skip", "fail"] = Field(
+        "skip", description="class folders with no images: skip with one warning, or fail"
+    )
 
     @property
     def modality(self) -> Literal["image", "text"]:

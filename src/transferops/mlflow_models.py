@@ -12,6 +12,7 @@ from typing import Any
 
 from transferops.config import registered_model_uri
 from transferops.errors import SourceError
+from transferops.redact import expand_env, mask
 
 
 def registered_version(uri: str, registry_uri: str) -> dict[str, Any]:
@@ -33,7 +34,8 @@ def registered_version(uri: str, registry_uri: str) -> dict[str, Any]:
     from mlflow import MlflowClient  # MLflow costs seconds to import: only when used
     from mlflow.exceptions import MlflowException
 
-    client = MlflowClient(tracking_uri=registry_uri, registry_uri=registry_uri)
+    real = expand_env(registry_uri, "source.registry_uri")
+    client = MlflowClient(tracking_uri=real, registry_uri=real)
     try:
         if alias is not None:
             mv = client.get_model_version_by_alias(name, alias)
@@ -42,7 +44,7 @@ def registered_version(uri: str, registry_uri: str) -> dict[str, Any]:
     except MlflowException as exc:
         known = sorted(m.name for m in client.search_registered_models(max_results=50))
         raise SourceError(
-            f"source.name: {uri} is not in the registry {registry_uri} "
+            f"source.name: {uri} is not in the registry {mask(registry_uri)} "
             f"({str(exc.message).splitlines()[0]}). Registered models there: "
             f"{', '.join(known) or 'none'}; register one with `transferops register`"
         ) from None
@@ -67,11 +69,12 @@ def download_model_folder(
     import yaml
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=registry_uri, registry_uri=registry_uri)
+    real = expand_env(registry_uri, "source.registry_uri") if registry_uri else None
+    client = MlflowClient(tracking_uri=real, registry_uri=real)
     where = client.get_model_version_download_uri(name, str(version))
     local = Path(
         mlflow.artifacts.download_artifacts(
-            artifact_uri=where, dst_path=str(dst), tracking_uri=registry_uri
+            artifact_uri=where, dst_path=str(dst), tracking_uri=real
         )
     )
     if not (local / "MLmodel").exists():

@@ -25,16 +25,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from transferops import interrupt
 from transferops.artifacts import read_json, sha256_file, sha256_json, write_json_atomic
 from transferops.baseline import run_baselines
 from transferops.config import STEP_INPUTS, Config, step_params, with_overrides
 from transferops.data.prepare import prepare
 from transferops.evaluate import evaluate
 from transferops.finetune.train import train_from_config
+from transferops.lock import project_lock
 from transferops.promotion import promote
 from transferops.register import register
 from transferops.search import run_search
+from transferops.services import check_services
 from transferops.sources import pull_from_config
+from transferops.tracking import close_runs
 
 log = logging.getLogger(__name__)
 
@@ -221,8 +225,21 @@ def run_locally(step: str, key: StepKey | None, fn: StepFn) -> dict[str, Any]:
 def run_pipeline(cfg: Config, run_step: StepRunner = run_locally) -> dict[str, Any]:
     """prepare -> pull -> search -> train -> baseline -> evaluate -> register -> promote.
 
-    Returns a summary. Steps whose fingerprint and outputs are unchanged are not redone.
+    Returns a summary. Steps whose fingerprint and outputs are unchanged are not redone. Holds
+    the project folder's lock throughout: a second run in the folder is refused at once.
     """
+    with project_lock("run"):
+        check_services(cfg)  # an unreachable server or bad storage URL: one line, now
+        close_runs(cfg.tracking)  # MLflow runs a killed earlier run left RUNNING
+
+        def step_runner(step: str, key: StepKey | None, fn: StepFn) -> dict[str, Any]:
+            interrupt.at_step(step, cfg)  # what an interrupt message names
+            return run_step(step, key, fn)
+
+        return _run_steps(cfg, step_runner)
+
+
+def _run_steps(cfg: Config, run_step: StepRunner) -> dict[str, Any]:
 
     def cached(step: str, c: Config, upstream: dict[str, Any], fn: Callable) -> dict[str, Any]:
         fp = fingerprint(step, c, upstream)

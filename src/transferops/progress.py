@@ -18,6 +18,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from transferops.redact import MaskFilter
+
 T = TypeVar("T")
 console = Console(stderr=True)
 
@@ -62,6 +64,7 @@ def setup_logging(level: int = logging.INFO) -> None:
         return
     handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
     handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.addFilter(MaskFilter())  # no URL password reaches the terminal
     root.addHandler(handler)
     root.setLevel(level)
 

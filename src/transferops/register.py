@@ -29,7 +29,8 @@ from transferops.config import Config, FinetuneConfig
 from transferops.data.prepare import load_prepared, read_manifest
 from transferops.errors import RegistryError
 from transferops.families import family
-from transferops.tracking import setup_tracking
+from transferops.redact import mask
+from transferops.tracking import setup_tracking, start_run
 
 log = logging.getLogger(__name__)
 
@@ -332,7 +333,7 @@ def register(cfg: Config) -> RegisterResult:
         )
     run_tags = {"role": "registered-model", **{k: tags[k] for k in ("data_hash", "model_sha256")}}
     with (
-        mlflow.start_run(run_name=f"register-{name}", tags=run_tags) as run,
+        start_run(mlflow, run_name=f"register-{name}", tags=run_tags) as run,
         tempfile.TemporaryDirectory(prefix="transferops-code-") as code,
     ):
         mlflow.log_params(trained_params(spec))
@@ -372,6 +373,6 @@ def _write_receipt(cfg: Config, res: RegisterResult) -> None:
             "model_sha256": res.tags.get("model_sha256"),
             "data_hash": res.tags.get("data_hash"),
             "mlflow_run_id": res.run_id,
-            "tracking_uri": cfg.tracking.uri,
+            "tracking_uri": mask(cfg.tracking.uri),
         },
     )

@@ -53,8 +53,9 @@ from transferops.errors import ConfigError
 from transferops.finetune.plan import total_epochs
 from transferops.finetune.train import train_model
 from transferops.progress import make_progress
+from transferops.redact import expand_env, mask
 from transferops.sources import read_source_manifest
-from transferops.tracking import log_epoch, setup_tracking
+from transferops.tracking import log_epoch, setup_tracking, start_run
 
 log = logging.getLogger(__name__)
 
@@ -159,21 +160,32 @@ class _Storage(optuna.storages.RDBStorage):
 
 def make_storage(sc: SearchConfig) -> optuna.storages.RDBStorage:
     """RDB storage with a heartbeat: a trial whose process died is failed and retried once."""
-    url = sc.storage
-    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    url = expand_env(sc.storage, "search.storage")
     kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         kwargs = {"connect_args": {"timeout": 60}}  # workers wait for the write lock
-    return _Storage(
-        url,
-        engine_kwargs=kwargs,
-        heartbeat_interval=sc.heartbeat_s,
-        grace_period=2 * sc.heartbeat_s,
-        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-            max_retry=1
-        ),
-    )
+    elif url.startswith("postgresql"):
+        kwargs = {"connect_args": {"connect_timeout": 10}}  # fail in seconds, not minutes
+    try:
+        if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        return _Storage(
+            url,
+            engine_kwargs=kwargs,
+            heartbeat_interval=sc.heartbeat_s,
+            grace_period=2 * sc.heartbeat_s,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                max_retry=1
+            ),
+        )
+    except Exception as exc:  # any failure to open it is a config problem: one line
+        detail = mask(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        raise ConfigError(
+            f"search.storage {mask(sc.storage)} cannot be opened ({type(exc).__name__}: "
+            f"{detail}). Check the URL (an SQLAlchemy URL such as sqlite:///optuna.db or "
+            "postgresql+psycopg://user:${PASSWORD}@host/db), that its driver is installed, "
+            "and that the server is reachable"
+        ) from None
 
 
 def suggest(trial: optuna.Trial, sc: SearchConfig) -> dict[str, Any]:
@@ -210,7 +222,8 @@ def _trial_run(
 ) -> Iterator[Any]:
     """An MLflow child run of the search's parent run for one trial (params logged)."""
     mlflow = setup_tracking(cfg.tracking)
-    with mlflow.start_run(
+    with start_run(
+        mlflow,
         run_name=f"trial-{trial.number}",
         nested=True,
         parent_run_id=parent,
@@ -351,6 +364,36 @@ def _best_trial(study: optuna.Study) -> tuple[optuna.trial.FrozenTrial, dict[str
     return study.best_trial, counts
 
 
+def _write_summary(
+    cfg: Config,
+    name: str,
+    best: optuna.trial.FrozenTrial,
+    best_params: dict[str, Any],
+    counts: dict[str, int],
+    run_id: str,
+) -> Path:
+    """search.out: best_params.json (what train takes) and summary.json (the password in
+    the storage URL masked: it is a DVC output users commit)."""
+    out = Path(cfg.search.out)
+    with atomic_dir(out) as tmp:
+        write_json_atomic(tmp / "best_params.json", best_params)
+        write_json_atomic(
+            tmp / "summary.json",
+            {
+                "study_name": name,
+                "storage": mask(cfg.search.storage),
+                "best_value": best.value,
+                "best_trial": best.number,
+                "best_params": best_params,
+                "counts": counts,
+                "data_hash": read_manifest(cfg.data.out)["data_hash"],
+                "source_sha256": read_source_manifest(cfg.source.out)["sha256"],
+                "mlflow_run_id": run_id,
+            },
+        )
+    return out
+
+
 def run_search(cfg: Config) -> SearchResult:
     """Run (or resume) the study; write best params; log everything to MLflow."""
     num_blocks = read_source_manifest(cfg.source.out)["num_blocks"]
@@ -368,12 +411,17 @@ def run_search(cfg: Config) -> SearchResult:
     )
     before = len([t for t in study.get_trials(deepcopy=False) if t.state in FINISHED])
     log.info(
-        "study %s in %s: %d finished trial(s), target %d", name, sc.storage, before, sc.n_trials
+        "study %s in %s: %d finished trial(s), target %d",
+        name,
+        mask(sc.storage),
+        before,
+        sc.n_trials,
     )
     mlflow = setup_tracking(cfg.tracking)
     data_hash = read_manifest(cfg.data.out)["data_hash"]
     source = read_source_manifest(cfg.source.out)
-    with mlflow.start_run(
+    with start_run(
+        mlflow,
         run_name=f"search-{name[-12:]}",
         tags={
             "role": "search",
@@ -389,7 +437,7 @@ def run_search(cfg: Config) -> SearchResult:
                 "sampler": sc.sampler,
                 "pruner": sc.pruner,
                 "n_workers": sc.n_workers,
-                "storage": sc.storage.split("@")[-1],
+                "storage": mask(sc.storage),
                 "space": sc.space.model_dump_json(exclude_none=True),
             }
         )
@@ -406,26 +454,10 @@ def run_search(cfg: Config) -> SearchResult:
         )
         mlflow.set_tag("best_trial", str(best.number))
         _log_plots(mlflow, study)
-    out = Path(sc.out)
-    with atomic_dir(out) as tmp:
-        write_json_atomic(tmp / "best_params.json", best_params)
-        write_json_atomic(
-            tmp / "summary.json",
-            {
-                "study_name": name,
-                "storage": sc.storage,
-                "best_value": best.value,
-                "best_trial": best.number,
-                "best_params": best_params,
-                "counts": counts,
-                "data_hash": data_hash,
-                "source_sha256": source["sha256"],
-                "mlflow_run_id": parent.info.run_id,
-            },
-        )
+    out = _write_summary(cfg, name, best, best_params, counts, parent.info.run_id)
     log.info("best trial #%d: val accuracy %.4f with %s", best.number, best.value, best_params)
     return SearchResult(
-        name, sc.storage, best_params, float(best.value or 0.0), best.number, counts, out
+        name, mask(sc.storage), best_params, float(best.value or 0.0), best.number, counts, out
     )
 
 

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 from transferops.config import TrackingConfig
+from transferops.errors import ConfigError
+from transferops.redact import expand_env, mask
 
 log = logging.getLogger(__name__)
 
@@ -24,15 +28,38 @@ def absolute_uri(uri: str) -> str:
     return uri
 
 
+TIMEOUT_S = 5.0
+_reachable: set[str] = set()  # server URIs already answered in this process
+
+
+def check_reachable(key: str, uri: str) -> None:
+    """An MLflow server at `uri` answers ``GET /health`` within seconds (other URIs pass):
+    else one :class:`ConfigError` line, where the client would retry for minutes."""
+    if not uri.startswith(("http://", "https://")) or uri in _reachable:
+        return
+    url = expand_env(uri, key).rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=TIMEOUT_S) as r:
+            r.read()
+    except OSError as exc:  # URLError, HTTPError, timeouts, refused connections
+        reason = getattr(exc, "reason", exc)
+        raise ConfigError(
+            f"{key} {mask(uri)} is not reachable ({mask(str(reason))}): start the MLflow "
+            f"server (mlflow server --host 127.0.0.1 --port ...) or fix {key}"
+        ) from None
+    _reachable.add(uri)
+
+
 def setup_tracking(cfg: TrackingConfig) -> Any:
     """Point MLflow at `cfg.uri` and select (creating if needed) the experiment.
 
     Returns the mlflow module, so callers import it only through here.
     """
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+    check_reachable("tracking.uri", cfg.uri)
     import mlflow
 
-    mlflow.set_tracking_uri(absolute_uri(cfg.uri))
+    mlflow.set_tracking_uri(absolute_uri(expand_env(cfg.uri, "tracking.uri")))
     exp = mlflow.get_experiment_by_name(cfg.experiment)
     if exp is None:
         loc = cfg.artifact_location
@@ -43,11 +70,58 @@ def setup_tracking(cfg: TrackingConfig) -> Any:
     return mlflow
 
 
+PID_TAG, HOST_TAG = "transferops.pid", "transferops.host"
+
+
+def start_run(mlflow: Any, tags: dict[str, str] | None = None, **kwargs: Any) -> Any:
+    """``mlflow.start_run`` with the tags that say which process owns the run, so a run its
+    process left RUNNING (killed) can be found and closed (:func:`close_runs`)."""
+    owner = {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
+    return mlflow.start_run(tags=owner | (tags or {}), **kwargs)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def close_runs(cfg: TrackingConfig, own_pid: int | None = None) -> int:
+    """Mark KILLED the runs of this experiment left RUNNING by a dead process on this host,
+    and (interrupt) the RUNNING or FAILED runs of `own_pid`. Returns how many."""
+    mlflow = setup_tracking(cfg)
+    exp = mlflow.get_experiment_by_name(cfg.experiment)
+    client = mlflow.MlflowClient()
+    host = socket.gethostname()
+    runs = client.search_runs(
+        [exp.experiment_id],
+        f"tags.`{HOST_TAG}` = '{host}' and attributes.status != 'FINISHED'",
+        max_results=1000,
+    )
+    closed = 0
+    for r in runs:
+        pid = int(r.data.tags.get(PID_TAG, "0") or 0)
+        stale = r.info.status == "RUNNING" and pid != os.getpid() and not _alive(pid)
+        mine = pid == own_pid and r.info.status in ("RUNNING", "FAILED")
+        if stale or mine:
+            client.set_terminated(r.info.run_id, "KILLED")
+            closed += 1
+    if closed:
+        log.info(
+            "closed %d MLflow run(s) left running by a stopped process (status KILLED)", closed
+        )
+    return closed
+
+
 def run_link(cfg: TrackingConfig, run_id: str) -> str:
     """A link to an MLflow run: the server's page, or the local `make ui` page for sqlite."""
     mlflow = setup_tracking(cfg)
     exp = mlflow.get_run(run_id).info.experiment_id
-    base = cfg.uri.rstrip("/") if cfg.uri.startswith("http") else "http://127.0.0.1:5000"
+    base = mask(cfg.uri.rstrip("/")) if cfg.uri.startswith("http") else "http://127.0.0.1:5000"
     return f"{base}/#/experiments/{exp}/runs/{run_id}"
 
 

@@ -134,7 +134,7 @@ def prepare(cfg: Config | DataConfig, force: bool = False) -> PrepareResult:
                 "content_hash": source_hash,
                 "given_splits": raw.has_given_splits and dcfg.splits.mode != "random",
             },
-            "skipped_files": {"count": len(bad), "examples": bad[:20]},
+            "skipped_files": {"count": len(bad), "files": bad},
             "ignored_files": len(raw.ignored),
             "params": _prepare_params(dcfg),
             "fingerprint": fingerprint,
@@ -181,6 +181,7 @@ def load_prepared(out: Path | str, split: Split) -> PreparedData:
 # ------------------------------------------------------------------- internals
 
 
+MAX_FILE_WARNINGS = 5  # per-file warnings printed; a count and the manifest say the rest
 AUTO_IMAGE_MIN = 64  # px; below it a 32x-downsampling backbone ends on a 1x1 feature map
 AUTO_SAMPLE = 500  # image headers read to pick the auto size
 
@@ -367,7 +368,8 @@ def _decode_images(
                     f"{e.path}: cannot be decoded as an image ({type(exc).__name__}: {exc}). "
                     "Remove or fix the file, or set data.on_bad_file: skip."
                 ) from None
-            log.warning("skipping %s: not a decodable image (%s)", e.path, exc)
+            if len(bad) < MAX_FILE_WARNINGS:  # the first few; the manifest lists them all
+                log.warning("skipping %s: not a decodable image (%s)", e.path, exc)
             bad.append(str(e.path))
             continue
         kept.append(e)
@@ -393,7 +395,14 @@ def _check_after_decoding(
             what.append(f"empty splits: {', '.join(empty)}")
         raise DataError(
             f"after skipping {len(bad)} undecodable file(s), {'; '.join(what)}. "
-            "Fix or replace the bad files (listed in the warnings above)."
+            f"Fix or replace the bad files, e.g. {', '.join(bad[:3])}."
         )
     if bad:
-        log.warning("skipped %d undecodable file(s) (data.on_bad_file: skip)", len(bad))
+        log.warning(
+            "skipped %d undecodable file(s) (data.on_bad_file: skip)%s",
+            len(bad),
+            f"; the first {MAX_FILE_WARNINGS} are above, all are listed in the manifest "
+            "(skipped_files)"
+            if len(bad) > MAX_FILE_WARNINGS
+            else "",
+        )

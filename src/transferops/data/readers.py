@@ -64,7 +64,7 @@ class RawDataset:
 def read_dataset(cfg: DataConfig) -> RawDataset:
     """List the examples of the configured dataset (no decoding)."""
     if cfg.format == "image_folder":
-        return read_image_folder(cfg.path, cfg.image.extensions)
+        return read_image_folder(cfg.path, cfg.image.extensions, cfg.on_empty_class)
     return read_table(cfg)
 
 
@@ -90,8 +90,10 @@ def _scan_class_folder(folder: Path, extensions: list[str], ignored: list[Path])
     return found
 
 
-def read_image_folder(root: Path, extensions: list[str]) -> RawDataset:
-    """Read ``root/<class>/*`` or ``root/<split>/<class>/*`` (split = train/val/test aliases)."""
+def read_image_folder(root: Path, extensions: list[str], on_empty: str = "skip") -> RawDataset:
+    """Read ``root/<class>/*`` or ``root/<split>/<class>/*`` (split = train/val/test aliases).
+    Class folders without images are skipped with one warning (`on_empty` "skip") or
+    refused, all of them in one message ("fail")."""
     root = Path(root)
     if not root.exists():
         raise DataError(
@@ -116,6 +118,7 @@ def read_image_folder(root: Path, extensions: list[str]) -> RawDataset:
 
     examples: list[Example] = []
     files: list[Path] = []
+    empty: list[Path] = []
     if is_split_layout:
         seen: dict[Split, Path] = {}
         for d, split in split_dirs.items():
@@ -133,16 +136,18 @@ def read_image_folder(root: Path, extensions: list[str]) -> RawDataset:
             for cdir in class_dirs:
                 imgs = _scan_class_folder(cdir, extensions, ignored)
                 if not imgs:
-                    raise DataError(_empty_class_msg(cdir, extensions))
+                    empty.append(cdir)
                 files += imgs
                 examples += [Example(label=cdir.name, split=split, path=p) for p in imgs]
     else:
         for cdir in top:
             imgs = _scan_class_folder(cdir, extensions, ignored)
             if not imgs:
-                raise DataError(_empty_class_msg(cdir, extensions))
+                empty.append(cdir)
             files += imgs
             examples += [Example(label=cdir.name, path=p) for p in imgs]
+    if empty:
+        _empty_classes(empty, root, extensions, on_empty)
     if ignored:
         log.warning(
             "ignored %d file(s) that are not images (%s%s)",
@@ -154,11 +159,18 @@ def read_image_folder(root: Path, extensions: list[str]) -> RawDataset:
     return RawDataset("image", root, examples, files, ignored)
 
 
-def _empty_class_msg(cdir: Path, extensions: list[str]) -> str:
-    return (
-        f"class folder {cdir} has no image files (accepted extensions: "
-        f"{', '.join(extensions)}; set data.image.extensions to add more). Add images or remove "
-        "the folder."
+def _empty_classes(empty: list[Path], root: Path, extensions: list[str], on_empty: str) -> None:
+    names = ", ".join(str(p.relative_to(root)) for p in empty)
+    if on_empty == "fail":
+        raise DataError(
+            f"{len(empty)} class folder(s) in {root} have no image files: {names} (accepted "
+            f"extensions: {', '.join(extensions)}; set data.image.extensions to add more). Add "
+            "images, remove the folders, or set data.on_empty_class: skip."
+        )
+    log.warning(
+        "skipped %d class folder(s) with no image files: %s (data.on_empty_class: skip)",
+        len(empty),
+        names,
     )
 
 

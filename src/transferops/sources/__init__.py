@@ -23,6 +23,7 @@ from transferops.artifacts import read_json, sha256_json
 from transferops.config import Config, SourceConfig
 from transferops.families import build_architecture
 from transferops.model_io import HF_DIR
+from transferops.redact import mask
 from transferops.sources import efficientnet_lite, hf, local, mlflow, torchvision
 from transferops.sources.manifest import MANIFEST, read_source_manifest, verify, write_source
 
@@ -90,7 +91,7 @@ def pull(cfg: SourceConfig, force: bool = False, registry_uri: str | None = None
         was = manifest.get("registered") or {}
         moved = registered is not None and (
             (was.get("version"), was.get("registry_uri"))
-            != (registered["version"], registered["registry_uri"])
+            != (registered["version"], mask(registered["registry_uri"]))
         )
         if manifest.get("spec_hash") == spec_hash and not moved:
             verify(out, manifest)  # refuses a tampered / corrupted weights file

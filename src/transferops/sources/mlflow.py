@@ -20,6 +20,7 @@ from transferops.config import SourceConfig
 from transferops.errors import SourceError
 from transferops.mlflow_models import download_model_folder, registered_version
 from transferops.model_io import HF_DIR, rebuild_finetuned
+from transferops.redact import mask
 from transferops.sources.manifest import Pulled, torch_weights
 from transferops.tracking import absolute_uri
 
@@ -62,7 +63,12 @@ def load(cfg: SourceConfig, workdir: Path, reg: dict[str, Any]) -> Pulled:
         return torch_weights(model)(folder)
 
     alias = f" (@{reg['alias']})" if reg["alias"] else ""
-    registered = {**reg, "class_names": spec["class_names"], "data_hash": spec["data_hash"]}
+    registered = {
+        **reg,
+        "registry_uri": mask(reg["registry_uri"]),  # the manifest is a file users commit
+        "class_names": spec["class_names"],
+        "data_hash": spec["data_hash"],
+    }
     return Pulled(
         src["kind"],
         src["name"],

@@ -1,0 +1,112 @@
+"""Ctrl-C and SIGTERM: stop in seconds, leave nothing RUNNING, say how to resume.
+
+On either signal during a command that writes: the Prefect flow run (if any) is marked
+Cancelled, child processes (search workers, Prefect's temporary server) are stopped, the
+Optuna trials this process or its children were running are failed, their MLflow runs are
+marked KILLED; one line says where it stopped, and the process exits 130. What finished
+before stays: step outputs and checkpoints are written atomically, so rerunning the same
+command resumes. A second Ctrl-C during the clean-up is ignored (it takes a few seconds).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+import psutil
+
+from transferops.config import Config
+
+log = logging.getLogger(__name__)
+
+STATE: dict[str, Any] = {"step": None, "cfg": None}  # what the handler reports and cleans
+CHILD_GRACE_S = 3.0
+
+
+def at_step(step: str, cfg: Config | None = None) -> None:
+    """Record the step under way (and its config) for the interrupt message and clean-up."""
+    STATE["step"] = step
+    if cfg is not None:
+        STATE["cfg"] = cfg
+
+
+def install(command: str) -> None:
+    """Handle SIGINT and SIGTERM for the rest of this command (main thread only)."""
+    at_step(command)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _on_signal)
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    me = psutil.Process()
+    children = me.children(recursive=True)
+    pids = {me.pid, *(c.pid for c in children)}
+    _cancel_prefect_flow_run()
+    _stop(children)
+    cfg = STATE["cfg"]
+    if cfg is not None:
+        _fail_trials(cfg, pids)
+        _close_mlflow_runs(cfg)
+    name = signal.Signals(signum).name
+    print(
+        f"interrupted ({name}) during {STATE['step']}; rerun the same command to resume",
+        file=sys.stderr,
+        flush=True,
+    )
+    os._exit(130)
+
+
+def _cancel_prefect_flow_run() -> None:
+    """Mark the flow run Cancelled while Prefect's API still answers (best effort)."""
+    with contextlib.suppress(Exception):
+        from prefect.client.orchestration import get_client
+        from prefect.context import FlowRunContext
+        from prefect.states import Cancelled
+
+        ctx = FlowRunContext.get()
+        if ctx is not None and ctx.flow_run is not None:
+            with get_client(sync_client=True) as client:
+                client.set_flow_run_state(
+                    ctx.flow_run.id, Cancelled(message="interrupted"), force=True
+                )
+
+
+def _stop(children: list[psutil.Process]) -> None:
+    """SIGTERM the children, SIGKILL those still alive after a grace period."""
+    for c in children:
+        with contextlib.suppress(psutil.Error):
+            c.terminate()
+    _, alive = psutil.wait_procs(children, timeout=CHILD_GRACE_S)
+    for c in alive:
+        with contextlib.suppress(psutil.Error):
+            c.kill()
+
+
+def _fail_trials(cfg: Config, pids: set[int]) -> None:
+    """FAIL the RUNNING Optuna trials whose worker is one of `pids` (best effort)."""
+    with contextlib.suppress(Exception):
+        import optuna
+
+        from transferops.search import make_storage
+
+        storage = make_storage(cfg.search)
+        for study in storage.get_all_studies():
+            running = storage.get_all_trials(
+                study._study_id, deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)
+            )
+            for t in running:
+                if t.user_attrs.get("worker_pid") in pids:
+                    storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+
+
+def _close_mlflow_runs(cfg: Config) -> None:
+    with contextlib.suppress(Exception):
+        from transferops.tracking import close_runs
+
+        close_runs(cfg.tracking, own_pid=os.getpid())

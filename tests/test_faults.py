@@ -1,0 +1,229 @@
+"""Faults and misuse: what happens when runs collide, services fail, or inputs hide secrets."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from typer.testing import CliRunner
+
+from transferops.cli import app
+from transferops.lock import project_lock
+
+from .conftest import write_image_folder
+
+runner = CliRunner()
+
+HOLD = """
+import sys, time
+from transferops.lock import project_lock
+
+from .conftest import write_image_folder
+with project_lock("run", sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def _holder(folder: Path) -> subprocess.Popen:
+    p = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True
+    )
+    assert p.stdout is not None and p.stdout.readline().strip() == "held"
+    return p
+
+
+def test_second_run_in_a_folder_is_refused_at_once_and_a_dead_holder_frees_it(
+    tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("data:\n  demo: null\n  path: nowhere\n")
+    holder = _holder(tmp_path)
+    try:
+        t = time.monotonic()
+        r = runner.invoke(app, ["run", "--no-prefect"])
+        assert r.exit_code == 2 and time.monotonic() - t < 15
+        assert "another transferops run is using" in r.output
+        assert f"pid {holder.pid}" in r.output and "(run)" in r.output
+        r = runner.invoke(app, ["prepare"])  # every step that writes is refused too
+        assert r.exit_code == 2 and f"pid {holder.pid}" in r.output
+        assert not (tmp_path / "data").exists()  # refused before doing anything
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # The kernel dropped the dead holder's lock: the next command runs (and fails on its own
+    # merits: the data path does not exist).
+    r = runner.invoke(app, ["prepare"])
+    assert r.exit_code == 2 and "another transferops run" not in r.output
+    assert "nowhere" in r.output
+
+
+def test_lock_is_reentrant_in_a_process_and_released_after(tmp_path):
+    with project_lock("run", tmp_path), project_lock("train", tmp_path):
+        pass  # `run` holds it, its steps take it again
+    with project_lock("run", tmp_path):
+        holder_free = subprocess.run(
+            [sys.executable, "-c", HOLD.replace("time.sleep(120)", "pass"), str(tmp_path)],
+            capture_output=True,
+            text=True,
+        )
+    assert holder_free.returncode == 1 and "LockedError" in holder_free.stderr
+    assert "held" not in holder_free.stdout
+    with project_lock("run", tmp_path):  # released: taken again
+        pass
+    assert os.path.exists(tmp_path / ".transferops.lock")
+
+
+PASSWORD = "Hunter2pw"
+
+
+def _one_line_error(r, within_s: float, started: float) -> str:
+    assert r.exit_code == 2, r.output
+    assert time.monotonic() - started < within_s
+    errors = [line for line in r.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in r.output, r.output
+    return errors[0]
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("tracking.uri=http://127.0.0.1:9", "tracking.uri http://127.0.0.1:9 is not reachable"),
+        ("search.storage=foo://x", "search.storage foo://x cannot be opened"),
+        (
+            f"search.storage=postgresql+psycopg://bob:{PASSWORD}@127.0.0.1:9/db",
+            "search.storage postgresql+psycopg://bob:***@127.0.0.1:9/db cannot be opened",
+        ),
+        ("search.storage=sqlite:///${NOPE_DIR}/o.db", "environment variable NOPE_DIR"),
+    ],
+)
+def test_bad_service_urls_fail_in_seconds_with_one_line(tmp_path, monkeypatch, override, expected):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("NOPE_DIR", raising=False)
+    (tmp_path / "params.yaml").write_text("data:\n  demo: null\n  path: nowhere\n")
+    t = time.monotonic()
+    r = runner.invoke(app, ["run", "--no-prefect", "--set", override])
+    line = _one_line_error(r, 15, t)
+    assert expected in line and PASSWORD not in r.output
+    assert not (tmp_path / "data").exists()  # checked before the first step
+
+
+def test_storage_url_from_the_environment_and_masked_everywhere(tmp_path, monkeypatch, caplog):
+    from transferops.cli import _overrides_map
+    from transferops.progress import setup_logging
+    from transferops.redact import expand_env, has_password, mask
+
+    url = f"postgresql+psycopg://bob:{PASSWORD}@db.example:5432/optuna"
+    assert mask(url) == "postgresql+psycopg://bob:***@db.example:5432/optuna"
+    assert mask("sqlite:///optuna.db") == "sqlite:///optuna.db"
+    assert not has_password("postgresql://bob:${PW}@h/db") and has_password(url)
+    monkeypatch.setenv("PW", PASSWORD)
+    assert expand_env("postgresql://bob:${PW}@h/db", "search.storage") == (
+        f"postgresql://bob:{PASSWORD}@h/db"
+    )
+    # --set with a password reaches Prefect's parameters as an environment placeholder
+    overrides = _overrides_map([f"search.storage={url}", "finetune.lr=0.01"])
+    assert PASSWORD not in json.dumps(overrides) and overrides["finetune.lr"] == 0.01
+    placeholder = overrides["search.storage"]
+    assert expand_env(placeholder, "search.storage") == url
+    # and the terminal log masks any URL password that a message carries
+    import logging
+
+    setup_logging()
+    handler = logging.getLogger("transferops").handlers[0]
+    record = logging.LogRecord("transferops.x", logging.INFO, "", 0, "opening %s", (url,), None)
+    assert handler.filter(record) and record.getMessage() == f"opening {mask(url)}"
+
+
+def _start_run(folder: Path, *args: str) -> subprocess.Popen:
+    env = os.environ | {"TRANSFEROPS_PROGRESS": "0", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "transferops.cli", "run", *args],
+        cwd=folder,
+        env=env,
+        start_new_session=True,  # its own process group, like a job in a terminal
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _wait_for(proc: subprocess.Popen, text: str, timeout: float = 240) -> list[str]:
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if text in line:
+            return lines
+    raise AssertionError(f"{text!r} never appeared:\n{''.join(lines)}")
+
+
+def _nothing_left_running(folder: Path) -> None:
+    import optuna
+    from mlflow import MlflowClient
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{folder / 'optuna.db'}")
+    states = [
+        t.state for s in storage.get_all_studies() for t in storage.get_all_trials(s._study_id)
+    ]
+    assert optuna.trial.TrialState.RUNNING not in states and states
+    client = MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("transferops")
+    runs = client.search_runs([exp.experiment_id])
+    assert runs and not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
+    assert "KILLED" in {r.info.status for r in runs}
+
+
+SLOW_SEARCH = (
+    "data:\n  demo: null\n  path: raw\n  image: {size: 16}\n  limit_per_class: null\n"
+    "finetune:\n  epochs_per_stage: [30, 30]\n  batch_size: 4\n"
+    "search:\n  n_trials: 4\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("sig", "prefect"),
+    [
+        (signal.SIGINT, False),
+        (signal.SIGTERM, False),
+        pytest.param(signal.SIGINT, True, marks=pytest.mark.slow),
+        pytest.param(signal.SIGTERM, True, marks=pytest.mark.slow),
+    ],
+)
+def test_interrupt_during_search_stops_cleanly(tmp_path, sig, prefect):
+    write_image_folder(tmp_path / "raw", per_class=12)
+    (tmp_path / "params.yaml").write_text(SLOW_SEARCH)
+    proc = _start_run(tmp_path, "--prefect" if prefect else "--no-prefect")
+    server = None
+    try:
+        _wait_for(proc, "finished trial(s), target 4")
+        time.sleep(3)  # inside the first trial
+        server = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        t = time.monotonic()
+        # A terminal's Ctrl-C reaches the whole process group; SIGTERM only the process.
+        os.killpg(proc.pid, sig) if sig == signal.SIGINT else proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and time.monotonic() - t < 10, out
+    assert not [p for p in server or [] if psutil.pid_exists(p)]  # no child outlives it
+    assert f"interrupted ({sig.name}) during search; rerun the same command to resume" in out
+    assert "Traceback" not in out
+    _nothing_left_running(tmp_path)
+    assert not (tmp_path / ".transferops.lock").exists() or _lock_is_free(tmp_path)
+
+
+def _lock_is_free(folder: Path) -> bool:
+    with project_lock("check", folder):
+        return True
