@@ -24,8 +24,6 @@ runner = CliRunner()
 HOLD = """
 import sys, time
 from transferops.lock import project_lock
-
-from .conftest import write_image_folder
 with project_lock("run", sys.argv[1]):
     print("held", flush=True)
     time.sleep(120)
@@ -227,3 +225,27 @@ def test_interrupt_during_search_stops_cleanly(tmp_path, sig, prefect):
 def _lock_is_free(folder: Path) -> bool:
     with project_lock("check", folder):
         return True
+
+
+def test_outputs_get_the_umask_modes_not_private_temp_modes(tmp_path, image_folder):
+    """Reports, model folders and receipts go through write_json_atomic / atomic_dir, whose
+    temp files are created 0600 / 0700: published, they must be readable like any file."""
+    import stat
+
+    from transferops.artifacts import DIR_MODE, FILE_MODE, atomic_dir, write_json_atomic
+    from transferops.config import validate_config
+    from transferops.data import prepare
+
+    write_json_atomic(tmp_path / "r" / "receipt.json", {"a": 1})
+    with atomic_dir(tmp_path / "folder") as d:
+        (d / "x.txt").write_text("x")
+    cfg = validate_config(
+        {"data": {"demo": None, "path": str(image_folder), "out": str(tmp_path / "prep")}}
+    )
+    out = prepare(cfg).out
+    assert stat.S_IMODE((tmp_path / "r" / "receipt.json").stat().st_mode) == FILE_MODE
+    assert stat.S_IMODE((tmp_path / "folder").stat().st_mode) == DIR_MODE
+    assert stat.S_IMODE(out.stat().st_mode) == DIR_MODE
+    assert (
+        FILE_MODE & 0o044 == 0o044 or os.umask(os.umask(0)) & 0o044
+    )  # readable unless the umask says no

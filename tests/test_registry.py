@@ -288,6 +288,13 @@ def test_lineage_tags_and_model_card(in_pipeline_dir):
         metrics["models"]["scratch"]["accuracy"]["mean"], abs=1e-6
     )
     assert t["verdict"] == metrics["verdict"]
+    (logged,) = client.search_logged_models(  # its page says "Registered", not "Not ..."
+        experiment_ids=[client.get_run(mv.run_id).info.experiment_id],
+        filter_string=f"source_run_id = '{mv.run_id}'",
+    )
+    assert json.loads(logged.tags["mlflow.modelVersions"]) == [
+        {"name": cfg.registry.model_name, "version": mv.version}
+    ]
     for role in ("scratch", "classical"):  # what the cheap-baseline gate reads (+ scratch)
         d = metrics["finetuned"]["minus"][role]
         assert float(t[f"minus_{role}_ci_high"]) == pytest.approx(d["ci_high"], abs=1e-5)
@@ -327,6 +334,9 @@ def test_pyfunc_predicts_on_raw_images_like_the_trained_model(in_pipeline_dir, t
     np.testing.assert_allclose(np.stack(out["probabilities"]), ref, atol=1e-5)
     assert list(by_path["label"]) == list(out["label"])
     assert model.metadata.metadata["class_names"] == spec["class_names"]
+    # the signature declares every column predict returns
+    outputs = model.metadata.get_output_schema().input_names()
+    assert outputs == ["label", "confidence", "probabilities"] == list(out.columns)
 
 
 def test_champion_trained_on_other_data_is_rescored_on_the_new_test_split(in_pipeline_dir):

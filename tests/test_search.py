@@ -123,8 +123,21 @@ def test_pruned_trial_is_pruned_in_optuna_and_mlflow(tmp_path, digits_prepared, 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     exp = client.get_experiment_by_name("t")
     (run,) = client.search_runs([exp.experiment_id], "tags.trial = '2'")
-    assert run.info.status == "FINISHED"  # pruning is an outcome, not a crash
+    # stopped early by the pruner: not FINISHED (its epochs did not all run); MLflow has no
+    # "pruned" status, KILLED is the closest, and the tag says which
+    assert run.info.status == "KILLED" and run.data.tags["state"] == "pruned"
     assert summary["counts"]["pruned"] == 1
+    # the plots show every trial, the pruned one too, and name the metric
+    from transferops.search_plots import history_axes
+
+    study = optuna.load_study(study_name=study_name(cfg), storage=cfg.search.storage)
+    assert study.metric_names == ["val_accuracy"]
+    ax = history_axes(study)
+    assert sum(len(c.get_offsets()) for c in ax.collections) == 3 and ax.get_ylabel() == (
+        "val accuracy"
+    )
+    arts = {a.path for a in client.list_artifacts(summary["mlflow_run_id"], "plots")}
+    assert {"plots/optimization_history.png", "plots/intermediate_values.png"} <= arts
 
 
 def test_invalid_space_is_refused_before_any_trial(tmp_path, digits_prepared, lite0_source):

@@ -54,10 +54,24 @@ def sha256_json(obj: Any) -> str:
     ).hexdigest()
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it: set, then put back (at import, once)
+    os.umask(mask)
+    return mask
+
+
+# Temp files and folders are created private (0600 / 0700); what they become is published
+# with the modes any other file here would get (0644 / 0755 under the usual umask), so
+# colleagues on a shared server can read reports and models.
+UMASK = _read_umask()
+FILE_MODE, DIR_MODE = 0o666 & ~UMASK, 0o777 & ~UMASK
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON to `path` via a temp file in the same folder, then rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, FILE_MODE)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2, sort_keys=True, default=str)
@@ -78,6 +92,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    tmp.chmod(DIR_MODE)
     try:
         yield tmp
     except BaseException:

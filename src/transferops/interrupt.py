@@ -20,6 +20,7 @@ from typing import Any
 import psutil
 
 from transferops.config import Config
+from transferops.tracking import close_runs
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def _stop(children: list[psutil.Process]) -> None:
 def _fail_trials(cfg: Config, pids: set[int]) -> None:
     """FAIL the RUNNING Optuna trials whose worker is one of `pids` (best effort)."""
     with contextlib.suppress(Exception):
-        import optuna
+        import optuna  # imported when a signal comes: `transferops --help` stays quick
 
         from transferops.search import make_storage
 
@@ -107,6 +108,4 @@ def _fail_trials(cfg: Config, pids: set[int]) -> None:
 
 def _close_mlflow_runs(cfg: Config) -> None:
     with contextlib.suppress(Exception):
-        from transferops.tracking import close_runs
-
         close_runs(cfg.tracking, own_pid=os.getpid())

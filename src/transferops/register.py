@@ -243,9 +243,16 @@ def model_card(name: str, version: str, tags: dict[str, str], spec: dict, metric
 def _signature_and_example(spec: dict, model_dir: Path, cfg: Config) -> tuple[Any, Any]:
     import pandas as pd
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
+    from mlflow.types import ColSpec, DataType, Schema
+    from mlflow.types.schema import Array
 
-    outputs = Schema([ColSpec("string", "label"), ColSpec("double", "confidence")])
+    outputs = Schema(
+        [
+            ColSpec("string", "label"),
+            ColSpec("double", "confidence"),
+            ColSpec(Array(DataType.double), "probabilities"),  # per class, class_names order
+        ]
+    )
     train = load_prepared(cfg.data.out, "train")  # an example input, never the test split
     if spec["modality"] == "text":
         example = pd.DataFrame({"text": (train.texts or [""])[:2]})
@@ -351,6 +358,12 @@ def register(cfg: Config) -> RegisterResult:
         )
         mv = client.create_model_version(
             name, info.model_uri, run_id=run.info.run_id, tags=tags, model_id=info.model_id
+        )
+        # What mlflow.register_model also records: the logged model's page then shows the
+        # version ("Registered: v1"), not "Not registered".
+        client.set_logged_model_tags(
+            info.model_id,
+            {"mlflow.modelVersions": json.dumps([{"name": name, "version": mv.version}])},
         )
         card = model_card(name, str(mv.version), tags, spec, metrics)
         mlflow.log_text(card, "model_card.md")

@@ -26,7 +26,6 @@ import math
 import multiprocessing as mp
 import os
 import sys
-import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -54,6 +53,7 @@ from transferops.finetune.plan import total_epochs
 from transferops.finetune.train import train_model
 from transferops.progress import make_progress
 from transferops.redact import expand_env, mask
+from transferops.search_plots import log_search_plots
 from transferops.sources import read_source_manifest
 from transferops.tracking import log_epoch, setup_tracking, start_run
 
@@ -260,7 +260,9 @@ def _objective(cfg: Config, parent_run_id: str | None, store: dict) -> Any:
                     with_overrides(cfg, overrides), on_epoch_end=report, feature_store=store
                 )
             except optuna.TrialPruned as exc:
-                mlflow.set_tag("state", "pruned")  # the MLflow run itself ends normally
+                # MLflow has no "pruned" status: KILLED (stopped before the end) + the tag
+                mlflow.set_tag("state", "pruned")
+                mlflow.end_run("KILLED")
                 pruned = exc
             except Exception:
                 mlflow.set_tag("state", "failed")
@@ -409,6 +411,9 @@ def run_search(cfg: Config) -> SearchResult:
         load_if_exists=True,
         sampler=make_sampler(sc),
     )
+    with warnings.catch_warnings():  # experimental in Optuna 4; names the metric in dashboards
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(["val_accuracy"])
     before = len([t for t in study.get_trials(deepcopy=False) if t.state in FINISHED])
     log.info(
         "study %s in %s: %d finished trial(s), target %d",
@@ -453,7 +458,7 @@ def run_search(cfg: Config) -> SearchResult:
             }
         )
         mlflow.set_tag("best_trial", str(best.number))
-        _log_plots(mlflow, study)
+        log_search_plots(mlflow, study)
     out = _write_summary(cfg, name, best, best_params, counts, parent.info.run_id)
     log.info("best trial #%d: val accuracy %.4f with %s", best.number, best.value, best_params)
     return SearchResult(
@@ -464,30 +469,3 @@ def run_search(cfg: Config) -> SearchResult:
 def suggest_to_overrides(params: dict[str, Any]) -> dict[str, Any]:
     """Optuna param names -> dotted finetune overrides."""
     return {f"finetune.{k}": v for k, v in params.items()}
-
-
-def _log_plots(mlflow: Any, study: optuna.Study) -> None:
-    """Optimization history, param importances, contour lr x depth, as PNG artifacts."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as ovm
-
-    plots = {
-        "optimization_history": lambda: ovm.plot_optimization_history(study),
-        "param_importances": lambda: ovm.plot_param_importances(study),
-    }
-    names = set(study.best_trial.params)
-    if {"lr", "unfreeze_depth"} <= names:
-        plots["contour_lr_depth"] = lambda: ovm.plot_contour(study, params=["lr", "unfreeze_depth"])
-    with tempfile.TemporaryDirectory() as d:
-        for fname, fn in plots.items():
-            try:
-                ax = fn()
-                fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
-                fig.savefig(Path(d) / f"{fname}.png", dpi=100, bbox_inches="tight")
-                plt.close(fig)
-                mlflow.log_artifact(str(Path(d) / f"{fname}.png"), artifact_path="plots")
-            except (ValueError, RuntimeError, IndexError) as exc:  # too few trials for a plot
-                log.info("skipping plot %s: %s", fname, exc)

@@ -1,0 +1,141 @@
+"""Quality benchmark: what the pipeline registers, against what is cheap, on packaged data.
+
+For each case, the whole pipeline (the Python door, default params.yaml plus the case's
+overrides) in its own folder under ``--out``; then, from its report: the registered model's
+test accuracy, the transfer role's mean over seeds with its 95% t-interval, the exact
+frozen-feature probe, the classical baseline (logistic regression on pixels / TF-IDF), the
+from-scratch baseline, the verdict, the promotion decision, and the wall and CPU seconds of
+every step. This is how a change is known to help: run it before and after.
+
+    .venv/bin/python bench/quality.py [--cases digits-k20-32,digits-k20-auto] [--quick]
+
+``--quick``: 4 search trials and 2 seeds (a smoke run, not for RESULTS.md). ``--help``
+lists the cases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+os.environ.setdefault("TRANSFEROPS_PROGRESS", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from transferops.artifacts import read_json
+from transferops.config import load_config, with_overrides
+from transferops.pipeline import StepFn, StepKey, run_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = {
+    "data.demo": "fortunes",
+    "data.format": "table",
+    "data.path": "data/raw/fortunes.csv",
+    "source.kind": "hf",
+    "source.name": "sentence-transformers/all-MiniLM-L6-v2",
+    "source.weights": None,
+}
+CASES: dict[str, dict[str, Any]] = {
+    "digits-k20-32": {"data.limit_per_class": 20, "data.image.size": 32},  # the old demo
+    "digits-k20-auto": {"data.limit_per_class": 20},  # the demo (auto: 64 px)
+    "digits-k10-auto": {"data.limit_per_class": 10},
+    "digits-all-auto": {"data.limit_per_class": None},
+    "fortunes-k10": TEXT | {"data.limit_per_class": 10},
+    "fortunes-k40": TEXT | {"data.limit_per_class": 40},
+}
+QUICK = {"search.n_trials": 4, "baseline.seeds": [0, 1]}
+
+
+def _timed_runner(times: dict[str, tuple[float, float]]):
+    def run(step: str, key: StepKey | None, fn: StepFn) -> dict[str, Any]:
+        w, c = time.perf_counter(), time.process_time()
+        try:
+            return fn()
+        finally:
+            times[step] = (time.perf_counter() - w, time.process_time() - c)
+
+    return run
+
+
+def run_case(name: str, overrides: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The pipeline on one case in ``out/<name>``; its figures."""
+    folder = out / name
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    shutil.copy(ROOT / "params.yaml", folder / "params.yaml")
+    cwd = Path.cwd()
+    os.chdir(folder)  # every output path in params.yaml is relative to the project folder
+    try:
+        cfg = with_overrides(load_config(Path("params.yaml")), overrides)
+        times: dict[str, tuple[float, float]] = {}
+        summary = run_pipeline(cfg, _timed_runner(times))
+        metrics = read_json(Path(cfg.evaluate.out) / "metrics.json")
+        manifest = read_json(Path(cfg.data.out) / "manifest.json")
+    finally:
+        os.chdir(cwd)
+    m = metrics["models"]
+    return {
+        "case": name,
+        "train": manifest["counts"]["train"],
+        "size": manifest.get("image_size"),
+        "registered": metrics["finetuned"]["accuracy"],
+        "transfer": m["transfer"]["accuracy"],
+        "probe": m.get("probe", {}).get("accuracy"),
+        "classical": m.get("classical", {}).get("accuracy"),
+        "scratch": m["scratch"]["accuracy"],
+        "verdict": metrics["verdict"],
+        "promoted": summary.get("champion") is not None
+        and summary.get("registered", "").endswith(f"v{summary.get('champion')}"),
+        "times": times,
+    }
+
+
+def _ci(m: dict[str, Any] | None) -> str:
+    if m is None:
+        return "-"
+    if m.get("ci_low") is None:
+        return f"{m['mean']:.3f}"
+    return f"{m['mean']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__ + "\ncases:\n" + "\n".join(f"  {k}: {v}" for k, v in CASES.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--out", type=Path, default=Path("/tmp/transferops-quality"))
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    print(
+        f"# {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+        + (" (quick)" if args.quick else "")
+    )
+    print(
+        "| case | train / px | registered | transfer (95% CI over seeds) | exact probe | "
+        "classical | scratch | verdict | promoted | seconds wall / cpu per step |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name in args.cases.split(","):
+        r = run_case(name, CASES[name] | (QUICK if args.quick else {}), args.out)
+        steps = ", ".join(f"{s} {w:.0f}/{c:.0f}" for s, (w, c) in r["times"].items() if w >= 1)
+        total_w = sum(w for w, _ in r["times"].values())
+        total_c = sum(c for _, c in r["times"].values())
+        print(
+            f"| {name} | {r['train']} / {r['size'] or '-'} | {r['registered']:.3f} | "
+            f"{_ci(r['transfer'])} | {_ci(r['probe'])} | "
+            f"{r['classical']:.3f} | {_ci(r['scratch'])} | {r['verdict']} | "
+            f"{'yes' if r['promoted'] else 'no'} "
+            f"| {steps}; total {total_w:.0f}/{total_c:.0f} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
