@@ -97,8 +97,9 @@ def test_split_folders_jpeg_and_png_and_stray_files(tmp_path, caplog):
         res = prepare(cfg_for(root, out, image={"size": 12}))
     assert res.counts == {"train": 15, "val": 6, "test": 9}  # the given splits, untouched
     m = read_manifest(out)
-    assert m["source"]["given_splits"] is True and m["ignored_files"] == 2
-    assert "ignored 2 file(s) that are not images" in caplog.text
+    # README.txt, notes.csv and .DS_Store: ignored, and counted as the README says
+    assert m["source"]["given_splits"] is True and m["ignored_files"] == 3
+    assert "ignored 3 file(s) that are not images" in caplog.text
     # mode: random pools them and re-splits by seed.
     res2 = prepare(cfg_for(root, tmp_path / "p2", image={"size": 12}, splits={"mode": "random"}))
     assert sum(res2.counts.values()) == 30 and res2.counts["train"] != 15

@@ -249,3 +249,85 @@ def test_outputs_get_the_umask_modes_not_private_temp_modes(tmp_path, image_fold
     assert (
         FILE_MODE & 0o044 == 0o044 or os.umask(os.umask(0)) & 0o044
     )  # readable unless the umask says no
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real MLflow tracking server on 127.0.0.1 (its own sqlite store)."""
+    import urllib.request
+
+    port = _free_port()
+    store = tmp_path / "server"
+    store.mkdir()
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{store / 'mlflow.db'}",
+            "--default-artifact-root",
+            str(store / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("the MLflow server did not start")
+    yield port
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_a_password_in_the_tracking_uri_is_written_nowhere(tmp_path, monkeypatch, mlflow_server):
+    """The whole pipeline against a real MLflow server whose URI carries a password: not in
+    any file under the project, not in any MLflow param, tag or metric name."""
+    from mlflow import MlflowClient
+
+    project = tmp_path / "project"
+    write_image_folder(project / "raw", per_class=12)
+    uri = f"http://bob:{PASSWORD}@127.0.0.1:{mlflow_server}"
+    (project / "params.yaml").write_text(
+        "data:\n  demo: null\n  path: raw\n  image: {size: 16}\n  limit_per_class: null\n"
+        "finetune:\n  unfreeze_depth: 1\n  epochs_per_stage: [1, 1]\n  batch_size: 8\n"
+        "search:\n  n_trials: 2\n  space:\n    unfreeze_depth: {low: 0, high: 1}\n"
+        "baseline:\n  seeds: [0, 1]\n  efficiency_per_class: [null]\n"
+        f"tracking:\n  uri: {uri}\n"
+    )
+    monkeypatch.chdir(project)
+    r = runner.invoke(app, ["run", "--no-prefect"])
+    assert r.exit_code == 0, r.output
+    assert PASSWORD not in r.output
+    leaks = [p for p in project.rglob("*") if p.is_file() and PASSWORD.encode() in p.read_bytes()]
+    assert not leaks
+    client = MlflowClient(tracking_uri=f"http://127.0.0.1:{mlflow_server}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) > 5
+    for run in runs:
+        fields = json.dumps([run.data.params, run.data.tags, list(run.data.metrics)])
+        assert PASSWORD not in fields, run.info.run_name
+    for mv in client.search_model_versions():
+        assert PASSWORD not in json.dumps([mv.tags, mv.source, mv.description])

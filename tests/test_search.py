@@ -14,9 +14,9 @@ import optuna
 import pytest
 import yaml
 
-from transferops.config import validate_config
+from transferops.config import SearchConfig, validate_config
 from transferops.errors import ConfigError
-from transferops.search import make_storage, run_search, study_name
+from transferops.search import make_sampler, make_storage, run_search, study_name, suggest
 
 TS = optuna.trial.TrialState
 
@@ -59,7 +59,7 @@ def _mlflow_children(tmp_path: Path, parent: str) -> dict[str, str]:
     return {r.data.tags["trial"]: r.data.tags["state"] for r in runs}
 
 
-def test_search_prunes_dedupes_and_tracks(tmp_path, digits_prepared, lite0_source):
+def test_search_prunes_dedupes_and_tracks(tmp_path, digits_prepared, lite0_source, caplog):
     raw = _raw(tmp_path, digits_prepared, lite0_source, n_trials=4, pruner="median")
     raw["finetune"]["epochs_per_stage"] = [3]
     raw["search"]["space"]["unfreeze_depth"] = {"choices": [0]}
@@ -70,10 +70,16 @@ def test_search_prunes_dedupes_and_tracks(tmp_path, digits_prepared, lite0_sourc
     )
     for lr in (0.02, 0.01, 1.000001e-3, 0.02):
         study.enqueue_trial({"lr": lr, "unfreeze_depth": 0})
+    caplog.set_level("INFO", logger="transferops")
     res = run_search(cfg)
     trials = optuna.load_study(study_name=res.study_name, storage=cfg.search.storage).trials
     assert [t.params["lr"] for t in trials[:4]] == [0.02, 0.01, 1.000001e-3, 0.02]
-    assert trials[3].user_attrs["duplicate_of"] == 0 and trials[3].value == trials[0].value
+    # Without a terminal (a log file, CI): a line per trial and per epoch, named by trial
+    assert "trial #0 complete: val accuracy" in caplog.text
+    assert "trial 0: stage 0 (depth 0)" in caplog.text and " epoch 2: loss " in caplog.text
+    # the repeat of #0 was not trained and does not count: a fifth trial was drawn
+    assert trials[3].user_attrs["duplicate_of"] == 0 and trials[3].state == TS.FAIL
+    assert sum(t.state in (TS.COMPLETE, TS.PRUNED) for t in trials) == 4 == len(trials) - 1
     states = {str(t.number): t.state for t in trials}
     summary = json.loads((tmp_path / "search" / "summary.json").read_text())
     children = _mlflow_children(tmp_path, summary["mlflow_run_id"])
@@ -212,6 +218,9 @@ def test_resume_after_a_killed_process(tmp_path, digits_prepared, lite0_source):
     assert len(retried) == 1 and retried[0].params == trials[killed].params
     assert sum(t.state == TS.COMPLETE for t in trials) == 4 == res.counts["complete"]
     assert len({t.number for t in trials}) == len(trials)
+    # the resumed process did not replay the killed one's draws
+    configs = [tuple(sorted(t.params.items())) for t in trials if t.state == TS.COMPLETE]
+    assert len(configs) == len(set(configs))
 
 
 def test_trial_killed_before_its_first_heartbeat_is_failed_and_retried(
@@ -263,3 +272,25 @@ def test_two_workers_share_one_study(tmp_path, digits_prepared, lite0_source, mo
     assert len(numbers) == len(set(numbers)) and sorted(numbers) == list(range(len(trials)))
     assert sum(t.state == TS.COMPLETE for t in trials) >= 4
     assert len({t.user_attrs["worker_pid"] for t in trials}) == 2
+    # each worker draws its own sequence (and the constant liar): no configuration twice
+    configs = [tuple(sorted(t.params.items())) for t in trials if t.state == TS.COMPLETE]
+    assert len(configs) == len(set(configs))
+
+
+def test_each_worker_and_resumed_process_draws_its_own_sequence():
+    """The same seed in every worker replayed the same configurations (issue 15); the offset
+    (worker index, trials already in the study) gives each its own, reproducibly."""
+
+    sc = SearchConfig(
+        space={
+            "lr": {"low": 1e-4, "high": 1e-1, "log": True},
+            "unfreeze_depth": {"low": 0, "high": 8},
+        }
+    )
+
+    def first(offset: int) -> dict:
+        study = optuna.create_study(direction="maximize", sampler=make_sampler(sc, offset))
+        return suggest(study.ask(), sc)
+
+    assert first(0) == first(0)  # reproducible
+    assert len({json.dumps(first(o), sort_keys=True) for o in (0, 1, 10_007, 10_008)}) == 4

@@ -28,6 +28,7 @@ from transferops.config import Config, FinetuneConfig, with_overrides
 from transferops.data.prepare import prepare, read_manifest
 from transferops.finetune.plan import total_epochs
 from transferops.finetune.train import save_finetuned, train_model
+from transferops.progress import labelled
 from transferops.sources import read_source_manifest
 from transferops.tracking import log_epoch, setup_tracking, start_run
 
@@ -104,13 +105,14 @@ def _train_one(
             val_accuracy = _reuse(same, out / name, labels | {"mlflow_run_id": run.info.run_id})
             how = f"reused {same}"
         else:
-            res, spec = train_model(
-                rcfg,
-                on_epoch_end=log_epoch,
-                checkpoint=Path(rcfg.finetune.checkpoint_dir) / "last.pt",
-                feature_store=store,
-                pretrained=role != "scratch",
-            )
+            with labelled(name):
+                res, spec = train_model(
+                    rcfg,
+                    on_epoch_end=log_epoch,
+                    checkpoint=Path(rcfg.finetune.checkpoint_dir) / "last.pt",
+                    feature_store=store,
+                    pretrained=role != "scratch",
+                )
             spec |= labels | {"mlflow_run_id": run.info.run_id}
             save_finetuned(res, spec, out / name, Path(cfg.source.out))
             val_accuracy = res.best_val_accuracy

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -30,6 +32,25 @@ def progress_enabled() -> bool:
     if flag is not None:
         return flag not in ("0", "false", "no")
     return console.is_terminal
+
+
+_LABEL: contextvars.ContextVar[str] = contextvars.ContextVar("run_label", default="")
+
+
+@contextlib.contextmanager
+def labelled(label: str) -> Iterator[None]:
+    """Name the run that the bars and epoch lines inside belong to (e.g. ``scratch-s0``)."""
+    token = _LABEL.set(label)
+    try:
+        yield
+    finally:
+        _LABEL.reset(token)
+
+
+def run_label(text: str) -> str:
+    """`text` prefixed with the current run's label, if any."""
+    label = _LABEL.get()
+    return f"{label}: {text}" if label else text
 
 
 def make_progress() -> Progress:

@@ -51,13 +51,14 @@ from transferops.data.prepare import read_manifest
 from transferops.errors import ConfigError
 from transferops.finetune.plan import total_epochs
 from transferops.finetune.train import train_model
-from transferops.progress import make_progress
+from transferops.progress import labelled, make_progress
 from transferops.redact import expand_env, mask
 from transferops.search_plots import log_search_plots
 from transferops.sources import read_source_manifest
 from transferops.tracking import log_epoch, setup_tracking, start_run
 
 log = logging.getLogger(__name__)
+TS = optuna.trial.TrialState
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 # Heartbeats, the retry callback and the matplotlib plots are marked experimental in Optuna 5.
@@ -111,13 +112,21 @@ def grid_space(sc: SearchConfig) -> dict[str, list[Any]]:
     return space
 
 
-def make_sampler(sc: SearchConfig) -> optuna.samplers.BaseSampler:
-    """TPE (seeded) by default; random; or grid."""
+def make_sampler(sc: SearchConfig, offset: int = 0) -> optuna.samplers.BaseSampler:
+    """TPE (seeded) by default; random; or grid. `offset` shifts the seed: each worker, and
+    each resumed process, draws its own sequence instead of replaying the first one (which
+    made parallel and resumed searches repeat configurations). TPE's constant liar treats
+    running trials as bad, so parallel workers do not all sample the same region."""
+    seed = sc.seed + offset
     if sc.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=sc.seed)
+        return optuna.samplers.RandomSampler(seed=seed)
     if sc.sampler == "grid":
-        return optuna.samplers.GridSampler(grid_space(sc), seed=sc.seed)
-    return optuna.samplers.TPESampler(seed=sc.seed, n_startup_trials=min(5, sc.n_trials))
+        return optuna.samplers.GridSampler(grid_space(sc), seed=seed)
+    with warnings.catch_warnings():  # constant_liar is "experimental" in Optuna 4
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(
+            seed=seed, n_startup_trials=min(5, sc.n_trials), constant_liar=True
+        )
 
 
 def make_pruner(sc: SearchConfig, max_epochs: int) -> optuna.pruners.BasePruner:
@@ -234,18 +243,22 @@ def _trial_run(
         yield mlflow
 
 
+class DuplicateTrial(RuntimeError):
+    """A trial whose configuration the study already holds (finished or running)."""
+
+
 def _objective(cfg: Config, parent_run_id: str | None, store: dict) -> Any:
     def objective(trial: optuna.Trial) -> float:
         overrides = suggest(trial, cfg.search)
         trial.set_user_attr("worker_pid", os.getpid())
-        # A trial identical to a finished one is not recomputed.
-        for t in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        # A configuration already finished or running is not trained again, and the repeat
+        # does not count toward n_trials: it ends FAIL (tagged duplicate) and another is drawn.
+        for t in trial.study.get_trials(deepcopy=False, states=(TS.COMPLETE, TS.RUNNING)):
             if t.params == trial.params and t.number != trial.number:
                 trial.set_user_attr("duplicate_of", t.number)
                 with _trial_run(cfg, parent_run_id, trial, overrides) as mlflow:
                     mlflow.set_tag("state", "duplicate")
-                    mlflow.log_metric("best_val_accuracy", float(t.value))  # type: ignore[arg-type]
-                return float(t.value)  # type: ignore[arg-type]
+                raise DuplicateTrial(f"trial #{trial.number} repeats #{t.number}: not run")
 
         def report(epoch: int, rec: dict[str, float]) -> None:
             log_epoch(epoch, rec)  # into the trial's MLflow run
@@ -254,7 +267,10 @@ def _objective(cfg: Config, parent_run_id: str | None, store: dict) -> Any:
                 raise optuna.TrialPruned(f"pruned at epoch {epoch}")
 
         pruned = None
-        with _trial_run(cfg, parent_run_id, trial, overrides) as mlflow:
+        with (
+            _trial_run(cfg, parent_run_id, trial, overrides) as mlflow,
+            labelled(f"trial {trial.number}"),
+        ):
             try:
                 res, _ = train_model(
                     with_overrides(cfg, overrides), on_epoch_end=report, feature_store=store
@@ -277,34 +293,65 @@ def _objective(cfg: Config, parent_run_id: str | None, store: dict) -> Any:
     return objective
 
 
-def _run_worker(cfg_json: dict, name: str, parent_run_id: str | None, show: bool) -> None:
+def _log_trial(study: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
+    """One line per finished trial (what a log file or a Prefect worker shows)."""
+    value = t.value if t.value is not None else t.intermediate_values.get(t.last_step or 0)
+    shown = f"{value:.4f}" if value is not None else "-"
+    at = f" at epoch {t.last_step}" if t.state == optuna.trial.TrialState.PRUNED else ""
+    log.info(
+        "trial #%d %s%s: val accuracy %s, %s", t.number, t.state.name.lower(), at, shown, t.params
+    )
+
+
+def _run_worker(
+    cfg_json: dict, name: str, parent_run_id: str | None, show: bool, worker: int = 0
+) -> None:
     """One worker: optimise the shared study until it holds n_trials finished trials."""
     cfg = validate_config(cfg_json)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.search.n_workers))
     storage = make_storage(cfg.search)
     num_blocks = read_source_manifest(cfg.source.out)["num_blocks"]
-    study = optuna.load_study(
-        study_name=name,
-        storage=storage,
-        sampler=make_sampler(cfg.search),
-        pruner=make_pruner(cfg.search, _max_epochs(cfg, num_blocks)),
-    )
+    study = optuna.load_study(study_name=name, storage=storage)
+    # Worker 0 of a fresh study keeps search.seed (a one-process search is reproducible);
+    # other workers and resumed processes shift it, so none replays another's draws.
+    offset = worker * 10_007 + len(study.get_trials(deepcopy=False))
+    study.sampler = make_sampler(cfg.search, offset)
+    study.pruner = make_pruner(cfg.search, _max_epochs(cfg, num_blocks))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    store: dict = {}  # frozen features shared by this worker's trials
+    for _ in range(3):
+        left = cfg.search.n_trials - _count(study, lambda t: t.state in FINISHED)
+        repeats = _count(study, lambda t: "duplicate_of" in t.user_attrs)
+        if left <= 0:
+            return
+        _optimize(cfg, study, left, parent_run_id, show, store)
+        if _count(study, lambda t: "duplicate_of" in t.user_attrs) == repeats:
+            return  # no repeat this round: the trials it lacks failed, and are not redrawn
+
+
+def _count(study: optuna.Study, which: Any) -> int:
+    return sum(1 for t in study.get_trials(deepcopy=False) if which(t))
+
+
+def _optimize(
+    cfg: Config,
+    study: optuna.Study,
+    left: int,
+    parent_run_id: str | None,
+    show: bool,
+    store: dict,
+) -> None:
     n = cfg.search.n_trials
     # optimize() starts a trial before any callback can stop it: cap each worker at what is
     # left, and let MaxTrialsCallback stop all workers once the study holds n finished trials.
-    left = n - len([t for t in study.get_trials(deepcopy=False) if t.state in FINISHED])
-    if left <= 0:
-        return
     stop = optuna.study.MaxTrialsCallback(n, states=FINISHED)
-    store: dict = {}
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     opts: dict[str, Any] = {
         "n_trials": left,
         "timeout": cfg.search.timeout_s,
         "catch": (RuntimeError, ValueError),
     }
     if not show:
-        study.optimize(_objective(cfg, parent_run_id, store), callbacks=[stop], **opts)
+        study.optimize(_objective(cfg, parent_run_id, store), callbacks=[stop, _log_trial], **opts)
         return
     with make_progress() as prog:
         task = prog.add_task("trials", total=n, info="")
@@ -322,7 +369,9 @@ def _run_worker(cfg_json: dict, name: str, parent_run_id: str | None, show: bool
             )
 
         progress(study, None)  # type: ignore[arg-type]
-        study.optimize(_objective(cfg, parent_run_id, store), callbacks=[stop, progress], **opts)
+        study.optimize(
+            _objective(cfg, parent_run_id, store), callbacks=[stop, progress, _log_trial], **opts
+        )
 
 
 # -------------------------------------------------------------------- public
@@ -336,7 +385,7 @@ def _run_workers(cfg: Config, name: str, parent_run_id: str) -> None:
         return
     ctx = mp.get_context("spawn")  # a fresh interpreter: no forked torch / sqlite state
     procs = [
-        ctx.Process(target=_run_worker, args=(cfg_json, name, parent_run_id, i == 0))
+        ctx.Process(target=_run_worker, args=(cfg_json, name, parent_run_id, i == 0, i))
         for i in range(cfg.search.n_workers)
     ]
     # A child imports with this process's sys.path. A registered model loaded here put its

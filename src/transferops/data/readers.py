@@ -81,9 +81,8 @@ def _scan_class_folder(folder: Path, extensions: list[str], ignored: list[Path])
     for p in sorted(folder.rglob("*")):
         if not p.is_file():
             continue
-        if any(part.startswith(".") for part in p.relative_to(folder).parts):
-            continue  # .DS_Store, .ipynb_checkpoints, ...
-        if p.suffix.lower() in extensions:
+        hidden = any(part.startswith(".") for part in p.relative_to(folder).parts)
+        if p.suffix.lower() in extensions and not hidden:  # not .DS_Store, .ipynb_checkpoints/
             found.append(p)
         else:
             ignored.append(p)

@@ -6,7 +6,8 @@ policy (:mod:`.thaw`) adds their param groups; the frozen prefix's output is cac
 (:mod:`.cache`); a checkpoint after every epoch (:mod:`.checkpoint`) makes a rerun resume
 bit-exactly. Each stage has its own warm-up + schedule and early stopping on val; the best
 weights over all epochs win. Metrics leave through the ``on_epoch_end`` hook (MLflow,
-Optuna's pruner): the loop itself logs nowhere but the progress bar.
+Optuna's pruner): the loop itself logs only its progress (a bar on a terminal, else one
+line per epoch).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from transferops.finetune.thaw import (
     thaw,
 )
 from transferops.model_io import Inputs, Preprocess, fit_width
-from transferops.progress import make_progress
+from transferops.progress import make_progress, progress_enabled, run_label
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +188,7 @@ def run_stage(
     stage_best, bad = -1.0, 0
     with make_progress() as prog:
         task = prog.add_task(
-            f"{stage}{', cached' if feats else ''}",
+            run_label(f"{stage}{', cached' if feats else ''}"),
             total=(stage.epochs - first_epoch) * steps,
             info="",
         )
@@ -211,6 +212,10 @@ def run_stage(
             }
             run.history.append(rec)
             prog.update(task, info=f"loss {train_loss:.3f} val_acc {val_acc:.3f}")
+            if not progress_enabled():  # no bar (a log file, CI, a worker): one line per epoch
+                log.info(
+                    run_label(f"{stage} epoch {epoch}: loss {train_loss:.3f} val {val_acc:.4f}")
+                )
             run.improve(net, val_acc, val_loss)
             stage_best, bad = (val_acc, 0) if val_acc > stage_best else (stage_best, bad + 1)
             patience = cfg.early_stopping_patience
