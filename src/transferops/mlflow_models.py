@@ -12,7 +12,8 @@ from typing import Any
 
 from transferops.config import registered_model_uri
 from transferops.errors import SourceError
-from transferops.redact import expand_env, mask
+from transferops.redact import mask
+from transferops.tracking import client_uri
 
 
 def registered_version(uri: str, registry_uri: str) -> dict[str, Any]:
@@ -34,7 +35,7 @@ def registered_version(uri: str, registry_uri: str) -> dict[str, Any]:
     from mlflow import MlflowClient  # MLflow costs seconds to import: only when used
     from mlflow.exceptions import MlflowException
 
-    real = expand_env(registry_uri, "source.registry_uri")
+    real = client_uri(registry_uri, "source.registry_uri")
     client = MlflowClient(tracking_uri=real, registry_uri=real)
     try:
         if alias is not None:
@@ -69,7 +70,7 @@ def download_model_folder(
     import yaml
     from mlflow import MlflowClient
 
-    real = expand_env(registry_uri, "source.registry_uri") if registry_uri else None
+    real = client_uri(registry_uri, "source.registry_uri") if registry_uri else None
     client = MlflowClient(tracking_uri=real, registry_uri=real)
     where = client.get_model_version_download_uri(name, str(version))
     local = Path(

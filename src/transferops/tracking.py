@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import socket
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -37,9 +39,15 @@ def check_reachable(key: str, uri: str) -> None:
     else one :class:`ConfigError` line, where the client would retry for minutes."""
     if not uri.startswith(("http://", "https://")) or uri in _reachable:
         return
-    url = expand_env(uri, key).rstrip("/") + "/health"
+    parts = urllib.parse.urlsplit(expand_env(uri, key).rstrip("/") + "/health")
+    netloc = parts.netloc.rpartition("@")[2]  # credentials go in a header, not the host
+    req = urllib.request.Request(urllib.parse.urlunsplit(parts._replace(netloc=netloc)))
+    if parts.username is not None:  # HTTP basic auth, as MLflow's client sends it
+        user = urllib.parse.unquote(parts.username)
+        token = f"{user}:{urllib.parse.unquote(parts.password or '')}".encode()
+        req.add_header("Authorization", "Basic " + base64.b64encode(token).decode())
     try:
-        with urllib.request.urlopen(url, timeout=TIMEOUT_S) as r:
+        with urllib.request.urlopen(req, timeout=TIMEOUT_S) as r:
             r.read()
     except OSError as exc:  # URLError, HTTPError, timeouts, refused connections
         reason = getattr(exc, "reason", exc)
@@ -48,6 +56,19 @@ def check_reachable(key: str, uri: str) -> None:
             f"server (mlflow server --host 127.0.0.1 --port ...) or fix {key}"
         ) from None
     _reachable.add(uri)
+
+
+def client_uri(uri: str, key: str) -> str:
+    """The URI to hand MLflow: ``${NAME}`` expanded, and credentials moved out of it into
+    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (MLflow's basic auth), because MLflow
+    prints its tracking URI in "View run ... at: <uri>" lines."""
+    uri = expand_env(uri, key)
+    parts = urllib.parse.urlsplit(uri)
+    if not uri.startswith(("http://", "https://")) or parts.username is None:
+        return uri
+    os.environ["MLFLOW_TRACKING_USERNAME"] = urllib.parse.unquote(parts.username)
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = urllib.parse.unquote(parts.password or "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def setup_tracking(cfg: TrackingConfig) -> Any:
@@ -59,7 +80,7 @@ def setup_tracking(cfg: TrackingConfig) -> Any:
     check_reachable("tracking.uri", cfg.uri)
     import mlflow
 
-    mlflow.set_tracking_uri(absolute_uri(expand_env(cfg.uri, "tracking.uri")))
+    mlflow.set_tracking_uri(absolute_uri(client_uri(cfg.uri, "tracking.uri")))
     exp = mlflow.get_experiment_by_name(cfg.experiment)
     if exp is None:
         loc = cfg.artifact_location
