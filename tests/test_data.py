@@ -302,12 +302,14 @@ def test_only_one_class(tmp_path):
     assert "only class 'one'" in msg and "at least 2 classes" in msg
 
 
-def test_class_with_too_few_examples(tmp_path):
+def test_classes_with_too_few_examples_are_all_named(tmp_path):
     root = write_image_folder(tmp_path / "raw", per_class=6)
-    for p in sorted((root / "two").glob("*.png"))[2:]:
-        p.unlink()
+    for cls, keep in (("two", 2), ("zero", 1)):
+        for p in sorted((root / cls).glob("*.png"))[keep:]:
+            p.unlink()
     msg = _bad(cfg_for(root, tmp_path / "prep"))
-    assert "class 'two' has 2 example(s)" in msg and "at least 3" in msg
+    assert "2 class(es) have too few examples" in msg and "at least 3" in msg
+    assert "'two' (2), 'zero' (1)" in msg and "remove these classes" in msg
 
 
 def test_corrupt_image_skip_or_fail(tmp_path, image_folder, caplog):

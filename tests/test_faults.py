@@ -351,3 +351,37 @@ def test_a_second_real_run_is_refused_and_the_first_goes_on(tmp_path, monkeypatc
     finally:
         first.kill()
     assert first.returncode == 130 and "interrupted (SIGINT) during search" in out
+
+
+def test_runs_a_killed_process_left_running_are_closed_and_its_orphan_model_dropped(tmp_path):
+    """SIGKILL leaves MLflow runs RUNNING (and, in register, a logged model no version points
+    at): the next run closes them KILLED and drops the orphan."""
+    import socket
+
+    from mlflow import MlflowClient
+
+    from transferops.config import TrackingConfig
+    from transferops.tracking import HOST_TAG, PID_TAG, close_runs, setup_tracking
+
+    cfg = TrackingConfig(
+        uri=f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_location=str(tmp_path / "art")
+    )
+    setup_tracking(cfg)
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(cfg.experiment).experiment_id
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = socket.gethostname()
+    killed = client.create_run(exp, tags={PID_TAG: str(dead.pid), HOST_TAG: host})
+    alive = client.create_run(exp, tags={PID_TAG: str(os.getppid()), HOST_TAG: host})
+    orphan = client.create_logged_model(exp, source_run_id=killed.info.run_id)
+    linked = client.create_logged_model(
+        exp,
+        source_run_id=killed.info.run_id,
+        tags={"mlflow.modelVersions": '[{"name": "m", "version": "1"}]'},
+    )
+    assert close_runs(cfg) == 1
+    assert client.get_run(killed.info.run_id).info.status == "KILLED"
+    assert client.get_run(alive.info.run_id).info.status == "RUNNING"  # its process lives
+    left = {m.model_id for m in client.search_logged_models(experiment_ids=[exp])}
+    assert linked.model_id in left and orphan.model_id not in left

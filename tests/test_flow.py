@@ -93,3 +93,18 @@ def test_bad_params_fail_before_prefect_starts(project):
     assert r.returncode == 2
     assert "finetune.lr" in r.stdout + r.stderr
     assert "Beginning flow run" not in r.stdout + r.stderr
+
+
+def test_user_errors_are_not_retried_under_prefect():
+    """A bad param or credential fails the same way on every retry: Prefect must not retry
+    it (the issue measured 536 s and 1,046 lines for one unreachable URL); a transient
+    error is retried."""
+    from prefect.states import Failed
+
+    from transferops.cli import _flow_module
+    from transferops.errors import ConfigError
+
+    _transient = _flow_module()._transient
+
+    assert _transient(None, None, Failed(data=ConfigError("search.storage ..."))) is False
+    assert _transient(None, None, Failed(data=OSError("database is locked"))) is True

@@ -20,6 +20,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from transferops.errors import TransferopsError
 from transferops.redact import MaskFilter
 
 T = TypeVar("T")
@@ -90,9 +91,22 @@ def setup_logging(level: int = logging.INFO) -> None:
     root.setLevel(level)
 
 
+class NoUserErrorTraceback(logging.Filter):
+    """Keep Prefect's one-line "failed with exception" records but drop their traceback when
+    the exception is a user error: the CLI prints it as one `error:` line, and a traceback
+    of a bad param or bad data only hides it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], TransferopsError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def hand_logging_to_prefect() -> None:
     """Inside a Prefect flow run, Prefect's handlers print (and ship to the API) the
     `transferops` logs; drop ours so each line shows once."""
     root = logging.getLogger("transferops")
     for h in [h for h in root.handlers if isinstance(h, RichHandler)]:
         root.removeHandler(h)
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logging.getLogger(name).addFilter(NoUserErrorTraceback())

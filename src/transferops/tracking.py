@@ -78,6 +78,8 @@ def setup_tracking(cfg: TrackingConfig) -> Any:
     """
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
     check_reachable("tracking.uri", cfg.uri)
+    # "Creating initial MLflow database tables..." on every new store: noise, not news
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     import mlflow
 
     mlflow.set_tracking_uri(absolute_uri(client_uri(cfg.uri, "tracking.uri")))
@@ -130,12 +132,28 @@ def close_runs(cfg: TrackingConfig, own_pid: int | None = None) -> int:
         mine = pid == own_pid and r.info.status in ("RUNNING", "FAILED")
         if stale or mine:
             client.set_terminated(r.info.run_id, "KILLED")
+            _drop_orphan_models(client, exp.experiment_id, r.info.run_id)
             closed += 1
     if closed:
         log.info(
             "closed %d MLflow run(s) left running by a stopped process (status KILLED)", closed
         )
     return closed
+
+
+def _drop_orphan_models(client: Any, experiment_id: str, run_id: str) -> None:
+    """Delete the logged models of a killed run that no model version points at (register
+    stopped between logging the model and creating its version)."""
+    for m in client.search_logged_models(
+        experiment_ids=[experiment_id], filter_string=f"source_run_id = '{run_id}'"
+    ):
+        if "mlflow.modelVersions" not in m.tags:
+            client.delete_logged_model(m.model_id)
+            log.info(
+                "deleted logged model %s of the killed run %s (never registered)",
+                m.model_id,
+                run_id,
+            )
 
 
 def run_link(cfg: TrackingConfig, run_id: str) -> str:

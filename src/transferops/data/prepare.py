@@ -242,16 +242,28 @@ def assign_splits(raw: RawDataset, d: DataConfig) -> dict[Split, list[Example]]:
         if not use_given or not any(e.split == s for e in raw.examples)
     }
     out: dict[Split, list[Example]] = {"train": [], "val": [], "test": []}
+    too_small: list[str] = []  # every such class, reported together
     for label in sorted(by_class):
         exs = by_class[label]
         pool = [e for e in exs if e.split == "train"] if use_given else exs
         pool = sorted(pool, key=lambda e: _split_key(e, raw.root, sc.seed))
-        parts = _split_class(label, pool, carve, "train split" if use_given else "data")
+        parts = _split_class(pool, carve)
+        if parts is None:
+            too_small.append(f"{label!r} ({len(pool)})")
+            continue
         for s in SPLITS:
             if s == "train" or s in carve:
                 out[s] += parts[s]
             else:
                 out[s] += [e for e in exs if e.split == s]
+    if too_small:
+        splits = ["train", *sorted(carve, key=SPLITS.index)]
+        raise DataError(
+            f"{len(too_small)} class(es) have too few examples in the "
+            f"{'train split' if use_given else 'data'} to split into {'/'.join(splits)} (at "
+            f"least {len(splits)}, one per split): {', '.join(too_small)}. Add examples, "
+            "remove these classes, or provide split folders."
+        )
     if d.limit_per_class is not None:
         full = len(out["train"])
         out["train"] = _limit(out["train"], d.limit_per_class)
@@ -277,21 +289,14 @@ def _split_key(e: Example, root: Path, seed: int) -> str:
 
 
 def _split_class(
-    label: str,
-    shuffled: list[Example],
-    fractions: dict[str, float],
-    where: str,
-) -> dict[Split, list[Example]]:
-    """Test first, then val, from the class's (hash-ordered) examples; the rest is train."""
+    shuffled: list[Example], fractions: dict[str, float]
+) -> dict[Split, list[Example]] | None:
+    """Test first, then val, from the class's (hash-ordered) examples; the rest is train.
+    None when the class is too small to give each split one example."""
     n = len(shuffled)
     need = {s: max(1, round(n * f)) for s, f in fractions.items()}
     if n - sum(need.values()) < 1:
-        splits = ["train", *fractions]
-        raise DataError(
-            f"class {label!r} has {n} example(s) in the {where}; splitting it into "
-            f"{'/'.join(splits)} needs at least {len(splits)} (one per split). Add examples, "
-            "remove the class, or provide split folders."
-        )
+        return None
     res: dict[Split, list[Example]] = {"train": [], "val": [], "test": []}
     start = 0
     for s, k in need.items():
