@@ -33,7 +33,7 @@ def test_run_pipeline_on_tiny_images(tmp_path, monkeypatch):
         "search:\n  n_trials: 3\n  space:\n    unfreeze_depth: {low: 0, high: 2}\n"
     )
     # The plain-Python door (the Prefect door is tested in test_flow.py).
-    r = runner.invoke(app, ["run", "--no-prefect"])
+    r = runner.invoke(app, ["run", "--no-prefect", "--json"])
     assert r.exit_code == 0, r.output
     summary = _summary(r.output)
     assert summary["counts"] == {"train": 18, "val": 6, "test": 6}
@@ -65,7 +65,7 @@ def test_run_pipeline_on_tiny_images(tmp_path, monkeypatch):
     }
     stamps[tmp_path / "models/finetuned/model.safetensors"] = 0
     stamps = {p: p.stat().st_mtime_ns for p in stamps}
-    r = runner.invoke(app, ["run", "--no-prefect"])
+    r = runner.invoke(app, ["run", "--no-prefect", "--json"])
     again = _summary(r.output)
     assert r.exit_code == 0
     assert {k: v for k, v in again.items() if k != "promotion"} == {
@@ -73,6 +73,23 @@ def test_run_pipeline_on_tiny_images(tmp_path, monkeypatch):
     }
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
     assert r.output.count("up to date (fingerprint") == 4  # search, train, baseline, evaluate
+    # Without --json: a summary a person reads, ending the output
+    r = runner.invoke(app, ["run", "--no-prefect"])
+    tail = r.output.splitlines()[-8:]
+    assert [line.split()[0] for line in tail] == [
+        "data",
+        "source",
+        "search",
+        "test",
+        "verdict",
+        "registered",
+        "promotion",
+        "report",
+    ]
+    assert (
+        summary["verdict"] in r.output
+        and f"registered model {summary['test_accuracy']['finetuned']:.3f}" in r.output
+    )
 
 
 def test_text_source_fine_tunes_minilm(tmp_path, monkeypatch):

@@ -164,6 +164,13 @@ def test_pipeline_reads_test_only_in_evaluate_and_writes_the_report(
 
     out = tmp_path / "reports"
     saved = json.loads((out / "metrics.json").read_text())
+    # what `dvc metrics show` prints: a few numbers, not the 60-column report
+    html = (out / "evaluation.html").read_text()  # self-contained: plots inlined, no network
+    assert html.count('src="data:image/png;base64,') >= 2 and 'src="plots/' not in html
+    assert "<table>" in html and "http" not in html.replace("http-equiv", "")
+    short = json.loads((out / "summary.json").read_text())
+    assert 5 <= len(short) <= 12 and all(isinstance(v, int | float) for v in short.values())
+    assert short["transfer_accuracy"] == round(saved["models"]["transfer"]["accuracy"]["mean"], 4)
     assert saved == json.loads(json.dumps(m))
     for key in (
         "test_size",

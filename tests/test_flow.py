@@ -45,7 +45,7 @@ def project(tmp_path: Path) -> Path:
 
 
 def test_run_is_a_prefect_flow_and_unchanged_steps_are_cached(project):
-    first = _run(project, "run")
+    first = _run(project, "run", "--json")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     log = first.stdout + first.stderr
     assert "Beginning flow run" in log and "for flow 'transfer-pipeline'" in log
@@ -55,7 +55,7 @@ def test_run_is_a_prefect_flow_and_unchanged_steps_are_cached(project):
     summary = json.loads(first.stdout)  # the summary alone is on stdout; the logs on stderr
     assert summary["registered"] == "transferops-demo v1"
 
-    second = _run(project, "run")
+    second = _run(project, "run", "--json")
     assert second.returncode == 0, second.stderr[-3000:]
     log2 = second.stdout + second.stderr
     for step in ("search", "train", "baseline", "evaluate"):
@@ -78,7 +78,7 @@ def test_run_is_a_prefect_flow_and_unchanged_steps_are_cached(project):
     # New labelled images arrive (what a scheduled run finds): everything downstream of the
     # data reruns, and the retrained model is registered as a new version.
     write_image_folder(project / "raw", per_class=13)  # 000-009 unchanged, 010-012 new
-    fourth = _run(project, "run")
+    fourth = _run(project, "run", "--json")
     log4 = fourth.stdout + fourth.stderr
     assert fourth.returncode == 0, fourth.stderr[-3000:]
     for step in ("search", "train", "baseline", "evaluate", "register"):

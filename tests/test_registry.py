@@ -435,7 +435,7 @@ def test_registry_source_errors_name_what_is_wrong(in_pipeline_dir, tmp_path):
     out = {"source.kind": "mlflow", "source.out": str(tmp_path / "s")}
     with pytest.raises(SourceError, match=f"Registered models there: {cfg.registry.model_name}"):
         pull_from_config(with_overrides(cfg, {**out, "source.name": "models:/nope@champion"}))
-    with pytest.raises(SourceError, match=r"does not exist; set source\.registry_uri"):
+    with pytest.raises(SourceError, match=r"does not exist; point at the MLflow store"):
         pull_from_config(
             with_overrides(
                 cfg,
@@ -493,3 +493,36 @@ print(json.dumps({{"file": transferops.__file__, "labels": list(out["label"])}})
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert "/code/transferops/" in got["file"]  # the copy inside the model, not the install
     assert got["labels"] == expected
+
+
+def test_predict_command_from_another_folder(pipeline_dir, tmp_path, monkeypatch):
+    """`transferops predict` finds the project's store through --params (a relative sqlite
+    path is the project's, not the working folder's) and agrees with the pyfunc."""
+    import mlflow
+    from typer.testing import CliRunner
+
+    from transferops.cli import app
+    from transferops.config import load_config
+
+    cfg = load_config(pipeline_dir / "params.yaml")
+    imgs = sorted((pipeline_dir / "raw" / "one").glob("*.png"))[:3]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    name = cfg.registry.model_name
+    args = ["predict", *map(str, imgs), "--params", str(pipeline_dir / "params.yaml")]
+    r = CliRunner().invoke(app, [*args, "--model", f"models:/{name}@challenger", "--out", "p.csv"])
+    assert r.exit_code == 0, r.output
+    assert not (elsewhere / "mlflow.db").exists()  # no empty store made here
+    got = pd.read_csv(elsewhere / "p.csv")
+    assert list(got["input"]) == list(map(str, imgs))
+    uri = f"sqlite:///{pipeline_dir / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    ref = mlflow.pyfunc.load_model(f"models:/{name}@challenger").predict(
+        pd.DataFrame({"image": list(map(str, imgs))})
+    )
+    assert list(got["label"].astype(str)) == list(ref["label"])
+    # an alias nobody holds: the error says what there is
+    r = CliRunner().invoke(app, [*args, "--model", f"models:/{name}@nope"])
+    assert r.exit_code == 2 and "--model" in r.output, r.output
+    assert f"{name} has v1 @" in r.output and "@challenger" in r.output

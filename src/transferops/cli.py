@@ -99,7 +99,10 @@ def _locked(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         with project_lock(fn.__name__):
             interrupt.install(fn.__name__)  # Ctrl-C / SIGTERM: clean stop, exit 130
-            return fn(*args, **kwargs)
+            try:
+                return fn(*args, **kwargs)
+            except KeyboardInterrupt:  # the stack has unwound: now clean up, exit 130
+                interrupt.finish()
 
     return wrapper  # type: ignore[return-value]
 
@@ -278,6 +281,45 @@ def promote(
         _promote(cfg, dry_run=dry_run)  # its log line is the decision: printed once
 
 
+@app.command("predict")
+@_user_errors
+def predict_cmd(
+    paths: Annotated[
+        list[Path], typer.Argument(help="images, folders of images, or CSV/text files of texts")
+    ],
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="models:/<name>@<alias> or models:/<name>/<version> (default: the champion)"
+        ),
+    ] = None,
+    column: Annotated[str, typer.Option(help="the text column of a CSV")] = "text",
+    out: Annotated[
+        Path | None,
+        typer.Option(help="write every prediction (and per-class probabilities) as CSV"),
+    ] = None,
+) -> None:
+    """Predict with a registered model, from any folder (the project's store is found
+    through --params)."""
+    from transferops.use import predict_registered
+
+    cfg = _cfg(params, set_)
+    uri = model or f"models:/{cfg.registry.model_name}@champion"
+    df = predict_registered(cfg, params.resolve().parent, uri, paths, column)
+    if out is not None:
+        df.to_csv(out, index=False)
+    console.print(
+        f"{df.attrs['model']} ({uri}): {len(df)} prediction(s)"
+        + (f", written to {out}" if out else "")
+    )
+    for row in df.head(50).itertuples():
+        typer.echo(f"{row.label}\t{row.confidence:.3f}\t{row.input}")
+    if len(df) > 50:
+        console.print(f"... {len(df) - 50} more" + ("" if out else "; use --out FILE for all"))
+
+
 def _overrides_map(
     overrides: list[str] | None, overrides_file: Path | None = None
 ) -> dict[str, Any]:
@@ -323,6 +365,9 @@ def run(
             "the same steps directly"
         ),
     ] = True,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print the summary as JSON (for scripts)")
+    ] = False,
 ) -> None:
     """The whole pipeline: prepare -> pull -> search -> train -> baseline -> evaluate ->
     register -> promote. Unchanged steps are skipped."""
@@ -333,13 +378,46 @@ def run(
         check_services(cfg)  # and reach the services: a bad URL fails before Prefect starts
         flows = _flow_module()
         hand_logging_to_prefect()
+        interrupt.install("run", in_handler=True)  # Prefect would report to a dying server
         summary = flows.transfer_pipeline(params_file=str(params), overrides=_overrides_map(set_))
     else:
         from transferops.pipeline import run_pipeline
 
         summary = run_pipeline(cfg)
-    # The result goes to stdout (the logs are on stderr): `transferops run > summary.json`.
-    typer.echo(json.dumps(summary, indent=2))
+    # The result goes to stdout (the logs are on stderr): `transferops run --json > s.json`.
+    typer.echo(json.dumps(summary, indent=2) if as_json else human_summary(summary))
+
+
+def human_summary(s: dict[str, Any]) -> str:
+    """The run's summary as a person reads it (``--json`` gives every field)."""
+    acc = s["test_accuracy"]
+    trials = ", ".join(f"{v} {k}" for k, v in s["trials"].items() if v)
+    best = ", ".join(f"{k.split('.')[-1]} {v:.4g}" for k, v in s["best_params"].items())
+    order = ["finetuned", *(k for k in acc if k != "finetuned")]  # the registered model first
+    scores = " | ".join(
+        f"{'registered model' if k == 'finetuned' else k} {acc[k]:.3f}"
+        for k in order
+        if acc.get(k) is not None
+    )
+    rows = [
+        (
+            "data",
+            f"{s['counts']['train']} train / {s['counts']['val']} val / "
+            f"{s['counts']['test']} test (data {s['data_hash'][:12]})",
+        ),
+        ("source", s["source"]),
+        ("search", f"{trials}; best {best} (val {s['val_accuracy']:.4f})"),
+        ("test accuracy", scores),
+        ("verdict", s["verdict"]),
+        (
+            "registered",
+            s["registered"]
+            + (f", champion v{s['champion']}" if s["champion"] else ", not champion"),
+        ),
+        ("promotion", s["promotion"]),
+        ("report", s["report"]),
+    ]
+    return "\n".join(f"{k:>14}  {v}" for k, v in rows)
 
 
 @app.command()

@@ -7,7 +7,8 @@ t confidence interval. Transfer - scratch (and - probe) is decided by a paired b
 the test examples (each role's correctness averaged over its seeds; `transferops.stats`), with
 the paired-by-seed t-interval reported beside it. The model `train` wrote (the one `register`
 registers) is compared the same way with every baseline: what the promotion gates read.
-Writes ``evaluate.out/``: ``metrics.json`` (DVC metrics), ``evaluation.md`` (read this first),
+Writes ``evaluate.out/``: ``metrics.json`` (everything), ``summary.json`` (DVC metrics),
+``evaluation.md`` (read this first) and ``evaluation.html`` (the same, plots inlined),
 ``efficiency.csv`` / ``learning_curves.csv`` (DVC plots) and PNG plots, and logs test metrics
 into each run's MLflow run.
 
@@ -39,7 +40,7 @@ from transferops.data.prepare import PreparedData, load_prepared, read_manifest
 from transferops.errors import DataError
 from transferops.model_io import load_finetuned, make_inputs, pick_device
 from transferops.predict import predict_probs
-from transferops.report import report_markdown, write_plots
+from transferops.report import report_html, report_markdown, write_plots
 from transferops.stats import ece, mean_ci, paired_bootstrap, verdict
 from transferops.tracking import setup_tracking, start_run
 
@@ -174,12 +175,30 @@ def evaluate(cfg: Config) -> dict[str, Any]:
     out = Path(ec.out)
     with atomic_dir(out) as tmp:
         write_json_atomic(tmp / "metrics.json", metrics)
+        write_json_atomic(tmp / "summary.json", dvc_summary(metrics))
         write_json_atomic(tmp / "per_class.json", per_class)
         write_plots(tmp, first, efficiency, test.class_names)
-        (tmp / "evaluation.md").write_text(report_markdown(metrics, per_class, classical_name))
+        md = report_markdown(metrics, per_class, classical_name)
+        (tmp / "evaluation.md").write_text(md)
+        (tmp / "evaluation.html").write_text(report_html(md, tmp))
     _log_to_mlflow(cfg, per_run, metrics, out)
     log.info("%s", line)
     return metrics
+
+
+def dvc_summary(metrics: dict[str, Any]) -> dict[str, float | int]:
+    """The few numbers `dvc metrics show` / `diff` compare (metrics.json has them all)."""
+    m, d = metrics["models"], metrics["transfer_minus_scratch"]["accuracy"]
+    out: dict[str, float | int] = {"test_size": metrics["test_size"]}
+    if "finetuned" in metrics:
+        out["registered_accuracy"] = metrics["finetuned"]["accuracy"]
+    for role in ("transfer", "scratch", "probe"):
+        if role in m:
+            out[f"{role}_accuracy"] = m[role]["accuracy"]["mean"]
+    if "classical" in m:
+        out["classical_accuracy"] = m["classical"]["accuracy"]
+    out |= {f"transfer_minus_scratch_{k}": d[k] for k in ("mean", "ci_low", "ci_high")}
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
 
 
 def _transfer_minus(

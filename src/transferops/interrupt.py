@@ -6,6 +6,14 @@ Optuna trials this process or its children were running are failed, their MLflow
 marked KILLED; one line says where it stopped, and the process exits 130. What finished
 before stays: step outputs and checkpoints are written atomically, so rerunning the same
 command resumes. A second Ctrl-C during the clean-up is ignored (it takes a few seconds).
+
+Where the clean-up runs matters. When the main thread does the work (every command without
+Prefect), the signal becomes a KeyboardInterrupt: the stack unwinds first (open database
+transactions roll back, MLflow and Optuna close what they opened), then :func:`finish`
+runs; cleaning up inside the handler instead could wait forever on a sqlite lock that the
+interrupted code itself holds. Under Prefect the main thread only waits for the task thread
+and Prefect would spend minutes reporting to its (dying) server: there the handler cleans up
+and exits at once.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ import logging
 import os
 import signal
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import psutil
 
@@ -35,14 +43,38 @@ def at_step(step: str, cfg: Config | None = None) -> None:
         STATE["cfg"] = cfg
 
 
-def install(command: str) -> None:
-    """Handle SIGINT and SIGTERM for the rest of this command (main thread only)."""
+class _QuietInterrupt(logging.Filter):
+    """Optuna logs the trial an interrupt stops as a failure, traceback included: the one
+    line :func:`finish` prints says it better."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and record.exc_info[0] is KeyboardInterrupt)
+
+
+def install(command: str, in_handler: bool = False) -> None:
+    """Handle SIGINT and SIGTERM for the rest of this command (main thread only);
+    `in_handler`: clean up in the signal handler itself (the Prefect door)."""
     at_step(command)
+    STATE["in_handler"] = in_handler
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _on_signal)
+    quiet = logging.getLogger("optuna.study._optimize")  # the logger of the trial-failed line
+    if not any(isinstance(f, _QuietInterrupt) for f in quiet.filters):
+        quiet.addFilter(_QuietInterrupt())
 
 
 def _on_signal(signum: int, frame: Any) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    STATE["signal"] = signal.Signals(signum).name
+    if STATE.get("in_handler"):
+        finish()
+    raise KeyboardInterrupt
+
+
+def finish() -> NoReturn:
+    """After an interrupt: stop children, fail their trials, close MLflow runs, say where
+    it stopped, exit 130."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
     me = psutil.Process()
@@ -54,9 +86,9 @@ def _on_signal(signum: int, frame: Any) -> None:
     if cfg is not None:
         _fail_trials(cfg, pids)
         _close_mlflow_runs(cfg)
-    name = signal.Signals(signum).name
     print(
-        f"interrupted ({name}) during {STATE['step']}; rerun the same command to resume",
+        f"interrupted ({STATE.get('signal', 'SIGINT')}) during {STATE['step']}; rerun the "
+        "same command to resume",
         file=sys.stderr,
         flush=True,
     )

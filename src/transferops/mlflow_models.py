@@ -16,21 +16,22 @@ from transferops.redact import mask
 from transferops.tracking import client_uri
 
 
-def registered_version(uri: str, registry_uri: str) -> dict[str, Any]:
-    """Resolve ``models:/<name>@<alias>`` or ``models:/<name>/<version>`` in a registry."""
+def registered_version(uri: str, registry_uri: str, key: str = "source.name") -> dict[str, Any]:
+    """Resolve ``models:/<name>@<alias>`` or ``models:/<name>/<version>`` in a registry
+    (`key`: the setting or option it came from, named in errors)."""
     parsed = registered_model_uri(uri)
     if parsed is None:
         raise SourceError(
-            f"source.name: {uri!r} is not models:/<name>@<alias> or models:/<name>/<version>"
+            f"{key}: {uri!r} is not models:/<name>@<alias> or models:/<name>/<version>"
         )
     name, alias, version = parsed
     if registry_uri.startswith("sqlite:///"):
         db = Path(registry_uri.removeprefix("sqlite:///"))
         if not db.exists():  # MLflow would silently create an empty registry there
             raise SourceError(
-                f"source.name: {uri} cannot be looked up: the registry {registry_uri} does not "
-                "exist; set source.registry_uri (or tracking.uri) to the MLflow registry that "
-                "holds it"
+                f"{key}: {uri} cannot be looked up: the registry {registry_uri} does not "
+                "exist; point at the MLflow store that holds it (tracking.uri, or "
+                "source.registry_uri for a source)"
             )
     from mlflow import MlflowClient  # MLflow costs seconds to import: only when used
     from mlflow.exceptions import MlflowException
@@ -42,12 +43,9 @@ def registered_version(uri: str, registry_uri: str) -> dict[str, Any]:
             mv = client.get_model_version_by_alias(name, alias)
         else:
             mv = client.get_model_version(name, str(version))
-    except MlflowException as exc:
-        known = sorted(m.name for m in client.search_registered_models(max_results=50))
+    except MlflowException:
         raise SourceError(
-            f"source.name: {uri} is not in the registry {mask(registry_uri)} "
-            f"({str(exc.message).splitlines()[0]}). Registered models there: "
-            f"{', '.join(known) or 'none'}; register one with `transferops register`"
+            f"{key}: {uri} is not in the registry {mask(registry_uri)}. {_holdings(client, name)}"
         ) from None
     return {
         "uri": uri,
@@ -58,6 +56,27 @@ def registered_version(uri: str, registry_uri: str) -> dict[str, Any]:
         "model_sha256": mv.tags.get("model_sha256"),
         "registry_uri": registry_uri,
     }
+
+
+def _holdings(client: Any, name: str) -> str:
+    """What the registry holds, for an error: the model's versions and aliases, or the
+    registered model names."""
+    versions = client.search_model_versions(f"name='{name}'")
+    if not versions:
+        known = sorted(m.name for m in client.search_registered_models(max_results=50))
+        return (
+            f"Registered models there: {', '.join(known) or 'none'}; register one with "
+            "`transferops register`"
+        )
+    aliases = client.get_registered_model(name).aliases  # {alias: version}
+    held = ", ".join(
+        f"v{v.version}" + "".join(f" @{a}" for a, n in aliases.items() if str(n) == str(v.version))
+        for v in sorted(versions, key=lambda v: int(v.version))
+    )
+    return (
+        f"{name} has {held}. A model that did not pass the promotion gates is not "
+        f"champion: use models:/{name}@challenger or models:/{name}/<version>"
+    )
 
 
 def download_model_folder(

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import base64
 import csv
+import re
 from pathlib import Path
 from typing import Any
 
@@ -156,3 +158,26 @@ def report_markdown(metrics: dict, per_class: dict, classical: str | None) -> st
         "",
     ]
     return "\n".join(lines)
+
+
+def report_html(markdown: str, folder: Path) -> str:
+    """evaluation.md as one self-contained HTML page: the plots inlined (no network, no
+    side files), so it opens anywhere, and in MLflow's artifact viewer."""
+    from markdown_it import MarkdownIt  # Rich's own markdown parser: always installed
+
+    body = MarkdownIt("commonmark").enable("table").render(markdown)
+
+    def inline(m: re.Match) -> str:
+        png = folder / m["src"]
+        if not png.exists():
+            return m[0]
+        return f'src="data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}"'
+
+    body = re.sub(r'src="(?P<src>[^"]+\.png)"', inline, body)
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>transferops evaluation</title>"
+        "<style>body{font-family:system-ui,sans-serif;max-width:60em;margin:2em auto;"
+        "padding:0 1em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
+        "padding:.2em .6em;text-align:right}td:first-child{text-align:left}"
+        "img{max-width:100%}</style></head><body>" + body + "</body></html>\n"
+    )

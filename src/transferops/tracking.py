@@ -62,6 +62,9 @@ def client_uri(uri: str, key: str) -> str:
     """The URI to hand MLflow: ``${NAME}`` expanded, and credentials moved out of it into
     MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (MLflow's basic auth), because MLflow
     prints its tracking URI in "View run ... at: <uri>" lines."""
+    os.environ.setdefault(
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"
+    )  # a tqdm bar per download
     uri = expand_env(uri, key)
     parts = urllib.parse.urlsplit(uri)
     if not uri.startswith(("http://", "https://")) or parts.username is None:
