@@ -86,3 +86,70 @@ def lite0_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("src") / "lite0"
     pull(SourceConfig(out=out))
     return out
+
+
+# ------------------------------------------------------- real servers on 127.0.0.1
+
+PG_PASSWORD = "Pg-Hunter2"  # any password is accepted (trust auth): recognisable in leaks
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pg_bindir() -> Path | None:
+    import glob
+
+    dirs = [*os.environ.get("PATH", "").split(os.pathsep)]
+    dirs += sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
+    for d in dirs:
+        if d and (Path(d) / "initdb").exists() and (Path(d) / "pg_ctl").exists():
+            return Path(d)
+    return None
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A throwaway PostgreSQL cluster (initdb + pg_ctl, the Debian package's binaries) on a
+    free port; yields ``postgresql+psycopg://transferops:<pw>@127.0.0.1:<port>`` (add /db).
+    PostgreSQL refuses to run as root: as root the cluster runs as the `postgres` user."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    bindir = _pg_bindir()
+    if bindir is None:
+        pytest.skip(
+            "PostgreSQL is not installed, so the PostgreSQL tests did NOT run "
+            "(CI installs it: apt-get install postgresql)"
+        )
+    root = Path(tempfile.mkdtemp(prefix="transferops-pg-"))  # outside pytest's 0700 tree
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    data, port = root / "data", free_port()
+
+    def pg(*args: str) -> None:
+        subprocess.run([*as_user, *args], check=True, capture_output=True, timeout=120)
+
+    pg(str(bindir / "initdb"), "-D", str(data), "-U", "transferops", "--auth=trust", "-E", "UTF8")
+    opts = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
+    pg(str(bindir / "pg_ctl"), "-D", str(data), "-o", opts, "-l", str(root / "log"), "-w", "start")
+    import psycopg
+
+    with psycopg.connect(
+        f"host=127.0.0.1 port={port} user=transferops dbname=postgres", autocommit=True
+    ) as conn:
+        for db in ("optuna", "mlflow"):
+            conn.execute(f"CREATE DATABASE {db}")
+    try:
+        yield f"postgresql+psycopg://transferops:{PG_PASSWORD}@127.0.0.1:{port}"
+    finally:
+        pg(str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop")
+        shutil.rmtree(root, ignore_errors=True)

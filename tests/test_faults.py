@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from transferops.cli import app
 from transferops.lock import project_lock
 
-from .conftest import write_image_folder
+from .conftest import free_port, write_image_folder
 
 runner = CliRunner()
 
@@ -251,20 +251,12 @@ def test_outputs_get_the_umask_modes_not_private_temp_modes(tmp_path, image_fold
     )  # readable unless the umask says no
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
     """A real MLflow tracking server on 127.0.0.1 (its own sqlite store)."""
     import urllib.request
 
-    port = _free_port()
+    port = free_port()
     store = tmp_path / "server"
     store.mkdir()
     proc = subprocess.Popen(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import re
 import socket
 import urllib.parse
 import urllib.request
@@ -88,10 +89,7 @@ def setup_tracking(cfg: TrackingConfig) -> Any:
     mlflow.set_tracking_uri(absolute_uri(client_uri(cfg.uri, "tracking.uri")))
     exp = mlflow.get_experiment_by_name(cfg.experiment)
     if exp is None:
-        loc = cfg.artifact_location
-        if "://" not in loc:  # a local folder: MLflow wants an absolute URI
-            loc = Path(loc).resolve().as_uri()
-        mlflow.create_experiment(cfg.experiment, artifact_location=loc)
+        mlflow.create_experiment(cfg.experiment, artifact_location=_artifact_location(cfg))
     mlflow.set_experiment(cfg.experiment)
     return mlflow
 
@@ -157,6 +155,19 @@ def _drop_orphan_models(client: Any, experiment_id: str, run_id: str) -> None:
                 m.model_id,
                 run_id,
             )
+
+
+def _artifact_location(cfg: TrackingConfig) -> str | None:
+    """Where a new experiment keeps its artifacts. A URI (s3://, mlflow-artifacts:/...) as
+    given; a local folder as an absolute file URI, except against a tracking server, whose
+    clients on other machines could not read this machine's folder: there the server's own
+    (proxied, with --serve-artifacts) location is used."""
+    loc = cfg.artifact_location
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", loc):
+        return loc
+    if cfg.uri.startswith(("http://", "https://")):
+        return None
+    return Path(loc).resolve().as_uri()
 
 
 def run_link(cfg: TrackingConfig, run_id: str) -> str:
