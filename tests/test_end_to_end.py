@@ -46,6 +46,20 @@ def test_run_pipeline_on_tiny_images(tmp_path, monkeypatch):
     assert spec["data_hash"] == summary["data_hash"] and net.num_blocks == 9
     metrics = json.loads((tmp_path / "metrics" / "train.json").read_text())
     assert metrics["val_accuracy"] == pytest.approx(summary["val_accuracy"], abs=1e-4)
+    # MLflow: one parent run per invocation, every step's runs nested under it; the curve
+    # runs apart from the main comparison, so grouping by role matches the report
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("transferops").experiment_id
+    runs = client.search_runs([exp])
+    (parent,) = [r for r in runs if r.data.tags.get("role") == "pipeline"]
+    assert parent.info.status == "FINISHED" and parent.data.tags["verdict"] == summary["verdict"]
+    steps = [r for r in runs if r.data.tags.get("role") not in ("pipeline", "trial")]
+    assert {r.data.tags["role"] for r in steps} >= {"search", "transfer", "scratch", "evaluation"}
+    assert all(r.data.tags.get("mlflow.parentRunId") == parent.info.run_id for r in steps)
+    curve = [r for r in steps if r.data.tags.get("comparison") == "curve"]
+    assert curve and all(r.data.tags["role"].startswith("curve-") for r in curve)
     # It ends registered, and champion only if the gate passed (tiny data: either can happen).
     assert summary["registered"] == "transferops-demo v1"
     report = json.loads((tmp_path / "reports" / "metrics.json").read_text())

@@ -82,7 +82,10 @@ def _train_one(
     mlflow = setup_tracking(cfg.tracking)
     manifest = read_manifest(data_out)
     tags = {
-        "role": role,
+        # Curve runs get their own role: grouped by role in the MLflow UI, the main comparison's
+        # means must match the report's
+        "role": role if per_class is None else f"curve-{role}",
+        "comparison": "main" if per_class is None else "curve",
         "seed": str(seed),
         "per_class": str(per_class or "all"),
         "data_hash": manifest["data_hash"],

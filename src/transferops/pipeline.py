@@ -34,11 +34,11 @@ from transferops.evaluate import evaluate
 from transferops.finetune.train import train_from_config
 from transferops.lock import project_lock
 from transferops.promotion import promote
-from transferops.register import register
+from transferops.register import git_commit, register
 from transferops.search import run_search
 from transferops.services import check_services
 from transferops.sources import pull_from_config
-from transferops.tracking import close_runs
+from transferops.tracking import close_runs, pipeline_run
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +236,26 @@ def run_pipeline(cfg: Config, run_step: StepRunner = run_locally) -> dict[str, A
             interrupt.at_step(step, cfg)  # what an interrupt message names
             return run_step(step, key, fn)
 
-        return _run_steps(cfg, step_runner)
+        commit, dirty = git_commit()
+        tags = {"git_commit": commit, "git_dirty": str(dirty).lower()}
+        with pipeline_run(cfg.tracking, tags) as (client, run_id):
+            summary = _run_steps(cfg, step_runner)
+            _record_outcome(client, run_id, cfg, summary)
+        return summary
+
+
+def _record_outcome(client: Any, run_id: str, cfg: Config, summary: dict[str, Any]) -> None:
+    """The invocation's parent run carries the outcome: verdict, registry, the report."""
+    for k in ("verdict", "registered", "data_hash", "source", "promotion"):
+        client.set_tag(run_id, k, str(summary[k]))
+    client.set_tag(run_id, "champion", str(summary["champion"]))
+    for name, value in summary["test_accuracy"].items():
+        if value is not None:
+            client.log_metric(run_id, f"test_accuracy_{name}", value)
+    client.log_dict(run_id, summary, "summary.json")
+    html = Path(cfg.evaluate.out) / "evaluation.html"
+    if html.exists():
+        client.log_artifact(run_id, str(html))
 
 
 def _run_steps(cfg: Config, run_step: StepRunner) -> dict[str, Any]:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import os
 import re
 import socket
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -97,11 +99,43 @@ def setup_tracking(cfg: TrackingConfig) -> Any:
 PID_TAG, HOST_TAG = "transferops.pid", "transferops.host"
 
 
+PIPELINE: dict[str, str | None] = {"run_id": None}  # the invocation's parent run, if any
+
+
+def owner_tags() -> dict[str, str]:
+    """Which process owns a run: a run its process left RUNNING (killed) can be found and
+    closed (:func:`close_runs`)."""
+    return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
+
+
 def start_run(mlflow: Any, tags: dict[str, str] | None = None, **kwargs: Any) -> Any:
-    """``mlflow.start_run`` with the tags that say which process owns the run, so a run its
-    process left RUNNING (killed) can be found and closed (:func:`close_runs`)."""
-    owner = {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
-    return mlflow.start_run(tags=owner | (tags or {}), **kwargs)
+    """``mlflow.start_run`` with the owner tags, nested under the pipeline invocation's
+    parent run when there is one (and the run has no other parent)."""
+    extra = owner_tags()
+    if PIPELINE["run_id"] and "parent_run_id" not in kwargs and "run_id" not in kwargs:
+        extra["mlflow.parentRunId"] = PIPELINE["run_id"]
+    return mlflow.start_run(tags=extra | (tags or {}), **kwargs)
+
+
+@contextlib.contextmanager
+def pipeline_run(cfg: TrackingConfig, tags: dict[str, str]) -> Iterator[Any]:
+    """One parent MLflow run for a pipeline invocation: every step's runs are nested under
+    it (by tag, so it works from Prefect's task threads too). Yields the client and run id;
+    the run ends FINISHED, or FAILED if the pipeline raised."""
+    mlflow = setup_tracking(cfg)
+    client = mlflow.MlflowClient()
+    exp = mlflow.get_experiment_by_name(cfg.experiment)
+    run = client.create_run(
+        exp.experiment_id, run_name="pipeline", tags=owner_tags() | {"role": "pipeline"} | tags
+    )
+    PIPELINE["run_id"] = run.info.run_id
+    status = "FAILED"
+    try:
+        yield client, run.info.run_id
+        status = "FINISHED"
+    finally:
+        PIPELINE["run_id"] = None
+        client.set_terminated(run.info.run_id, status)
 
 
 def _alive(pid: int) -> bool:
