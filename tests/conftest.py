@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -153,3 +155,38 @@ def postgres_url():
     finally:
         pg(str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop")
         shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def mlflow_server(backend_uri: str, *artifact_args: str) -> Iterator[str]:
+    """`mlflow server` on a free 127.0.0.1 port with `backend_uri` (and e.g.
+    ``--serve-artifacts``); yields its URL, stops it after."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = free_port()
+    mlflow = str(Path(sys.executable).parent / "mlflow")
+    args = ["--host", "127.0.0.1", "--port", str(port), "--backend-store-uri", backend_uri]
+    proc = subprocess.Popen(
+        [mlflow, "server", *args, "--workers", "1", *artifact_args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    pytest.fail(f"mlflow server ({backend_uri.split('@')[-1]}) did not start")
+                time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)

@@ -203,6 +203,9 @@ def test_pipeline_reads_test_only_in_evaluate_and_writes_the_report(
     assert "per_class" not in saved
     report = (out / "evaluation.md").read_text()
     assert saved["verdict"] in report and "Data efficiency" in report
+    assert "plots/confusion_scratch.png" in report  # both matrices shown, not one
+    header = (out / "learning_curves.csv").read_text().splitlines()[0]
+    assert header == "role,epoch,val_accuracy,train_loss,stage"  # stage: where blocks thaw
     for png in ("data_efficiency", "learning_curves", "confusion_transfer", "confusion_scratch"):
         assert (out / "plots" / f"{png}.png").stat().st_size > 1000
     assert (out / "efficiency.csv").read_text().splitlines()[0] == "per_class,transfer,scratch"

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -17,7 +18,7 @@ from typer.testing import CliRunner
 from transferops.cli import app
 from transferops.lock import project_lock
 
-from .conftest import free_port, write_image_folder
+from .conftest import mlflow_server, write_image_folder
 
 runner = CliRunner()
 
@@ -252,55 +253,23 @@ def test_outputs_get_the_umask_modes_not_private_temp_modes(tmp_path, image_fold
 
 
 @pytest.fixture
-def mlflow_server(tmp_path):
+def mlflow_url(tmp_path) -> Iterator[str]:
     """A real MLflow tracking server on 127.0.0.1 (its own sqlite store)."""
-    import urllib.request
-
-    port = free_port()
     store = tmp_path / "server"
     store.mkdir()
-    proc = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "mlflow"),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{store / 'mlflow.db'}",
-            "--default-artifact-root",
-            str(store / "artifacts"),
-            "--workers",
-            "1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
-            break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("the MLflow server did not start")
-    yield port
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
+    backend = f"sqlite:///{store / 'mlflow.db'}"
+    with mlflow_server(backend, "--default-artifact-root", str(store / "artifacts")) as url:
+        yield url
 
 
-def test_a_password_in_the_tracking_uri_is_written_nowhere(tmp_path, monkeypatch, mlflow_server):
+def test_a_password_in_the_tracking_uri_is_written_nowhere(tmp_path, monkeypatch, mlflow_url):
     """The whole pipeline against a real MLflow server whose URI carries a password: not in
     any file under the project, not in any MLflow param, tag or metric name."""
     from mlflow import MlflowClient
 
     project = tmp_path / "project"
     write_image_folder(project / "raw", per_class=12)
-    uri = f"http://bob:{PASSWORD}@127.0.0.1:{mlflow_server}"
+    uri = mlflow_url.replace("http://", f"http://bob:{PASSWORD}@")
     (project / "params.yaml").write_text(
         "data:\n  demo: null\n  path: raw\n  image: {size: 16}\n  limit_per_class: null\n"
         "finetune:\n  unfreeze_depth: 1\n  epochs_per_stage: [1, 1]\n  batch_size: 8\n"
@@ -315,7 +284,7 @@ def test_a_password_in_the_tracking_uri_is_written_nowhere(tmp_path, monkeypatch
     written = [p for p in project.rglob("*") if p.is_file() and p.name != "params.yaml"]
     assert len(written) > 50  # data, models, reports, stamps, MLflow artifacts...
     assert not [p for p in written if PASSWORD.encode() in p.read_bytes()]
-    client = MlflowClient(tracking_uri=f"http://127.0.0.1:{mlflow_server}")
+    client = MlflowClient(tracking_uri=mlflow_url)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) > 5
     for run in runs:

@@ -4,13 +4,7 @@ workers, and an MLflow tracking server on PostgreSQL."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
+from collections.abc import Iterator
 
 import optuna
 import pytest
@@ -20,7 +14,7 @@ from transferops.cli import app
 from transferops.config import validate_config
 from transferops.search import run_search
 
-from .conftest import PG_PASSWORD, free_port, write_image_folder
+from .conftest import PG_PASSWORD, mlflow_server, write_image_folder
 from .test_search import _raw
 
 TS = optuna.trial.TrialState
@@ -49,43 +43,13 @@ def test_two_workers_on_a_postgresql_study_never_repeat_a_configuration(
 
 
 @pytest.fixture
-def mlflow_on_postgres(tmp_path, postgres_url):
+def mlflow_on_postgres(tmp_path, postgres_url) -> Iterator[str]:
     """`mlflow server` with its backend on PostgreSQL and proxied artifacts: any machine
     that reaches it can load a registered model."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "mlflow"),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"{postgres_url}/mlflow",
-            "--artifacts-destination",
-            str(tmp_path / "server-artifacts"),
-            "--serve-artifacts",
-            "--workers",
-            "1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
-            break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("mlflow server on PostgreSQL did not start")
-    yield f"http://127.0.0.1:{port}"
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
+    where = str(tmp_path / "server-artifacts")
+    backend = f"{postgres_url}/mlflow"
+    with mlflow_server(backend, "--artifacts-destination", where, "--serve-artifacts") as url:
+        yield url
 
 
 def test_pipeline_against_an_mlflow_server_on_postgresql(tmp_path, monkeypatch, mlflow_on_postgres):

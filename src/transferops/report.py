@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import itertools
 import re
 from pathlib import Path
 from typing import Any
@@ -30,10 +31,10 @@ def write_plots(out: Path, first: dict, efficiency: list[dict], classes: list[st
     curves = []
     for role, r in first.items():
         for h in read_json(Path(r["dir"]) / "history.json"):
-            curves.append([role, h["epoch"], h["val_accuracy"], h["train_loss"]])
+            curves.append([role, h["epoch"], h["val_accuracy"], h["train_loss"], h.get("stage", 0)])
     with open(out / "learning_curves.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["role", "epoch", "val_accuracy", "train_loss"])
+        w.writerow(["role", "epoch", "val_accuracy", "train_loss", "stage"])
         w.writerows(curves)
 
     if efficiency:
@@ -54,6 +55,14 @@ def write_plots(out: Path, first: dict, efficiency: list[dict], classes: list[st
     for role in first:
         pts = [(c[1], c[2]) for c in curves if c[0] == role]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=role)
+    # Where transfer thaws more blocks: a dip just after one is the new stage's warm-up
+    thaws = [
+        c[1]
+        for a, c in itertools.pairwise([c for c in curves if c[0] == "transfer"])
+        if c[4] != a[4]
+    ]
+    for k, x in enumerate(thaws):
+        ax.axvline(x - 0.5, color="gray", linestyle=":", label="blocks thawed" if k == 0 else None)
     ax.set(xlabel="epoch", ylabel="val accuracy", title="Learning curves (first seed)")
     ax.legend()
     fig.savefig(plots / "learning_curves.png", dpi=110, bbox_inches="tight")
@@ -64,12 +73,14 @@ def write_plots(out: Path, first: dict, efficiency: list[dict], classes: list[st
         cm = np.asarray(first[role]["metrics"]["confusion"])
         fig, ax = plt.subplots(figsize=(4.5, 4))
         ax.imshow(cm, cmap="Blues")
+        dark = cm.max() / 2  # counts on dark cells in white, or they cannot be read
         ticks = range(len(classes))
         ax.set_xticks(ticks, classes, rotation=90)
         ax.set_yticks(ticks, classes)
         for i in ticks:
             for j in ticks:
-                ax.text(j, i, cm[i, j], ha="center", va="center", fontsize=7)
+                color = "white" if cm[i, j] > dark else "black"
+                ax.text(j, i, cm[i, j], ha="center", va="center", fontsize=7, color=color)
         ax.set(xlabel="predicted", ylabel="true", title=f"Confusion matrix: {role}")
         fig.savefig(plots / f"confusion_{role}.png", dpi=110, bbox_inches="tight")
         plt.close(fig)
@@ -155,6 +166,7 @@ def report_markdown(metrics: dict, per_class: dict, classical: str | None) -> st
         "",
         "![learning curves](plots/learning_curves.png)",
         "![confusion transfer](plots/confusion_transfer.png)",
+        "![confusion scratch](plots/confusion_scratch.png)",
         "",
     ]
     return "\n".join(lines)
