@@ -8,8 +8,19 @@ The same functions serve the CLI (`transferops ...`), Prefect flows (`flows/`), 
     result = prepare(cfg)
 """
 
+import os
+
+# Hugging Face's per-file "Loading weights" / "Writing model shards" bars, once per training
+# run, drown transferops' own progress; set HF_HUB_DISABLE_PROGRESS_BARS=0 to see them.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
 from transferops.config import Config, load_config
-from transferops.data.prepare import PreparedData, load_prepared, prepare, prepared_data_hash
+from transferops.data.prepare import (
+    PreparedData,
+    load_prepared,
+    prepare,
+    prepared_data_hash,
+)
 
 __all__ = [
     "Config",

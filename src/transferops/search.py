@@ -453,6 +453,7 @@ def run_search(cfg: Config) -> SearchResult:
     sc = cfg.search
     name = study_name(cfg)
     storage = make_storage(sc)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created ..."
     study = optuna.create_study(
         study_name=name,
         storage=storage,
