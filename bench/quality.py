@@ -82,7 +82,7 @@ def run_case(name: str, overrides: dict[str, Any], out: Path) -> dict[str, Any]:
     m = metrics["models"]
     return {
         "case": name,
-        "train": manifest["counts"]["train"],
+        "train": sum(manifest["counts"]["train"].values()),  # counts are per class
         "size": manifest.get("image_size"),
         "registered": metrics["finetuned"]["accuracy"],
         "transfer": m["transfer"]["accuracy"],
