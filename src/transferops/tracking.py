@@ -21,15 +21,16 @@ from transferops.redact import expand_env, mask
 log = logging.getLogger(__name__)
 
 
-def absolute_uri(uri: str) -> str:
-    """`sqlite:///mlflow.db` relative to the working directory -> an absolute sqlite URI.
+def absolute_uri(uri: str, base: Path | str = ".") -> str:
+    """`sqlite:///mlflow.db` relative to `base` (the working directory) -> an absolute
+    sqlite URI.
 
     MLflow caches its store per URI string, so a relative one would keep pointing at the
     first directory it was opened in after a chdir (tests, a Prefect worker).
     """
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str(Path(uri[len(prefix) :]).resolve())
+        return prefix + str((Path(base) / uri[len(prefix) :]).resolve())
     return uri
 
 
@@ -42,12 +43,10 @@ def check_reachable(key: str, uri: str) -> None:
     else one :class:`ConfigError` line, where the client would retry for minutes."""
     if not uri.startswith(("http://", "https://")) or uri in _reachable:
         return
-    parts = urllib.parse.urlsplit(expand_env(uri, key).rstrip("/") + "/health")
-    netloc = parts.netloc.rpartition("@")[2]  # credentials go in a header, not the host
-    req = urllib.request.Request(urllib.parse.urlunsplit(parts._replace(netloc=netloc)))
-    if parts.username is not None:  # HTTP basic auth, as MLflow's client sends it
-        user = urllib.parse.unquote(parts.username)
-        token = f"{user}:{urllib.parse.unquote(parts.password or '')}".encode()
+    url, login = _split_login(expand_env(uri, key))
+    req = urllib.request.Request(url.rstrip("/") + "/health")
+    if login is not None:  # HTTP basic auth, as MLflow's client sends it
+        token = ":".join(login).encode()
         req.add_header("Authorization", "Basic " + base64.b64encode(token).decode())
     try:
         with urllib.request.urlopen(req, timeout=TIMEOUT_S) as r:
@@ -69,12 +68,21 @@ def client_uri(uri: str, key: str) -> str:
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"
     )  # a tqdm bar per download
     uri = expand_env(uri, key)
-    parts = urllib.parse.urlsplit(uri)
-    if not uri.startswith(("http://", "https://")) or parts.username is None:
+    if not uri.startswith(("http://", "https://")):
         return uri
-    os.environ["MLFLOW_TRACKING_USERNAME"] = urllib.parse.unquote(parts.username)
-    os.environ["MLFLOW_TRACKING_PASSWORD"] = urllib.parse.unquote(parts.password or "")
-    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    url, login = _split_login(uri)
+    if login is not None:
+        os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = login
+    return url
+
+
+def _split_login(url: str) -> tuple[str, tuple[str, str] | None]:
+    """`url` without its ``user:password@``, and (user, password) if it had them."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None:
+        return url, None
+    login = (urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.password or ""))
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])), login
 
 
 def setup_tracking(cfg: TrackingConfig) -> Any:

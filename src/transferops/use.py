@@ -19,15 +19,7 @@ from transferops.errors import DataError, RegistryError
 from transferops.mlflow_models import download_model_folder, registered_version
 from transferops.model_io import load_finetuned, pick_device
 from transferops.predict import predict_probs, raw_inputs
-
-
-def project_registry(cfg: Config, project: Path) -> str:
-    """tracking.uri with a relative sqlite path made absolute against `project`."""
-    uri = cfg.tracking.uri
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str((project / uri[len(prefix) :]).resolve())
-    return uri
+from transferops.tracking import absolute_uri
 
 
 def gather(paths: list[Path], modality: str, column: str) -> tuple[list[str], list]:
@@ -68,7 +60,7 @@ def predict_registered(
     cfg: Config, project: Path, model: str, paths: list[Path], column: str = "text"
 ) -> pd.DataFrame:
     """Labels and confidences of the registered `model` for `paths` (one row per input)."""
-    registry = project_registry(cfg, project)
+    registry = absolute_uri(cfg.tracking.uri, project)  # the project's store, not the cwd's
     reg = registered_version(model, registry, key="--model")
     name, version = reg["model"], reg["version"]
     with tempfile.TemporaryDirectory(prefix="transferops-predict-") as tmp:
