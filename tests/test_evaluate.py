@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from transferops import baseline as baseline_module
 from transferops.artifacts import sha256_file
@@ -229,3 +231,49 @@ def test_evaluate_refuses_baselines_from_other_data(tmp_path, digits_prepared):
 
     with pytest.raises(DataError, match="re-run `transferops baseline`"):
         evaluate(cfg)
+
+
+def test_baseline_runs_as_dask_tasks_match_the_ones_trained_here(tmp_path, lite0_source):
+    """compute.n_workers 2: every baseline run is a task of a local Dask cluster, trained in
+    a worker process (not this one), nested under the pipeline's MLflow run, with the val
+    accuracy the same run gets trained in this process."""
+    from mlflow import MlflowClient
+
+    from transferops.tracking import pipeline_run
+
+    def config(n_workers: int, out: str) -> dict:
+        return {
+            "data": tiny_digits(tmp_path),
+            "source": {"out": str(lite0_source)},
+            "finetune": {
+                "unfreeze_depth": 1,
+                "epochs_per_stage": [1, 1],
+                "batch_size": 8,
+                "out": str(tmp_path / "ft"),
+            },
+            "baseline": {"seeds": [0, 1], "efficiency_per_class": [2], "out": str(tmp_path / out)},
+            "compute": {"n_workers": n_workers},
+            "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "e"},
+        }
+
+    here = validate_config(config(1, "here"))
+    prepare(here)
+    # the threads each of 2 workers gets: a near-random scratch model's few val predictions
+    # flip with the float summation order that the thread count sets
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
+    try:
+        expected = {r["name"]: r["val_accuracy"] for r in run_baselines(here)}
+    finally:
+        torch.set_num_threads(threads)
+    cfg = validate_config(config(2, "dask"))
+    with pipeline_run(cfg.tracking, {}) as (_, parent):
+        runs = run_baselines(cfg)
+    assert {r["name"]: r["val_accuracy"] for r in runs} == expected
+    assert all((Path(r["dir"]) / "model.safetensors").exists() for r in runs)
+    index = json.loads((tmp_path / "dask" / "index.json").read_text())
+    assert [r["name"] for r in index["runs"]] == list(expected)
+    tags = [MlflowClient().get_run(r["mlflow_run_id"]).data.tags for r in runs]
+    assert all(t["mlflow.parentRunId"] == parent for t in tags)
+    pids = {t["transferops.pid"] for t in tags}
+    assert str(os.getpid()) not in pids and len(pids) == 2  # both workers trained

@@ -4,6 +4,10 @@ workers, and an MLflow tracking server on PostgreSQL."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
+import time
 from collections.abc import Iterator
 
 import optuna
@@ -12,7 +16,7 @@ from typer.testing import CliRunner
 
 from transferops.cli import app
 from transferops.config import validate_config
-from transferops.search import run_search
+from transferops.search import make_storage, run_search
 
 from .conftest import PG_PASSWORD, mlflow_server, write_image_folder
 from .test_search import _raw
@@ -20,24 +24,55 @@ from .test_search import _raw
 TS = optuna.trial.TrialState
 
 
-def test_two_workers_on_a_postgresql_study_never_repeat_a_configuration(
+def _kill_first_running_worker(
+    storage: optuna.storages.RDBStorage, stop: threading.Event, killed: list
+) -> None:
+    """SIGKILL the worker process of the first trial seen running (after its first epoch)."""
+    while not stop.is_set() and not killed:
+        for name in optuna.get_all_study_names(storage):
+            for t in optuna.load_study(study_name=name, storage=storage).trials:
+                if t.state == TS.RUNNING and t.intermediate_values and "worker_pid" in t.user_attrs:
+                    os.kill(t.user_attrs["worker_pid"], signal.SIGKILL)
+                    killed.append(t.number)
+                    return
+        time.sleep(0.2)
+
+
+def test_two_dask_workers_on_a_postgresql_study_survive_a_killed_worker(
     tmp_path, digits_prepared, lite0_source, postgres_url
 ):
+    """Trials as tasks of a local Dask cluster sharing a PostgreSQL study: no configuration
+    twice, unique numbers, n_trials finished, both workers used; a worker killed mid-trial
+    has its trial failed by the heartbeat and retried once with the same params."""
     raw = _raw(tmp_path, digits_prepared, lite0_source, n_trials=6, n_workers=2, pruner="none")
     raw["search"]["sampler"] = "tpe"
     raw["search"]["storage"] = f"{postgres_url}/optuna"
     raw["finetune"]["epochs_per_stage"] = [1]
     cfg = validate_config(raw)
-    res = run_search(cfg)
+    stop, killed = threading.Event(), []
+    killer = threading.Thread(
+        # the schema is made here first: two processes creating it at once collide
+        target=_kill_first_running_worker,
+        args=(make_storage(cfg.search), stop, killed),
+    )
+    killer.start()
+    try:
+        res = run_search(cfg)
+    finally:
+        stop.set()
+        killer.join()
     study = optuna.load_study(study_name=res.study_name, storage=cfg.search.storage)
     trials = study.trials
-    numbers = [t.number for t in trials]
-    assert sorted(numbers) == list(range(len(trials)))
-    complete = [t for t in trials if t.state == TS.COMPLETE]
-    assert len(complete) >= 6 == res.counts["complete"] - (len(complete) - 6)
-    configs = [tuple(sorted(t.params.items())) for t in complete]
-    assert len(configs) == len(set(configs))  # each worker draws its own sequence
-    assert len({t.user_attrs["worker_pid"] for t in trials}) == 2  # both workers worked
+    assert sorted(t.number for t in trials) == list(range(len(trials)))
+    finished = [t for t in trials if t.state in (TS.COMPLETE, TS.PRUNED)]
+    assert len(finished) == 6 == res.counts["complete"]
+    configs = [tuple(sorted(t.params.items())) for t in finished]
+    assert len(configs) == len(set(configs))
+    assert len({t.user_attrs["worker_pid"] for t in finished}) >= 2  # both workers worked
+    assert len(killed) == 1 and trials[killed[0]].state == TS.FAIL
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed[0]]
+    assert len(retries) == 1 and retries[0].state == TS.COMPLETE
+    assert retries[0].params == trials[killed[0]].params
     summary = (tmp_path / "search" / "summary.json").read_text()
     assert PG_PASSWORD not in summary and "transferops:***@127.0.0.1" in summary
 

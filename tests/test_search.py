@@ -22,7 +22,10 @@ TS = optuna.trial.TrialState
 
 
 def _raw(tmp_path: Path, digits_prepared: Path, lite0_source: Path, **search) -> dict:
+    """A quick search config; ``n_workers`` goes to compute (Dask workers when > 1)."""
+    compute = {"n_workers": search.pop("n_workers", 1)}
     return {
+        "compute": compute,
         "data": {"out": str(digits_prepared)},
         "source": {"out": str(lite0_source)},
         "finetune": {
@@ -258,7 +261,7 @@ def test_a_fresh_trial_without_heartbeat_is_not_failed(tmp_path, digits_prepared
     assert storage._get_stale_trial_ids(study._study_id) == [trial._trial_id]
 
 
-def test_two_workers_share_one_study(tmp_path, digits_prepared, lite0_source, monkeypatch):
+def test_two_dask_workers_share_one_study(tmp_path, digits_prepared, lite0_source, monkeypatch):
     raw = _raw(tmp_path, digits_prepared, lite0_source, n_trials=4, n_workers=2, pruner="none")
     cfg = validate_config(raw)
     # What loading a registered pyfunc in this process does: its shipped, inference-only copy
@@ -275,6 +278,14 @@ def test_two_workers_share_one_study(tmp_path, digits_prepared, lite0_source, mo
     # each worker draws its own sequence (and the constant liar): no configuration twice
     configs = [tuple(sorted(t.params.items())) for t in trials if t.state == TS.COMPLETE]
     assert len(configs) == len(set(configs))
+    # every trial's MLflow run is nested under the search run, from whichever worker
+    summary = json.loads((tmp_path / "search" / "summary.json").read_text())
+    assert set(_mlflow_children(tmp_path, summary["mlflow_run_id"])) == {str(n) for n in numbers}
+
+
+def test_the_old_n_workers_key_says_where_it_moved():
+    with pytest.raises(ConfigError, match=r"search\.n_workers: moved to compute\.n_workers"):
+        validate_config({"search": {"n_workers": 2}})
 
 
 def test_each_worker_and_resumed_process_draws_its_own_sequence():

@@ -24,7 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from transferops.artifacts import atomic_dir, read_json, write_json_atomic
-from transferops.config import Config, FinetuneConfig, with_overrides
+from transferops.cluster import (
+    dask_client,
+    release_stores,
+    run_in_project,
+    task_context,
+    uses_dask,
+    worker_store,
+)
+from transferops.config import Config, FinetuneConfig, validate_config, with_overrides
 from transferops.data.prepare import prepare, read_manifest
 from transferops.finetune.plan import total_epochs
 from transferops.finetune.train import save_finetuned, train_model
@@ -163,28 +171,12 @@ def _reuse(folder: Path, dst: Path, labels: dict[str, Any]) -> float:
     return float(spec["val_accuracy"])
 
 
-def run_baselines(cfg: Config) -> list[dict[str, Any]]:
-    """Train transfer / scratch / probe over seeds, and the few-shot curve models."""
+def _jobs(cfg: Config) -> list[tuple[str, str, int, int | None, Path]]:
+    """(name, role, seed, per_class, data folder) of every baseline run, main runs first;
+    the curve's few-shot subsets are prepared here."""
     bc = cfg.baseline
-    source = read_source_manifest(cfg.source.out)
     roles = ["transfer", "scratch"] + (["probe"] if bc.linear_probe else [])
-    store: dict = {}  # pretrained prefix features, shared by transfer and probe runs
-    entries = []
-    for seed in bc.seeds:
-        for role in roles:
-            entries.append(
-                _train_one(
-                    cfg,
-                    f"{role}-s{seed}",
-                    role,
-                    seed,
-                    None,
-                    Path(cfg.data.out),
-                    source,
-                    store if role != "scratch" else None,
-                )
-            )
-    seed = bc.seeds[0]
+    jobs = [(f"{r}-s{s}", r, s, None, Path(cfg.data.out)) for s in bc.seeds for r in roles]
     for k in bc.efficiency_per_class:
         if k is None:
             continue  # "all" is the main comparison's first seed
@@ -194,22 +186,45 @@ def run_baselines(cfg: Config) -> list[dict[str, Any]]:
                 cfg, {"data.limit_per_class": k, "data.out": str(sub), "data.demo": None}
             )
         )
-        sub_store: dict = {}
-        for role in ("transfer", "scratch"):
-            entries.append(
-                _train_one(
-                    cfg,
-                    f"{role}-k{k}",
-                    role,
-                    seed,
-                    k,
-                    sub,
-                    source,
-                    sub_store if role == "transfer" else None,
-                )
-            )
+        jobs += [(f"{r}-k{k}", r, bc.seeds[0], k, sub) for r in ("transfer", "scratch")]
+    return jobs
+
+
+def _run_job(cfg_json: dict, job: tuple, source: dict[str, Any]) -> dict[str, Any]:
+    """One baseline run (here or as a Dask task). Pretrained runs on the same data share
+    the process's frozen features; scratch has none to share."""
+    cfg = validate_config(cfg_json)
+    name, role, seed, per_class, data_out = job
+    key = ("baseline", str(Path(data_out).resolve()), read_manifest(data_out)["data_hash"])
+    store = worker_store(key) if role != "scratch" else None
+    return _train_one(cfg, name, role, seed, per_class, Path(data_out), source, store)
+
+
+def run_baselines(cfg: Config) -> list[dict[str, Any]]:
+    """Train transfer / scratch / probe over seeds, and the few-shot curve models: in this
+    process, or as Dask tasks when ``compute`` asks for workers."""
+    source = read_source_manifest(cfg.source.out)
+    jobs = _jobs(cfg)
+    cfg_json = cfg.model_dump(mode="json")
+    if not uses_dask(cfg.compute):
+        try:
+            entries = [_run_job(cfg_json, job, source) for job in jobs]
+        finally:
+            release_stores()
+    else:
+        with dask_client(cfg.compute) as client:
+            ctx = task_context(client)
+            futures = [
+                client.submit(run_in_project, ctx, _run_job, cfg_json, job, source, pure=False)
+                for job in jobs
+            ]
+            entries = client.gather(futures)
     write_json_atomic(
-        bc.index,
-        {"data_hash": read_manifest(cfg.data.out)["data_hash"], "seeds": bc.seeds, "runs": entries},
+        cfg.baseline.index,
+        {
+            "data_hash": read_manifest(cfg.data.out)["data_hash"],
+            "seeds": cfg.baseline.seeds,
+            "runs": entries,
+        },
     )
     return entries

@@ -364,7 +364,6 @@ class SearchConfig(_Section):
     timeout_s: PositiveFloat | None = None
     sampler: Literal["tpe", "random", "grid"] = "tpe"
     pruner: Literal["median", "hyperband", "none"] = "median"
-    n_workers: Annotated[int, Field(ge=1)] = 1
     storage: str = "sqlite:///optuna.db"
     heartbeat_s: Annotated[int, Field(ge=1)] = Field(
         10, description="trial heartbeat; a trial silent for 2x this is failed and retried"
@@ -440,6 +439,24 @@ class ScheduleConfig(_Section):
         return v
 
 
+class ComputeConfig(_Section):
+    """Where parallel work runs: search trials and baseline runs as tasks on Dask."""
+
+    n_workers: Annotated[int, Field(ge=1)] = Field(
+        1, description="tasks at once on this machine (a local Dask cluster when > 1)"
+    )
+    cluster: str | None = Field(
+        None, description="address of a running Dask scheduler, e.g. tcp://10.0.0.5:8786"
+    )
+
+    @field_validator("cluster")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        if v is not None and "://" not in v:
+            raise ValueError(f"{v!r} is not a scheduler address: write tcp://host:8786")
+        return v
+
+
 class TrackingConfig(_Section):
     """MLflow tracking: embedded sqlite by default, a server URI when configured."""
 
@@ -462,6 +479,7 @@ class Config(_Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 
@@ -526,11 +544,17 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
     return sorted(getattr(model, "model_fields", {}))
 
 
+MOVED = {"search.n_workers": "compute.n_workers"}  # keys renamed since 0.1
+
+
 def _format_validation_error(exc: ValidationError, origin: str) -> str:
     lines = [f"invalid configuration in {origin}:"]
     for err in exc.errors():
         loc = tuple(err["loc"])
         key = ".".join(str(p) for p in loc) or "(root)"
+        if err["type"] == "extra_forbidden" and key in MOVED:
+            lines.append(f"  {key}: moved to {MOVED[key]}; write it there")
+            continue
         if err["type"] == "extra_forbidden":
             allowed = _allowed_keys(loc)
             lines.append(f"  {key}: unknown key; allowed here: {', '.join(allowed)}")

@@ -32,7 +32,7 @@ from transferops.tracking import close_runs
 
 log = logging.getLogger(__name__)
 
-STATE: dict[str, Any] = {"step": None, "cfg": None}  # what the handler reports and cleans
+STATE: dict[str, Any] = {"step": None, "cfg": None, "workers": set()}  # what it reports and cleans
 CHILD_GRACE_S = 3.0
 
 
@@ -79,7 +79,8 @@ def finish() -> NoReturn:
         signal.signal(sig, signal.SIG_IGN)
     me = psutil.Process()
     children = me.children(recursive=True)
-    pids = {me.pid, *(c.pid for c in children)}
+    # A local Dask cluster may already be closed by the unwinding: its workers' pids were noted
+    pids = {me.pid, *(c.pid for c in children), *STATE["workers"]}
     _cancel_prefect_flow_run()
     _stop(children)
     cfg = STATE["cfg"]

@@ -13,8 +13,9 @@ per-epoch metrics, tag ``state`` = complete / pruned / failed / duplicate), the 
 and value on the parent, and Optuna's plots as its artifacts. The best params go to
 ``search.out/best_params.json``, which ``transferops train --overrides-file`` reads.
 
-Parallelism: ``search.n_workers`` processes share the study through its storage. With the
-default sqlite file this is safe for a few workers on one machine (sqlite serialises writes;
+Parallelism: with ``compute.n_workers > 1`` or ``compute.cluster`` each trial is a Dask task
+(:mod:`transferops.cluster`) and the workers share the study through its storage. The
+default sqlite file is safe for a few workers on one machine (sqlite serialises writes;
 Optuna retries on lock); use PostgreSQL for more workers or several machines.
 """
 
@@ -23,9 +24,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import multiprocessing as mp
 import os
-import sys
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,10 +34,18 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import torch
+from distributed import as_completed
 from optuna.storages._rdb import models as _rdb_models  # the heartbeat table (see _Storage)
 
 from transferops.artifacts import atomic_dir, sha256_json, write_json_atomic
+from transferops.cluster import (
+    dask_client,
+    run_in_project,
+    task_context,
+    uses_dask,
+    worker_label,
+    worker_store,
+)
 from transferops.config import (
     Config,
     FloatRange,
@@ -303,28 +311,29 @@ def _log_trial(study: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
     )
 
 
-def _run_worker(
-    cfg_json: dict, name: str, parent_run_id: str | None, show: bool, worker: int = 0
-) -> None:
-    """One worker: optimise the shared study until it holds n_trials finished trials."""
-    cfg = validate_config(cfg_json)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.search.n_workers))
-    storage = make_storage(cfg.search)
+def _load_for_worker(cfg: Config, name: str, slot: int) -> optuna.Study:
+    """The shared study with this worker's sampler and the pruner."""
     num_blocks = read_source_manifest(cfg.source.out)["num_blocks"]
-    study = optuna.load_study(study_name=name, storage=storage)
-    # Worker 0 of a fresh study keeps search.seed (a one-process search is reproducible);
-    # other workers and resumed processes shift it, so none replays another's draws.
-    offset = worker * 10_007 + len(study.get_trials(deepcopy=False))
+    study = optuna.load_study(study_name=name, storage=make_storage(cfg.search))
+    # Slot 0 of a fresh study keeps search.seed (a one-process search is reproducible);
+    # other slots and resumed processes shift it, so none replays another's draws.
+    offset = slot * 10_007 + len(study.get_trials(deepcopy=False))
     study.sampler = make_sampler(cfg.search, offset)
     study.pruner = make_pruner(cfg.search, _max_epochs(cfg, num_blocks))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    store: dict = {}  # frozen features shared by this worker's trials
+    return study
+
+
+def _run_here(cfg: Config, name: str, parent_run_id: str) -> None:
+    """The search in this process: optimise until the study holds n_trials finished."""
+    study = _load_for_worker(cfg, name, 0)
+    store: dict = {}  # frozen features shared by the trials
     for _ in range(3):
         left = cfg.search.n_trials - _count(study, lambda t: t.state in FINISHED)
         repeats = _count(study, lambda t: "duplicate_of" in t.user_attrs)
         if left <= 0:
             return
-        _optimize(cfg, study, left, parent_run_id, show, store)
+        _optimize(cfg, study, left, parent_run_id, store)
         if _count(study, lambda t: "duplicate_of" in t.user_attrs) == repeats:
             return  # no repeat this round: the trials it lacks failed, and are not redrawn
 
@@ -333,75 +342,112 @@ def _count(study: optuna.Study, which: Any) -> int:
     return sum(1 for t in study.get_trials(deepcopy=False) if which(t))
 
 
+def _progress_fields(study: optuna.Study, n: int) -> dict[str, Any]:
+    """The trials bar: finished of n, and the counts per state with the best so far."""
+    ts = study.get_trials(deepcopy=False)
+    done = sum(t.state == TS.COMPLETE for t in ts)
+    pruned = sum(t.state == TS.PRUNED for t in ts)
+    failed = sum(t.state == TS.FAIL for t in ts)
+    best = f"best {study.best_value:.4f} (#{study.best_trial.number})" if done else ""
+    return {
+        "completed": min(n, done + pruned),
+        "info": f"done {done} pruned {pruned} failed {failed} {best}",
+    }
+
+
 def _optimize(
-    cfg: Config,
-    study: optuna.Study,
-    left: int,
-    parent_run_id: str | None,
-    show: bool,
-    store: dict,
+    cfg: Config, study: optuna.Study, left: int, parent_run_id: str | None, store: dict
 ) -> None:
     n = cfg.search.n_trials
-    # optimize() starts a trial before any callback can stop it: cap each worker at what is
-    # left, and let MaxTrialsCallback stop all workers once the study holds n finished trials.
+    # optimize() starts a trial before any callback can stop it: cap at what is left, and
+    # let MaxTrialsCallback stop once the study (shared with other processes) holds n.
     stop = optuna.study.MaxTrialsCallback(n, states=FINISHED)
-    opts: dict[str, Any] = {
-        "n_trials": left,
-        "timeout": cfg.search.timeout_s,
-        "catch": (RuntimeError, ValueError),
-    }
-    if not show:
-        study.optimize(_objective(cfg, parent_run_id, store), callbacks=[stop, _log_trial], **opts)
-        return
     with make_progress() as prog:
         task = prog.add_task("trials", total=n, info="")
 
         def progress(study: optuna.Study, _t: optuna.trial.FrozenTrial) -> None:
-            ts = study.get_trials(deepcopy=False)
-            done = sum(t.state == optuna.trial.TrialState.COMPLETE for t in ts)
-            pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in ts)
-            failed = sum(t.state == optuna.trial.TrialState.FAIL for t in ts)
-            best = f"best {study.best_value:.4f} (#{study.best_trial.number})" if done else ""
-            prog.update(
-                task,
-                completed=min(n, done + pruned),
-                info=f"done {done} pruned {pruned} failed {failed} {best}",
-            )
+            prog.update(task, **_progress_fields(study, n))
 
         progress(study, None)  # type: ignore[arg-type]
         study.optimize(
-            _objective(cfg, parent_run_id, store), callbacks=[stop, progress, _log_trial], **opts
+            _objective(cfg, parent_run_id, store),
+            n_trials=left,
+            timeout=cfg.search.timeout_s,
+            catch=(RuntimeError, ValueError),
+            callbacks=[stop, progress, _log_trial],
         )
 
 
-# -------------------------------------------------------------------- public
+# ------------------------------------------------------------- on Dask
 
 
-def _run_workers(cfg: Config, name: str, parent_run_id: str) -> None:
-    """`search.n_workers` worker processes on the shared study (this process when 1)."""
+def _trial_task(cfg_json: dict, name: str, parent_run_id: str, slot: int) -> str:
+    """One trial of the shared study, as a Dask task; the worker's ``host:pid``."""
+    cfg = validate_config(cfg_json)
+    study = _load_for_worker(cfg, name, slot)
+    store = worker_store(("search", name))  # the worker's next trials reuse its features
+    study.optimize(
+        _objective(cfg, parent_run_id, store),
+        n_trials=1,
+        catch=(RuntimeError, ValueError),
+        callbacks=[_log_trial],
+    )
+    return worker_label()
+
+
+def _budget_used(study: optuna.Study) -> int:
+    """Trials that count toward n_trials: finished ones and those that failed in training.
+    A duplicate is redrawn, and a trial whose worker died is retried by the heartbeat."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {optuna.storages.RetryFailedTrialCallback.retried_trial_number(t) for t in trials}
+    return sum(
+        t.state in FINISHED
+        or (t.state == TS.FAIL and "duplicate_of" not in t.user_attrs and t.number not in retried)
+        for t in trials
+    )
+
+
+def _run_on_dask(cfg: Config, name: str, parent_run_id: str) -> None:
+    """One Dask task per trial, as many in flight as the cluster has workers, until the
+    study holds n_trials (a worker that dies has its task rerun by Dask and its trial
+    failed and retried by the heartbeat)."""
+    sc = cfg.search
+    storage = make_storage(sc)
+    deadline = None if sc.timeout_s is None else time.monotonic() + sc.timeout_s
     cfg_json = cfg.model_dump(mode="json")
-    if cfg.search.n_workers == 1:
-        _run_worker(cfg_json, name, parent_run_id, show=True)
-        return
-    ctx = mp.get_context("spawn")  # a fresh interpreter: no forked torch / sqlite state
-    procs = [
-        ctx.Process(target=_run_worker, args=(cfg_json, name, parent_run_id, i == 0, i))
-        for i in range(cfg.search.n_workers)
-    ]
-    # A child imports with this process's sys.path. A registered model loaded here put its
-    # shipped (inference-only) copy of transferops first on it: put this package back first.
-    saved = list(sys.path)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    try:
-        for p in procs:
-            p.start()
-    finally:
-        sys.path[:] = saved
-    for p in procs:
-        p.join()
-    bad = [p.exitcode for p in procs if p.exitcode != 0]
-    if bad:
-        log.warning("%d search worker(s) exited with codes %s", len(bad), bad)
+    with dask_client(cfg.compute) as client, make_progress() as prog:
+        ctx = task_context(client)
+        width = max(1, sum(ctx["hosts"].values()))
+        log.info("search on Dask: %d worker(s) on %s", width, ", ".join(ctx["hosts"]))
+        bar = prog.add_task("trials", total=sc.n_trials, info="")
+        running = as_completed()
+        slot = 0
+
+        def fill() -> None:
+            nonlocal slot
+            study = optuna.load_study(study_name=name, storage=storage)
+            prog.update(bar, **_progress_fields(study, sc.n_trials))
+            while (
+                running.count() < width
+                and _budget_used(study) + running.count() < sc.n_trials
+                and slot < 3 * sc.n_trials
+                and (deadline is None or time.monotonic() < deadline)
+            ):
+                args = (cfg_json, name, parent_run_id, slot)
+                running.add(client.submit(run_in_project, ctx, _trial_task, *args, pure=False))
+                slot += 1
+
+        fill()
+        for done in running:
+            done.result()  # a trial's own error is caught in it; this is the task's
+            fill()
+
+
+def _run_trials(cfg: Config, name: str, parent_run_id: str) -> None:
+    if uses_dask(cfg.compute):
+        _run_on_dask(cfg, name, parent_run_id)
+    else:
+        _run_here(cfg, name, parent_run_id)
 
 
 def _best_trial(study: optuna.Study) -> tuple[optuna.trial.FrozenTrial, dict[str, int]]:
@@ -443,6 +489,9 @@ def _write_summary(
             },
         )
     return out
+
+
+# -------------------------------------------------------------------- public
 
 
 def run_search(cfg: Config) -> SearchResult:
@@ -491,12 +540,13 @@ def run_search(cfg: Config) -> SearchResult:
                 "n_trials": sc.n_trials,
                 "sampler": sc.sampler,
                 "pruner": sc.pruner,
-                "n_workers": sc.n_workers,
+                "n_workers": cfg.compute.n_workers,
+                "cluster": cfg.compute.cluster or "local",
                 "storage": mask(sc.storage),
                 "space": sc.space.model_dump_json(exclude_none=True),
             }
         )
-        _run_workers(cfg, name, parent.info.run_id)
+        _run_trials(cfg, name, parent.info.run_id)
         study = optuna.load_study(study_name=name, storage=storage)
         best, counts = _best_trial(study)
         best_params = suggest_to_overrides(best.params)
