@@ -10,6 +10,7 @@ as a scheduled deployment with `transferops serve`.
 
 from __future__ import annotations
 
+import logging
 import os
 
 # Before Prefect is imported: transferops' logs go to the flow run's logs (and the UI), and
@@ -76,13 +77,19 @@ def _prefect_runner(tracking: Any) -> Any:
 
 @flow(name="transfer-pipeline", log_prints=True)
 def transfer_pipeline(
-    params_file: str = "params.yaml", overrides: dict[str, Any] | None = None
+    params_file: str = "params.yaml",
+    overrides: dict[str, Any] | None = None,
+    project_dir: str | None = None,
 ) -> dict[str, Any]:
     """prepare -> pull -> search -> train -> baseline -> evaluate -> register -> promote.
 
     `overrides` are dotted params.yaml keys (e.g. {"finetune.lr": 0.001}), validated by the
-    same config models as the file before any step starts.
+    same config models as the file before any step starts. `project_dir`: the folder whose
+    relative paths params.yaml names (deployments set it: a worker starts elsewhere).
     """
+    if project_dir is not None:
+        os.chdir(project_dir)  # a worker runs each flow run in a process of its own
+    logging.getLogger("transferops").setLevel(logging.INFO)  # Prefect's handlers show them
     cfg = with_overrides(load_config(Path(params_file)), overrides or {})
     summary = run_pipeline(cfg, _prefect_runner(cfg.tracking))
     create_markdown_artifact(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -158,35 +159,60 @@ def postgres_url():
 
 
 @contextlib.contextmanager
-def mlflow_server(backend_uri: str, *artifact_args: str) -> Iterator[str]:
-    """`mlflow server` on a free 127.0.0.1 port with `backend_uri` (and e.g.
-    ``--serve-artifacts``); yields its URL, stops it after."""
+def _serve(cmd: list[str], health: str, what: str, env: dict | None = None) -> Iterator[None]:
+    """Start a server process; wait (up to 2 min) until `health` answers; stop it after."""
     import signal
     import subprocess
-    import sys
     import time
     import urllib.request
 
-    port = free_port()
-    mlflow = str(Path(sys.executable).parent / "mlflow")
-    args = ["--host", "127.0.0.1", "--port", str(port), "--backend-store-uri", backend_uri]
     proc = subprocess.Popen(
-        [mlflow, "server", *args, "--workers", "1", *artifact_args],
+        cmd,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
+        env=env,
     )
     try:
         deadline = time.monotonic() + 120
         while True:
             try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
+                urllib.request.urlopen(health, timeout=2).read()
                 break
             except OSError:
                 if time.monotonic() > deadline or proc.poll() is not None:
-                    pytest.fail(f"mlflow server ({backend_uri.split('@')[-1]}) did not start")
+                    pytest.fail(f"{what} did not start")
                 time.sleep(0.5)
-        yield f"http://127.0.0.1:{port}"
+        yield
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def mlflow_server(backend_uri: str, *artifact_args: str) -> Iterator[str]:
+    """`mlflow server` on a free 127.0.0.1 port with `backend_uri` (and e.g.
+    ``--serve-artifacts``); yields its URL, stops it after."""
+    port = free_port()
+    mlflow = str(Path(sys.executable).parent / "mlflow")
+    args = ["--host", "127.0.0.1", "--port", str(port), "--backend-store-uri", backend_uri]
+    url = f"http://127.0.0.1:{port}"
+    what = f"mlflow server ({backend_uri.split('@')[-1]})"
+    with _serve([mlflow, "server", *args, "--workers", "1", *artifact_args], url + "/health", what):
+        yield url
+
+
+@contextlib.contextmanager
+def prefect_server(home: Path) -> Iterator[dict[str, str]]:
+    """`prefect server start` on a free 127.0.0.1 port (its database under `home`); yields
+    the environment that points Prefect clients at it."""
+    port = free_port()
+    env = os.environ | {
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    prefect = str(Path(sys.executable).parent / "prefect")
+    cmd = [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    with _serve(cmd, env["PREFECT_API_URL"] + "/health", "prefect server", env):
+        yield env

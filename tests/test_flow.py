@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, write_image_folder
+from .conftest import REPO, prefect_server, write_image_folder
 
 CLI = str(Path(sys.executable).parent / "transferops")
 
@@ -108,3 +108,39 @@ def test_user_errors_are_not_retried_under_prefect():
 
     assert _transient(None, None, Failed(data=ConfigError("search.storage ..."))) is False
     assert _transient(None, None, Failed(data=OSError("database is locked"))) is True
+
+
+def test_a_deployment_on_a_work_pool_runs_on_a_worker(project):
+    """`transferops deploy` against a real Prefect server: the deployment (cron schedule,
+    project parameters) on a process work pool; a run is picked up by `prefect worker
+    start` and completes, and its log in the API carries transferops' own lines."""
+    import httpx
+
+    prefect = str(Path(sys.executable).parent / "prefect")
+    with prefect_server(project / ".prefect") as env:
+        env = env | {"TRANSFEROPS_PROGRESS": "0", "COLUMNS": "200"}
+        env.pop("MLFLOW_TRACKING_URI", None)
+
+        def sh(*cmd: str, cwd: Path = project) -> subprocess.CompletedProcess:
+            r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=400)
+            assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+            return r
+
+        sh(CLI, "deploy", "--pool", "pool-t", "--set", "schedule.enabled=true")
+        out = sh(prefect, "deployment", "run", "transfer-pipeline/transferops").stdout
+        run_id = out.split("/runs/flow-run/")[1].split()[0]
+        # a worker started elsewhere: the run's parameters bring it to the project
+        sh(prefect, "worker", "start", "--pool", "pool-t", "--run-once", cwd=project.parent)
+
+        with httpx.Client(base_url=env["PREFECT_API_URL"], timeout=30) as api:
+            dep = api.get("/deployments/name/transfer-pipeline/transferops").json()
+            run = api.get(f"/flow_runs/{run_id}").json()
+            body = {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200, "offset": 0}
+            logs = api.post("/logs/filter", json=body).json()
+    assert dep["work_pool_name"] == "pool-t"
+    assert dep["parameters"]["project_dir"] == str(project.resolve())
+    assert [s["schedule"]["cron"] for s in dep["schedules"]] == ["0 3 * * 1"]
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+    names = {log["name"] for log in logs}
+    assert {"transferops.evaluate", "transferops.promotion"} <= names, names
+    assert (project / "models" / "registry.json").exists()  # written in the project folder

@@ -92,17 +92,29 @@ def _user_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _interruptible(fn: F) -> F:
+    """Ctrl-C / SIGTERM during the command: clean stop, exit 130 (see interrupt.py)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        interrupt.install(fn.__name__)
+        try:
+            return fn(*args, **kwargs)
+        except KeyboardInterrupt:  # the stack has unwound: now clean up, exit 130
+            interrupt.finish()
+
+    return wrapper  # type: ignore[return-value]
+
+
 def _locked(fn: F) -> F:
-    """Hold the project folder's lock (one run per folder) while the command runs."""
+    """Hold the project folder's lock (one run per folder) while the command runs; it is
+    interruptible."""
+    inner = _interruptible(fn)
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         with project_lock(fn.__name__):
-            interrupt.install(fn.__name__)  # Ctrl-C / SIGTERM: clean stop, exit 130
-            try:
-                return fn(*args, **kwargs)
-            except KeyboardInterrupt:  # the stack has unwound: now clean up, exit 130
-                interrupt.finish()
+            return inner(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
 
@@ -202,6 +214,7 @@ def train(
 
 @app.command()
 @_user_errors
+@_interruptible  # not locked: several `transferops search` processes may share one study
 def search(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
@@ -427,31 +440,51 @@ def serve(
     set_: SetOpt = None,
     name: Annotated[str, typer.Option(help="deployment name")] = "transferops",
 ) -> None:
-    """Serve the flow as a Prefect deployment, on schedule.cron when schedule.enabled.
+    """Serve the flow as a Prefect deployment from this process, on schedule.cron when
+    schedule.enabled (one machine; `deploy` for a work pool).
 
     Needs a Prefect API (e.g. `prefect server start`, then PREFECT_API_URL); trigger a run
     with `prefect deployment run transfer-pipeline/<name>`. Ctrl-C stops serving.
     """
+    from transferops import deployment
+
     cfg = _cfg(params, set_)
     flows = _flow_module()
-    schedules = []
-    if cfg.schedule.enabled:
-        from prefect.schedules import Cron
-
-        schedules = [Cron(cfg.schedule.cron, timezone=cfg.schedule.timezone)]
-    console.print(
-        f"serving deployment transfer-pipeline/{name}: "
-        + (
-            f"cron {cfg.schedule.cron!r} ({cfg.schedule.timezone})"
-            if schedules
-            else "no schedule (schedule.enabled is false); runs start by hand"
-        )
-    )
+    console.print(f"serving deployment transfer-pipeline/{name}: {deployment.describe(cfg)}")
     flows.transfer_pipeline.serve(
         name=name,
-        schedules=schedules,
-        parameters={"params_file": str(params), "overrides": _overrides_map(set_)},
+        schedules=deployment.schedules(cfg),
+        parameters=deployment.flow_parameters(params, _overrides_map(set_)),
         tags=["transferops"],
+    )
+
+
+@app.command()
+@_user_errors
+def deploy(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    name: Annotated[str, typer.Option(help="deployment name")] = "transferops",
+    pool: Annotated[str, typer.Option(help="process work pool (created if missing)")] = (
+        "transferops"
+    ),
+) -> None:
+    """Create or update the deployment on a Prefect process work pool, on schedule.cron
+    when schedule.enabled; `prefect worker start --pool <pool>` runs it (any machine that
+    sees this folder at the same path).
+
+    Needs a Prefect server (PREFECT_API_URL).
+    """
+    from transferops import deployment
+
+    cfg = _cfg(params, set_)
+    flows = _flow_module()
+    deployment_id = deployment.deploy(cfg, flows, name, pool, params, _overrides_map(set_))
+    console.print(
+        f"deployment transfer-pipeline/{name} ({deployment_id}) on work pool {pool!r}: "
+        f"{deployment.describe(cfg)}\n"
+        f"start a worker:  prefect worker start --pool {pool}\n"
+        f"run it now:      prefect deployment run transfer-pipeline/{name}"
     )
 
 

@@ -19,6 +19,7 @@ import logging
 import shutil
 import subprocess
 import tempfile
+import warnings
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -315,6 +316,22 @@ def find_version(client: Any, name: str, model_sha: str) -> Any | None:
     return min(found, key=lambda v: int(v.version)) if found else None
 
 
+def _log_model(
+    mlflow: Any, pkg: Path, model_dir: Path, signature: Any, example: Any, spec: dict
+) -> Any:
+    """The pyfunc logged from code (nothing pickled), the model folder as its artifact."""
+    return mlflow.pyfunc.log_model(
+        name=MODEL_ARTIFACT,
+        python_model=str(pkg / "_pyfunc_entry.py"),
+        artifacts={"model": str(model_dir)},
+        signature=signature,
+        input_example=example,
+        pip_requirements=requirements(spec),
+        code_paths=[str(pkg)],
+        metadata={"class_names": spec["class_names"], "modality": spec["modality"]},
+    )
+
+
 def register(cfg: Config) -> RegisterResult:
     """Register finetune.out (evaluated) as a new version with alias `challenger`."""
     from mlflow import MlflowClient
@@ -346,16 +363,12 @@ def register(cfg: Config) -> RegisterResult:
         mlflow.log_params(trained_params(spec))
         mlflow.log_metrics({f"test_{m}": metrics["finetuned"][m] for m in METRICS})
         pkg = shipped_code(Path(code))
-        info = mlflow.pyfunc.log_model(
-            name=MODEL_ARTIFACT,
-            python_model=str(pkg / "_pyfunc_entry.py"),  # models from code: nothing pickled
-            artifacts={"model": str(model_dir)},
-            signature=signature,
-            input_example=example,
-            pip_requirements=requirements(spec),
-            code_paths=[str(pkg)],
-            metadata={"class_names": spec["class_names"], "modality": spec["modality"]},
-        )
+        # The signature is given: MLflow's hint that type hints could infer one, and its
+        # "validating input example" line, are noise here
+        logging.getLogger("mlflow.pyfunc").setLevel(logging.WARNING)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*type hints", category=UserWarning)
+            info = _log_model(mlflow, pkg, model_dir, signature, example, spec)
         mv = client.create_model_version(
             name, info.model_uri, run_id=run.info.run_id, tags=tags, model_id=info.model_id
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,16 @@ def log_search_plots(mlflow: Any, study: optuna.Study) -> None:
     with tempfile.TemporaryDirectory() as d:
         for fname, fn in plots.items():
             try:
-                made = fn()
+                # few trials: Optuna warns that importances are equal / a param has one
+                # value; the suptitle already says how many trials a plot is from
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)
+                    verbosity = optuna.logging.get_verbosity()
+                    optuna.logging.set_verbosity(optuna.logging.ERROR)
+                    try:
+                        made = fn()
+                    finally:
+                        optuna.logging.set_verbosity(verbosity)
                 fig = made.figure if hasattr(made, "figure") else made.flat[0].figure
                 if fname in ("param_importances", "contour_lr_depth"):
                     fig.suptitle(f"from the {n} complete trials (pruned ones have no value)")
