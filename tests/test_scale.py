@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 
 from transferops.cli import app
 from transferops.config import validate_config
-from transferops.search import make_storage, run_search
+from transferops.search import run_search
+from transferops.study_storage import make_storage
 
 from .conftest import PG_PASSWORD, mlflow_server, write_image_folder
 from .test_search import _raw

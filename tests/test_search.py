@@ -16,7 +16,8 @@ import yaml
 
 from transferops.config import SearchConfig, validate_config
 from transferops.errors import ConfigError
-from transferops.search import make_sampler, make_storage, run_search, study_name, suggest
+from transferops.search import make_sampler, run_search, study_name, suggest
+from transferops.study_storage import make_storage
 
 TS = optuna.trial.TrialState
 

@@ -127,7 +127,7 @@ def _fail_trials(cfg: Config, pids: set[int]) -> None:
     with contextlib.suppress(Exception):
         import optuna  # imported when a signal comes: `transferops --help` stays quick
 
-        from transferops.search import make_storage
+        from transferops.study_storage import make_storage
 
         storage = make_storage(cfg.search)
         for study in storage.get_all_studies():

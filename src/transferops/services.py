@@ -11,7 +11,7 @@ import logging
 
 from transferops.config import Config
 from transferops.redact import mask
-from transferops.search import make_storage
+from transferops.study_storage import make_storage
 from transferops.tracking import check_reachable
 
 log = logging.getLogger(__name__)
