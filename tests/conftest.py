@@ -105,7 +105,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _pg_bindir() -> Path | None:
+def pg_bindir() -> Path | None:
+    """Where initdb and pg_ctl are (PATH, then Debian's /usr/lib/postgresql/*/bin)."""
     import glob
 
     dirs = [*os.environ.get("PATH", "").split(os.pathsep)]
@@ -116,21 +117,17 @@ def _pg_bindir() -> Path | None:
     return None
 
 
-@pytest.fixture(scope="session")
-def postgres_url():
-    """A throwaway PostgreSQL cluster (initdb + pg_ctl, the Debian package's binaries) on a
-    free port; yields ``postgresql+psycopg://transferops:<pw>@127.0.0.1:<port>`` (add /db).
+@contextlib.contextmanager
+def postgres_cluster(bindir: Path) -> Iterator[str]:
+    """A throwaway PostgreSQL cluster (initdb + pg_ctl) on a free port with databases optuna
+    and mlflow; yields ``postgresql+psycopg://transferops:<pw>@127.0.0.1:<port>`` (add /db).
     PostgreSQL refuses to run as root: as root the cluster runs as the `postgres` user."""
     import shutil
     import subprocess
     import tempfile
 
-    bindir = _pg_bindir()
-    if bindir is None:
-        pytest.skip(
-            "PostgreSQL is not installed, so the PostgreSQL tests did NOT run "
-            "(CI installs it: apt-get install postgresql)"
-        )
+    import psycopg
+
     root = Path(tempfile.mkdtemp(prefix="transferops-pg-"))  # outside pytest's 0700 tree
     as_user: list[str] = []
     if os.geteuid() == 0:
@@ -144,8 +141,6 @@ def postgres_url():
     pg(str(bindir / "initdb"), "-D", str(data), "-U", "transferops", "--auth=trust", "-E", "UTF8")
     opts = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
     pg(str(bindir / "pg_ctl"), "-D", str(data), "-o", opts, "-l", str(root / "log"), "-w", "start")
-    import psycopg
-
     with psycopg.connect(
         f"host=127.0.0.1 port={port} user=transferops dbname=postgres", autocommit=True
     ) as conn:
@@ -156,6 +151,19 @@ def postgres_url():
     finally:
         pg(str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop")
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """:func:`postgres_cluster` for the session; skipped, loudly, without PostgreSQL."""
+    bindir = pg_bindir()
+    if bindir is None:
+        pytest.skip(
+            "PostgreSQL is not installed, so the PostgreSQL tests did NOT run "
+            "(CI installs it: apt-get install postgresql)"
+        )
+    with postgres_cluster(bindir) as url:
+        yield url
 
 
 @contextlib.contextmanager

@@ -68,6 +68,12 @@ def test_run_pipeline_on_tiny_images(tmp_path, monkeypatch):
     )
     gates = report["transfer_beats_scratch"] and not cheap_beats
     assert summary["champion"] == ("1" if gates else None)
+    # ...and exported: ONNX checked against PyTorch, on the model version in MLflow
+    receipt = json.loads((tmp_path / "models" / "export" / "export.json").read_text())
+    assert summary["onnx"] == "models/export/model.onnx" and receipt["onnx_parity_max_abs"] < 1e-4
+    mv = client.get_model_version("transferops-demo", "1")
+    assert mv.tags["onnx_sha256"] == receipt["onnx_sha256"] and mv.tags["onnx_opset"] == "17"
+    assert [a.path for a in client.list_artifacts(mv.run_id, "onnx")] == ["onnx/model.onnx"]
     # A second run redoes nothing: prepare and pull are up to date, the other steps' stamps
     # match, registration finds the same weights.
     stamps = {
@@ -86,10 +92,10 @@ def test_run_pipeline_on_tiny_images(tmp_path, monkeypatch):
         k: v for k, v in summary.items() if k != "promotion"
     }
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
-    assert r.output.count("up to date (fingerprint") == 4  # search, train, baseline, evaluate
+    assert r.output.count("up to date (fingerprint") == 5  # search ... evaluate, export
     # Without --json: a summary a person reads, ending the output
     r = runner.invoke(app, ["run", "--no-prefect"])
-    tail = r.output.splitlines()[-8:]
+    tail = r.output.splitlines()[-9:]
     assert [line.split()[0] for line in tail] == [
         "data",
         "source",
@@ -99,6 +105,7 @@ def test_run_pipeline_on_tiny_images(tmp_path, monkeypatch):
         "registered",
         "promotion",
         "report",
+        "onnx",
     ]
     assert (
         summary["verdict"] in r.output

@@ -294,6 +294,27 @@ def promote(
         _promote(cfg, dry_run=dry_run)  # its log line is the decision: printed once
 
 
+@app.command()
+@_user_errors
+@_locked
+def export(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Export the registered model as ONNX (probabilities out), checked against PyTorch on
+    the test split; logged to its model version (writes export.out)."""
+    from transferops.export import export as _export
+
+    cfg = _cfg(params, set_)
+    r = _export(cfg)
+    console.print(
+        f"{r['model_name']} v{r['version']}: {cfg.export.out}/model.onnx (opset "
+        f"{r['onnx_opset']}, sha256 {r['onnx_sha256'][:12]}); ONNX Runtime vs PyTorch on "
+        f"{r['parity_examples']} test examples: max |dp| {r['onnx_parity_max_abs']:.1e}, "
+        f"labels agree {r['label_agreement']:.1%}"
+    )
+
+
 @app.command("predict")
 @_user_errors
 def predict_cmd(
@@ -429,6 +450,7 @@ def human_summary(s: dict[str, Any]) -> str:
         ),
         ("promotion", s["promotion"]),
         ("report", s["report"]),
+        *([("onnx", s["onnx"])] if s.get("onnx") else []),
     ]
     return "\n".join(f"{k:>14}  {v}" for k, v in rows)
 

@@ -424,12 +424,30 @@ class RegistryConfig(_Section):
     out: str = "models/registry.json"  # what `register` registered (a DVC output)
 
 
+class ExportConfig(_Section):
+    """ONNX export of the registered model, checked against PyTorch."""
+
+    onnx: bool = Field(True, description="export the registered model as ONNX after register")
+    opset: Annotated[int, Field(ge=13, le=21)] = 17
+    tolerance: Annotated[float, Field(gt=0, le=0.1)] = Field(
+        1e-4, description="largest allowed |p_onnx - p_torch| on the test split"
+    )
+    out: Path = Path("models/export")
+
+
 class ScheduleConfig(_Section):
-    """Cron schedule of the Prefect deployment."""
+    """Cron schedule of the Prefect deployment, and when a run retrains."""
 
     enabled: bool = False
     cron: str = "0 3 * * 1"
     timezone: str = "UTC"
+    retrain: Literal["always", "on_new_data", "on_drift"] = Field(
+        "always",
+        description="always | on_new_data (the data differs from the champion's) | on_drift "
+        "(and it has drifted from it in the source's feature space)",
+    )
+    drift_alpha: Annotated[float, Field(gt=0, lt=1)] = 0.05
+    reference: Path = Path("models/drift/reference.safetensors")
 
     @field_validator("cron")
     @classmethod
@@ -478,6 +496,7 @@ class Config(_Section):
     baseline: BaselineConfig = Field(default_factory=BaselineConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -690,6 +709,7 @@ STEP_INPUTS: dict[str, StepInputs] = {
     "register": StepInputs(
         ("registry.model_name", "registry.out", "tracking"), ("finetune.out", "data.out")
     ),
+    "export": StepInputs(("export",), ("registry.out", "finetune.out", "data.out")),
     # promote may re-score the champion on the current test split: it reads data.out
     "promote": StepInputs(
         ("registry.metric", "registry.min_improvement", "registry.baseline_gate", "tracking"),

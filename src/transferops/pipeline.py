@@ -1,6 +1,7 @@
 """The whole pipeline, in one place: the steps, their order, and when a step can be skipped.
 
-prepare -> pull -> search -> train -> baseline -> evaluate -> register -> promote. Each step
+prepare -> pull -> search -> train -> baseline -> evaluate -> register -> promote -> export.
+Each step
 is the same library function the CLI verbs and DVC stages call, wrapped to return a small
 JSON-able result. :func:`run_pipeline` chains them; *how* a step runs is the caller's choice
 (a :data:`StepRunner`): :func:`run_locally` (the Python door) or a Prefect task
@@ -31,6 +32,7 @@ from transferops.baseline import run_baselines
 from transferops.config import STEP_INPUTS, Config, step_params, with_overrides
 from transferops.data.prepare import prepare
 from transferops.evaluate import evaluate
+from transferops.export import export
 from transferops.finetune.train import train_from_config
 from transferops.lock import project_lock
 from transferops.promotion import promote
@@ -42,7 +44,17 @@ from transferops.tracking import close_runs, pipeline_run
 
 log = logging.getLogger(__name__)
 
-STEPS = ("prepare", "pull", "search", "train", "baseline", "evaluate", "register", "promote")
+STEPS = (
+    "prepare",
+    "pull",
+    "search",
+    "train",
+    "baseline",
+    "evaluate",
+    "register",
+    "promote",
+    "export",
+)
 STAMPS = Path(".transferops") / "steps"
 
 StepFn = Callable[[], dict[str, Any]]
@@ -161,6 +173,17 @@ def step_promote(cfg: Config) -> dict[str, Any]:
     }
 
 
+def step_export(cfg: Config) -> dict[str, Any]:
+    """The registered model as ONNX, checked against PyTorch, on its model version."""
+
+    receipt = export(cfg)
+    return {
+        "onnx": str(Path(cfg.export.out) / "model.onnx"),
+        "onnx_sha256": receipt["onnx_sha256"],
+        "parity_max_abs": receipt["onnx_parity_max_abs"],
+    }
+
+
 # --------------------------------------------------- fingerprints and stamps
 
 
@@ -172,6 +195,7 @@ def _marker(step: str, cfg: Config) -> Path:
         "train": Path(cfg.finetune.out) / "model.safetensors",
         "baseline": cfg.baseline.index,
         "evaluate": Path(cfg.evaluate.out) / "metrics.json",
+        "export": Path(cfg.export.out) / "export.json",
     }[step]
 
 
@@ -223,7 +247,8 @@ def run_locally(step: str, key: StepKey | None, fn: StepFn) -> dict[str, Any]:
 
 
 def run_pipeline(cfg: Config, run_step: StepRunner = run_locally) -> dict[str, Any]:
-    """prepare -> pull -> search -> train -> baseline -> evaluate -> register -> promote.
+    """prepare -> pull -> search -> train -> baseline -> evaluate -> register -> promote
+    -> export (when export.onnx).
 
     Returns a summary. Steps whose fingerprint and outputs are unchanged are not redone. Holds
     the project folder's lock throughout: a second run in the folder is refused at once.
@@ -291,6 +316,10 @@ def _run_steps(cfg: Config, run_step: StepRunner) -> dict[str, Any]:
     )
     registered = run_step("register", None, lambda: step_register(best))
     promoted = run_step("promote", None, lambda: step_promote(best))
+    exported = None
+    if cfg.export.onnx:
+        version = {"model_sha256": trained["model_sha256"], "version": registered["version"]}
+        exported = cached("export", best, version, step_export)
     return {
         "data_hash": prep["data_hash"],
         "counts": prep["counts"],
@@ -304,4 +333,5 @@ def _run_steps(cfg: Config, run_step: StepRunner) -> dict[str, Any]:
         "registered": f"{registered['model_name']} v{registered['version']}",
         "champion": promoted["champion"],
         "promotion": promoted["decision"],
+        "onnx": exported and exported["onnx"],
     }
