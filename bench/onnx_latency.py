@@ -24,6 +24,7 @@ import onnxruntime as ort
 import torch
 
 os.environ.setdefault("TRANSFEROPS_PROGRESS", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from transferops.config import validate_config
 from transferops.data.prepare import prepare

@@ -69,6 +69,26 @@ def tiny_digits(root: Path) -> dict:
     }
 
 
+def fortunes_minilm(root: Path, per_class: int = 4) -> dict:
+    """The `data:` and `source:` sections of the packaged text case: the fortunes table
+    (written under root/raw by prepare) and the packaged MiniLM encoder."""
+    return {
+        "data": {
+            "demo": "fortunes",
+            "format": "table",
+            "path": str(root / "raw" / "fortunes.csv"),
+            "out": str(root / "prep"),
+            "limit_per_class": per_class,
+        },
+        "source": {
+            "kind": "hf",
+            "name": "sentence-transformers/all-MiniLM-L6-v2",
+            "weights": None,
+            "out": str(root / "src"),
+        },
+    }
+
+
 @pytest.fixture(scope="session")
 def digits_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny digits dataset, prepared."""

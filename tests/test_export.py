@@ -21,7 +21,7 @@ from transferops.finetune.train import train_from_config
 from transferops.model_io import make_inputs
 from transferops.sources import pull_from_config
 
-from .conftest import tiny_digits
+from .conftest import fortunes_minilm, tiny_digits
 
 
 @pytest.fixture(scope="module")
@@ -66,19 +66,7 @@ def test_text_model_onnx_matches_pytorch(tmp_path):
     dynamic batch and length, the same probabilities as PyTorch on the test split."""
     cfg = validate_config(
         {
-            "data": {
-                "demo": "fortunes",
-                "format": "table",
-                "path": str(tmp_path / "raw" / "fortunes.csv"),
-                "out": str(tmp_path / "prep"),
-                "limit_per_class": 4,
-            },
-            "source": {
-                "kind": "hf",
-                "name": "sentence-transformers/all-MiniLM-L6-v2",
-                "weights": None,
-                "out": str(tmp_path / "src"),
-            },
+            **fortunes_minilm(tmp_path),
             "finetune": {
                 "unfreeze_depth": 1,
                 "epochs_per_stage": [1],

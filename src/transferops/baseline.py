@@ -52,6 +52,8 @@ def role_overrides(cfg: Config, role: str, seed: int, num_blocks: int) -> dict[s
     """Finetune overrides that turn the transfer config into `role` with `seed`."""
     budget = transfer_epochs(cfg, num_blocks)
     o: dict[str, Any] = {"finetune.seed": seed}
+    if role != "transfer":  # adapters are a way to fine-tune a pretrained model
+        o["finetune.adapter"] = "none"
     if role == "scratch":
         total = max(2, round(budget * cfg.baseline.epoch_multiplier))
         o |= {

@@ -424,6 +424,13 @@ def run(
 
 def human_summary(s: dict[str, Any]) -> str:
     """The run's summary as a person reads it (``--json`` gives every field)."""
+    data = (
+        f"{s['counts']['train']} train / {s['counts']['val']} val / "
+        f"{s['counts']['test']} test (data {s['data_hash'][:12]})"
+    )
+    if "test_accuracy" not in s:  # schedule.retrain decided there was nothing to retrain
+        rows = [("data", data), ("source", s["source"]), ("retrain", s["retrain"])]
+        return "\n".join(f"{k:>14}  {v}" for k, v in rows)
     acc = s["test_accuracy"]
     trials = ", ".join(f"{v} {k}" for k, v in s["trials"].items() if v)
     best = ", ".join(f"{k.split('.')[-1]} {v:.4g}" for k, v in s["best_params"].items())
@@ -434,11 +441,7 @@ def human_summary(s: dict[str, Any]) -> str:
         if acc.get(k) is not None
     )
     rows = [
-        (
-            "data",
-            f"{s['counts']['train']} train / {s['counts']['val']} val / "
-            f"{s['counts']['test']} test (data {s['data_hash'][:12]})",
-        ),
+        ("data", data),
         ("source", s["source"]),
         ("search", f"{trials}; best {best} (val {s['val_accuracy']:.4f})"),
         ("test accuracy", scores),

@@ -240,6 +240,17 @@ class FinetuneConfig(_Section):
     feature_cache_max_mb: Annotated[int, Field(ge=0)] = 1024
     early_stopping_patience: Annotated[int, Field(ge=1)] | None = 3
     max_length: Annotated[int, Field(ge=8, le=512)] = 64
+    adapter: Literal["none", "lora"] = Field(
+        "none",
+        description="lora (HF encoders): the thawed blocks train low-rank adapters (peft) "
+        "instead of their weights; merged into the weights when saved",
+    )
+    lora_rank: Annotated[int, Field(ge=1, le=256)] = 8
+    lora_alpha: PositiveFloat = 16.0
+    lora_modules: list[str] = Field(
+        default_factory=lambda: ["query", "value"],
+        description="names of the Linear layers that get adapters (BERT: query, key, value, dense)",
+    )
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     out: Path = Path("models/finetuned")
@@ -342,6 +353,9 @@ class SearchSpace(_Section):
     )
     layer_decay: FloatRange | None = None
     weight_decay: FloatRange | None = None
+    adapter: list[Literal["none", "lora"]] | None = Field(
+        None, description="e.g. [none, lora]: full staged fine-tune vs LoRA (HF encoders)"
+    )
 
     @model_validator(mode="after")
     def _not_empty(self) -> SearchSpace:

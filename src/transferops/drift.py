@@ -12,9 +12,9 @@
   class's is below it divided by the number of classes (Bonferroni).
 
 The reference (``schedule.reference``) is written whenever a run makes a new champion: the
-champion's data hash and, for ``on_drift``, a sample of its training features and a content
-hash of every training example, so that only the examples it never saw are tested. No
-reference yet means retrain.
+champion's data hash, a sample of its training features and a content hash of every
+training example, so that only the examples it never saw are tested. No reference yet
+means retrain.
 """
 
 from __future__ import annotations
@@ -140,20 +140,20 @@ def load_metadata(path: Path) -> dict[str, str]:
         return f.metadata() or {}
 
 
-def save_reference(cfg: Config, with_features: bool) -> Path:
-    """Remember the current data as the champion's (its hash; a feature sample for drift)."""
+def save_reference(cfg: Config) -> Path:
+    """Remember the current data as the champion's: its hash, a feature sample and every
+    training example's content hash (a few seconds of feature extraction)."""
     manifest = read_manifest(cfg.data.out)
     path = Path(cfg.schedule.reference)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {"data_hash": np.frombuffer(bytes.fromhex(manifest["data_hash"]), np.uint8)}
-    if with_features:
-        feats, labels, keys = source_features(cfg)
-        keep = np.random.default_rng(0).permutation(len(feats))[: 4 * MAX_SAMPLE]
-        tensors |= {
-            "features": feats[keep].astype(np.float32),
-            "labels": labels[keep],
-            "keys": keys,  # every training example's: the next run tests only new ones
-        }
+    feats, labels, keys = source_features(cfg)
+    keep = np.random.default_rng(0).permutation(len(feats))[: 4 * MAX_SAMPLE]
+    tensors |= {
+        "features": feats[keep].astype(np.float32),
+        "labels": labels[keep],
+        "keys": keys,  # every training example's: the next run tests only new ones
+    }
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"class_names": "\n".join(manifest["class_names"])})
     tmp.replace(path)
@@ -173,8 +173,6 @@ def decide(cfg: Config) -> dict[str, Any]:
         return {"retrain": False, "reason": "no new data since the champion", "drift": None}
     if mode == "on_new_data":
         return {"retrain": True, "reason": "new data since the champion", "drift": None}
-    if "features" not in ref:
-        return {"retrain": True, "reason": "the reference has no features yet", "drift": None}
     ref_names = load_metadata(path)["class_names"].split("\n")
     feats, labels, keys = source_features(cfg)
     fresh = ~np.isin(keys, ref["keys"])  # the champion's own examples would dilute a shift

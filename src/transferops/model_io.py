@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from transferops.artifacts import atomic_dir, read_json, save_weights, write_json_atomic
@@ -210,11 +210,19 @@ def pick_device(choice: str) -> torch.device:
 
 
 def save_model_folder(
-    net: nn.Module, spec: dict[str, Any], history: list[dict], out: Path, source_dir: Path
+    net: nn.Module,
+    spec: dict[str, Any],
+    history: list[dict],
+    out: Path,
+    source_dir: Path,
+    extra: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> None:
-    """Write a model folder atomically (weights, spec, history, tokenizer for text)."""
+    """Write a model folder atomically (weights, spec, history, tokenizer for text, and
+    `extra` safetensors files such as LoRA adapters)."""
     with atomic_dir(out) as tmp:
         save_weights(net, tmp / "model.safetensors")
+        for name, tensors in (extra or {}).items():
+            save_file(tensors, str(tmp / name))
         write_json_atomic(tmp / "model.json", spec)
         write_json_atomic(tmp / "history.json", history)
         if spec["modality"] == "text":  # config + tokenizer (not weights) to rebuild offline

@@ -31,6 +31,7 @@ from transferops.artifacts import read_json, sha256_file, sha256_json, write_jso
 from transferops.baseline import run_baselines
 from transferops.config import STEP_INPUTS, Config, step_params, with_overrides
 from transferops.data.prepare import prepare
+from transferops.drift import decide, save_reference
 from transferops.evaluate import evaluate
 from transferops.export import export
 from transferops.finetune.train import train_from_config
@@ -184,6 +185,18 @@ def step_export(cfg: Config) -> dict[str, Any]:
     }
 
 
+def step_drift(cfg: Config) -> dict[str, Any]:
+    """Whether to retrain (schedule.retrain): new data, drift from the champion's data."""
+
+    return decide(cfg)
+
+
+def step_reference(cfg: Config) -> dict[str, Any]:
+    """The new champion's data becomes the reference the next drift check compares with."""
+
+    return {"reference": str(save_reference(cfg))}
+
+
 # --------------------------------------------------- fingerprints and stamps
 
 
@@ -270,13 +283,18 @@ def run_pipeline(cfg: Config, run_step: StepRunner = run_locally) -> dict[str, A
 
 
 def _record_outcome(client: Any, run_id: str, cfg: Config, summary: dict[str, Any]) -> None:
-    """The invocation's parent run carries the outcome: verdict, registry, the report."""
-    for k in ("verdict", "registered", "data_hash", "source", "promotion"):
-        client.set_tag(run_id, k, str(summary[k]))
-    client.set_tag(run_id, "champion", str(summary["champion"]))
-    for name, value in summary["test_accuracy"].items():
+    """The invocation's parent run carries the outcome: verdict, registry, the report, and
+    the retrain decision with its drift test."""
+    for k in ("verdict", "registered", "data_hash", "source", "promotion", "champion", "retrain"):
+        if k in summary:
+            client.set_tag(run_id, k, str(summary[k]))
+    for name, value in summary.get("test_accuracy", {}).items():
         if value is not None:
             client.log_metric(run_id, f"test_accuracy_{name}", value)
+    drift = summary.get("drift")
+    if drift:
+        client.log_metric(run_id, "drift_mmd2", drift["mmd2"])
+        client.log_metric(run_id, "drift_p_value", drift["p_value"])
     client.log_dict(run_id, summary, "summary.json")
     html = Path(cfg.evaluate.out) / "evaluation.html"
     if html.exists():
@@ -301,6 +319,16 @@ def _run_steps(cfg: Config, run_step: StepRunner) -> dict[str, Any]:
 
     prep = run_step("prepare", None, lambda: step_prepare(cfg))
     src = run_step("pull", None, lambda: step_pull(cfg))
+    data = {
+        "data_hash": prep["data_hash"],
+        "counts": prep["counts"],
+        "source": src["origin"],
+        "source_sha256": src["sha256"],
+    }
+    gate = run_step("drift", None, lambda: step_drift(cfg))
+    if not gate["retrain"]:
+        log.info("not retraining: %s", gate["reason"])
+        return data | {"retrain": f"skipped: {gate['reason']}", "drift": gate["drift"]}
     up = {"data_hash": prep["data_hash"], "source_sha256": src["sha256"]}
     found = cached("search", cfg, up, step_search)
     best = with_overrides(cfg, found["best_params"])
@@ -316,15 +344,15 @@ def _run_steps(cfg: Config, run_step: StepRunner) -> dict[str, Any]:
     )
     registered = run_step("register", None, lambda: step_register(best))
     promoted = run_step("promote", None, lambda: step_promote(best))
+    if promoted["promoted"]:  # the next drift check compares with this champion's data
+        run_step("reference", None, lambda: step_reference(best))
     exported = None
     if cfg.export.onnx:
         version = {"model_sha256": trained["model_sha256"], "version": registered["version"]}
         exported = cached("export", best, version, step_export)
-    return {
-        "data_hash": prep["data_hash"],
-        "counts": prep["counts"],
-        "source": src["origin"],
-        "source_sha256": src["sha256"],
+    return data | {
+        "retrain": gate["reason"],
+        "drift": gate["drift"],
         "study": found["study"],
         "best_params": found["best_params"],
         "trials": found["trials"],

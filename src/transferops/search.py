@@ -115,7 +115,10 @@ def grid_space(sc: SearchConfig) -> dict[str, list[Any]]:
         spec = getattr(sc.space, name)
         if spec is None:
             continue
-        space[name] = spec.values() if hasattr(spec, "values") else _float_grid(spec)
+        if isinstance(spec, list):  # categorical (adapter)
+            space[name] = list(spec)
+        else:
+            space[name] = spec.values() if hasattr(spec, "values") else _float_grid(spec)
     return space
 
 
@@ -159,6 +162,8 @@ def suggest(trial: optuna.Trial, sc: SearchConfig) -> dict[str, Any]:
             out["finetune.unfreeze_depth"] = trial.suggest_categorical("unfreeze_depth", d.choices)
         else:
             out["finetune.unfreeze_depth"] = trial.suggest_int("unfreeze_depth", d.low, d.high)
+    if sp.adapter is not None:
+        out["finetune.adapter"] = trial.suggest_categorical("adapter", sp.adapter)
     return out
 
 
@@ -195,10 +200,12 @@ class DuplicateTrial(RuntimeError):
     """A trial whose configuration the study already holds (finished or running)."""
 
 
-def _objective(cfg: Config, parent_run_id: str | None, store: dict) -> Any:
+def _objective(cfg: Config, parent_run_id: str | None, store: dict, task: str | None = None) -> Any:
     def objective(trial: optuna.Trial) -> float:
         overrides = suggest(trial, cfg.search)
         trial.set_user_attr("worker_pid", os.getpid())
+        if task is not None:  # the Dask task running it (see _take_over)
+            trial.set_user_attr("task", task)
         # A configuration already finished or running is not trained again, and the repeat
         # does not count toward n_trials: it ends FAIL (tagged duplicate) and another is drawn.
         for t in trial.study.get_trials(deepcopy=False, states=(TS.COMPLETE, TS.RUNNING)):
@@ -325,14 +332,30 @@ def _trial_task(cfg_json: dict, name: str, parent_run_id: str, slot: int) -> str
     """One trial of the shared study, as a Dask task; the worker's ``host:pid``."""
     cfg = validate_config(cfg_json)
     study = _load_for_worker(cfg, name, slot)
+    task = f"{parent_run_id}:{slot}"  # unique to this search invocation and task
+    _take_over(study, task)
     store = worker_store(("search", name))  # the worker's next trials reuse its features
     study.optimize(
-        _objective(cfg, parent_run_id, store),
+        _objective(cfg, parent_run_id, store, task),
         n_trials=1,
         catch=(RuntimeError, ValueError),
         callbacks=[_log_trial],
     )
     return worker_label()
+
+
+def _take_over(study: optuna.Study, task: str) -> None:
+    """Dask reruns a task whose worker died. The trial that run left RUNNING is failed now
+    and queued again with its params (retried once, as the heartbeat would, without waiting
+    out its grace period); this task then runs the retry."""
+    for t in study.get_trials(deepcopy=False, states=(TS.RUNNING,)):
+        if t.user_attrs.get("task") == task and t.user_attrs.get("worker_pid") != os.getpid():
+            study._storage.set_trial_state_values(t._trial_id, TS.FAIL)
+            dead = study._storage.get_trial(t._trial_id)
+            optuna.storages.RetryFailedTrialCallback(max_retry=1)(study, dead)
+            log.info(
+                "trial #%d: its worker died; failed, and retried with the same params", t.number
+            )
 
 
 def _budget_used(study: optuna.Study) -> int:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from transferops.config import FinetuneConfig
+from transferops.finetune.adapters import is_adapter
 from transferops.finetune.blocks import StagedNet
 from transferops.finetune.plan import Stage
 
@@ -24,11 +25,16 @@ def batchnorms(module: nn.Module) -> list[nn.Module]:
     return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
-def make_trainable(net: StagedNet, depth: int) -> None:
-    """Head and the top `depth` blocks trainable; everything below frozen."""
+def make_trainable(net: StagedNet, depth: int, adapter: str = "none") -> None:
+    """Head and the top `depth` blocks trainable (only their adapters with LoRA);
+    everything below frozen."""
     first = net.num_blocks - depth
     for i, b in enumerate(net.blocks):
-        b.requires_grad_(i >= first)
+        if adapter == "lora":
+            for name, p in b.named_parameters():
+                p.requires_grad_(i >= first and is_adapter(name))
+        else:
+            b.requires_grad_(i >= first)
     net.head.requires_grad_(True)
 
 
@@ -84,4 +90,4 @@ def thaw(net: StagedNet, opt: torch.optim.Optimizer, stage: Stage, cfg: Finetune
     the optimizer has the groups its saved state refers to)."""
     for j in stage.thaws:
         unfreeze_and_add_param_group(net, opt, j, cfg)
-    make_trainable(net, stage.depth)
+    make_trainable(net, stage.depth, cfg.adapter)

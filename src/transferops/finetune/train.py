@@ -19,6 +19,7 @@ from transferops.config import Config, FinetuneConfig, check_depth
 from transferops.data.prepare import load_prepared, read_manifest
 from transferops.errors import ConfigError
 from transferops.families import build_staged
+from transferops.finetune.adapters import ADAPTER_FILE, adapter_weights, add_lora, merge_adapters
 from transferops.finetune.blocks import StagedNet
 from transferops.finetune.engine import EpochHook, TrainResult, finetune
 from transferops.model_io import make_inputs, make_preprocess, pick_device, save_model_folder
@@ -30,10 +31,12 @@ log = logging.getLogger(__name__)
 def build_net(
     source: SourceModel, num_classes: int, cfg: FinetuneConfig, image_size: int = 32
 ) -> StagedNet:
-    """The source model as blocks + a new head (head init seeded by finetune.seed)."""
+    """The source model as blocks + a new head (head init seeded by finetune.seed), with
+    LoRA adapters injected first when finetune.adapter is lora."""
     torch.manual_seed(cfg.seed)
+    model = add_lora(source.model, cfg, source.family) if cfg.adapter == "lora" else source.model
     return build_staged(
-        source.model,
+        model,
         source.family,
         num_classes,
         dropout=cfg.dropout,
@@ -117,8 +120,13 @@ def train_model(
 
 
 def save_finetuned(res: TrainResult, spec: dict[str, Any], out: Path, source_dir: Path) -> None:
-    """Write a trained model's folder (weights, spec, history) atomically."""
-    save_model_folder(res.net, spec, res.history, out, source_dir)
+    """Write a trained model's folder (weights, spec, history) atomically; LoRA adapters are
+    saved alone and merged into the weights (see finetune/adapters.py)."""
+    extra = {}
+    if spec["finetune"].get("adapter") == "lora":
+        extra[ADAPTER_FILE] = adapter_weights(res.net)
+        merge_adapters(res.net)
+    save_model_folder(res.net, spec, res.history, out, source_dir, extra)
 
 
 def train_from_config(

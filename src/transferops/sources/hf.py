@@ -59,9 +59,13 @@ def load(cfg: SourceConfig, workdir: Path) -> Pulled:
         if desc == HUB and os.environ.get("HF_HUB_OFFLINE") == "1":
             tried.append(f"{desc}: skipped (HF_HUB_OFFLINE=1)")
             continue
+        local = desc != HUB
+        # With peft installed, transformers also looks for an adapter config, ignoring
+        # local_files_only: without this, an offline machine waits ~25 s of hub retries
+        adapter = {"adapter_kwargs": {"local_files_only": True}} if local else {}
         try:
-            model = AutoModel.from_pretrained(where, local_files_only=desc != HUB)
-            tok = AutoTokenizer.from_pretrained(where, local_files_only=desc != HUB)
+            model = AutoModel.from_pretrained(where, local_files_only=local, **adapter)
+            tok = AutoTokenizer.from_pretrained(where, local_files_only=local)
             break
         except (OSError, ValueError) as exc:
             tried.append(f"{desc} ({where}): {str(exc).splitlines()[0][:160]}")
