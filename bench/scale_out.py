@@ -115,9 +115,11 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=8)
     ap.add_argument("--out", type=Path, default=Path("/tmp/transferops-scale-bench"))
     ap.add_argument("--skip-servers", action="store_true")
+    ap.add_argument("--skip-search", action="store_true")
     a = ap.parse_args()
     print(f"machine: {platform.node()}, {os.cpu_count()} cores, Python {platform.python_version()}")
-    bench_search(a.out, a.trials)
+    if not a.skip_search:
+        bench_search(a.out, a.trials)
     if not a.skip_servers:
         bench_servers(a.out)
 

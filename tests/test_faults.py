@@ -101,6 +101,7 @@ def _one_line_error(r, within_s: float, started: float) -> str:
             "search.storage postgresql+psycopg://bob:***@127.0.0.1:9/db cannot be opened",
         ),
         ("search.storage=sqlite:///${NOPE_DIR}/o.db", "environment variable NOPE_DIR"),
+        ("compute.cluster=tcp://127.0.0.1:9", "compute.cluster tcp://127.0.0.1:9 is not reachable"),
     ],
 )
 def test_bad_service_urls_fail_in_seconds_with_one_line(tmp_path, monkeypatch, override, expected):

@@ -17,13 +17,19 @@ from .conftest import REPO, prefect_server, write_image_folder
 CLI = str(Path(sys.executable).parent / "transferops")
 
 
-def _run(cwd: Path, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:
-    env = os.environ | {
-        "PREFECT_HOME": str(cwd / ".prefect"),  # its own ephemeral database and result cache
-        "PREFECT_API_URL": "",
-        "TRANSFEROPS_PROGRESS": "0",
-        "COLUMNS": "200",
-    }
+def _run(
+    cwd: Path, *args: str, timeout: int = 400, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    env = (
+        os.environ
+        | {
+            "PREFECT_HOME": str(cwd / ".prefect"),  # its own ephemeral database and result cache
+            "PREFECT_API_URL": "",
+            "TRANSFEROPS_PROGRESS": "0",
+            "COLUMNS": "200",
+        }
+        | (env or {})
+    )
     env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.run(
         [CLI, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
@@ -93,6 +99,16 @@ def test_bad_params_fail_before_prefect_starts(project):
     assert r.returncode == 2
     assert "finetune.lr" in r.stdout + r.stderr
     assert "Beginning flow run" not in r.stdout + r.stderr
+
+
+def test_a_slow_ephemeral_prefect_server_is_one_line_with_the_fixes(project):
+    """Under load Prefect's temporary server can miss its start-up deadline: one line that
+    names the setting and the alternatives, not a traceback."""
+    slow = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "1"}
+    r = _run(project, "run", env=slow, timeout=120)
+    out = r.stdout + r.stderr
+    assert r.returncode == 2 and "Traceback" not in out, out[-2000:]
+    assert "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in out and "--no-prefect" in out
 
 
 def test_user_errors_are_not_retried_under_prefect():

@@ -413,7 +413,19 @@ def run(
         flows = _flow_module()
         hand_logging_to_prefect()
         interrupt.install("run", in_handler=True)  # Prefect would report to a dying server
-        summary = flows.transfer_pipeline(params_file=str(params), overrides=_overrides_map(set_))
+        try:
+            summary = flows.transfer_pipeline(
+                params_file=str(params), overrides=_overrides_map(set_)
+            )
+        except RuntimeError as exc:
+            if "ephemeral Prefect API server" not in str(exc):
+                raise
+            raise TransferopsError(
+                "Prefect's temporary API server did not start in time (a busy machine?): "
+                "raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (e.g. 120), or start "
+                "a server (prefect server start) and set PREFECT_API_URL, or run with "
+                "--no-prefect"
+            ) from None
     else:
         from transferops.pipeline import run_pipeline
 

@@ -60,6 +60,7 @@ from transferops.finetune.train import train_model
 from transferops.progress import labelled, make_progress
 from transferops.redact import mask
 from transferops.search_plots import log_search_plots
+from transferops.services import check_scheduler
 from transferops.sources import read_source_manifest
 from transferops.study_storage import make_storage
 from transferops.tracking import log_epoch, setup_tracking, start_run
@@ -68,8 +69,6 @@ log = logging.getLogger(__name__)
 TS = optuna.trial.TrialState
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-# Heartbeats, the retry callback and the matplotlib plots are marked experimental in Optuna 5.
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 @dataclass
@@ -461,6 +460,7 @@ def run_search(cfg: Config) -> SearchResult:
     """Run (or resume) the study; write best params; log everything to MLflow."""
     num_blocks = read_source_manifest(cfg.source.out)["num_blocks"]
     check_depth(cfg, num_blocks)  # before any trial runs
+    check_scheduler(cfg.compute.cluster)  # and before the study and MLflow runs open
     cfg = resolve_depth_range(cfg, num_blocks)  # the default depth range: 0..block count
     sc = cfg.search
     name = study_name(cfg)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import warnings
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,10 @@ from optuna.storages._rdb import models as _rdb_models  # the heartbeat table (s
 from transferops.config import SearchConfig
 from transferops.errors import ConfigError
 from transferops.redact import expand_env, mask
+
+# Heartbeats, the retry callback and the matplotlib plots are marked experimental in Optuna 5
+# (for every module that opens a study: search, services, interrupt).
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 class _Storage(optuna.storages.RDBStorage):
