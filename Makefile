@@ -25,8 +25,8 @@ test-all:
 bench:
 	$(BIN)/python bench/feature_cache.py
 
-ui:     ## MLflow UI on the embedded sqlite store
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1
+ui:     ## MLflow UI + optuna-dashboard on the project's stores (127.0.0.1:5000 and :8080)
+	$(BIN)/transferops ui
 
 clean:
 	rm -rf data/prepared models/source models/finetuned .pytest_cache

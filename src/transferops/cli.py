@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
@@ -468,6 +469,30 @@ def human_summary(s: dict[str, Any]) -> str:
         *([("onnx", s["onnx"])] if s.get("onnx") else []),
     ]
     return "\n".join(f"{k:>14}  {v}" for k, v in rows)
+
+
+@app.command()
+@_user_errors
+def ui(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    mlflow_port: Annotated[int, typer.Option(help="MLflow UI port")] = 5000,
+    optuna_port: Annotated[int, typer.Option(help="optuna-dashboard port")] = 8080,
+) -> None:
+    """Open the project's MLflow UI and optuna-dashboard on 127.0.0.1 (Ctrl-C stops them)."""
+    from transferops import ui as _ui
+
+    cfg = _cfg(params, set_)
+    svcs = _ui.services(cfg, params.resolve().parent, mlflow_port, optuna_port)
+    with _ui.running(svcs):
+        if cfg.tracking.uri.startswith(("http://", "https://")):
+            console.print(f"MLflow: {mask(cfg.tracking.uri)} (the configured server)")
+        for s in svcs:
+            console.print(f"{s.name}: {s.url}")
+        console.print("Ctrl-C to stop")
+        with contextlib.suppress(KeyboardInterrupt):
+            while True:
+                time.sleep(3600)
 
 
 @app.command()

@@ -1,0 +1,91 @@
+"""`transferops ui`: the project's MLflow UI and optuna-dashboard, on 127.0.0.1.
+
+Both read the project's own stores (``tracking.uri``, ``search.storage``; relative sqlite
+paths are taken from the folder of the project's params.yaml), so they show this project's
+runs and study from wherever the command is started. A tracking server (``tracking.uri:
+http://...``) is not started again: its URL is printed. The command waits until both
+answer, prints the URLs, and stops them on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from transferops.config import Config
+from transferops.errors import ConfigError
+from transferops.redact import expand_env, mask
+from transferops.tracking import absolute_uri
+
+BIN = Path(sys.executable).parent
+START_TIMEOUT_S = 90.0
+
+
+@dataclass(frozen=True)
+class Service:
+    """A UI process to start: its command, the URL to open, the URL that says it is up."""
+
+    name: str
+    cmd: list[str]
+    url: str
+    health: str
+
+
+def services(cfg: Config, project: Path, mlflow_port: int, optuna_port: int) -> list[Service]:
+    """The UIs this project's params call for (relative sqlite paths are `project`'s, the
+    folder of its params.yaml)."""
+    out = []
+    if not cfg.tracking.uri.startswith(("http://", "https://")):
+        store = absolute_uri(expand_env(cfg.tracking.uri, "tracking.uri"), project)
+        url = f"http://127.0.0.1:{mlflow_port}"
+        cmd = [str(BIN / "mlflow"), "ui", "--backend-store-uri", store]
+        cmd += ["--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1"]
+        out.append(Service("MLflow UI", cmd, url, url + "/health"))
+    storage = absolute_uri(expand_env(cfg.search.storage, "search.storage"), project)
+    url = f"http://127.0.0.1:{optuna_port}"
+    cmd = [str(BIN / "optuna-dashboard"), storage, "--host", "127.0.0.1"]
+    cmd += ["--port", str(optuna_port), "--quiet"]
+    out.append(Service("optuna-dashboard", cmd, url, url + "/api/studies"))
+    return out
+
+
+def _up(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def running(svcs: list[Service]) -> Iterator[list[subprocess.Popen]]:
+    """Start every service, wait until each answers; stop them all when the block ends."""
+    procs = [
+        subprocess.Popen(s.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for s in svcs
+    ]
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        for s, p in zip(svcs, procs, strict=True):
+            while not _up(s.health):
+                if p.poll() is not None or time.monotonic() > deadline:
+                    why = (p.stderr.read() if p.poll() is not None and p.stderr else "")[-500:]
+                    raise ConfigError(f"{s.name} did not start ({mask(' '.join(s.cmd))}): {why}")
+                time.sleep(0.5)
+        yield procs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=15)
+            if p.poll() is None:
+                p.kill()
