@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import yaml
+from PIL import Image
 from typer.testing import CliRunner
 
 from transferops.cli import app
@@ -137,3 +138,18 @@ def test_dockerfile_installs_like_the_readme_and_runs_the_pipeline():
     assert 'CMD ["transferops", "run"]' in docker and "make run" in readme
     ignored = (REPO / ".dockerignore").read_text().split()
     assert {".venv", "data", "models", "mlflow.db"} <= set(ignored)  # no weights or data
+
+
+def test_dvc_plots_render_offline(tmp_path):
+    """`dvc plots show` on the repo's dvc.yaml: every declared plot is drawn, and the page
+    loads nothing from the network (DVC's Vega plots would fetch their scripts from a CDN)."""
+    repo = _dvc_repo(tmp_path, [])
+    plots = yaml.safe_load((repo / "dvc.yaml").read_text())["plots"]
+    for p in plots:  # the charts evaluate writes, here as small real PNGs
+        path = repo / p.replace("${evaluate.out}", "reports")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (4, 4), "white").save(path)
+    _run([str(BIN / "dvc"), "plots", "show", "-o", "out"], repo)
+    html = (repo / "out" / "index.html").read_text()
+    assert "http://" not in html and "https://" not in html
+    assert html.count("<img") == len(plots) == 4

@@ -205,6 +205,8 @@ def test_pipeline_reads_test_only_in_evaluate_and_writes_the_report(
     assert "per_class" not in saved
     report = (out / "evaluation.md").read_text()
     assert saved["verdict"] in report and "Data efficiency" in report
+    # the report names its data: path, counts per split, image size (not only a hash)
+    assert f"Data `{tmp_path / 'raw'}`, 36 train / 6 val / 6 test, images 16 px" in report
     assert "plots/confusion_scratch.png" in report  # both matrices shown, not one
     header = (out / "learning_curves.csv").read_text().splitlines()[0]
     assert header == "role,epoch,val_accuracy,train_loss,stage"  # stage: where blocks thaw
@@ -277,3 +279,44 @@ def test_baseline_runs_as_dask_tasks_match_the_ones_trained_here(tmp_path, lite0
     assert all(t["mlflow.parentRunId"] == parent for t in tags)
     pids = {t["transferops.pid"] for t in tags}
     assert str(os.getpid()) not in pids and len(pids) == 2  # both workers trained
+
+
+def test_efficiency_chart_shows_intervals_and_the_cheap_baselines():
+    """The data-efficiency chart (a DVC image plot): the seed mean with its interval at
+    "all" for transfer and scratch, the probe and the classical model as reference lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from transferops.report import efficiency_axes
+
+    eff = [
+        {"per_class": 5, "transfer": 0.6, "scratch": 0.3},
+        {"per_class": "all", "transfer": 0.9, "scratch": 0.7},
+    ]
+    ci = {"mean": 0.88, "ci_low": 0.85, "ci_high": 0.91, "n": 3}
+    models = {
+        "transfer": {"accuracy": ci},
+        "scratch": {"accuracy": ci | {"mean": 0.7, "ci_low": 0.6, "ci_high": 0.8}},
+        "probe": {"accuracy": ci | {"mean": 0.8}},
+        "classical": {"accuracy": 0.75},
+    }
+    fig, ax = plt.subplots()
+    efficiency_axes(ax, eff, models)
+    assert set(ax.get_legend_handles_labels()[1]) == {
+        "transfer",
+        "scratch",
+        "probe (all data)",
+        "classical (all data)",
+        "transfer: mean of 3 seeds, 95% CI",
+        "scratch: mean of 3 seeds, 95% CI",
+    }
+    lines = {line.get_label(): line.get_ydata() for line in ax.get_lines()}
+    assert list(lines["probe (all data)"]) == [0.8, 0.8]
+    assert list(lines["classical (all data)"]) == [0.75, 0.75]
+    bars = [c for c in ax.containers if c.get_label().startswith("transfer: mean")]
+    (segment,) = bars[0].lines[2][0].get_segments()
+    assert segment[0][1] == pytest.approx(0.85) and segment[1][1] == pytest.approx(0.91)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["5", "all"]
+    plt.close(fig)

@@ -167,6 +167,7 @@ def evaluate(cfg: Config) -> dict[str, Any]:
         "verdict": line,
         "efficiency": efficiency,
         "data_hash": data_hash,
+        "data": _data_facts(cfg),
     }
     finetuned = _score_finetuned(cfg, test, device, data_hash, correct)
     if finetuned is not None:
@@ -177,7 +178,7 @@ def evaluate(cfg: Config) -> dict[str, Any]:
         write_json_atomic(tmp / "metrics.json", metrics)
         write_json_atomic(tmp / "summary.json", dvc_summary(metrics))
         write_json_atomic(tmp / "per_class.json", per_class)
-        write_plots(tmp, first, efficiency, test.class_names)
+        write_plots(tmp, first, efficiency, test.class_names, metrics["models"])
         md = report_markdown(metrics, per_class, classical_name)
         (tmp / "evaluation.md").write_text(md)
         (tmp / "evaluation.html").write_text(report_html(md, tmp))
@@ -255,6 +256,17 @@ def score_model_dir(model_dir: Path, cfg: Config) -> dict[str, float]:
         cfg.evaluate.ece_bins,
     )
     return {k: m[k] for k in ("accuracy", "macro_f1", "ece")}
+
+
+def _data_facts(cfg: Config) -> dict[str, Any]:
+    """What the report names the data by (besides its hash)."""
+    manifest = read_manifest(cfg.data.out)
+    return {
+        "path": str(cfg.data.path),
+        "counts": {s: sum(c.values()) for s, c in manifest["counts"].items()},
+        "image_size": manifest.get("image_size"),
+        "limit_per_class": cfg.data.limit_per_class,
+    }
 
 
 def _efficiency(per_run: dict, first: dict, ks: list[int | None]) -> list[dict[str, Any]]:

@@ -15,8 +15,43 @@ import numpy as np
 from transferops.artifacts import read_json
 
 
-def write_plots(out: Path, first: dict, efficiency: list[dict], classes: list[str]) -> None:
-    """efficiency.csv, learning_curves.csv (DVC plots) and the PNGs under plots/."""
+def efficiency_axes(ax: Any, efficiency: list[dict], models: dict[str, Any]) -> None:
+    """Test accuracy vs labelled examples per class: transfer and scratch (first seed) at
+    each size; at "all", their mean over seeds with its interval; the probe and the
+    classical baseline (all data) as reference lines."""
+    xs = list(range(len(efficiency)))
+    for role, colour in (("transfer", "tab:blue"), ("scratch", "tab:orange")):
+        ax.plot(xs, [r[role] for r in efficiency], marker="o", color=colour, label=role)
+        acc = models.get(role, {}).get("accuracy")
+        if isinstance(acc, dict) and efficiency[-1]["per_class"] == "all":
+            err = [[acc["mean"] - acc["ci_low"]], [acc["ci_high"] - acc["mean"]]]
+            ax.errorbar(
+                [xs[-1] + 0.08],
+                [acc["mean"]],
+                yerr=err,
+                fmt="s",
+                color=colour,
+                capsize=4,
+                label=f"{role}: mean of {acc['n']} seeds, 95% CI",
+            )
+    for role, style in (("probe", "--"), ("classical", ":")):
+        acc = models.get(role, {}).get("accuracy")
+        if acc is not None:
+            mean = acc["mean"] if isinstance(acc, dict) else acc
+            ax.axhline(mean, color="tab:gray", linestyle=style, label=f"{role} (all data)")
+    ax.set_xticks(xs, [str(r["per_class"]) for r in efficiency])
+    ax.set(
+        xlabel="labelled training examples per class",
+        ylabel="test accuracy",
+        title="Data efficiency: transfer vs scratch",
+    )
+    ax.legend(fontsize=7, loc="lower right")
+
+
+def write_plots(
+    out: Path, first: dict, efficiency: list[dict], classes: list[str], models: dict[str, Any]
+) -> None:
+    """efficiency.csv, learning_curves.csv and the PNGs under plots/ (the DVC plots)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -38,17 +73,8 @@ def write_plots(out: Path, first: dict, efficiency: list[dict], classes: list[st
         w.writerows(curves)
 
     if efficiency:
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        xs = list(range(len(efficiency)))
-        for role in ("transfer", "scratch"):
-            ax.plot(xs, [r[role] for r in efficiency], marker="o", label=role)
-        ax.set_xticks(xs, [str(r["per_class"]) for r in efficiency])
-        ax.set(
-            xlabel="labelled training examples per class",
-            ylabel="test accuracy",
-            title="Data efficiency: transfer vs scratch",
-        )
-        ax.legend()
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        efficiency_axes(ax, efficiency, models)
         fig.savefig(plots / "data_efficiency.png", dpi=110, bbox_inches="tight")
         plt.close(fig)
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -92,6 +118,20 @@ def _fmt(m: dict[str, Any]) -> str:
     return f"{m['mean']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
 
 
+def data_line(metrics: dict) -> str:
+    """Which data the report is about: path, counts, image size, few-shot limit, hash."""
+    d = metrics.get("data") or {}
+    counts = d.get("counts") or {}
+    parts = [f"Data `{d['path']}`" if d.get("path") else "Data"]
+    if counts:
+        parts.append(" / ".join(f"{counts.get(s, 0)} {s}" for s in ("train", "val", "test")))
+    if d.get("image_size"):
+        parts.append(f"images {d['image_size']} px")
+    if d.get("limit_per_class"):
+        parts.append(f"at most {d['limit_per_class']} labelled per class (few-shot)")
+    return ", ".join(parts) + f"; hash `{metrics['data_hash'][:12]}`."
+
+
 def report_markdown(metrics: dict, per_class: dict, classical: str | None) -> str:
     """evaluation.md: the verdict first, then the table, the curves and per-class scores."""
     conf = int(metrics["confidence"] * 100)
@@ -102,8 +142,7 @@ def report_markdown(metrics: dict, per_class: dict, classical: str | None) -> st
         f"{metrics['test_size']} test examples, each model averaged over its "
         f"{metrics['models']['transfer']['accuracy']['n']} seed(s)).",
         "",
-        f"Test split: {metrics['test_size']} examples, read only here. Data hash "
-        f"`{metrics['data_hash'][:12]}`.",
+        f"Test split: {metrics['test_size']} examples, read only here. {data_line(metrics)}",
         "",
         f"| model | accuracy ({conf}% CI) | macro-F1 | ECE |",
         "| --- | --- | --- | --- |",
