@@ -58,6 +58,13 @@ def test_run_pipeline_on_tiny_images(tmp_path, monkeypatch):
     steps = [r for r in runs if r.data.tags.get("role") not in ("pipeline", "trial")]
     assert {r.data.tags["role"] for r in steps} >= {"search", "transfer", "scratch", "evaluation"}
     assert all(r.data.tags.get("mlflow.parentRunId") == parent.info.run_id for r in steps)
+    # every training and evaluation run names its data (MLflow's Datasets column)
+    for r in steps:
+        if r.data.tags["role"] in ("transfer", "scratch", "evaluation", "search"):
+            (d,) = r.inputs.dataset_inputs
+            assert d.dataset.name == "raw" and d.dataset.digest == summary["data_hash"][:12]
+            context = {t.key: t.value for t in d.tags}["mlflow.data.context"]
+            assert context == ("test" if r.data.tags["role"] == "evaluation" else "training")
     curve = [r for r in steps if r.data.tags.get("comparison") == "curve"]
     assert curve and all(r.data.tags["role"].startswith("curve-") for r in curve)
     # It ends registered, and champion only if the gate passed (tiny data: either can happen).

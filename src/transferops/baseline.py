@@ -38,7 +38,7 @@ from transferops.finetune.plan import total_epochs
 from transferops.finetune.train import save_finetuned, train_model
 from transferops.progress import labelled
 from transferops.sources import read_source_manifest
-from transferops.tracking import log_epoch, setup_tracking, start_run
+from transferops.tracking import log_data, log_epoch, setup_tracking, start_run
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,8 @@ def _train_one(
     }
     same = _same_as_trained(rcfg, role, manifest["data_hash"], source["sha256"])
     with start_run(mlflow, run_name=name, tags=tags) as run:
+        dataset = Path(cfg.data.path).name + (f"-k{per_class}" if per_class else "")
+        log_data(mlflow, data_out, dataset, manifest["data_hash"], "training")
         mlflow.log_params(
             {
                 k.removeprefix("finetune."): v

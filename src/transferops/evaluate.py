@@ -42,7 +42,7 @@ from transferops.model_io import load_finetuned, make_inputs, pick_device
 from transferops.predict import predict_probs
 from transferops.report import report_html, report_markdown, write_plots
 from transferops.stats import ece, mean_ci, paired_bootstrap, verdict
-from transferops.tracking import setup_tracking, start_run
+from transferops.tracking import log_data, setup_tracking, start_run
 
 log = logging.getLogger(__name__)
 
@@ -300,6 +300,8 @@ def _log_to_mlflow(cfg: Config, per_run: dict, metrics: dict, out: Path) -> None
         run_name="evaluation",
         tags={"role": "evaluation", "data_hash": metrics["data_hash"]},
     ):
+        name = Path(cfg.data.path).name
+        log_data(mlflow, cfg.data.out, name, metrics["data_hash"], "test")
         flat = {
             f"{role}_{m}": v["mean"] if isinstance(v, dict) else v
             for role, ms in metrics["models"].items()

@@ -31,7 +31,7 @@ from transferops.data.prepare import load_prepared, read_manifest
 from transferops.errors import RegistryError
 from transferops.families import family
 from transferops.redact import mask
-from transferops.tracking import setup_tracking, start_run
+from transferops.tracking import log_data, setup_tracking, start_run
 
 log = logging.getLogger(__name__)
 
@@ -361,6 +361,7 @@ def register(cfg: Config) -> RegisterResult:
         tempfile.TemporaryDirectory(prefix="transferops-code-") as code,
     ):
         mlflow.log_params(trained_params(spec))
+        log_data(mlflow, cfg.data.out, Path(cfg.data.path).name, tags["data_hash"], "training")
         mlflow.log_metrics({f"test_{m}": metrics["finetuned"][m] for m in METRICS})
         pkg = shipped_code(Path(code))
         # The signature is given: MLflow's hint that type hints could infer one, and its

@@ -63,7 +63,7 @@ from transferops.search_plots import log_search_plots
 from transferops.services import check_scheduler
 from transferops.sources import read_source_manifest
 from transferops.study_storage import make_storage
-from transferops.tracking import log_epoch, setup_tracking, start_run
+from transferops.tracking import log_data, log_epoch, setup_tracking, start_run
 
 log = logging.getLogger(__name__)
 TS = optuna.trial.TrialState
@@ -498,6 +498,7 @@ def run_search(cfg: Config) -> SearchResult:
             "source_sha256": source["sha256"],
         },
     ) as parent:
+        log_data(mlflow, cfg.data.out, Path(cfg.data.path).name, data_hash, "training")
         mlflow.log_params(
             {
                 "n_trials": sc.n_trials,

@@ -10,6 +10,7 @@ import re
 import socket
 import urllib.parse
 import urllib.request
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -218,6 +219,18 @@ def run_link(cfg: TrackingConfig, run_id: str) -> str:
     exp = mlflow.get_run(run_id).info.experiment_id
     base = mask(cfg.uri.rstrip("/")) if cfg.uri.startswith("http") else "http://127.0.0.1:5000"
     return f"{base}/#/experiments/{exp}/runs/{run_id}"
+
+
+def log_data(mlflow: Any, folder: Path | str, name: str, data_hash: str, context: str) -> None:
+    """The prepared data as the active run's dataset input (the MLflow UI's Datasets
+    column): its name, the data hash as its digest, the prepared folder as its source."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    with warnings.catch_warnings():  # "can be interpreted in multiple ways": a local folder
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(str(Path(folder).resolve()))
+    mlflow.log_input(MetaDataset(source, name=name, digest=data_hash[:12]), context=context)
 
 
 def log_epoch(epoch: int, record: dict[str, float]) -> None:
