@@ -51,7 +51,11 @@ def test_run_pipeline_on_tiny_images(tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("transferops").experiment_id
+    experiment = client.get_experiment_by_name("transferops")
+    # a model-training experiment with a description (the UI's GenAI view would be empty)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "pipeline" in experiment.tags["mlflow.note.content"]
+    exp = experiment.experiment_id
     runs = client.search_runs([exp])
     (parent,) = [r for r in runs if r.data.tags.get("role") == "pipeline"]
     assert parent.info.status == "FINISHED" and parent.data.tags["verdict"] == summary["verdict"]

@@ -320,3 +320,9 @@ def test_efficiency_chart_shows_intervals_and_the_cheap_baselines():
     assert segment[0][1] == pytest.approx(0.85) and segment[1][1] == pytest.approx(0.91)
     assert [t.get_text() for t in ax.get_xticklabels()] == ["5", "all"]
     plt.close(fig)
+    # one seed: no interval exists, none is drawn (and nothing fails)
+    one = {r: {"accuracy": {"mean": 0.8, "ci_low": None, "ci_high": None, "n": 1}} for r in models}
+    fig, ax = plt.subplots()
+    efficiency_axes(ax, eff, one)
+    assert not ax.containers and "probe (all data)" in ax.get_legend_handles_labels()[1]
+    plt.close(fig)

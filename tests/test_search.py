@@ -142,6 +142,7 @@ def test_pruned_trial_is_pruned_in_optuna_and_mlflow(tmp_path, digits_prepared, 
 
     study = optuna.load_study(study_name=study_name(cfg), storage=cfg.search.storage)
     assert study.metric_names == ["val_accuracy"]
+    assert study.user_attrs["source"].startswith("package:efficientnet-lite0")  # not a hash
     ax = history_axes(study)
     assert sum(len(c.get_offsets()) for c in ax.collections) == 3 and ax.get_ylabel() == (
         "val accuracy"

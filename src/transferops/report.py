@@ -23,7 +23,8 @@ def efficiency_axes(ax: Any, efficiency: list[dict], models: dict[str, Any]) -> 
     for role, colour in (("transfer", "tab:blue"), ("scratch", "tab:orange")):
         ax.plot(xs, [r[role] for r in efficiency], marker="o", color=colour, label=role)
         acc = models.get(role, {}).get("accuracy")
-        if isinstance(acc, dict) and efficiency[-1]["per_class"] == "all":
+        has_ci = isinstance(acc, dict) and acc.get("ci_low") is not None
+        if has_ci and efficiency[-1]["per_class"] == "all":  # one seed: no interval to draw
             err = [[acc["mean"] - acc["ci_low"]], [acc["ci_high"] - acc["mean"]]]
             ax.errorbar(
                 [xs[-1] + 0.08],

@@ -476,6 +476,9 @@ def run_search(cfg: Config) -> SearchResult:
     with warnings.catch_warnings():  # experimental in Optuna 4; names the metric in dashboards
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(["val_accuracy"])
+    # the study's name is hashes: say in the dashboard what it is about
+    study.set_user_attr("data", str(cfg.data.path))
+    study.set_user_attr("source", read_source_manifest(cfg.source.out)["origin"])
     before = len([t for t in study.get_trials(deepcopy=False) if t.state in FINISHED])
     log.info(
         "study %s in %s: %d finished trial(s), target %d",

@@ -100,9 +100,23 @@ def setup_tracking(cfg: TrackingConfig) -> Any:
     mlflow.set_tracking_uri(absolute_uri(client_uri(cfg.uri, "tracking.uri")))
     exp = mlflow.get_experiment_by_name(cfg.experiment)
     if exp is None:
-        mlflow.create_experiment(cfg.experiment, artifact_location=_artifact_location(cfg))
+        mlflow.create_experiment(
+            cfg.experiment, artifact_location=_artifact_location(cfg), tags=EXPERIMENT_TAGS
+        )
+    elif KIND not in exp.tags:  # made by an older version: the UI would open its GenAI view
+        mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, KIND, EXPERIMENT_TAGS[KIND])
     mlflow.set_experiment(cfg.experiment)
     return mlflow
+
+
+KIND = "mlflow.experimentKind"
+# The MLflow UI opens a model-training experiment on its runs (not the GenAI overview), and
+# shows the description on the experiment's page.
+EXPERIMENT_TAGS = {
+    KIND: "custom_model_development",
+    "mlflow.note.content": "transferops: one `pipeline` run per invocation, every step's runs "
+    "nested under it (search and its trials, baselines by `role`, evaluation, registration).",
+}
 
 
 PID_TAG, HOST_TAG = "transferops.pid", "transferops.host"

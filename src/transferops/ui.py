@@ -44,16 +44,29 @@ def services(cfg: Config, project: Path, mlflow_port: int, optuna_port: int) -> 
     out = []
     if not cfg.tracking.uri.startswith(("http://", "https://")):
         store = absolute_uri(expand_env(cfg.tracking.uri, "tracking.uri"), project)
-        url = f"http://127.0.0.1:{mlflow_port}"
+        base = f"http://127.0.0.1:{mlflow_port}"
         cmd = [str(BIN / "mlflow"), "ui", "--backend-store-uri", store]
         cmd += ["--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1"]
-        out.append(Service("MLflow UI", cmd, url, url + "/health"))
+        url = base + runs_page(store, cfg.tracking.experiment)
+        out.append(Service("MLflow UI", cmd, url, base + "/health"))
     storage = absolute_uri(expand_env(cfg.search.storage, "search.storage"), project)
     url = f"http://127.0.0.1:{optuna_port}"
     cmd = [str(BIN / "optuna-dashboard"), storage, "--host", "127.0.0.1"]
     cmd += ["--port", str(optuna_port), "--quiet"]
     out.append(Service("optuna-dashboard", cmd, url, url + "/api/studies"))
     return out
+
+
+def runs_page(store: str, experiment: str) -> str:
+    """The URL fragment of the experiment's runs table (MLflow 3's UI opens on its GenAI
+    overview otherwise), or "" before the first run made the experiment."""
+    from mlflow import MlflowClient  # heavy: only for the command that needs it
+
+    with contextlib.suppress(Exception):
+        exp = MlflowClient(store).get_experiment_by_name(experiment)
+        if exp is not None:
+            return f"/#/experiments/{exp.experiment_id}/runs"
+    return ""
 
 
 def _up(url: str) -> bool:
