@@ -21,6 +21,7 @@ idempotent, and promote always re-decides (the registry may have changed).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,9 +46,10 @@ from transferops.tracking import close_runs, pipeline_run
 
 log = logging.getLogger(__name__)
 
-STEPS = (
+STEPS = (  # the order a run goes through (reference, after a promotion, is unnumbered)
     "prepare",
     "pull",
+    "drift",
     "search",
     "train",
     "baseline",
@@ -252,8 +254,15 @@ def record(step: str, cfg: Config, fp: str, result: dict[str, Any]) -> None:
 
 def run_locally(step: str, key: StepKey | None, fn: StepFn) -> dict[str, Any]:
     """The plain-Python runner: run the step (skipping is decided by `run_pipeline`)."""
-    log.info("step %s", step)
     return fn()
+
+
+def announce(step: str, started: float) -> None:
+    """One line per step: where the run is (k of n) and how long it has taken so far."""
+    k = STEPS.index(step) + 1 if step in STEPS else None
+    where = f"{k}/{len(STEPS)} " if k else ""
+    elapsed = int(time.monotonic() - started)
+    log.info("step %s%s (%d:%02d elapsed)", where, step, elapsed // 60, elapsed % 60)
 
 
 # ------------------------------------------------------------------ pipeline
@@ -270,8 +279,11 @@ def run_pipeline(cfg: Config, run_step: StepRunner = run_locally) -> dict[str, A
         check_services(cfg)  # an unreachable server or bad storage URL: one line, now
         close_runs(cfg.tracking)  # MLflow runs a killed earlier run left RUNNING
 
+        started = time.monotonic()
+
         def step_runner(step: str, key: StepKey | None, fn: StepFn) -> dict[str, Any]:
             interrupt.at_step(step, cfg)  # what an interrupt message names
+            announce(step, started)
             return run_step(step, key, fn)
 
         commit, dirty = git_commit()
