@@ -36,6 +36,7 @@ def trained(tmp_path_factory, lite0_source) -> tuple[dict, Path]:
             "epochs_per_stage": [1, 1],
             "batch_size": 8,
             "out": str(root / "ft"),
+            "metrics": str(root / "train.json"),
             "checkpoint_dir": str(root / "ck"),
         },
         "export": {"out": str(root / "export")},
@@ -73,6 +74,7 @@ def test_text_model_onnx_matches_pytorch(tmp_path):
                 "max_length": 32,
                 "batch_size": 16,
                 "out": str(tmp_path / "ft"),
+                "metrics": str(tmp_path / "train.json"),
                 "checkpoint_dir": str(tmp_path / "ck"),
             },
         }

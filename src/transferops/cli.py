@@ -404,8 +404,8 @@ def run(
         bool, typer.Option("--json", help="print the summary as JSON (for scripts)")
     ] = False,
 ) -> None:
-    """The whole pipeline: prepare -> pull -> search -> train -> baseline -> evaluate ->
-    register -> promote. Unchanged steps are skipped."""
+    """The whole pipeline: prepare -> pull -> drift -> search -> train -> baseline ->
+    evaluate -> register -> promote -> export. Unchanged steps are skipped."""
     cfg = _cfg(params, set_)  # validate before Prefect starts
     if prefect:
         from transferops.services import check_services
