@@ -307,3 +307,10 @@ def test_each_worker_and_resumed_process_draws_its_own_sequence():
 
     assert first(0) == first(0)  # reproducible
     assert len({json.dumps(first(o), sort_keys=True) for o in (0, 1, 10_007, 10_008)}) == 4
+
+
+def test_a_search_cut_short_by_its_timeout_says_so(tmp_path, digits_prepared, lite0_source, caplog):
+    raw = _raw(tmp_path, digits_prepared, lite0_source, n_trials=5, timeout_s=0.5)
+    res = run_search(validate_config(raw))
+    assert res.counts["complete"] + res.counts["pruned"] < 5
+    assert "of the 5 trials asked for: search.timeout_s (0.5 s) ran out" in caplog.text

@@ -371,8 +371,8 @@ def _budget_used(study: optuna.Study) -> int:
 
 def _run_on_dask(cfg: Config, name: str, parent_run_id: str) -> None:
     """One Dask task per trial, as many in flight as the cluster has workers, until the
-    study holds n_trials (a worker that dies has its task rerun by Dask and its trial
-    failed and retried by the heartbeat)."""
+    study holds n_trials or search.timeout_s runs out (a worker that dies has its task
+    rerun by Dask, and the rerun fails and retries its trial: _take_over)."""
     sc = cfg.search
     storage = make_storage(sc)
     deadline = None if sc.timeout_s is None else time.monotonic() + sc.timeout_s
@@ -410,6 +410,18 @@ def _run_trials(cfg: Config, name: str, parent_run_id: str) -> None:
         _run_on_dask(cfg, name, parent_run_id)
     else:
         _run_here(cfg, name, parent_run_id)
+
+
+def _say_if_short(study: optuna.Study, sc: SearchConfig) -> None:
+    """A search that ends with fewer trials than asked says so, and why."""
+    finished = _count(study, lambda t: t.state in FINISHED)
+    if finished < sc.n_trials:
+        why = (
+            f"search.timeout_s ({sc.timeout_s:g} s) ran out"
+            if sc.timeout_s is not None
+            else "the others failed (see above)"
+        )
+        log.warning("the study holds %d of the %d trials asked for: %s", finished, sc.n_trials, why)
 
 
 def _best_trial(study: optuna.Study) -> tuple[optuna.trial.FrozenTrial, dict[str, int]]:
@@ -515,6 +527,7 @@ def run_search(cfg: Config) -> SearchResult:
         )
         _run_trials(cfg, name, parent.info.run_id)
         study = optuna.load_study(study_name=name, storage=storage)
+        _say_if_short(study, sc)
         best, counts = _best_trial(study)
         best_params = suggest_to_overrides(best.params)
         mlflow.log_params({f"best.{k}": v for k, v in best_params.items()})
