@@ -13,6 +13,7 @@ import contextlib
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from pathlib import Path
 from transferops.config import Config
 from transferops.errors import ConfigError
 from transferops.redact import expand_env, mask
+from transferops.study_storage import make_storage
 from transferops.tracking import absolute_uri
 
 BIN = Path(sys.executable).parent
@@ -40,7 +42,10 @@ class Service:
 
 def services(cfg: Config, project: Path, mlflow_port: int, optuna_port: int) -> list[Service]:
     """The UIs this project's params call for (relative sqlite paths are `project`'s, the
-    folder of its params.yaml)."""
+    folder of its params.yaml); a study storage that cannot be opened is one line now."""
+    make_storage(
+        cfg.search.model_copy(update={"storage": absolute_uri(cfg.search.storage, project)})
+    )
     out = []
     if not cfg.tracking.uri.startswith(("http://", "https://")):
         store = absolute_uri(expand_env(cfg.tracking.uri, "tracking.uri"), project)
@@ -80,25 +85,38 @@ def _up(url: str) -> bool:
 @contextlib.contextmanager
 def running(svcs: list[Service]) -> Iterator[list[subprocess.Popen]]:
     """Start every service, wait until each answers; stop them all when the block ends."""
-    procs = [
-        subprocess.Popen(s.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        for s in svcs
-    ]
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        for s, p in zip(svcs, procs, strict=True):
-            while not _up(s.health):
-                if p.poll() is not None or time.monotonic() > deadline:
-                    why = (p.stderr.read() if p.poll() is not None and p.stderr else "")[-500:]
-                    raise ConfigError(f"{s.name} did not start ({mask(' '.join(s.cmd))}): {why}")
-                time.sleep(0.5)
-        yield procs
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(timeout=15)
-            if p.poll() is None:
-                p.kill()
+    with contextlib.ExitStack() as stack:
+        # stderr to files, not pipes: a UI logs for hours, and a full pipe would block it
+        logs = [stack.enter_context(tempfile.TemporaryFile("w+")) for _ in svcs]
+        procs = [
+            subprocess.Popen(s.cmd, stdout=subprocess.DEVNULL, stderr=log, text=True)
+            for s, log in zip(svcs, logs, strict=True)
+        ]
+        try:
+            _wait_until_up(svcs, procs, logs)
+            yield procs
+        finally:
+            _stop(procs)
+
+
+def _wait_until_up(svcs: list[Service], procs: list[subprocess.Popen], logs: list) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    for s, p, log in zip(svcs, procs, logs, strict=True):
+        while not _up(s.health):
+            if p.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                why = log.read()[-500:]
+                cmd = mask(" ".join(s.cmd))
+                raise ConfigError(f"{s.name} did not start ({cmd}): {mask(why)}")
+            time.sleep(0.5)
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(timeout=15)
+        if p.poll() is None:
+            p.kill()
