@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -169,11 +168,10 @@ def _env() -> dict[str, str]:
     return env
 
 
-def test_resume_after_a_killed_process(tmp_path, digits_prepared, lite0_source):
-    raw = _raw(tmp_path, digits_prepared, lite0_source, n_trials=4, pruner="none")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    cfg = validate_config(raw)
-    name = study_name(cfg)
+def _kill_search_mid_trial(tmp_path: Path, name: str, cfg) -> tuple[int | None, dict]:
+    """Start `transferops search`, SIGKILL it once a trial has finished and another is
+    running with its params set; (the trial left RUNNING, the finished trials' values).
+    None when the running one finished before the kill landed."""
     log = open(tmp_path / "search.log", "w")  # noqa: SIM115 (closed by the child's end)
     proc = subprocess.Popen(
         [sys.executable, "-m", "transferops.cli", "search"],
@@ -182,34 +180,41 @@ def test_resume_after_a_killed_process(tmp_path, digits_prepared, lite0_source):
         stdout=log,
         stderr=subprocess.STDOUT,
     )
-    before: dict[int, float] = {}
     deadline = time.time() + 240
     try:
-        while time.time() < deadline:
+        while time.time() < deadline and proc.poll() is None:
             time.sleep(0.5)
             try:
                 trials = optuna.load_study(study_name=name, storage=cfg.search.storage).trials
             except KeyError:  # study not created yet
                 continue
-            done = {t.number: t.value for t in trials if t.state == TS.COMPLETE}
             # A trial with its params set (the retry must repeat them); one killed before
             # that is test_trial_killed_before_its_first_heartbeat_is_failed_and_retried.
-            running = [t for t in trials if t.state == TS.RUNNING and t.params]
-            if done and running:
-                before = done
-                proc.send_signal(signal.SIGKILL)
-                killed = running[0].number
+            if any(t.state == TS.COMPLETE for t in trials) and any(
+                t.state == TS.RUNNING and t.params for t in trials
+            ):
                 break
-            if proc.poll() is not None:
-                break
-        if not before:
-            pytest.fail(
-                "the search never had a finished and a running trial at once (exit "
-                f"{proc.poll()}):\n" + (tmp_path / "search.log").read_text()[-3000:]
-            )
     finally:
         proc.kill()
         proc.wait()
+    trials = optuna.load_study(study_name=name, storage=cfg.search.storage).trials
+    running = [t.number for t in trials if t.state == TS.RUNNING and t.params]
+    done = {t.number: t.value for t in trials if t.state == TS.COMPLETE}
+    return (running[0] if running else None), done
+
+
+def test_resume_after_a_killed_process(tmp_path, digits_prepared, lite0_source):
+    raw = _raw(tmp_path, digits_prepared, lite0_source, n_trials=4, pruner="none")
+    raw["finetune"]["epochs_per_stage"] = [3, 2]  # longer trials: a kill lands mid-trial
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    cfg = validate_config(raw)
+    name = study_name(cfg)
+    killed, before = None, {}
+    for _ in range(3):  # a trial may finish between the poll and the kill: try again then
+        killed, before = _kill_search_mid_trial(tmp_path, name, cfg)
+        if killed is not None:
+            break
+    assert killed is not None, (tmp_path / "search.log").read_text()[-3000:]
     # Past the grace period (2 x 1 s) by more than a second: sqlite stores heartbeats and
     # compares them with CURRENT_TIMESTAMP at 1-second resolution, so 2.5 s after the last
     # beat can read as exactly 2 s, "not stale", and the killed trial would stay RUNNING.
