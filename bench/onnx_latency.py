@@ -30,7 +30,7 @@ from transferops.config import validate_config
 from transferops.data.prepare import prepare
 from transferops.export import Probabilities, to_onnx
 from transferops.finetune.train import train_from_config
-from transferops.model_io import Preprocess, load_finetuned, make_preprocess
+from transferops.model_io import load_finetuned, make_preprocess
 from transferops.sources import pull_from_config
 
 CASES: dict[str, dict[str, Any]] = {
@@ -84,13 +84,10 @@ def timed(fn: Any, repeats: int) -> tuple[float, float]:
 
 def bench(name: str, folder: Path, repeats: int) -> None:
     net, spec = load_finetuned(folder)
-    text = spec["modality"] == "text"
-    pre = (
-        Preprocess("text")
-        if text
-        else make_preprocess(spec["source"], torch.device("cpu"), "image")
+    eager = Probabilities(
+        net, make_preprocess(spec["source"], torch.device("cpu"), spec["modality"])
     )
-    eager = Probabilities(net, pre).eval()
+    eager = eager.eval()
     path = folder.parent / "model.onnx"
     to_onnx(folder, path, 17)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -66,9 +66,11 @@ def to_onnx(model_dir: Path, dst: Path, opset: int) -> list[str]:
     """Write the model folder's model as ONNX to `dst`; the graph's input names."""
     net, spec = load_finetuned(model_dir)
     text = spec["modality"] == "text"
-    wrapped = Probabilities(net, make_preprocess(spec["source"], torch.device("cpu"), "image"))
+    # the normalisation predict_probs applies (none for text)
+    wrapped = Probabilities(
+        net, make_preprocess(spec["source"], torch.device("cpu"), spec["modality"])
+    )
     if text:
-        wrapped.pre = Preprocess("text")
         args: tuple = (torch.ones(2, 8, dtype=torch.long), torch.ones(2, 8, dtype=torch.long))
         names = ["input_ids", "attention_mask"]
         axes = {n: {0: "batch", 1: "length"} for n in names}
