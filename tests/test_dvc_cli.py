@@ -153,3 +153,34 @@ def test_dvc_plots_render_offline(tmp_path):
     html = (repo / "out" / "index.html").read_text()
     assert "http://" not in html and "https://" not in html
     assert html.count("<img") == len(plots) == 4
+
+
+def _new_store_output(tmp_path, env: dict[str, str]) -> str:
+    code = (
+        "from transferops.config import TrackingConfig\n"
+        "from transferops.tracking import setup_tracking\n"
+        "setup_tracking(TrackingConfig(uri='sqlite:///mlflow.db'))\n"
+    )
+    tmp_path.mkdir()
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=os.environ | env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    return r.stdout + r.stderr
+
+
+def test_third_party_noise_is_off_unless_verbose(tmp_path, monkeypatch):
+    # MLflow announces every new store; transferops -v shows it, the default does not
+    quiet = _new_store_output(tmp_path / "a", {"TRANSFEROPS_VERBOSE": "0"})
+    loud = _new_store_output(tmp_path / "b", {"TRANSFEROPS_VERBOSE": "1"})
+    assert "Creating initial MLflow database tables" in loud
+    assert "Creating initial MLflow database tables" not in quiet
+    monkeypatch.setenv("TRANSFEROPS_VERBOSE", "0")  # restored after: -v writes os.environ
+    monkeypatch.chdir(tmp_path)
+    assert runner.invoke(app, ["-v", "prepare", "--help"]).exit_code == 0
+    assert os.environ["TRANSFEROPS_VERBOSE"] == "1"

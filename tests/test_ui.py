@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import optuna
+import psutil
 
 from .conftest import free_port
 
@@ -61,6 +62,9 @@ def test_ui_serves_the_projects_runs_and_study_and_stops_on_ctrl_c(tmp_path):
         base = f"http://127.0.0.1:{ports[0]}/ajax-api/2.0/mlflow/experiments/search"
         names = [e["name"] for e in _get(base + "?max_results=10")["experiments"]]
         assert "exp-ui" in names
+        # store URLs (a database password) are in the UIs' environment, not in `ps`
+        cmdlines = [" ".join(c.cmdline()) for c in psutil.Process(proc.pid).children(True)]
+        assert len(cmdlines) >= 2 and not any(".db" in c for c in cmdlines), cmdlines
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0

@@ -11,7 +11,7 @@ The same functions serve the CLI (`transferops ...`), Prefect flows (`flows/`), 
 import os
 
 # Hugging Face's per-file "Loading weights" / "Writing model shards" bars, once per training
-# run, drown transferops' own progress; set HF_HUB_DISABLE_PROGRESS_BARS=0 to see them.
+# run, drown transferops' own progress; `transferops -v` shows them.
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 from transferops.config import Config, load_config

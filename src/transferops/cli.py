@@ -53,9 +53,18 @@ def main(
             "--version", callback=_show_version, is_eager=True, help="print the version and exit"
         ),
     ] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose", "-v", help="also show third-party libraries' lines and bars, and debug"
+        ),
+    ] = False,
 ) -> None:
     """Transfer-learning pipeline: prepare -> pull -> search -> train -> baseline -> evaluate
     -> register -> promote (`run` does them all; `serve` schedules it)."""
+    if verbose:  # in the environment, so Dask workers and Prefect's subprocesses see it too
+        os.environ["TRANSFEROPS_VERBOSE"] = "1"
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "0"
 
 
 ParamsOpt = Annotated[

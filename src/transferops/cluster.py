@@ -33,6 +33,7 @@ from transferops import tracking
 from transferops.config import ComputeConfig
 from transferops.errors import ConfigError
 from transferops.interrupt import STATE
+from transferops.progress import quiet
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -78,7 +79,7 @@ def dask_client(cc: ComputeConfig) -> Iterator[Client]:
 
 def _forward_logs(client: Client) -> None:
     client.forward_logging("transferops", level=logging.INFO)
-    logging.getLogger("distributed.client").setLevel(logging.ERROR)
+    quiet("distributed.client", level=logging.ERROR)
 
 
 @contextlib.contextmanager

@@ -35,6 +35,20 @@ def progress_enabled() -> bool:
     return console.is_terminal
 
 
+def verbose() -> bool:
+    """`transferops -v` (TRANSFEROPS_VERBOSE=1, inherited by workers): third-party libraries'
+    own lines and bars are shown, and transferops' debug lines."""
+    return os.environ.get("TRANSFEROPS_VERBOSE", "") in ("1", "true", "yes")
+
+
+def quiet(*loggers: str, level: int = logging.WARNING) -> None:
+    """Raise third-party loggers to `level` unless verbose: their info lines (tables created,
+    study created, input example validated) are noise beside transferops' own."""
+    if not verbose():
+        for name in loggers:
+            logging.getLogger(name).setLevel(level)
+
+
 _LABEL: contextvars.ContextVar[str] = contextvars.ContextVar("run_label", default="")
 
 
@@ -79,8 +93,8 @@ def progress_bar(items: Sequence[T] | Iterable[T], description: str) -> Iterator
             prog.advance(task)
 
 
-def setup_logging(level: int = logging.INFO) -> None:
-    """Log through Rich to stderr (idempotent)."""
+def setup_logging() -> None:
+    """Log through Rich to stderr (idempotent); debug lines too when verbose."""
     root = logging.getLogger("transferops")
     if any(isinstance(h, RichHandler) for h in root.handlers):
         return
@@ -88,7 +102,7 @@ def setup_logging(level: int = logging.INFO) -> None:
     handler.setFormatter(logging.Formatter("%(message)s"))
     handler.addFilter(MaskFilter())  # no URL password reaches the terminal
     root.addHandler(handler)
-    root.setLevel(level)
+    root.setLevel(logging.DEBUG if verbose() else logging.INFO)
 
 
 class NoUserErrorTraceback(logging.Filter):

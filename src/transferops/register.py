@@ -30,6 +30,7 @@ from transferops.config import Config, FinetuneConfig
 from transferops.data.prepare import load_prepared, read_manifest
 from transferops.errors import RegistryError
 from transferops.families import family
+from transferops.progress import quiet, verbose
 from transferops.redact import mask
 from transferops.tracking import log_data, setup_tracking, start_run
 
@@ -366,9 +367,10 @@ def register(cfg: Config) -> RegisterResult:
         pkg = shipped_code(Path(code))
         # The signature is given: MLflow's hint that type hints could infer one, and its
         # "validating input example" line, are noise here
-        logging.getLogger("mlflow.pyfunc").setLevel(logging.WARNING)
+        quiet("mlflow.pyfunc")
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*type hints", category=UserWarning)
+            if not verbose():
+                warnings.filterwarnings("ignore", message=".*type hints", category=UserWarning)
             info = _log_model(mlflow, pkg, model_dir, signature, example, spec)
         mv = client.create_model_version(
             name, info.model_uri, run_id=run.info.run_id, tags=tags, model_id=info.model_id

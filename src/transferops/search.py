@@ -57,7 +57,7 @@ from transferops.data.prepare import read_manifest
 from transferops.errors import ConfigError
 from transferops.finetune.plan import total_epochs
 from transferops.finetune.train import train_model
-from transferops.progress import labelled, make_progress
+from transferops.progress import labelled, make_progress, quiet
 from transferops.redact import mask
 from transferops.search_plots import log_search_plots
 from transferops.services import check_scheduler
@@ -266,7 +266,7 @@ def _load_for_worker(cfg: Config, name: str, slot: int) -> optuna.Study:
     offset = slot * 10_007 + len(study.get_trials(deepcopy=False))
     study.sampler = make_sampler(cfg.search, offset)
     study.pruner = make_pruner(cfg.search, _max_epochs(cfg, num_blocks))
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    quiet("optuna")
     return study
 
 
@@ -477,7 +477,7 @@ def run_search(cfg: Config) -> SearchResult:
     sc = cfg.search
     name = study_name(cfg)
     storage = make_storage(sc)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created ..."
+    quiet("optuna")  # not "A new study created ..."
     study = optuna.create_study(
         study_name=name,
         storage=storage,

@@ -17,6 +17,7 @@ from typing import Any
 
 from transferops.config import TrackingConfig
 from transferops.errors import ConfigError
+from transferops.progress import quiet, verbose
 from transferops.redact import expand_env, mask
 
 log = logging.getLogger(__name__)
@@ -65,9 +66,8 @@ def client_uri(uri: str, key: str) -> str:
     """The URI to hand MLflow: ``${NAME}`` expanded, and credentials moved out of it into
     MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (MLflow's basic auth), because MLflow
     prints its tracking URI in "View run ... at: <uri>" lines."""
-    os.environ.setdefault(
-        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"
-    )  # a tqdm bar per download
+    if not verbose():  # a tqdm bar per download
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = expand_env(uri, key)
     if not uri.startswith(("http://", "https://")):
         return uri
@@ -94,7 +94,7 @@ def setup_tracking(cfg: TrackingConfig) -> Any:
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
     check_reachable("tracking.uri", cfg.uri)
     # "Creating initial MLflow database tables..." on every new store: noise, not news
-    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    quiet("mlflow.store.db.utils")
     import mlflow
 
     mlflow.set_tracking_uri(absolute_uri(client_uri(cfg.uri, "tracking.uri")))

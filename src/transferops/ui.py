@@ -10,6 +10,7 @@ answer, prints the URLs, and stops them on Ctrl-C.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from transferops.config import Config
@@ -28,16 +29,24 @@ from transferops.tracking import absolute_uri
 
 BIN = Path(sys.executable).parent
 START_TIMEOUT_S = 90.0
+# optuna-dashboard's public entry point, with the storage URL from the environment: on the
+# command line a database password would be in every `ps` listing
+DASHBOARD = (
+    "import os, sys; from optuna_dashboard import run_server; "
+    "run_server(os.environ['TRANSFEROPS_STUDY_STORAGE'], host=sys.argv[1], port=int(sys.argv[2]))"
+)
 
 
 @dataclass(frozen=True)
 class Service:
-    """A UI process to start: its command, the URL to open, the URL that says it is up."""
+    """A UI process to start: its command, the URL to open, the URL that says it is up, and
+    its store URLs (which may hold a password) as environment, not arguments."""
 
     name: str
     cmd: list[str]
     url: str
     health: str
+    env: dict[str, str] = field(default_factory=dict)
 
 
 def services(cfg: Config, project: Path, mlflow_port: int, optuna_port: int) -> list[Service]:
@@ -50,15 +59,16 @@ def services(cfg: Config, project: Path, mlflow_port: int, optuna_port: int) -> 
     if not cfg.tracking.uri.startswith(("http://", "https://")):
         store = absolute_uri(expand_env(cfg.tracking.uri, "tracking.uri"), project)
         base = f"http://127.0.0.1:{mlflow_port}"
-        cmd = [str(BIN / "mlflow"), "ui", "--backend-store-uri", store]
-        cmd += ["--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1"]
+        cmd = [str(BIN / "mlflow"), "ui", "--host", "127.0.0.1", "--port", str(mlflow_port)]
+        cmd += ["--workers", "1"]
         url = base + runs_page(store, cfg.tracking.experiment)
-        out.append(Service("MLflow UI", cmd, url, base + "/health"))
+        env = {"MLFLOW_BACKEND_STORE_URI": store}
+        out.append(Service("MLflow UI", cmd, url, base + "/health", env))
     storage = absolute_uri(expand_env(cfg.search.storage, "search.storage"), project)
     url = f"http://127.0.0.1:{optuna_port}"
-    cmd = [str(BIN / "optuna-dashboard"), storage, "--host", "127.0.0.1"]
-    cmd += ["--port", str(optuna_port), "--quiet"]
-    out.append(Service("optuna-dashboard", cmd, url, url + "/api/studies"))
+    cmd = [sys.executable, "-c", DASHBOARD, "127.0.0.1", str(optuna_port)]
+    env = {"TRANSFEROPS_STUDY_STORAGE": storage}
+    out.append(Service("optuna-dashboard", cmd, url, url + "/api/studies", env))
     return out
 
 
@@ -89,7 +99,9 @@ def running(svcs: list[Service]) -> Iterator[list[subprocess.Popen]]:
         # stderr to files, not pipes: a UI logs for hours, and a full pipe would block it
         logs = [stack.enter_context(tempfile.TemporaryFile("w+")) for _ in svcs]
         procs = [
-            subprocess.Popen(s.cmd, stdout=subprocess.DEVNULL, stderr=log, text=True)
+            subprocess.Popen(
+                s.cmd, stdout=subprocess.DEVNULL, stderr=log, env=os.environ | s.env, text=True
+            )
             for s, log in zip(svcs, logs, strict=True)
         ]
         try:
