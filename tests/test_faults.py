@@ -248,6 +248,9 @@ def test_outputs_get_the_umask_modes_not_private_temp_modes(tmp_path, image_fold
     assert stat.S_IMODE((tmp_path / "r" / "receipt.json").stat().st_mode) == FILE_MODE
     assert stat.S_IMODE((tmp_path / "folder").stat().st_mode) == DIR_MODE
     assert stat.S_IMODE(out.stat().st_mode) == DIR_MODE
+    # safetensors creates its files 0600: the prepared splits (and model weights) too
+    written = [p for p in out.iterdir() if p.suffix == ".safetensors"]
+    assert written and all(stat.S_IMODE(p.stat().st_mode) == FILE_MODE for p in written)
     assert (
         FILE_MODE & 0o044 == 0o044 or os.umask(os.umask(0)) & 0o044
     )  # readable unless the umask says no

@@ -131,6 +131,18 @@ def test_dvc_stage_lists_exactly_the_declared_inputs(step):
         assert f"${{{key}}}" in deps, f"dvc.yaml stage {step} does not depend on ${{{key}}}"
 
 
+def test_every_param_a_stage_lists_is_in_params_yaml():
+    # `dvc repro` refuses a stage whose listed param params.yaml lacks ("missing from
+    # 'params.yaml'"), even when the config has a default for it
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for name, stage in _stages().items():
+        for key in stage.get("params", []):
+            node = params
+            for part in key.split("."):
+                assert isinstance(node, dict) and part in node, f"{name}: {key} not in params.yaml"
+                node = node[part]
+
+
 def test_train_step_reads_every_trajectory_param():
     keys = set(STEP_INPUTS["train"].params)
     assert {f"finetune.{k}" for k in FinetuneConfig.trajectory_fields()} <= keys

@@ -83,6 +83,16 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         raise
 
 
+def publish_modes(path: Path) -> None:
+    """Give `path` (and, for a folder, everything in it) the umask's modes: temp files, and
+    what some writers create (safetensors writes 0600), would stay private otherwise."""
+    for p in [path, *(path.rglob("*") if path.is_dir() else ())]:
+        if p.is_symlink():
+            continue
+        exe = p.stat().st_mode & 0o111 & ~UMASK
+        p.chmod(DIR_MODE if p.is_dir() else FILE_MODE | exe)
+
+
 @contextlib.contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield a fresh temp directory beside `target`; on success it replaces `target`.
@@ -92,12 +102,12 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    tmp.chmod(DIR_MODE)
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    publish_modes(tmp)
     old = None
     if target.exists():
         old = target.parent / f".{target.name}.old-{os.getpid()}"

@@ -30,6 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+from transferops.artifacts import publish_modes
 from transferops.config import Config
 from transferops.data.prepare import load_prepared, read_manifest
 from transferops.families import build_staged
@@ -156,6 +157,7 @@ def save_reference(cfg: Config) -> Path:
     }
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"class_names": "\n".join(manifest["class_names"])})
+    publish_modes(tmp)
     tmp.replace(path)
     return path
 
