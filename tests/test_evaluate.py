@@ -128,6 +128,7 @@ def test_pipeline_reads_test_only_in_evaluate_and_writes_the_report(
     prepare(cfg)
     run_search(cfg)
     train_from_config(cfg)
+    assert not (tmp_path / "ck" / "last.pt").exists()  # the model is saved: its checkpoint goes
     trained = []  # (role seed, pretrained) of every baseline run actually trained
     real_train = baseline_module.train_model
     monkeypatch.setattr(
@@ -138,6 +139,7 @@ def test_pipeline_reads_test_only_in_evaluate_and_writes_the_report(
         ),
     )
     runs = run_baselines(cfg)
+    assert not list((tmp_path / "base" / ".checkpoints").glob("*/last.pt"))
     # transfer-s0 is the model `train` wrote (same seed and params): copied, not retrained
     assert len(trained) == len(runs) - 1 and (0, True) in trained  # probe-s0 still trains
     by_name = {r["name"]: r for r in runs}

@@ -130,6 +130,8 @@ def _train_one(
                 )
             spec |= labels | {"mlflow_run_id": run.info.run_id}
             save_finetuned(res, spec, out / name, Path(cfg.source.out))
+            # saved: the checkpoint (weights + optimizer state, 50+ MB a run) has done its job
+            shutil.rmtree(rcfg.finetune.checkpoint_dir, ignore_errors=True)
             val_accuracy = res.best_val_accuracy
             how = f"{res.epochs_run} epochs, {res.seconds:.1f}s"
         mlflow.log_metric("best_val_accuracy", val_accuracy)

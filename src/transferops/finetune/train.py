@@ -139,6 +139,7 @@ def train_from_config(
         checkpoint.unlink()
     res, spec = train_model(cfg, on_epoch_end=on_epoch_end, checkpoint=checkpoint)
     save_finetuned(res, spec, Path(fc.out), Path(cfg.source.out))
+    checkpoint.unlink(missing_ok=True)  # the model is safe: 50+ MB of optimizer state is not
     write_json_atomic(
         Path(fc.metrics),
         {
