@@ -131,6 +131,18 @@ def test_dvc_stage_lists_exactly_the_declared_inputs(step):
         assert f"${{{key}}}" in deps, f"dvc.yaml stage {step} does not depend on ${{{key}}}"
 
 
+def test_promote_declares_every_rule_the_gate_reads():
+    # a gate setting missing from STEP_INPUTS: changing it would not rerun promote
+    tree = ast.parse((ROOT / "src" / "transferops" / "promotion.py").read_text())
+    gate = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "gate")
+    read = {
+        f"registry.{n.attr}"
+        for n in ast.walk(gate)
+        if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "rule"
+    }
+    assert read and read <= set(STEP_INPUTS["promote"].params)
+
+
 def test_every_param_a_stage_lists_is_in_params_yaml():
     # `dvc repro` refuses a stage whose listed param params.yaml lacks ("missing from
     # 'params.yaml'"), even when the config has a default for it

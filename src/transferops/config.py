@@ -726,7 +726,13 @@ STEP_INPUTS: dict[str, StepInputs] = {
     "export": StepInputs(("export",), ("registry.out", "finetune.out", "data.out")),
     # promote may re-score the champion on the current test split: it reads data.out
     "promote": StepInputs(
-        ("registry.metric", "registry.min_improvement", "registry.baseline_gate", "tracking"),
+        (
+            "registry.metric",
+            "registry.min_improvement",
+            "registry.baseline_gate",
+            "registry.cheap_gate",
+            "tracking",
+        ),
         ("registry.out", "data.out"),
     ),
 }
