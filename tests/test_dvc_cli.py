@@ -184,3 +184,24 @@ def test_third_party_noise_is_off_unless_verbose(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert runner.invoke(app, ["-v", "prepare", "--help"]).exit_code == 0
     assert os.environ["TRANSFEROPS_VERBOSE"] == "1"
+
+
+def test_a_run_by_another_door_is_recorded_in_dvc_lock(tmp_path, monkeypatch):
+    from transferops.config import load_config, with_overrides
+    from transferops.data import prepare
+    from transferops.dvc_lock import record_run
+
+    repo = _dvc_repo(tmp_path, ["demo_data", "prepare"])
+    monkeypatch.chdir(repo)
+    monkeypatch.setenv("PATH", _env()["PATH"])
+    cfg = load_config(repo / "params.yaml")
+    prepare(cfg)  # what `transferops run` does, not `dvc repro`
+    dvc = str(BIN / "dvc")
+    assert "changed" in _run([dvc, "status"], repo)  # DVC knows nothing of it yet
+    # a --set run did not produce what params.yaml describes: not recorded
+    assert not record_run(with_overrides(cfg, {"data.splits.seed": 7}), ["prepare", "search"])
+    assert not (repo / "dvc.lock").exists()
+    assert record_run(cfg, ["prepare", "search"])  # search: not a stage of this dvc.yaml
+    assert "up to date" in _run([dvc, "status"], repo)
+    out = _run([dvc, "repro"], repo)
+    assert "Running stage" not in out and "didn't change" in out

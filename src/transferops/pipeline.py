@@ -33,6 +33,7 @@ from transferops.baseline import run_baselines
 from transferops.config import STEP_INPUTS, Config, step_params, with_overrides
 from transferops.data.prepare import prepare
 from transferops.drift import decide, save_reference
+from transferops.dvc_lock import record_run
 from transferops.evaluate import evaluate
 from transferops.export import export
 from transferops.finetune.train import train_from_config
@@ -291,6 +292,8 @@ def run_pipeline(cfg: Config, run_step: StepRunner = run_locally) -> dict[str, A
         with pipeline_run(cfg.tracking, tags) as (client, run_id):
             summary = _run_steps(cfg, step_runner)
             _record_outcome(client, run_id, cfg, summary)
+        if "registered" in summary:  # a whole run (not one stopped at the drift gate)
+            record_run(cfg, [s for s in STEPS if s != "export" or cfg.export.onnx])
         return summary
 
 
