@@ -138,3 +138,16 @@ def test_table_image_column_replaces_text_column() -> None:
     assert cfg.data.table.text_column is None and cfg.data.modality == "image"
     cfg = validate_config({"data": {"format": "table"}})
     assert cfg.data.modality == "text"
+
+
+def test_each_data_set_registers_under_its_own_name_by_default():
+    from transferops.config import registered_model_name, validate_config
+
+    def name(**data):
+        return registered_model_name(validate_config({"data": data}))
+
+    assert name() == "transferops-digits"  # the demo
+    assert name(path="/srv/data/Bird Photos", demo=None) == "transferops-Bird-Photos"
+    assert name(path="tables/fortunes.csv", demo=None, format="table") == "transferops-fortunes"
+    named = validate_config({"registry": {"model_name": "mine"}})
+    assert registered_model_name(named) == "mine"

@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from transferops.cli import app
-from transferops.config import load_config
+from transferops.config import load_config, registered_model_name
 from transferops.model_io import load_finetuned, rebuild_finetuned
 from transferops.sources import load_source
 
@@ -72,7 +72,7 @@ def test_run_pipeline_on_tiny_images(tmp_path, monkeypatch):
     curve = [r for r in steps if r.data.tags.get("comparison") == "curve"]
     assert curve and all(r.data.tags["role"].startswith("curve-") for r in curve)
     # It ends registered, and champion only if the gate passed (tiny data: either can happen).
-    assert summary["registered"] == "transferops-demo v1"
+    assert summary["registered"] == "transferops-digits v1"
     report = json.loads((tmp_path / "reports" / "metrics.json").read_text())
     cheap_beats = any(
         report["finetuned"]["minus"][r]["ci_high"] < 0 for r in ("probe", "classical")
@@ -82,7 +82,7 @@ def test_run_pipeline_on_tiny_images(tmp_path, monkeypatch):
     # ...and exported: ONNX checked against PyTorch, on the model version in MLflow
     receipt = json.loads((tmp_path / "models" / "export" / "export.json").read_text())
     assert summary["onnx"] == "models/export/model.onnx" and receipt["onnx_parity_max_abs"] < 1e-4
-    mv = client.get_model_version("transferops-demo", "1")
+    mv = client.get_model_version("transferops-digits", "1")
     assert mv.tags["onnx_sha256"] == receipt["onnx_sha256"] and mv.tags["onnx_opset"] == "17"
     assert [a.path for a in client.list_artifacts(mv.run_id, "onnx")] == ["onnx/model.onnx"]
     # A second run redoes nothing: prepare and pull are up to date, the other steps' stamps
@@ -156,7 +156,7 @@ def test_text_source_fine_tunes_minilm(tmp_path, monkeypatch):
     assert set(metrics["models"]) == {"transfer", "scratch", "classical"}
     assert metrics["models"]["classical"]["accuracy"] >= 0  # TF-IDF baseline ran on text
     # The registered text model is a source for the next fine-tune: tuned encoder + tokenizer.
-    uri = f"models:/{load_config('params.yaml').registry.model_name}@challenger"
+    uri = f"models:/{registered_model_name(load_config('params.yaml'))}@challenger"
     sets = ["source.kind=mlflow", "source.out=models/again", f"source.name={uri}"]
     r = runner.invoke(app, ["pull", *(a for s in sets for a in ("--set", s))])
     assert r.exit_code == 0, r.output

@@ -24,7 +24,13 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from transferops import interrupt
-from transferops.config import Config, load_config, parse_override, read_overrides_file
+from transferops.config import (
+    Config,
+    load_config,
+    parse_override,
+    read_overrides_file,
+    registered_model_name,
+)
 from transferops.errors import TransferopsError
 from transferops.lock import project_lock
 from transferops.progress import console, hand_logging_to_prefect, setup_logging
@@ -350,7 +356,7 @@ def predict_cmd(
     from transferops.use import predict_registered
 
     cfg = _cfg(params, set_)
-    uri = model or f"models:/{cfg.registry.model_name}@champion"
+    uri = model or f"models:/{registered_model_name(cfg)}@champion"
     df = predict_registered(cfg, params.resolve().parent, uri, paths, column)
     if out is not None:
         df.to_csv(out, index=False)

@@ -426,7 +426,12 @@ class EvaluateConfig(_Section):
 class RegistryConfig(_Section):
     """MLflow model registry and the promotion gate."""
 
-    model_name: str = Field("transferops-demo", min_length=1)
+    model_name: str | None = Field(
+        None,
+        min_length=1,
+        description="null = transferops-<name of data.path> (transferops-digits for the demo): "
+        "each data set gets a registered model of its own",
+    )
     metric: Literal["accuracy", "macro_f1"] = "accuracy"
     min_improvement: Annotated[float, Field(ge=0, le=1)] = 0.0
     # significant: evaluate's verdict must say transfer beats scratch (interval above 0);
@@ -633,6 +638,14 @@ def load_config(
     return validate_config(raw, origin)
 
 
+def registered_model_name(cfg: Config) -> str:
+    """registry.model_name, or ``transferops-<data.path's name>`` when it is null."""
+    if cfg.registry.model_name:
+        return cfg.registry.model_name
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(cfg.data.path).stem).strip("-.")
+    return f"transferops-{stem or 'data'}"
+
+
 def with_overrides(cfg: Config, overrides: dict[str, Any] | list[str]) -> Config:
     """A copy of a loaded config with dotted overrides applied, validated again."""
     return validate_config(apply_overrides(cfg.model_dump(mode="json"), overrides), "overrides")
@@ -721,7 +734,8 @@ STEP_INPUTS: dict[str, StepInputs] = {
         ("data.out", "baseline.out", "finetune.out"),
     ),
     "register": StepInputs(
-        ("registry.model_name", "registry.out", "tracking"), ("finetune.out", "data.out")
+        ("registry.model_name", "registry.out", "tracking", "data.path"),
+        ("finetune.out", "data.out"),
     ),
     "export": StepInputs(("export",), ("registry.out", "finetune.out", "data.out")),
     # promote may re-score the champion on the current test split: it reads data.out

@@ -28,7 +28,7 @@ import tempfile
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from transferops.config import Config, RegistryConfig
+from transferops.config import Config, RegistryConfig, registered_model_name
 from transferops.data.prepare import read_manifest
 from transferops.errors import RegistryError
 from transferops.evaluate import score_model_dir
@@ -178,7 +178,7 @@ def _champion_metric(cfg: Config, champion: Any, challenger: Any) -> tuple[float
 
 def evidence(cfg: Config, client: Any) -> Evidence:
     """Look up the challenger and champion (re-scoring the champion when needed)."""
-    name, metric = cfg.registry.model_name, cfg.registry.metric
+    name, metric = registered_model_name(cfg), cfg.registry.metric
     challenger = _alias(client, name, CHALLENGER)
     if challenger is None:
         raise RegistryError(

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from transferops.artifacts import read_json, sha256_file, write_json_atomic
-from transferops.config import Config, FinetuneConfig
+from transferops.config import Config, FinetuneConfig, registered_model_name
 from transferops.data.prepare import load_prepared, read_manifest
 from transferops.errors import RegistryError
 from transferops.families import family
@@ -339,7 +339,7 @@ def register(cfg: Config) -> RegisterResult:
 
     model_dir, spec, metrics, search = _registered_inputs(cfg)
     model_sha = metrics["finetuned"]["model_sha256"]
-    name = cfg.registry.model_name
+    name = registered_model_name(cfg)
     mlflow = setup_tracking(cfg.tracking)
     client = MlflowClient()
     existing = find_version(client, name, model_sha)
