@@ -72,7 +72,7 @@ def test_run_pipeline_on_tiny_images(tmp_path, monkeypatch):
     curve = [r for r in steps if r.data.tags.get("comparison") == "curve"]
     assert curve and all(r.data.tags["role"].startswith("curve-") for r in curve)
     # It ends registered, and champion only if the gate passed (tiny data: either can happen).
-    assert summary["registered"] == "transferops-digits v1"
+    assert summary["registered"] == "transferops-raw v1"
     report = json.loads((tmp_path / "reports" / "metrics.json").read_text())
     cheap_beats = any(
         report["finetuned"]["minus"][r]["ci_high"] < 0 for r in ("probe", "classical")
@@ -82,7 +82,7 @@ def test_run_pipeline_on_tiny_images(tmp_path, monkeypatch):
     # ...and exported: ONNX checked against PyTorch, on the model version in MLflow
     receipt = json.loads((tmp_path / "models" / "export" / "export.json").read_text())
     assert summary["onnx"] == "models/export/model.onnx" and receipt["onnx_parity_max_abs"] < 1e-4
-    mv = client.get_model_version("transferops-digits", "1")
+    mv = client.get_model_version("transferops-raw", "1")
     assert mv.tags["onnx_sha256"] == receipt["onnx_sha256"] and mv.tags["onnx_opset"] == "17"
     assert [a.path for a in client.list_artifacts(mv.run_id, "onnx")] == ["onnx/model.onnx"]
     # A second run redoes nothing: prepare and pull are up to date, the other steps' stamps

@@ -59,7 +59,7 @@ def test_run_is_a_prefect_flow_and_unchanged_steps_are_cached(project):
         assert f"Task run '{step}' - Finished in state Completed()" in log, step
     assert "register: MLflow run http://127.0.0.1:5000/#/experiments/" in log
     summary = json.loads(first.stdout)  # the summary alone is on stdout; the logs on stderr
-    assert summary["registered"] == "transferops-digits v1"
+    assert summary["registered"] == "transferops-raw v1"
 
     second = _run(project, "run", "--json")
     assert second.returncode == 0, second.stderr[-3000:]
@@ -91,7 +91,7 @@ def test_run_is_a_prefect_flow_and_unchanged_steps_are_cached(project):
         assert f"Task run '{step}' - Finished in state Completed()" in log4, step
     new = json.loads(fourth.stdout)
     assert new["data_hash"] != summary["data_hash"] and new["counts"] != summary["counts"]
-    assert new["registered"] == "transferops-digits v2"
+    assert new["registered"] == "transferops-raw v2"
 
 
 def test_bad_params_fail_before_prefect_starts(project):

@@ -14,7 +14,7 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from transferops.config import Config, RegistryConfig, with_overrides
+from transferops.config import Config, RegistryConfig, registered_model_name, with_overrides
 from transferops.errors import RegistryError
 from transferops.promotion import Evidence, decide, gate, promote
 from transferops.register import CHALLENGER, CHAMPION, register
@@ -258,7 +258,7 @@ def test_registering_the_same_model_twice_makes_one_version(in_pipeline_dir):
     cfg = in_pipeline_dir
     again = register(cfg)  # the pipeline registered it already
     assert not again.created and again.version == "1"
-    versions = MlflowClient().search_model_versions(f"name='{cfg.registry.model_name}'")
+    versions = MlflowClient().search_model_versions(f"name='{registered_model_name(cfg)}'")
     assert [int(v.version) for v in versions] == [1]
     receipt = json.loads(Path(cfg.registry.out).read_text())
     assert receipt["version"] == "1" and receipt["alias"] == CHALLENGER
@@ -269,7 +269,7 @@ def test_lineage_tags_and_model_card(in_pipeline_dir):
 
     cfg = in_pipeline_dir
     client = MlflowClient()
-    mv = client.get_model_version_by_alias(cfg.registry.model_name, CHALLENGER)
+    mv = client.get_model_version_by_alias(registered_model_name(cfg), CHALLENGER)
     t = mv.tags
     metrics = read_json(Path(cfg.evaluate.out) / "metrics.json")
     source = read_json(Path(cfg.source.out) / "manifest.json")
@@ -293,7 +293,7 @@ def test_lineage_tags_and_model_card(in_pipeline_dir):
         filter_string=f"source_run_id = '{mv.run_id}'",
     )
     assert json.loads(logged.tags["mlflow.modelVersions"]) == [
-        {"name": cfg.registry.model_name, "version": mv.version}
+        {"name": registered_model_name(cfg), "version": mv.version}
     ]
     for role in ("scratch", "classical"):  # what the cheap-baseline gate reads (+ scratch)
         d = metrics["finetuned"]["minus"][role]
@@ -302,7 +302,7 @@ def test_lineage_tags_and_model_card(in_pipeline_dir):
     card = client.download_artifacts(mv.run_id, "model_card.md")
     text = Path(card).read_text()
     assert t["data_hash"][:12] in text and metrics["verdict"] in text
-    assert f"models:/{cfg.registry.model_name}@champion" in text
+    assert f"models:/{registered_model_name(cfg)}@champion" in text
 
 
 def test_pyfunc_predicts_on_raw_images_like_the_trained_model(in_pipeline_dir, tmp_path):
@@ -314,7 +314,7 @@ def test_pyfunc_predicts_on_raw_images_like_the_trained_model(in_pipeline_dir, t
     from transferops.predict import predict_probs
 
     cfg = in_pipeline_dir
-    model = mlflow.pyfunc.load_model(f"models:/{cfg.registry.model_name}@{CHALLENGER}")
+    model = mlflow.pyfunc.load_model(f"models:/{registered_model_name(cfg)}@{CHALLENGER}")
     train = load_prepared(cfg.data.out, "train")
     assert train.images is not None
     imgs = train.images[:6]
@@ -343,7 +343,7 @@ def test_champion_trained_on_other_data_is_rescored_on_the_new_test_split(in_pip
     """A champion from older data: its tagged metric is not comparable, so it is re-scored."""
     cfg = in_pipeline_dir
     client = MlflowClient()
-    name = cfg.registry.model_name
+    name = registered_model_name(cfg)
     real = client.get_model_version_by_alias(name, CHALLENGER)
     old = client.create_model_version(
         name, real.source, tags=real.tags | {"data_hash": "old-data", "test_accuracy": "0.0"}
@@ -381,7 +381,7 @@ def test_registered_model_is_a_source_for_a_new_fine_tune(in_pipeline_dir, tmp_p
     from transferops.sources import load_source, pull_from_config
 
     cfg = in_pipeline_dir
-    name = cfg.registry.model_name
+    name = registered_model_name(cfg)
     client = MlflowClient()
     real = client.get_model_version_by_alias(name, CHALLENGER)
     client.set_registered_model_alias(name, "src-test", real.version)
@@ -433,7 +433,7 @@ def test_registry_source_errors_name_what_is_wrong(in_pipeline_dir, tmp_path):
 
     cfg = in_pipeline_dir
     out = {"source.kind": "mlflow", "source.out": str(tmp_path / "s")}
-    with pytest.raises(SourceError, match=f"Registered models there: {cfg.registry.model_name}"):
+    with pytest.raises(SourceError, match=f"Registered models there: {registered_model_name(cfg)}"):
         pull_from_config(with_overrides(cfg, {**out, "source.name": "models:/nope@champion"}))
     with pytest.raises(SourceError, match=r"does not exist; point at the MLflow store"):
         pull_from_config(
@@ -461,7 +461,7 @@ def test_registered_model_loads_where_transferops_is_not_installed(in_pipeline_d
     from transferops.tracking import absolute_uri
 
     cfg = in_pipeline_dir
-    uri = f"models:/{cfg.registry.model_name}@{CHALLENGER}"
+    uri = f"models:/{registered_model_name(cfg)}@{CHALLENGER}"
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp_path)))
     reqs = (local / "requirements.txt").read_text().split()
     assert not any(r.split("==")[0] == "transferops" for r in reqs)
@@ -509,7 +509,7 @@ def test_predict_command_from_another_folder(pipeline_dir, tmp_path, monkeypatch
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    name = cfg.registry.model_name
+    name = registered_model_name(cfg)
     args = ["predict", *map(str, imgs), "--params", str(pipeline_dir / "params.yaml")]
     r = CliRunner().invoke(app, [*args, "--model", f"models:/{name}@challenger", "--out", "p.csv"])
     assert r.exit_code == 0, r.output

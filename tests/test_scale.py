@@ -111,9 +111,9 @@ def test_pipeline_against_an_mlflow_server_on_postgresql(tmp_path, monkeypatch, 
     assert r.exit_code == 0, r.output
     summary = json.loads(r.output[r.output.rindex("\n{\n") :])
     client = MlflowClient(tracking_uri=mlflow_on_postgres)
-    versions = client.search_model_versions("name='transferops-digits'")
+    versions = client.search_model_versions("name='transferops-raw'")
     assert [str(v.version) for v in versions] == ["1"] and summary["registered"].endswith("v1")
-    aliases = client.get_registered_model("transferops-digits").aliases
+    aliases = client.get_registered_model("transferops-raw").aliases
     assert aliases.get("challenger") in (1, "1")
     assert ("champion" in aliases) == (summary["champion"] is not None)
     exp = client.get_experiment_by_name("transferops")
@@ -122,4 +122,4 @@ def test_pipeline_against_an_mlflow_server_on_postgresql(tmp_path, monkeypatch, 
     assert not (project / "mlartifacts").exists()
     r = CliRunner().invoke(app, ["register"])
     assert r.exit_code == 0 and "already registered" in r.output
-    assert len(client.search_model_versions("name='transferops-digits'")) == 1
+    assert len(client.search_model_versions("name='transferops-raw'")) == 1
