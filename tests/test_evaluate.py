@@ -199,7 +199,10 @@ def test_pipeline_reads_test_only_in_evaluate_and_writes_the_report(
     assert d["mean"] == pytest.approx(d["over_seeds"]["mean"])
     assert saved["transfer_beats_scratch"] == (d["ci_low"] > 0)
     assert [r["per_class"] for r in saved["efficiency"]] == [2, "all"]
-    assert all({"transfer", "scratch"} <= set(r) for r in saved["efficiency"])
+    for r in saved["efficiency"]:  # each point with its interval over the test examples
+        for role in ("transfer", "scratch"):
+            lo, hi = r[f"{role}_ci"]
+            assert lo <= r[role] <= hi and hi - lo > 0
     per_class = json.loads((out / "per_class.json").read_text())
     assert set(per_class) == {"transfer", "scratch", "probe"}
     assert set(per_class["transfer"]["one"]) == {"precision", "recall"}
@@ -214,7 +217,10 @@ def test_pipeline_reads_test_only_in_evaluate_and_writes_the_report(
     assert header == "role,epoch,val_accuracy,train_loss,stage"  # stage: where blocks thaw
     for png in ("data_efficiency", "learning_curves", "confusion_transfer", "confusion_scratch"):
         assert (out / "plots" / f"{png}.png").stat().st_size > 1000
-    assert (out / "efficiency.csv").read_text().splitlines()[0] == "per_class,transfer,scratch"
+    header = (out / "efficiency.csv").read_text().splitlines()[0].split(",")
+    assert header == ["per_class", "transfer", "scratch"] + [
+        f"{r}_{e}" for r in ("transfer", "scratch") for e in ("low", "high")
+    ]
 
     import mlflow
 
@@ -297,6 +303,8 @@ def test_efficiency_chart_shows_intervals_and_the_cheap_baselines():
         {"per_class": 5, "transfer": 0.6, "scratch": 0.3},
         {"per_class": "all", "transfer": 0.9, "scratch": 0.7},
     ]
+    # one run per point: the band is the bootstrap interval over the test examples
+    banded = [r | {"transfer_ci": [r["transfer"] - 0.05, r["transfer"] + 0.04]} for r in eff]
     ci = {"mean": 0.88, "ci_low": 0.85, "ci_high": 0.91, "n": 3}
     models = {
         "transfer": {"accuracy": ci},
@@ -305,9 +313,10 @@ def test_efficiency_chart_shows_intervals_and_the_cheap_baselines():
         "classical": {"accuracy": 0.75},
     }
     fig, ax = plt.subplots()
-    efficiency_axes(ax, eff, models)
+    efficiency_axes(ax, banded, models)
     assert set(ax.get_legend_handles_labels()[1]) == {
         "transfer",
+        "transfer: 95% CI over test examples",
         "scratch",
         "probe (all data)",
         "classical (all data)",
@@ -321,6 +330,9 @@ def test_efficiency_chart_shows_intervals_and_the_cheap_baselines():
     (segment,) = bars[0].lines[2][0].get_segments()
     assert segment[0][1] == pytest.approx(0.85) and segment[1][1] == pytest.approx(0.91)
     assert [t.get_text() for t in ax.get_xticklabels()] == ["5", "all"]
+    (band,) = [c for c in ax.collections if c.get_label().startswith("transfer: 95% CI")]
+    ys = band.get_paths()[0].vertices[:, 1]
+    assert ys.min() == pytest.approx(0.55) and ys.max() == pytest.approx(0.94)
     plt.close(fig)
     # one seed: no interval exists, none is drawn (and nothing fails)
     one = {r: {"accuracy": {"mean": 0.8, "ci_low": None, "ci_high": None, "n": 1}} for r in models}

@@ -41,7 +41,7 @@ from transferops.errors import DataError
 from transferops.model_io import load_finetuned, make_inputs, pick_device
 from transferops.predict import predict_probs
 from transferops.report import report_html, report_markdown, write_plots
-from transferops.stats import ece, mean_ci, paired_bootstrap, verdict
+from transferops.stats import bootstrap_ci, ece, mean_ci, paired_bootstrap, verdict
 from transferops.tracking import log_data, setup_tracking, start_run
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ def evaluate(cfg: Config) -> dict[str, Any]:
     }
     line = verdict(diffs["scratch"])
     first = {r["role"]: r for r in main if r["seed"] == index["seeds"][0]}
-    efficiency = _efficiency(per_run, first, cfg.baseline.efficiency_per_class)
+    efficiency = _efficiency(per_run, first, cfg.baseline.efficiency_per_class, ec.confidence)
     metrics = {
         "test_size": len(test),
         "confidence": ec.confidence,
@@ -269,15 +269,20 @@ def _data_facts(cfg: Config) -> dict[str, Any]:
     }
 
 
-def _efficiency(per_run: dict, first: dict, ks: list[int | None]) -> list[dict[str, Any]]:
+def _efficiency(
+    per_run: dict, first: dict, ks: list[int | None], confidence: float
+) -> list[dict[str, Any]]:
+    """Transfer and scratch (first seed) at each training size, each with a bootstrap
+    interval over the test examples (one run per point: no seed interval exists)."""
     rows = []
     for k in ks:
-        pts = {}
+        pts: dict[str, Any] = {}
         for role in ("transfer", "scratch"):
             r = first.get(role) if k is None else per_run.get(f"{role}-k{k}")
             if r is not None:
-                pts[role] = r["metrics"]["accuracy"]
-        if len(pts) == 2:
+                ci = bootstrap_ci(r["correct"], confidence)
+                pts |= {role: r["metrics"]["accuracy"], f"{role}_ci": [ci["ci_low"], ci["ci_high"]]}
+        if "transfer" in pts and "scratch" in pts:
             rows.append({"per_class": k if k is not None else "all", **pts})
     return rows
 

@@ -15,13 +15,24 @@ import numpy as np
 from transferops.artifacts import read_json
 
 
+def _acc_ci(row: dict[str, Any], role: str) -> str:
+    ci = row.get(f"{role}_ci")
+    return f"{row[role]:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
 def efficiency_axes(ax: Any, efficiency: list[dict], models: dict[str, Any]) -> None:
     """Test accuracy vs labelled examples per class: transfer and scratch (first seed) at
-    each size; at "all", their mean over seeds with its interval; the probe and the
-    classical baseline (all data) as reference lines."""
+    each size, shaded with the bootstrap interval over test examples; at "all", their mean
+    over seeds with its interval; the probe and the classical baseline (all data) as
+    reference lines."""
     xs = list(range(len(efficiency)))
     for role, colour in (("transfer", "tab:blue"), ("scratch", "tab:orange")):
         ax.plot(xs, [r[role] for r in efficiency], marker="o", color=colour, label=role)
+        if all(f"{role}_ci" in r for r in efficiency):
+            lo, hi = zip(*(r[f"{role}_ci"] for r in efficiency), strict=True)
+            ax.fill_between(
+                xs, lo, hi, color=colour, alpha=0.15, label=f"{role}: 95% CI over test examples"
+            )
         acc = models.get(role, {}).get("accuracy")
         has_ci = isinstance(acc, dict) and acc.get("ci_low") is not None
         if has_ci and efficiency[-1]["per_class"] == "all":  # one seed: no interval to draw
@@ -62,8 +73,11 @@ def write_plots(
     plots.mkdir()
     with open(out / "efficiency.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["per_class", "transfer", "scratch"])
-        w.writerows([[r["per_class"], r["transfer"], r["scratch"]] for r in efficiency])
+        roles = ("transfer", "scratch")
+        w.writerow(["per_class", *roles, *(f"{r}_{e}" for r in roles for e in ("low", "high"))])
+        for r in efficiency:
+            bounds = [b for role in roles for b in r.get(f"{role}_ci", [None, None])]
+            w.writerow([r["per_class"], *(r[role] for role in roles), *bounds])
     curves = []
     for role, r in first.items():
         for h in read_json(Path(r["dir"]) / "history.json"):
@@ -183,11 +197,14 @@ def report_markdown(metrics: dict, per_class: dict, classical: str | None) -> st
             "",
             "## Data efficiency (first seed)",
             "",
-            "| examples per class | transfer | scratch |",
+            "One run per point, so the interval is the test set's sampling noise (bootstrap over "
+            "the test examples), not the seeds'.",
+            "",
+            "| examples per class | transfer [95% CI] | scratch [95% CI] |",
             "| --- | --- | --- |",
         ]
         lines += [
-            f"| {r['per_class']} | {r['transfer']:.3f} | {r['scratch']:.3f} |"
+            f"| {r['per_class']} | {_acc_ci(r, 'transfer')} | {_acc_ci(r, 'scratch')} |"
             for r in metrics["efficiency"]
         ]
         lines += ["", "![data efficiency](plots/data_efficiency.png)"]

@@ -59,6 +59,12 @@ def paired_bootstrap(
     return {"mean": float(d.mean()), "ci_low": float(lo), "ci_high": float(hi), "n": n}
 
 
+def bootstrap_ci(x: np.ndarray, confidence: float = 0.95, seed: int = 0) -> dict[str, Any]:
+    """Mean of one model's per-example scores with a percentile bootstrap interval over the
+    examples: how much the test set's sampling moves it (not the training seed's noise)."""
+    return paired_bootstrap(x, np.zeros(len(x)), confidence, seed)
+
+
 def verdict(diff: dict[str, Any], a: str = "transfer", b: str = "scratch") -> str:
     """One line: does `a` beat `b` (accuracy difference in points, with its interval)?"""
     m = diff["mean"] * 100
