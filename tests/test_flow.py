@@ -57,7 +57,8 @@ def test_run_is_a_prefect_flow_and_unchanged_steps_are_cached(project):
     assert "Beginning flow run" in log and "for flow 'transfer-pipeline'" in log
     for step in ("prepare", "pull", "search", "train", "baseline", "evaluate", "register"):
         assert f"Task run '{step}' - Finished in state Completed()" in log, step
-    assert "register: MLflow run http://127.0.0.1:5000/#/experiments/" in log
+    # a local store: no server runs, so the line says how to open the page
+    assert "(`transferops ui`, then http://127.0.0.1:5000/#/experiments/" in log
     summary = json.loads(first.stdout)  # the summary alone is on stdout; the logs on stderr
     assert summary["registered"] == "transferops-raw v1"
 
@@ -101,14 +102,16 @@ def test_bad_params_fail_before_prefect_starts(project):
     assert "Beginning flow run" not in r.stdout + r.stderr
 
 
-def test_a_slow_ephemeral_prefect_server_is_one_line_with_the_fixes(project):
-    """Under load Prefect's temporary server can miss its start-up deadline: one line that
-    names the setting and the alternatives, not a traceback."""
+def test_a_slow_ephemeral_prefect_server_falls_back_to_the_same_steps(project):
+    """Under load Prefect's temporary server can miss its start-up deadline: one warning that
+    names the setting, then the same steps run without Prefect (nothing had run yet)."""
     slow = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "1"}
-    r = _run(project, "run", env=slow, timeout=120)
+    r = _run(project, "run", "--set", "baseline.seeds=[0]", env=slow, timeout=300)
     out = r.stdout + r.stderr
-    assert r.returncode == 2 and "Traceback" not in out, out[-2000:]
-    assert "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in out and "--no-prefect" in out
+    assert r.returncode == 0 and "Traceback" not in out, out[-2000:]
+    assert "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in out
+    assert "running the same steps without Prefect" in out and "Beginning flow run" not in out
+    assert "registered" in r.stdout and (project / "reports" / "metrics.json").exists()
 
 
 def test_user_errors_are_not_retried_under_prefect():

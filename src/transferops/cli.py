@@ -421,6 +421,8 @@ def run(
 ) -> None:
     """The whole pipeline: prepare -> pull -> drift -> search -> train -> baseline ->
     evaluate -> register -> promote -> export. Unchanged steps are skipped."""
+    from transferops.pipeline import run_pipeline
+
     cfg = _cfg(params, set_)  # validate before Prefect starts
     if prefect:
         from transferops.services import check_services
@@ -436,15 +438,16 @@ def run(
         except RuntimeError as exc:
             if "ephemeral Prefect API server" not in str(exc):
                 raise
-            raise TransferopsError(
+            # Nothing ran yet: the same steps without Prefect lose only its run record
+            setup_logging()  # Prefect's handlers had taken the transferops lines: take them back
+            log.warning(
                 "Prefect's temporary API server did not start in time (a busy machine?): "
-                "raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (e.g. 120), or start "
-                "a server (prefect server start) and set PREFECT_API_URL, or run with "
-                "--no-prefect"
-            ) from None
+                "running the same steps without Prefect. To keep Prefect, raise "
+                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (e.g. 120) or start a server "
+                "(prefect server start) and set PREFECT_API_URL"
+            )
+            summary = run_pipeline(cfg)
     else:
-        from transferops.pipeline import run_pipeline
-
         summary = run_pipeline(cfg)
     # The result goes to stdout (the logs are on stderr): `transferops run --json > s.json`.
     typer.echo(json.dumps(summary, indent=2) if as_json else human_summary(summary))

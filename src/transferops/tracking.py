@@ -228,11 +228,13 @@ def _artifact_location(cfg: TrackingConfig) -> str | None:
 
 
 def run_link(cfg: TrackingConfig, run_id: str) -> str:
-    """A link to an MLflow run: the server's page, or the local `make ui` page for sqlite."""
+    """Where to see an MLflow run: the server's page; for a local store (no server runs), its
+    id and the page `transferops ui` serves."""
     mlflow = setup_tracking(cfg)
-    exp = mlflow.get_run(run_id).info.experiment_id
-    base = mask(cfg.uri.rstrip("/")) if cfg.uri.startswith("http") else "http://127.0.0.1:5000"
-    return f"{base}/#/experiments/{exp}/runs/{run_id}"
+    page = f"/#/experiments/{mlflow.get_run(run_id).info.experiment_id}/runs/{run_id}"
+    if cfg.uri.startswith(("http://", "https://")):
+        return mask(cfg.uri.rstrip("/")) + page
+    return f"{run_id} (`transferops ui`, then http://127.0.0.1:5000{page})"
 
 
 def log_data(mlflow: Any, folder: Path | str, name: str, data_hash: str, context: str) -> None:
