@@ -60,11 +60,17 @@ def test_run_pipeline_on_tiny_images(tmp_path, monkeypatch):
     (parent,) = [r for r in runs if r.data.tags.get("role") == "pipeline"]
     assert parent.info.status == "FINISHED" and parent.data.tags["verdict"] == summary["verdict"]
     steps = [r for r in runs if r.data.tags.get("role") not in ("pipeline", "trial")]
-    assert {r.data.tags["role"] for r in steps} >= {"search", "transfer", "scratch", "evaluation"}
+    roles = {r.data.tags["role"] for r in steps}
+    assert roles >= {"search", "train", "transfer", "scratch", "evaluation"}
+    # the registered model's own run: its curves (copied from the best trial, not retrained)
+    (train,) = [r for r in steps if r.data.tags["role"] == "train"]
+    assert train.data.tags.get("reused_from", "").endswith("best_model")
+    curve = client.get_metric_history(train.info.run_id, "val_accuracy")
+    assert len(curve) == summary["epochs"] and train.data.metrics["best_val_accuracy"] > 0
     assert all(r.data.tags.get("mlflow.parentRunId") == parent.info.run_id for r in steps)
     # every training and evaluation run names its data (MLflow's Datasets column)
     for r in steps:
-        if r.data.tags["role"] in ("transfer", "scratch", "evaluation", "search"):
+        if r.data.tags["role"] in ("train", "transfer", "scratch", "evaluation", "search"):
             (d,) = r.inputs.dataset_inputs
             assert d.dataset.name == "raw" and d.dataset.digest == summary["data_hash"][:12]
             context = {t.key: t.value for t in d.tags}["mlflow.data.context"]

@@ -13,7 +13,7 @@ import torch
 from transferops import baseline as baseline_module
 from transferops.artifacts import sha256_file
 from transferops.baseline import role_overrides, run_baselines, transfer_epochs
-from transferops.config import validate_config
+from transferops.config import validate_config, with_overrides
 from transferops.data.prepare import SPLIT_READS, prepare
 from transferops.evaluate import evaluate
 from transferops.finetune.train import train_from_config
@@ -126,9 +126,23 @@ def test_pipeline_reads_test_only_in_evaluate_and_writes_the_report(
     reads = SPLIT_READS
     reads.clear()
     prepare(cfg)
-    run_search(cfg)
-    train_from_config(cfg)
+    found = run_search(cfg)
+    best = with_overrides(cfg, found.best_params)
+    kept = tmp_path / "search" / "best_model"
+    assert json.loads((kept / "model.json").read_text())["trial"] == found.best_trial
+    assert not (tmp_path / ".search-trials").exists()  # the other candidates are gone
+    # `train` with the best params is the best trial: copied, not trained again ...
+    done = train_from_config(best)
+    assert done.reused_from == str(kept) and done.val_accuracy == found.best_value
+    weights = sha256_file(tmp_path / "ft" / "model.safetensors")
+    assert weights == sha256_file(kept / "model.safetensors")
+    # ... because training it again gives exactly those weights
+    elsewhere = {"finetune.out": str(tmp_path / "ft2"), "search.out": str(tmp_path / "none")}
+    again = with_overrides(best, elsewhere)
+    assert train_from_config(again).reused_from is None
+    assert sha256_file(tmp_path / "ft2" / "model.safetensors") == weights
     assert not (tmp_path / "ck" / "last.pt").exists()  # the model is saved: its checkpoint goes
+    cfg = best
     trained = []  # (role seed, pretrained) of every baseline run actually trained
     real_train = baseline_module.train_model
     monkeypatch.setattr(

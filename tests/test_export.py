@@ -39,6 +39,7 @@ def trained(tmp_path_factory, lite0_source) -> tuple[dict, Path]:
             "metrics": str(root / "train.json"),
             "checkpoint_dir": str(root / "ck"),
         },
+        "search": {"out": str(root / "search")},
         "export": {"out": str(root / "export")},
         "registry": {"out": str(root / "registry.json")},
         "tracking": {"uri": f"sqlite:///{root}/mlflow.db", "experiment": "e"},
@@ -77,6 +78,8 @@ def test_text_model_onnx_matches_pytorch(tmp_path):
                 "metrics": str(tmp_path / "train.json"),
                 "checkpoint_dir": str(tmp_path / "ck"),
             },
+            "search": {"out": str(tmp_path / "search")},
+            "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "e"},
         }
     )
     pull_from_config(cfg)

@@ -23,7 +23,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from transferops.artifacts import atomic_dir, read_json, write_json_atomic
+from transferops.artifacts import write_json_atomic
 from transferops.cluster import (
     dask_client,
     release_stores,
@@ -32,10 +32,15 @@ from transferops.cluster import (
     uses_dask,
     worker_store,
 )
-from transferops.config import Config, FinetuneConfig, validate_config, with_overrides
+from transferops.config import Config, validate_config, with_overrides
 from transferops.data.prepare import prepare, read_manifest
 from transferops.finetune.plan import total_epochs
-from transferops.finetune.train import save_finetuned, train_model
+from transferops.finetune.train import (
+    reuse_model,
+    same_run,
+    save_finetuned,
+    train_model,
+)
 from transferops.progress import labelled
 from transferops.sources import read_source_manifest
 from transferops.tracking import log_data, log_epoch, setup_tracking, start_run
@@ -102,23 +107,19 @@ def _train_one(
         "source": source["origin"],
         "source_sha256": source["sha256"],
     }
-    same = _same_as_trained(rcfg, role, manifest["data_hash"], source["sha256"])
+    # `train` already trained exactly this model: no second training
+    trained = Path(rcfg.finetune.out)
+    same = role == "transfer" and same_run(trained, rcfg, manifest["data_hash"], source["sha256"])
     with start_run(mlflow, run_name=name, tags=tags) as run:
         dataset = Path(cfg.data.path).name + (f"-k{per_class}" if per_class else "")
         log_data(mlflow, data_out, dataset, manifest["data_hash"], "training")
-        mlflow.log_params(
-            {
-                k.removeprefix("finetune."): v
-                for k, v in rcfg.finetune.model_dump(
-                    mode="json", exclude=set(FinetuneConfig.OUTPUT_FIELDS)
-                ).items()
-            }
-        )
+        mlflow.log_params(rcfg.finetune.run_params())
         labels = {"role": role, "seed": seed, "per_class": per_class}
-        if same is not None:  # `train` already trained exactly this model: no second training
-            mlflow.set_tag("reused_from", str(same))
-            val_accuracy = _reuse(same, out / name, labels | {"mlflow_run_id": run.info.run_id})
-            how = f"reused {same}"
+        if same:
+            mlflow.set_tag("reused_from", str(trained))
+            spec, _ = reuse_model(trained, out / name, labels | {"mlflow_run_id": run.info.run_id})
+            val_accuracy = float(spec["val_accuracy"])
+            how = f"reused {trained}"
         else:
             with labelled(name):
                 res, spec = train_model(
@@ -146,35 +147,6 @@ def _train_one(
         "mlflow_run_id": run.info.run_id,
         "val_accuracy": val_accuracy,
     }
-
-
-def _same_as_trained(rcfg: Config, role: str, data_hash: str, source_sha: str) -> Path | None:
-    """finetune.out when it holds exactly the run `rcfg` describes (same data, source and
-    trajectory params: deterministic training would give the same weights), else None."""
-    folder = Path(rcfg.finetune.out)
-    if role != "transfer" or not (folder / "model.json").exists():
-        return None
-    spec = read_json(folder / "model.json")
-    trained = {k: spec["finetune"].get(k) for k in FinetuneConfig.trajectory_fields()}
-    same = (
-        spec["data_hash"] == data_hash
-        and spec["source"]["sha256"] == source_sha
-        and trained == rcfg.finetune.trajectory_params()
-    )
-    return folder if same else None
-
-
-def _reuse(folder: Path, dst: Path, labels: dict[str, Any]) -> float:
-    """Copy a trained model folder as a baseline run, replay its curves into MLflow; its val
-    accuracy."""
-    spec = read_json(folder / "model.json") | labels
-    history = read_json(folder / "history.json")
-    with atomic_dir(dst) as tmp:
-        shutil.copytree(folder, tmp, dirs_exist_ok=True)
-        write_json_atomic(tmp / "model.json", spec)
-    for rec in history:
-        log_epoch(int(rec["epoch"]), rec)
-    return float(spec["val_accuracy"])
 
 
 def _jobs(cfg: Config) -> list[tuple[str, str, int, int | None, Path]]:

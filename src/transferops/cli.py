@@ -221,10 +221,11 @@ def train(
     from transferops.finetune.train import train_from_config
 
     cfg = _cfg(params, set_, overrides_file=overrides_file)
-    res = train_from_config(cfg, resume=resume)
+    done = train_from_config(cfg, resume=resume)
+    how = f"copied from {done.reused_from}" if done.reused_from else f"{done.seconds:.1f}s"
     console.print(
-        f"{cfg.finetune.out}: val accuracy {res.best_val_accuracy:.4f} "
-        f"(depth {res.unfreeze_depth}, {res.epochs_run} epochs, {res.seconds:.1f}s)"
+        f"{cfg.finetune.out}: val accuracy {done.val_accuracy:.4f} "
+        f"(depth {done.unfreeze_depth}, {done.epochs} epochs, {how})"
     )
 
 

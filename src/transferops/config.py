@@ -279,6 +279,10 @@ class FinetuneConfig(_Section):
         """Values of :meth:`trajectory_fields`."""
         return self.model_dump(mode="json", include=set(self.trajectory_fields()))
 
+    def run_params(self) -> dict[str, Any]:
+        """Every param but the output paths (what a training run logs to MLflow)."""
+        return self.model_dump(mode="json", exclude=set(self.OUTPUT_FIELDS))
+
     def epochs_for_stage(self, stage: int) -> int:
         """Epochs of stage `stage` (0 = head only); the last listed value repeats."""
         eps = self.epochs_per_stage

@@ -115,14 +115,15 @@ def step_search(cfg: Config) -> dict[str, Any]:
 def step_train(cfg: Config) -> dict[str, Any]:
     """Fine-tune with the best params (cfg already carries them)."""
 
-    res = train_from_config(cfg)
+    done = train_from_config(cfg)
     return {
         "model": str(cfg.finetune.out),
         "model_sha256": sha256_file(Path(cfg.finetune.out) / "model.safetensors"),
-        "unfreeze_depth": res.unfreeze_depth,
-        "val_accuracy": round(res.best_val_accuracy, 4),
-        "epochs": res.epochs_run,
-        "train_seconds": round(res.seconds, 1),
+        "unfreeze_depth": done.unfreeze_depth,
+        "val_accuracy": round(done.val_accuracy, 4),
+        "epochs": done.epochs,
+        "train_seconds": round(done.seconds, 1),
+        "reused_from": done.reused_from,
     }
 
 

@@ -25,6 +25,7 @@ import contextlib
 import logging
 import math
 import os
+import shutil
 import time
 import warnings
 from collections.abc import Iterator
@@ -55,8 +56,9 @@ from transferops.config import (
 )
 from transferops.data.prepare import read_manifest
 from transferops.errors import ConfigError
+from transferops.finetune.engine import TrainResult
 from transferops.finetune.plan import total_epochs
-from transferops.finetune.train import train_model
+from transferops.finetune.train import BEST_MODEL, save_finetuned, train_model
 from transferops.progress import labelled, make_progress, quiet
 from transferops.redact import mask
 from transferops.search_plots import log_search_plots
@@ -226,7 +228,7 @@ def _objective(cfg: Config, parent_run_id: str | None, store: dict, task: str | 
             labelled(f"trial {trial.number}"),
         ):
             try:
-                res, _ = train_model(
+                res, spec = train_model(
                     with_overrides(cfg, overrides), on_epoch_end=report, feature_store=store
                 )
             except optuna.TrialPruned as exc:
@@ -240,11 +242,27 @@ def _objective(cfg: Config, parent_run_id: str | None, store: dict, task: str | 
             else:
                 mlflow.set_tag("state", "complete")
                 mlflow.log_metric("best_val_accuracy", res.best_val_accuracy)
+                _keep_if_best(cfg, trial, res, spec)
         if pruned is not None:
             raise pruned
         return res.best_val_accuracy
 
     return objective
+
+
+def _kept(cfg: Config, study: str) -> Path:
+    """Where a study's best-so-far trial models wait for the search to end."""
+    out = Path(cfg.search.out)
+    return out.with_name(f".{out.name}-trials") / study
+
+
+def _keep_if_best(cfg: Config, trial: optuna.Trial, res: TrainResult, spec: dict) -> None:
+    """A complete trial at least as good as every finished one keeps its model: `train` then
+    copies the best one instead of training it a second time."""
+    done = trial.study.get_trials(deepcopy=False, states=(TS.COMPLETE,))
+    if all(t.value is None or res.best_val_accuracy >= t.value for t in done):
+        folder = _kept(cfg, trial.study.study_name) / str(trial.number)
+        save_finetuned(res, spec | {"trial": trial.number}, folder, Path(cfg.source.out))
 
 
 def _log_trial(study: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
@@ -445,9 +463,11 @@ def _write_summary(
 ) -> Path:
     """search.out: best_params.json (what train takes) and summary.json (the password in
     the storage URL masked: it is a DVC output users commit)."""
-    out = Path(cfg.search.out)
+    out, kept = Path(cfg.search.out), _kept(cfg, name)
     with atomic_dir(out) as tmp:
         write_json_atomic(tmp / "best_params.json", best_params)
+        if (kept / str(best.number) / "model.json").exists():  # what `train` copies
+            shutil.copytree(kept / str(best.number), tmp / BEST_MODEL)
         write_json_atomic(
             tmp / "summary.json",
             {
@@ -462,6 +482,9 @@ def _write_summary(
                 "mlflow_run_id": run_id,
             },
         )
+    shutil.rmtree(kept, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        kept.parent.rmdir()  # when no other study's models wait there
     return out
 
 

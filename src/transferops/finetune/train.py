@@ -9,12 +9,14 @@ and ``finetune.metrics`` (JSON) for DVC.
 from __future__ import annotations
 
 import logging
+import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from transferops.artifacts import sha256_json, write_json_atomic
+from transferops.artifacts import atomic_dir, read_json, sha256_json, write_json_atomic
 from transferops.config import Config, FinetuneConfig, check_depth
 from transferops.data.prepare import load_prepared, read_manifest
 from transferops.errors import ConfigError
@@ -23,9 +25,12 @@ from transferops.finetune.adapters import ADAPTER_FILE, adapter_weights, add_lor
 from transferops.finetune.blocks import StagedNet
 from transferops.finetune.engine import EpochHook, TrainResult, finetune
 from transferops.model_io import make_inputs, make_preprocess, pick_device, save_model_folder
-from transferops.sources import SourceModel, load_source, random_init
+from transferops.sources import SourceModel, load_source, random_init, read_source_manifest
+from transferops.tracking import log_data, log_epoch, setup_tracking, start_run
 
 log = logging.getLogger(__name__)
+
+BEST_MODEL = "best_model"  # in search.out: the best trial's model, for `train` to reuse
 
 
 def build_net(
@@ -45,11 +50,14 @@ def build_net(
     )
 
 
-def _check_compatible(modality: str, manifest: dict[str, Any]) -> None:
-    kind = manifest["input"]["type"]
+def check_trainable(cfg: Config, data_manifest: dict, source_manifest: dict) -> None:
+    """Refuse, before any run opens, a depth the source lacks or a source of the wrong
+    modality for the data."""
+    check_depth(cfg, source_manifest["num_blocks"], search=False)
+    kind, modality = source_manifest["input"]["type"], data_manifest["modality"]
     if kind != modality:
         raise ConfigError(
-            f"source ({manifest['origin']}) takes {kind} input but the prepared data is "
+            f"source ({source_manifest['origin']}) takes {kind} input but the prepared data is "
             f"{modality}: choose a {modality} source in params.yaml `source:`"
         )
 
@@ -72,8 +80,7 @@ def train_model(
     if not pretrained:
         torch.manual_seed(cfg.finetune.seed)
         source = random_init(source, image_size)
-    check_depth(cfg, source.manifest["num_blocks"], search=False)
-    _check_compatible(data_manifest["modality"], source.manifest)
+    check_trainable(cfg, data_manifest, source.manifest)
     device = pick_device(cfg.finetune.device)
     train = load_prepared(cfg.data.out, "train")
     val = load_prepared(cfg.data.out, "val")
@@ -129,26 +136,99 @@ def save_finetuned(res: TrainResult, spec: dict[str, Any], out: Path, source_dir
     save_model_folder(res.net, spec, res.history, out, source_dir, extra)
 
 
-def train_from_config(
-    cfg: Config, resume: bool = True, on_epoch_end: EpochHook | None = None
-) -> TrainResult:
-    """`transferops train`: fine-tune with fixed params, write finetune.out and metrics."""
+@dataclass(frozen=True)
+class Trained:
+    """What `transferops train` did (also finetune.metrics, for DVC)."""
+
+    val_accuracy: float
+    val_loss: float
+    unfreeze_depth: int
+    epochs: int
+    seconds: float
+    reused_from: str | None = None  # the search trial's model, when it was this very run
+
+
+def same_run(folder: Path, cfg: Config, data_hash: str, source_sha: str) -> bool:
+    """Whether `folder` holds a model trained exactly as `cfg` says: same data, source and
+    trajectory params (training is deterministic, so retraining gives the same weights)."""
+    if not (folder / "model.json").exists():
+        return False
+    spec = read_json(folder / "model.json")
+    trained = {k: spec["finetune"].get(k) for k in FinetuneConfig.trajectory_fields()}
+    return (
+        spec["data_hash"] == data_hash
+        and spec["source"]["sha256"] == source_sha
+        and trained == cfg.finetune.trajectory_params()
+    )
+
+
+def reuse_model(folder: Path, dst: Path, labels: dict[str, Any]) -> tuple[dict, list[dict]]:
+    """Copy a trained model folder to `dst` (`labels` added to its spec) and replay its
+    per-epoch curves into the active MLflow run, as if trained there; (spec, history)."""
+    spec = read_json(folder / "model.json") | labels
+    history = read_json(folder / "history.json")
+    with atomic_dir(dst) as tmp:
+        shutil.copytree(folder, tmp, dirs_exist_ok=True)
+        write_json_atomic(tmp / "model.json", spec)
+    for rec in history:
+        log_epoch(int(rec["epoch"]), rec)
+    return spec, history
+
+
+def train_from_config(cfg: Config, resume: bool = True) -> Trained:
+    """`transferops train`: fine-tune with fixed params into finetune.out, as an MLflow run
+    (role ``train``, its per-epoch curves), and finetune.metrics. When the search's best
+    trial was this very run (search.out/best_model), its model is copied, not retrained."""
+    fc = cfg.finetune
+    manifest, source = read_manifest(cfg.data.out), read_source_manifest(cfg.source.out)
+    check_trainable(cfg, manifest, source)
+    data_hash = manifest["data_hash"]
+    mlflow = setup_tracking(cfg.tracking)
+    tags = {"role": "train", "data_hash": data_hash, "source": source["origin"]}
+    with start_run(mlflow, run_name="train", tags=tags | {"source_sha256": source["sha256"]}) as r:
+        log_data(mlflow, cfg.data.out, Path(cfg.data.path).name, data_hash, "training")
+        mlflow.log_params(fc.run_params())
+        trial = Path(cfg.search.out) / BEST_MODEL
+        if same_run(trial, cfg, data_hash, source["sha256"]):
+            done = _copy_trial(trial, cfg, r.info.run_id)
+            mlflow.set_tag("reused_from", str(trial))
+        else:
+            done = _train(cfg, r.info.run_id, resume)
+        mlflow.log_metric("best_val_accuracy", done.val_accuracy)
+    write_json_atomic(
+        Path(fc.metrics), {k: v for k, v in asdict(done).items() if k != "reused_from"}
+    )
+    how = f"copied from {trial}" if done.reused_from else f"{done.epochs} epochs"
+    log.info(
+        "fine-tuned model written to %s (val accuracy %.4f, %s)", fc.out, done.val_accuracy, how
+    )
+    return done
+
+
+def _train(cfg: Config, run_id: str, resume: bool) -> Trained:
     fc = cfg.finetune
     checkpoint = Path(fc.checkpoint_dir) / "last.pt"
-    if not resume and checkpoint.exists():
-        checkpoint.unlink()
-    res, spec = train_model(cfg, on_epoch_end=on_epoch_end, checkpoint=checkpoint)
-    save_finetuned(res, spec, Path(fc.out), Path(cfg.source.out))
+    if not resume:
+        checkpoint.unlink(missing_ok=True)
+    res, spec = train_model(cfg, on_epoch_end=log_epoch, checkpoint=checkpoint)
+    save_finetuned(res, spec | {"mlflow_run_id": run_id}, Path(fc.out), Path(cfg.source.out))
     checkpoint.unlink(missing_ok=True)  # the model is safe: 50+ MB of optimizer state is not
-    write_json_atomic(
-        Path(fc.metrics),
-        {
-            "val_accuracy": res.best_val_accuracy,
-            "val_loss": res.best_val_loss,
-            "unfreeze_depth": res.unfreeze_depth,
-            "epochs": res.epochs_run,
-            "seconds": round(res.seconds, 2),
-        },
+    return Trained(
+        res.best_val_accuracy,
+        res.best_val_loss,
+        res.unfreeze_depth,
+        res.epochs_run,
+        round(res.seconds, 2),
     )
-    log.info("fine-tuned model written to %s (val accuracy %.4f)", fc.out, res.best_val_accuracy)
-    return res
+
+
+def _copy_trial(trial: Path, cfg: Config, run_id: str) -> Trained:
+    spec, history = reuse_model(trial, Path(cfg.finetune.out), {"mlflow_run_id": run_id})
+    return Trained(
+        spec["val_accuracy"],
+        spec["val_loss"],
+        cfg.finetune.unfreeze_depth,
+        len(history),
+        0.0,
+        str(trial),
+    )
