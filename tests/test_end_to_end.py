@@ -142,7 +142,8 @@ def test_text_source_fine_tunes_minilm(tmp_path, monkeypatch):
         "finetune:\n  unfreeze_depth: 1\n  epochs_per_stage: [1]\n  max_length: 32\n"
         "  batch_size: 16\n"
         "search:\n  n_trials: 2\n  space:\n    unfreeze_depth: {low: 0, high: 1}\n"
-        "baseline:\n  seeds: [0, 1]\n  linear_probe: false\n  efficiency_per_class: [null]\n"
+        "baseline:\n  seeds: [0, 1]\n  scratch_trials: 2\n  linear_probe: false\n"
+        "  efficiency_per_class: [null]\n"
     )
     # Only 3 categories keep the test fast: the CSV's other rows are filtered by a new table.
     r = runner.invoke(app, ["demo-data"])

@@ -112,6 +112,7 @@ def test_pipeline_reads_test_only_in_evaluate_and_writes_the_report(
             },
             "baseline": {
                 "seeds": [0, 1],
+                "scratch_trials": 2,
                 "efficiency_per_class": [2, None],
                 "out": str(tmp_path / "base"),
             },
@@ -149,17 +150,24 @@ def test_pipeline_reads_test_only_in_evaluate_and_writes_the_report(
         baseline_module,
         "train_model",
         lambda rcfg, **kw: (
-            trained.append((rcfg.finetune.seed, kw["pretrained"])) or real_train(rcfg, **kw)
+            trained.append((rcfg.finetune.seed, rcfg.finetune.init)) or real_train(rcfg, **kw)
         ),
     )
     runs = run_baselines(cfg)
     assert not list((tmp_path / "base" / ".checkpoints").glob("*/last.pt"))
-    # transfer-s0 is the model `train` wrote (same seed and params): copied, not retrained
-    assert len(trained) == len(runs) - 1 and (0, True) in trained  # probe-s0 still trains
+    # transfer-s0 is the model `train` wrote, scratch-s0 the scratch search's best trial
+    # (same seed and params): copied, not retrained
+    assert len(trained) == len(runs) - 2 and (0, "pretrained") in trained  # probe-s0 trains
+    assert trained.count((0, "random")) == 1 and (1, "random") in trained  # 1 = scratch-k2
     by_name = {r["name"]: r for r in runs}
     assert sha256_file(Path(by_name["transfer-s0"]["dir"]) / "model.safetensors") == sha256_file(
         tmp_path / "ft" / "model.safetensors"
     )
+    searched = json.loads((tmp_path / "base" / "scratch_search" / "summary.json").read_text())
+    scratch = json.loads((Path(by_name["scratch-s1"]["dir"]) / "model.json").read_text())
+    # scratch is tuned: every scratch run uses the lr its own search found
+    assert scratch["finetune"]["lr"] == searched["best_params"]["finetune.lr"]
+    assert scratch["finetune"]["init"] == "random" and searched["counts"]["complete"] >= 1
     assert reads["test"] == 0 and reads["train"] > 0 and reads["val"] > 0
     assert {r["name"] for r in runs} == {
         "transfer-s0",
@@ -224,6 +232,9 @@ def test_pipeline_reads_test_only_in_evaluate_and_writes_the_report(
     assert "per_class" not in saved
     report = (out / "evaluation.md").read_text()
     assert saved["verdict"] in report and "Data efficiency" in report
+    # each arm's tuning is stated: scratch got a search of its own
+    assert saved["tuning"]["scratch"]["trials"] == searched["counts"]
+    assert "- scratch: an Optuna search (" in report and "- transfer: an Optuna search (" in report
     # the report names its data: path, counts per split, image size (not only a hash)
     assert f"Data `{tmp_path / 'raw'}`, 36 train / 6 val / 6 test, images 16 px" in report
     assert "plots/confusion_scratch.png" in report  # both matrices shown, not one
@@ -275,7 +286,12 @@ def test_baseline_runs_as_dask_tasks_match_the_ones_trained_here(tmp_path, lite0
                 "batch_size": 8,
                 "out": str(tmp_path / "ft"),
             },
-            "baseline": {"seeds": [0, 1], "efficiency_per_class": [2], "out": str(tmp_path / out)},
+            "baseline": {
+                "seeds": [0, 1],
+                "efficiency_per_class": [2],
+                "scratch_trials": 0,  # the fan-out of the runs is under test, not the search
+                "out": str(tmp_path / out),
+            },
             "compute": {"n_workers": n_workers},
             "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "e"},
         }

@@ -278,7 +278,7 @@ def test_a_password_in_the_tracking_uri_is_written_nowhere(tmp_path, monkeypatch
         "data:\n  demo: null\n  path: raw\n  image: {size: 16}\n  limit_per_class: null\n"
         "finetune:\n  unfreeze_depth: 1\n  epochs_per_stage: [1, 1]\n  batch_size: 8\n"
         "search:\n  n_trials: 2\n  space:\n    unfreeze_depth: {low: 0, high: 1}\n"
-        "baseline:\n  seeds: [0, 1]\n  efficiency_per_class: [null]\n"
+        "baseline:\n  seeds: [0, 1]\n  scratch_trials: 2\n  efficiency_per_class: [null]\n"
         f"tracking:\n  uri: {uri}\n"
     )
     monkeypatch.chdir(project)

@@ -45,7 +45,8 @@ def project(tmp_path: Path) -> Path:
         "data:\n  demo: null\n  path: raw\n  image: {size: 16}\n  limit_per_class: null\n"
         "finetune:\n  unfreeze_depth: 1\n  epochs_per_stage: [2, 1]\n  batch_size: 8\n"
         "search:\n  n_trials: 2\n  space:\n    unfreeze_depth: {low: 0, high: 1}\n"
-        "baseline:\n  seeds: [0, 1]\n  linear_probe: false\n  efficiency_per_class: [null]\n"
+        "baseline:\n  seeds: [0, 1]\n  scratch_trials: 2\n  linear_probe: false\n"
+        "  efficiency_per_class: [null]\n"
     )
     return tmp_path
 

@@ -102,7 +102,7 @@ def test_pipeline_against_an_mlflow_server_on_postgresql(tmp_path, monkeypatch, 
         "data:\n  demo: null\n  path: raw\n  image: {size: 16}\n  limit_per_class: null\n"
         "finetune:\n  unfreeze_depth: 1\n  epochs_per_stage: [1, 1]\n  batch_size: 8\n"
         "search:\n  n_trials: 2\n  space:\n    unfreeze_depth: {low: 0, high: 1}\n"
-        "baseline:\n  seeds: [0, 1]\n  efficiency_per_class: [null]\n"
+        "baseline:\n  seeds: [0, 1]\n  scratch_trials: 2\n  efficiency_per_class: [null]\n"
         "registry:\n  baseline_gate: mean\n  cheap_gate: false\n"
         f"tracking:\n  uri: {mlflow_on_postgres}\n"  # artifact_location left at its default
     )

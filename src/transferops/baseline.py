@@ -36,12 +36,14 @@ from transferops.config import Config, validate_config, with_overrides
 from transferops.data.prepare import prepare, read_manifest
 from transferops.finetune.plan import total_epochs
 from transferops.finetune.train import (
+    BEST_MODEL,
     reuse_model,
     same_run,
     save_finetuned,
     train_model,
 )
 from transferops.progress import labelled
+from transferops.search import SearchResult, run_search
 from transferops.sources import read_source_manifest
 from transferops.tracking import log_data, log_epoch, setup_tracking, start_run
 
@@ -67,6 +69,7 @@ def role_overrides(cfg: Config, role: str, seed: int, num_blocks: int) -> dict[s
             "finetune.epochs_per_stage": [1, total - 1],
             "finetune.lr": cfg.baseline.lr,
             "finetune.layer_decay": 1.0,
+            "finetune.init": "random",
             "finetune.bn_mode": "train",  # random BN statistics must be learned
             "finetune.head_init": "random",  # a probe of random features is no head start
         }
@@ -107,9 +110,13 @@ def _train_one(
         "source": source["origin"],
         "source_sha256": source["sha256"],
     }
-    # `train` already trained exactly this model: no second training
-    trained = Path(rcfg.finetune.out)
-    same = role == "transfer" and same_run(trained, rcfg, manifest["data_hash"], source["sha256"])
+    # `train`, or the scratch search, already trained exactly this model: no second training
+    kept = {
+        "transfer": Path(rcfg.finetune.out),
+        "scratch": cfg.baseline.scratch_search / BEST_MODEL,
+    }
+    trained = kept.get(role)
+    same = trained is not None and same_run(trained, rcfg, manifest["data_hash"], source["sha256"])
     with start_run(mlflow, run_name=name, tags=tags) as run:
         dataset = Path(cfg.data.path).name + (f"-k{per_class}" if per_class else "")
         log_data(mlflow, data_out, dataset, manifest["data_hash"], "training")
@@ -127,7 +134,6 @@ def _train_one(
                     on_epoch_end=log_epoch,
                     checkpoint=Path(rcfg.finetune.checkpoint_dir) / "last.pt",
                     feature_store=store,
-                    pretrained=role != "scratch",
                 )
             spec |= labels | {"mlflow_run_id": run.info.run_id}
             save_finetuned(res, spec, out / name, Path(cfg.source.out))
@@ -147,6 +153,33 @@ def _train_one(
         "mlflow_run_id": run.info.run_id,
         "val_accuracy": val_accuracy,
     }
+
+
+def scratch_lr(cfg: Config, num_blocks: int) -> float:
+    """The from-scratch arm's own lr: an Optuna search of ``baseline.scratch_trials`` trials
+    over search.space.lr on the first seed (every block trainable, pruned like the transfer
+    search), so the verdict compares tuned with tuned. Its best trial is the first seed's
+    scratch run (kept, not retrained). ``baseline.lr`` when scratch_trials is 0."""
+    bc = cfg.baseline
+    if bc.scratch_trials == 0:
+        return bc.lr
+    space = {"lr": cfg.search.space.lr.model_dump(), "unfreeze_depth": None}
+    scfg = with_overrides(
+        cfg,
+        role_overrides(cfg, "scratch", bc.seeds[0], num_blocks)
+        | {
+            "search.n_trials": bc.scratch_trials,
+            "search.space": space,
+            "search.out": str(bc.scratch_search),
+        },
+    )
+    found = run_search(scfg)
+    log.info("scratch lr %.2g (best of %d trials, val %.4f)", *_lr_of(found, bc.scratch_trials))
+    return found.best_params["finetune.lr"]
+
+
+def _lr_of(found: SearchResult, n: int) -> tuple[float, int, float]:
+    return found.best_params["finetune.lr"], n, found.best_value
 
 
 def _jobs(cfg: Config) -> list[tuple[str, str, int, int | None, Path]]:
@@ -182,6 +215,7 @@ def run_baselines(cfg: Config) -> list[dict[str, Any]]:
     """Train transfer / scratch / probe over seeds, and the few-shot curve models: in this
     process, or as Dask tasks when ``compute`` asks for workers."""
     source = read_source_manifest(cfg.source.out)
+    cfg = with_overrides(cfg, {"baseline.lr": scratch_lr(cfg, source["num_blocks"])})
     jobs = _jobs(cfg)
     cfg_json = cfg.model_dump(mode="json")
     if not uses_dask(cfg.compute):

@@ -227,6 +227,11 @@ class FinetuneConfig(_Section):
         "runs; null keeps the model's own",
     )
     augment: Literal["none", "flip_crop"] = "none"
+    init: Literal["pretrained", "random"] = Field(
+        "pretrained",
+        description="random: the same architecture from a random init (seeded by seed): the "
+        "from-scratch baseline",
+    )
     head_init: Literal["probe", "random"] = Field(
         "probe",
         description="probe: the head starts as the exact linear probe (logistic regression on "
@@ -401,7 +406,14 @@ class BaselineConfig(_Section):
     epoch_multiplier: PositiveFloat = Field(
         1.0, description="scratch epochs = this x the transfer schedule's total epochs"
     )
-    lr: PositiveFloat = Field(3e-3, description="from-scratch LR (all blocks, no layer decay)")
+    lr: PositiveFloat = Field(
+        3e-3, description="from-scratch LR (all blocks, no layer decay) when scratch_trials is 0"
+    )
+    scratch_trials: Annotated[int, Field(ge=0)] = Field(
+        4,
+        description="the from-scratch arm's own lr search: trials over search.space.lr on the "
+        "first seed, pruned like the transfer search (0 = use lr)",
+    )
     linear_probe: bool = True
     classical: bool = Field(
         True, description="also fit logistic regression on pixels / TF-IDF (in evaluate)"
@@ -417,6 +429,11 @@ class BaselineConfig(_Section):
     def index(self) -> Path:
         """The list of trained baseline runs (what `evaluate` scores)."""
         return self.out / "index.json"
+
+    @property
+    def scratch_search(self) -> Path:
+        """The from-scratch arm's lr search (best params, summary, its best trial's model)."""
+        return self.out / "scratch_search"
 
 
 class EvaluateConfig(_Section):

@@ -166,6 +166,7 @@ def evaluate(cfg: Config) -> dict[str, Any]:
         "transfer_beats_scratch": diffs["scratch"]["ci_low"] > 0,
         "verdict": line,
         "efficiency": efficiency,
+        "tuning": _tuning(cfg, main),
         "data_hash": data_hash,
         "data": _data_facts(cfg),
     }
@@ -285,6 +286,24 @@ def _efficiency(
         if "transfer" in pts and "scratch" in pts:
             rows.append({"per_class": k if k is not None else "all", **pts})
     return rows
+
+
+def _tuning(cfg: Config, main: list[dict[str, Any]]) -> dict[str, Any]:
+    """How much tuning each arm got (its search's trials and best params), and in how many
+    seeds scratch was still improving when its epochs ran out: a skeptic's questions."""
+    out: dict[str, Any] = {}
+    for arm, folder in (("transfer", cfg.search.out), ("scratch", cfg.baseline.scratch_search)):
+        summary = Path(folder) / "summary.json"
+        if summary.exists():
+            s = read_json(summary)
+            out[arm] = {"trials": s["counts"], "best_params": s["best_params"]}
+    scratch = [r for r in main if r["role"] == "scratch"]
+    rising = 0
+    for r in scratch:
+        val = [h["val_accuracy"] for h in read_json(Path(r["dir"]) / "history.json")]
+        rising += bool(val) and val[-1] >= max(val)  # its best epoch was its last
+    out.setdefault("scratch", {})["still_improving"] = [rising, len(scratch)]
+    return out
 
 
 def _log_to_mlflow(cfg: Config, per_run: dict, metrics: dict, out: Path) -> None:

@@ -147,6 +147,35 @@ def data_line(metrics: dict) -> str:
     return ", ".join(parts) + f"; hash `{metrics['data_hash'][:12]}`."
 
 
+def tuning_lines(tuning: dict[str, Any]) -> list[str]:
+    """How much tuning each arm got: a comparison of a tuned arm with an untuned one
+    flatters the tuned one."""
+    if not tuning:
+        return []
+    lines = ["", "How each arm was tuned (on val):", ""]
+    for arm in ("transfer", "scratch"):
+        t = tuning.get(arm, {})
+        if "trials" in t:
+            done = ", ".join(f"{n} {state}" for state, n in t["trials"].items() if n)
+            best = ", ".join(_param(k, v) for k, v in t["best_params"].items())
+            lines.append(f"- {arm}: an Optuna search ({done}); best {best}")
+        elif arm == "scratch":
+            lines.append("- scratch: no search (baseline.lr; baseline.scratch_trials is 0)")
+    rising = tuning.get("scratch", {}).get("still_improving")
+    if rising and rising[0]:
+        lines.append(
+            f"- scratch was still improving at its last epoch in {rising[0]} of {rising[1]} "
+            "seed(s): more epochs (baseline.epoch_multiplier) could narrow the gap"
+        )
+    lines.append("- probe: exact logistic regression on the frozen features, C picked on val")
+    return lines
+
+
+def _param(key: str, value: Any) -> str:
+    name = key.removeprefix("finetune.")
+    return f"{name}={value:.3g}" if isinstance(value, float) else f"{name}={value}"
+
+
 def report_markdown(metrics: dict, per_class: dict, classical: str | None) -> str:
     """evaluation.md: the verdict first, then the table, the curves and per-class scores."""
     conf = int(metrics["confidence"] * 100)
@@ -192,6 +221,7 @@ def report_markdown(metrics: dict, per_class: dict, classical: str | None) -> st
             f"- model to register − {role}: {_fmt(d)}"
             + (f" — the {role} baseline is significantly better" if d["ci_high"] < 0 else "")
         )
+    lines += tuning_lines(metrics.get("tuning", {}))
     if metrics["efficiency"]:
         lines += [
             "",

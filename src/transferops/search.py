@@ -59,7 +59,7 @@ from transferops.errors import ConfigError
 from transferops.finetune.engine import TrainResult
 from transferops.finetune.plan import total_epochs
 from transferops.finetune.train import BEST_MODEL, save_finetuned, train_model
-from transferops.progress import labelled, make_progress, quiet
+from transferops.progress import labelled, make_progress, quiet, run_label
 from transferops.redact import mask
 from transferops.search_plots import log_search_plots
 from transferops.services import check_scheduler
@@ -225,7 +225,7 @@ def _objective(cfg: Config, parent_run_id: str | None, store: dict, task: str | 
         pruned = None
         with (
             _trial_run(cfg, parent_run_id, trial, overrides) as mlflow,
-            labelled(f"trial {trial.number}"),
+            labelled(run_label(f"trial {trial.number}")),
         ):
             try:
                 res, spec = train_model(
@@ -270,9 +270,8 @@ def _log_trial(study: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
     value = t.value if t.value is not None else t.intermediate_values.get(t.last_step or 0)
     shown = f"{value:.4f}" if value is not None else "-"
     at = f" at epoch {t.last_step}" if t.state == optuna.trial.TrialState.PRUNED else ""
-    log.info(
-        "trial #%d %s%s: val accuracy %s, %s", t.number, t.state.name.lower(), at, shown, t.params
-    )
+    what = run_label(f"trial #{t.number} {t.state.name.lower()}{at}")
+    log.info("%s: val accuracy %s, %s", what, shown, t.params)
 
 
 def _load_for_worker(cfg: Config, name: str, slot: int) -> optuna.Study:
@@ -327,7 +326,7 @@ def _optimize(
     # let MaxTrialsCallback stop once the study (shared with other processes) holds n.
     stop = optuna.study.MaxTrialsCallback(n, states=FINISHED)
     with make_progress() as prog:
-        task = prog.add_task("trials", total=n, info="")
+        task = prog.add_task(run_label("trials"), total=n, info="")
 
         def progress(study: optuna.Study, _t: optuna.trial.FrozenTrial) -> None:
             prog.update(task, **_progress_fields(study, n))
@@ -399,7 +398,7 @@ def _run_on_dask(cfg: Config, name: str, parent_run_id: str) -> None:
         ctx = task_context(client)
         width = max(1, sum(ctx["hosts"].values()))
         log.info("search on Dask: %d worker(s) on %s", width, ", ".join(ctx["hosts"]))
-        bar = prog.add_task("trials", total=sc.n_trials, info="")
+        bar = prog.add_task(run_label("trials"), total=sc.n_trials, info="")
         running = as_completed()
         slot = 0
 
@@ -492,7 +491,9 @@ def _write_summary(
 
 
 def run_search(cfg: Config) -> SearchResult:
-    """Run (or resume) the study; write best params; log everything to MLflow."""
+    """Run (or resume) the study; write best params; log everything to MLflow. A config
+    with ``finetune.init: random`` is the from-scratch arm's search (see baseline.py)."""
+    arm = "scratch" if cfg.finetune.init == "random" else "transfer"
     num_blocks = read_source_manifest(cfg.source.out)["num_blocks"]
     check_depth(cfg, num_blocks)  # before any trial runs
     check_scheduler(cfg.compute.cluster)  # and before the study and MLflow runs open
@@ -527,9 +528,10 @@ def run_search(cfg: Config) -> SearchResult:
     source = read_source_manifest(cfg.source.out)
     with start_run(
         mlflow,
-        run_name=f"search-{name[-12:]}",
+        run_name=f"{'scratch-' if arm == 'scratch' else ''}search-{name[-12:]}",
         tags={
             "role": "search",
+            "arm": arm,
             "study_name": name,
             "data_hash": data_hash,
             "source": source["origin"],
@@ -548,7 +550,8 @@ def run_search(cfg: Config) -> SearchResult:
                 "space": sc.space.model_dump_json(exclude_none=True),
             }
         )
-        _run_trials(cfg, name, parent.info.run_id)
+        with labelled("scratch search" if arm == "scratch" else ""):
+            _run_trials(cfg, name, parent.info.run_id)
         study = optuna.load_study(study_name=name, storage=storage)
         _say_if_short(study, sc)
         best, counts = _best_trial(study)

@@ -67,17 +67,16 @@ def train_model(
     on_epoch_end: EpochHook | None = None,
     checkpoint: Path | None = None,
     feature_store: dict[tuple, torch.Tensor] | None = None,
-    pretrained: bool = True,
 ) -> tuple[TrainResult, dict[str, Any]]:
     """Fine-tune per `cfg` on train, score on val (never test). Returns (result, spec).
 
-    `pretrained=False` trains the same architecture from a random init (seeded by
+    ``finetune.init: random`` trains the same architecture from a random init (seeded by
     finetune.seed): the from-scratch baseline.
     """
     data_manifest = read_manifest(cfg.data.out)
     image_size = data_manifest.get("image_size") or None
     source = load_source(cfg.source.out, image_size)  # verifies the weights' sha256
-    if not pretrained:
+    if cfg.finetune.init == "random":
         torch.manual_seed(cfg.finetune.seed)
         source = random_init(source, image_size)
     check_trainable(cfg, data_manifest, source.manifest)
@@ -104,7 +103,6 @@ def train_model(
     fingerprint = sha256_json(
         {
             "source": source.manifest["sha256"],
-            "pretrained": pretrained,
             "data_hash": spec["data_hash"],
             "finetune": cfg.finetune.trajectory_params(),
         }
