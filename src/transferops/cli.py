@@ -425,6 +425,11 @@ def run(
     from transferops.pipeline import run_pipeline
 
     cfg = _cfg(params, set_)  # validate before Prefect starts
+    log.info(
+        "transferops run: %s is valid; %s",
+        params,
+        "starting Prefect's temporary server" if prefect else "running the steps",
+    )
     if prefect:
         from transferops.services import check_services
 

@@ -147,6 +147,27 @@ def data_line(metrics: dict) -> str:
     return ", ".join(parts) + f"; hash `{metrics['data_hash'][:12]}`."
 
 
+def efficiency_lines(efficiency: list[dict[str, Any]]) -> list[str]:
+    """The data-efficiency table (one run per point) and its chart."""
+    if not efficiency:
+        return []
+    lines = [
+        "",
+        "## Data efficiency (first seed)",
+        "",
+        "One run per point, so the interval is the test set's sampling noise (bootstrap over "
+        "the test examples), not the seeds'.",
+        "",
+        "| examples per class | transfer [95% CI] | scratch [95% CI] |",
+        "| --- | --- | --- |",
+    ]
+    lines += [
+        f"| {r['per_class']} | {_acc_ci(r, 'transfer')} | {_acc_ci(r, 'scratch')} |"
+        for r in efficiency
+    ]
+    return [*lines, "", "![data efficiency](plots/data_efficiency.png)"]
+
+
 def tuning_lines(tuning: dict[str, Any]) -> list[str]:
     """How much tuning each arm got: a comparison of a tuned arm with an untuned one
     flatters the tuned one."""
@@ -222,22 +243,7 @@ def report_markdown(metrics: dict, per_class: dict, classical: str | None) -> st
             + (f" — the {role} baseline is significantly better" if d["ci_high"] < 0 else "")
         )
     lines += tuning_lines(metrics.get("tuning", {}))
-    if metrics["efficiency"]:
-        lines += [
-            "",
-            "## Data efficiency (first seed)",
-            "",
-            "One run per point, so the interval is the test set's sampling noise (bootstrap over "
-            "the test examples), not the seeds'.",
-            "",
-            "| examples per class | transfer [95% CI] | scratch [95% CI] |",
-            "| --- | --- | --- |",
-        ]
-        lines += [
-            f"| {r['per_class']} | {_acc_ci(r, 'transfer')} | {_acc_ci(r, 'scratch')} |"
-            for r in metrics["efficiency"]
-        ]
-        lines += ["", "![data efficiency](plots/data_efficiency.png)"]
+    lines += efficiency_lines(metrics["efficiency"])
     lines += [
         "",
         "## Per class (transfer, first seed)",
