@@ -32,7 +32,7 @@ from transferops.cluster import (
     uses_dask,
     worker_store,
 )
-from transferops.config import Config, validate_config, with_overrides
+from transferops.config import Config, FloatRange, validate_config, with_overrides
 from transferops.data.prepare import prepare, read_manifest
 from transferops.finetune.plan import total_epochs
 from transferops.finetune.train import (
@@ -43,7 +43,7 @@ from transferops.finetune.train import (
     train_model,
 )
 from transferops.progress import labelled
-from transferops.search import SearchResult, run_search
+from transferops.search import run_search
 from transferops.sources import read_source_manifest
 from transferops.tracking import log_data, log_epoch, setup_tracking, start_run
 
@@ -163,7 +163,9 @@ def scratch_lr(cfg: Config, num_blocks: int) -> float:
     bc = cfg.baseline
     if bc.scratch_trials == 0:
         return bc.lr
-    space = {"lr": cfg.search.space.lr.model_dump(), "unfreeze_depth": None}
+    # the transfer search's lr range; a decade either side of baseline.lr when it has none
+    lr = cfg.search.space.lr or FloatRange(low=bc.lr / 10, high=bc.lr * 10, log=True)
+    space = {"lr": lr.model_dump(), "unfreeze_depth": None}
     scfg = with_overrides(
         cfg,
         role_overrides(cfg, "scratch", bc.seeds[0], num_blocks)
@@ -174,12 +176,11 @@ def scratch_lr(cfg: Config, num_blocks: int) -> float:
         },
     )
     found = run_search(scfg)
-    log.info("scratch lr %.2g (best of %d trials, val %.4f)", *_lr_of(found, bc.scratch_trials))
-    return found.best_params["finetune.lr"]
-
-
-def _lr_of(found: SearchResult, n: int) -> tuple[float, int, float]:
-    return found.best_params["finetune.lr"], n, found.best_value
+    lr = found.best_params["finetune.lr"]
+    log.info(
+        "scratch lr %.2g (best of %d trials, val %.4f)", lr, bc.scratch_trials, found.best_value
+    )
+    return lr
 
 
 def _jobs(cfg: Config) -> list[tuple[str, str, int, int | None, Path]]:

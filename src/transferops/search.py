@@ -490,6 +490,26 @@ def _write_summary(
 # -------------------------------------------------------------------- public
 
 
+def _open_study(cfg: Config, name: str, storage: Any, arm: str) -> optuna.Study:
+    """Create or load the study, its metric named and what it is about in its attributes
+    (its name is hashes): what optuna-dashboard shows."""
+    quiet("optuna")  # not "A new study created ..."
+    study = optuna.create_study(
+        study_name=name,
+        storage=storage,
+        direction="maximize",
+        load_if_exists=True,
+        sampler=make_sampler(cfg.search),
+    )
+    with warnings.catch_warnings():  # experimental in Optuna 4
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(["val_accuracy"])
+    study.set_user_attr("data", str(cfg.data.path))
+    study.set_user_attr("arm", arm)  # transfer, or the from-scratch baseline's lr search
+    study.set_user_attr("source", read_source_manifest(cfg.source.out)["origin"])
+    return study
+
+
 def run_search(cfg: Config) -> SearchResult:
     """Run (or resume) the study; write best params; log everything to MLflow. A config
     with ``finetune.init: random`` is the from-scratch arm's search (see baseline.py)."""
@@ -501,20 +521,7 @@ def run_search(cfg: Config) -> SearchResult:
     sc = cfg.search
     name = study_name(cfg)
     storage = make_storage(sc)
-    quiet("optuna")  # not "A new study created ..."
-    study = optuna.create_study(
-        study_name=name,
-        storage=storage,
-        direction="maximize",
-        load_if_exists=True,
-        sampler=make_sampler(sc),
-    )
-    with warnings.catch_warnings():  # experimental in Optuna 4; names the metric in dashboards
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study.set_metric_names(["val_accuracy"])
-    # the study's name is hashes: say in the dashboard what it is about
-    study.set_user_attr("data", str(cfg.data.path))
-    study.set_user_attr("source", read_source_manifest(cfg.source.out)["origin"])
+    study = _open_study(cfg, name, storage, arm)
     before = len([t for t in study.get_trials(deepcopy=False) if t.state in FINISHED])
     log.info(
         "study %s in %s: %d finished trial(s), target %d",
