@@ -15,7 +15,7 @@ import yaml
 
 from transferops.config import SearchConfig, validate_config
 from transferops.errors import ConfigError
-from transferops.search import make_sampler, run_search, study_name, suggest
+from transferops.search import cpu_seconds, make_sampler, run_search, study_name, suggest
 from transferops.study_storage import make_storage
 
 TS = optuna.trial.TrialState
@@ -319,3 +319,18 @@ def test_a_search_cut_short_by_its_timeout_says_so(tmp_path, digits_prepared, li
     res = run_search(validate_config(raw))
     assert res.counts["complete"] + res.counts["pruned"] < 5
     assert "of the 5 trials asked for: search.timeout_s (0.5 s) ran out" in caplog.text
+
+
+def test_a_search_stops_when_its_cpu_budget_is_spent(
+    tmp_path, digits_prepared, lite0_source, caplog
+):
+    """search.budget_s: no trial starts once the finished ones used that much compute (wall
+    x threads); the study says why it is short."""
+    raw = _raw(tmp_path, digits_prepared, lite0_source, n_trials=4, budget_s=0.01)
+    res = run_search(validate_config(raw))
+    assert res.counts["complete"] + res.counts["pruned"] == 1  # the first spent it
+    study = optuna.load_study(study_name=res.study_name, storage=f"sqlite:///{tmp_path}/optuna.db")
+    (t,) = study.trials
+    wall = (t.datetime_complete - t.datetime_start).total_seconds()
+    assert cpu_seconds(study) == pytest.approx(wall * t.user_attrs["threads"])
+    assert "of the 4 trials asked for: search.budget_s (0.01 CPU s) is spent" in caplog.text

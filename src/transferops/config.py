@@ -385,6 +385,11 @@ class SearchConfig(_Section):
 
     n_trials: Annotated[int, Field(ge=1)] = 10
     timeout_s: PositiveFloat | None = None
+    budget_s: PositiveFloat | None = Field(
+        None,
+        description="compute budget: no trial starts once the finished ones used this many "
+        "CPU seconds (each trial's wall time x its threads, summed over workers)",
+    )
     sampler: Literal["tpe", "random", "grid"] = "tpe"
     pruner: Literal["median", "hyperband", "none"] = "median"
     storage: str = "sqlite:///optuna.db"

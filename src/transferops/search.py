@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import torch
 from distributed import as_completed
 
 from transferops.artifacts import atomic_dir, sha256_json, write_json_atomic
@@ -205,6 +206,7 @@ def _objective(cfg: Config, parent_run_id: str | None, store: dict, task: str | 
     def objective(trial: optuna.Trial) -> float:
         overrides = suggest(trial, cfg.search)
         trial.set_user_attr("worker_pid", os.getpid())
+        trial.set_user_attr("threads", torch.get_num_threads())  # for search.budget_s
         if task is not None:  # the Dask task running it (see _take_over)
             trial.set_user_attr("task", task)
         # A configuration already finished or running is not trained again, and the repeat
@@ -294,7 +296,7 @@ def _run_here(cfg: Config, name: str, parent_run_id: str) -> None:
     for _ in range(3):
         left = cfg.search.n_trials - _count(study, lambda t: t.state in FINISHED)
         repeats = _count(study, lambda t: "duplicate_of" in t.user_attrs)
-        if left <= 0:
+        if left <= 0 or _over_budget(study, cfg.search):
             return
         _optimize(cfg, study, left, parent_run_id, store)
         if _count(study, lambda t: "duplicate_of" in t.user_attrs) == repeats:
@@ -318,6 +320,19 @@ def _progress_fields(study: optuna.Study, n: int) -> dict[str, Any]:
     }
 
 
+def cpu_seconds(study: optuna.Study) -> float:
+    """Compute the study's finished trials used: wall time x threads, summed (any worker)."""
+    return sum(
+        (t.datetime_complete - t.datetime_start).total_seconds() * t.user_attrs.get("threads", 1)
+        for t in study.get_trials(deepcopy=False)
+        if t.datetime_complete is not None and t.datetime_start is not None
+    )
+
+
+def _over_budget(study: optuna.Study, sc: SearchConfig) -> bool:
+    return sc.budget_s is not None and cpu_seconds(study) >= sc.budget_s
+
+
 def _optimize(
     cfg: Config, study: optuna.Study, left: int, parent_run_id: str | None, store: dict
 ) -> None:
@@ -331,13 +346,17 @@ def _optimize(
         def progress(study: optuna.Study, _t: optuna.trial.FrozenTrial) -> None:
             prog.update(task, **_progress_fields(study, n))
 
+        def budget(study: optuna.Study, _t: optuna.trial.FrozenTrial) -> None:
+            if _over_budget(study, cfg.search):
+                study.stop()
+
         progress(study, None)  # type: ignore[arg-type]
         study.optimize(
             _objective(cfg, parent_run_id, store),
             n_trials=left,
             timeout=cfg.search.timeout_s,
             catch=(RuntimeError, ValueError),
-            callbacks=[stop, progress, _log_trial],
+            callbacks=[stop, budget, progress, _log_trial],
         )
 
 
@@ -411,6 +430,7 @@ def _run_on_dask(cfg: Config, name: str, parent_run_id: str) -> None:
                 and _budget_used(study) + running.count() < sc.n_trials
                 and slot < 3 * sc.n_trials
                 and (deadline is None or time.monotonic() < deadline)
+                and not _over_budget(study, sc)
             ):
                 args = (cfg_json, name, parent_run_id, slot)
                 running.add(client.submit(run_in_project, ctx, _trial_task, *args, pure=False))
@@ -433,11 +453,12 @@ def _say_if_short(study: optuna.Study, sc: SearchConfig) -> None:
     """A search that ends with fewer trials than asked says so, and why."""
     finished = _count(study, lambda t: t.state in FINISHED)
     if finished < sc.n_trials:
-        why = (
-            f"search.timeout_s ({sc.timeout_s:g} s) ran out"
-            if sc.timeout_s is not None
-            else "the others failed (see above)"
-        )
+        if _over_budget(study, sc):
+            why = f"search.budget_s ({sc.budget_s:g} CPU s) is spent ({cpu_seconds(study):.0f})"
+        elif sc.timeout_s is not None:
+            why = f"search.timeout_s ({sc.timeout_s:g} s) ran out"
+        else:
+            why = "the others failed (see above)"
         log.warning("the study holds %d of the %d trials asked for: %s", finished, sc.n_trials, why)
 
 
