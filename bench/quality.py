@@ -49,7 +49,26 @@ CASES: dict[str, dict[str, Any]] = {
     "fortunes-k10": TEXT | {"data.limit_per_class": 10},
     "fortunes-k40": TEXT | {"data.limit_per_class": 40},
 }
+LFW = {"data.demo": None, "data.path": "data/raw/lfw"}
+CASES |= {  # real photos where ImageNet features should help (needs `pip install .[bench]`)
+    "lfw-faces-k20": LFW | {"data.limit_per_class": 20},
+    "lfw-faces-all": LFW | {"data.limit_per_class": None},
+}
 QUICK = {"search.n_trials": 4, "baseline.seeds": [0, 1]}
+
+
+def write_lfw(folder: Path) -> None:
+    """scikit-image's subset of Labeled Faces in the Wild (in its wheel, `skimage.data.
+    lfw_subset`): 100 face crops then 100 non-face patches of the same photos, 25x25 grey,
+    written as an image folder with classes face / not-face."""
+    from PIL import Image
+    from skimage import data
+
+    images = data.lfw_subset()
+    for i, img in enumerate(images):
+        cls = folder / ("face" if i < 100 else "not-face")
+        cls.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((img * 255).round().astype("uint8")).save(cls / f"{i:03d}.png")
 
 
 def _timed_runner(times: dict[str, tuple[float, float]]):
@@ -69,6 +88,8 @@ def run_case(name: str, overrides: dict[str, Any], out: Path) -> dict[str, Any]:
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     shutil.copy(ROOT / "params.yaml", folder / "params.yaml")
+    if overrides.get("data.path") == LFW["data.path"]:
+        write_lfw(folder / LFW["data.path"])
     cwd = Path.cwd()
     os.chdir(folder)  # every output path in params.yaml is relative to the project folder
     try:
