@@ -54,7 +54,28 @@ CASES |= {  # real photos where ImageNet features should help (needs `pip instal
     "lfw-faces-k20": LFW | {"data.limit_per_class": 20},
     "lfw-faces-all": LFW | {"data.limit_per_class": None},
 }
+FOLDER = {"data.demo": None, "data.path": "data/raw/folder"}
+CASES |= {  # the issue's shape: a 1,300-image, 9-class, 64-px PNG folder, default params
+    "folder-9x1300": FOLDER,
+    "folder-9x1300-all": FOLDER | {"data.limit_per_class": None},
+}
 QUICK = {"search.n_trials": 4, "baseline.seeds": [0, 1]}
+
+
+def write_folder(folder: Path, n: int = 1300, size: int = 64) -> None:
+    """The packaged digits 1-9 as a plain image folder of `n` `size`-px PNGs (no split
+    folders: prepare splits them), the shape of a user's own small photo folder."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    keep = np.flatnonzero(digits.target > 0)[:n]
+    for i in keep:
+        cls = folder / str(digits.target[i])
+        cls.mkdir(parents=True, exist_ok=True)
+        img = Image.fromarray((digits.images[i] * 16).clip(0, 255).astype("uint8"))
+        img.resize((size, size), Image.Resampling.BICUBIC).save(cls / f"{i:04d}.png")
 
 
 def write_lfw(folder: Path) -> None:
@@ -90,6 +111,8 @@ def run_case(name: str, overrides: dict[str, Any], out: Path) -> dict[str, Any]:
     shutil.copy(ROOT / "params.yaml", folder / "params.yaml")
     if overrides.get("data.path") == LFW["data.path"]:
         write_lfw(folder / LFW["data.path"])
+    if overrides.get("data.path") == FOLDER["data.path"]:
+        write_folder(folder / FOLDER["data.path"])
     cwd = Path.cwd()
     os.chdir(folder)  # every output path in params.yaml is relative to the project folder
     try:
