@@ -505,11 +505,12 @@ def ui(
 ) -> None:
     """Open the project's MLflow UI and optuna-dashboard on 127.0.0.1 (Ctrl-C stops them)."""
     from transferops import ui as _ui
+    from transferops.tracking import is_server
 
     cfg = _cfg(params, set_)
     svcs = _ui.services(cfg, params.resolve().parent, mlflow_port, optuna_port)
     with _ui.running(svcs):
-        if cfg.tracking.uri.startswith(("http://", "https://")):
+        if is_server(cfg.tracking.uri):
             console.print(f"MLflow: {mask(cfg.tracking.uri)} (the configured server)")
         for s in svcs:
             console.print(f"{s.name}: {s.url}")

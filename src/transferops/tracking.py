@@ -36,6 +36,11 @@ def absolute_uri(uri: str, base: Path | str = ".") -> str:
     return uri
 
 
+def is_server(uri: str) -> bool:
+    """Whether a tracking URI names an MLflow server (else a local store: sqlite, a folder)."""
+    return uri.startswith(("http://", "https://"))
+
+
 TIMEOUT_S = 5.0
 _reachable: set[str] = set()  # server URIs already answered in this process
 
@@ -43,7 +48,7 @@ _reachable: set[str] = set()  # server URIs already answered in this process
 def check_reachable(key: str, uri: str) -> None:
     """An MLflow server at `uri` answers ``GET /health`` within seconds (other URIs pass):
     else one :class:`ConfigError` line, where the client would retry for minutes."""
-    if not uri.startswith(("http://", "https://")) or uri in _reachable:
+    if not is_server(uri) or uri in _reachable:
         return
     url, login = _split_login(expand_env(uri, key))
     req = urllib.request.Request(url.rstrip("/") + "/health")
@@ -69,7 +74,7 @@ def client_uri(uri: str, key: str) -> str:
     if not verbose():  # a tqdm bar per download
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = expand_env(uri, key)
-    if not uri.startswith(("http://", "https://")):
+    if not is_server(uri):
         return uri
     url, login = _split_login(uri)
     if login is not None:
@@ -222,7 +227,7 @@ def _artifact_location(cfg: TrackingConfig) -> str | None:
     loc = cfg.artifact_location
     if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", loc):
         return loc
-    if cfg.uri.startswith(("http://", "https://")):
+    if is_server(cfg.uri):
         return None
     return Path(loc).resolve().as_uri()
 
@@ -232,7 +237,7 @@ def run_link(cfg: TrackingConfig, run_id: str) -> str:
     id and the page `transferops ui` serves."""
     mlflow = setup_tracking(cfg)
     page = f"/#/experiments/{mlflow.get_run(run_id).info.experiment_id}/runs/{run_id}"
-    if cfg.uri.startswith(("http://", "https://")):
+    if is_server(cfg.uri):
         return mask(cfg.uri.rstrip("/")) + page
     return f"{run_id} (`transferops ui`, then http://127.0.0.1:5000{page})"
 

@@ -25,7 +25,7 @@ from transferops.config import Config
 from transferops.errors import ConfigError
 from transferops.redact import expand_env, mask
 from transferops.study_storage import make_storage
-from transferops.tracking import absolute_uri
+from transferops.tracking import absolute_uri, is_server
 
 BIN = Path(sys.executable).parent
 START_TIMEOUT_S = 90.0
@@ -56,7 +56,7 @@ def services(cfg: Config, project: Path, mlflow_port: int, optuna_port: int) -> 
         cfg.search.model_copy(update={"storage": absolute_uri(cfg.search.storage, project)})
     )
     out = []
-    if not cfg.tracking.uri.startswith(("http://", "https://")):
+    if not is_server(cfg.tracking.uri):
         store = absolute_uri(expand_env(cfg.tracking.uri, "tracking.uri"), project)
         base = f"http://127.0.0.1:{mlflow_port}"
         cmd = [str(BIN / "mlflow"), "ui", "--host", "127.0.0.1", "--port", str(mlflow_port)]
