@@ -116,7 +116,8 @@ def evaluate(cfg: Config) -> dict[str, Any]:
     if not index_path.exists():
         raise DataError(f"{index_path} not found: run `transferops baseline` first")
     index = read_json(index_path)
-    data_hash = read_manifest(cfg.data.out)["data_hash"]
+    manifest = read_manifest(cfg.data.out)
+    data_hash = manifest["data_hash"]
     if index["data_hash"] != data_hash:
         raise DataError(
             f"{index_path} was trained on data {index['data_hash'][:12]}, but "
@@ -168,7 +169,7 @@ def evaluate(cfg: Config) -> dict[str, Any]:
         "efficiency": efficiency,
         "tuning": _tuning(cfg, main),
         "data_hash": data_hash,
-        "data": _data_facts(cfg),
+        "data": _data_facts(cfg, manifest),
     }
     finetuned = _score_finetuned(cfg, test, device, data_hash, correct)
     if finetuned is not None:
@@ -259,9 +260,8 @@ def score_model_dir(model_dir: Path, cfg: Config) -> dict[str, float]:
     return {k: m[k] for k in ("accuracy", "macro_f1", "ece")}
 
 
-def _data_facts(cfg: Config) -> dict[str, Any]:
+def _data_facts(cfg: Config, manifest: dict[str, Any]) -> dict[str, Any]:
     """What the report names the data by (besides its hash)."""
-    manifest = read_manifest(cfg.data.out)
     return {
         "path": str(cfg.data.path),
         "counts": {s: sum(c.values()) for s, c in manifest["counts"].items()},
