@@ -89,7 +89,7 @@ def main() -> None:
     # Bare reference: one backbone forward pass over train + val, with the engine's autocast,
     # timed after a warm-up pass.
     fc = FinetuneConfig()
-    net = build_net(src, 10, fc, args.size).to(device)
+    net = build_net(src, 10, fc, args.size)
     pre = make_preprocess(src.manifest, device, "image", fc.augment)
     both = Inputs(torch.cat([train.x, val.x]), torch.cat([train.y, val.y])).to(device)
     amp = (
@@ -97,8 +97,7 @@ def main() -> None:
         if device.type == "cuda"
         else nullcontext
     )
-    if pre.channels_last:
-        net.to(memory_format=torch.channels_last)
+    pre.place(net, device)
     times = []
     for _ in range(2):
         _sync(device)

@@ -84,6 +84,7 @@ def source_features(cfg: Config, split: str = "train") -> tuple[np.ndarray, np.n
     ).eval()
     inputs = make_inputs(data, Path(cfg.source.out), source.manifest, cfg.finetune.max_length)
     pre = make_preprocess(source.manifest, torch.device("cpu"), data.modality)
+    pre.place(net, torch.device("cpu"))
     with torch.no_grad():
         feats = encode_prefix(net, inputs, net.num_blocks, pre, 64)
     return feats.flatten(1).numpy(), data.labels.numpy(), example_keys(data)

@@ -2,10 +2,10 @@
 
 A *family* is a set of architectures cut into blocks the same way. Each row says how to cut
 it (the splitter in :mod:`transferops.finetune.blocks`), what input normalisation its
-pretrained weights expect when the weights do not say, whether it runs channels_last on a
-GPU, and which pip package the architecture needs at inference time. Source pulls, block
-discovery, preprocessing and the registered model's requirements all read this table; no
-other module branches on a family name.
+pretrained weights expect when the weights do not say, whether it runs channels_last, and
+which pip package the architecture needs at inference time. Source pulls, block discovery,
+preprocessing and the registered model's requirements all read this table; no other module
+branches on a family name.
 
 | family | architectures | blocks |
 | --- | --- | --- |
@@ -39,7 +39,7 @@ class Family:
     split: Callable[[Any, int], B.Split] | None  # (model, image size) -> blocks, pool, dim
     modality: str  # "image" | "text"
     norm: dict[str, list[float]] | None  # input normalisation when the weights carry none
-    channels_last: bool  # faster on a GPU for convolutions; a no-op for attention
+    channels_last: bool  # faster for convolutions (GPU and CPU); a no-op for attention
     requirement: str  # the pip package that builds the architecture at inference time
     prefixes: tuple[str, ...] = ()  # torchvision model names of this family
 

@@ -28,8 +28,8 @@ def predict_probs(
     batch_size: int = 256,
 ) -> np.ndarray:
     """Class probabilities [N, C] of `net` (in eval mode) on `inputs`."""
-    net.to(device).eval()
     pre = make_preprocess(spec["source"], device, spec["modality"])  # no augmentation
+    pre.place(net, device).eval()
     order = inputs.inference_order()  # texts by length: little padding per batch
     out = []
     for i in range(0, len(inputs), batch_size):

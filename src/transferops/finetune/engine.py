@@ -94,10 +94,8 @@ def finetune(
     """
     t0 = time.perf_counter()
     plan = stage_plan(cfg, net.num_blocks)
-    net.to(device)
+    pre.place(net, device)
     set_bn_momentum(net, cfg.bn_momentum)  # matters only where statistics are learned
-    if pre.channels_last:
-        net.to(memory_format=torch.channels_last)
     train, val = train.to(device), val.to(device)
     amp = autocast_for(device)
     opt = make_optimizer(net, cfg)
