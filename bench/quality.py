@@ -8,9 +8,10 @@ from-scratch baseline, the verdict, the promotion decision, and the wall and CPU
 every step. This is how a change is known to help: run it before and after.
 
     .venv/bin/python bench/quality.py [--cases digits-k20-32,digits-k20-auto] [--quick]
+        [--set compute.n_workers=2 ...]
 
-``--quick``: 4 search trials and 2 seeds (a smoke run, not for RESULTS.md). ``--help``
-lists the cases.
+``--quick``: 4 search trials and 2 seeds (a smoke run, not for RESULTS.md). ``--set``: params
+for every case (a value is read as YAML). ``--help`` lists the cases.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 os.environ.setdefault("TRANSFEROPS_PROGRESS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -156,10 +158,13 @@ def main() -> None:
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--out", type=Path, default=Path("/tmp/transferops-quality"))
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
+    extra = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
     print(
         f"# {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
         + (" (quick)" if args.quick else "")
+        + "".join(f", {k}={v}" for k, v in extra.items())
     )
     print(
         "| case | train / px | registered | transfer (95% CI over seeds) | exact probe | "
@@ -167,7 +172,7 @@ def main() -> None:
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in args.cases.split(","):
-        r = run_case(name, CASES[name] | (QUICK if args.quick else {}), args.out)
+        r = run_case(name, CASES[name] | (QUICK if args.quick else {}) | extra, args.out)
         steps = ", ".join(f"{s} {w:.0f}/{c:.0f}" for s, (w, c) in r["times"].items() if w >= 1)
         total_w = sum(w for w, _ in r["times"].values())
         total_c = sum(c for _, c in r["times"].values())
