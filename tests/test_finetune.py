@@ -317,6 +317,61 @@ def test_checkpoint_resume_equals_uninterrupted(digits_prepared, lite0_source, t
     assert finetune(net, tr, va, cfg, pre, CPU, checkpoint=ck, fingerprint="g").resumed_from is None
 
 
+@pytest.mark.parametrize("bn_mode", ["frozen", "train"])
+def test_weight_average_is_the_mean_of_the_last_epochs_and_kept_only_if_better(
+    digits_prepared, lite0_source, bn_mode
+):
+    """average_epochs: the mean weights of the plan's last N epochs are scored on val (BN
+    statistics recomputed for them when learned) and replace the best epoch only if better."""
+    from transferops.finetune.engine import evaluate
+
+    net, tr, va, cfg, pre = _setup(
+        digits_prepared,
+        lite0_source,
+        unfreeze_depth=2,
+        blocks_per_stage=1,
+        epochs_per_stage=[2],
+        average_epochs=3,
+        bn_mode=bn_mode,
+        head_init="random",  # no probe floor: the best is an epoch or the average
+        early_stopping_patience=None,
+        lr=0.01,
+    )
+    snaps = []
+    res = finetune(
+        net,
+        tr,
+        va,
+        cfg,
+        pre,
+        CPU,
+        on_epoch_end=lambda e, r: snaps.append({k: v.clone() for k, v in net.state_dict().items()}),
+    )
+    assert res.average is not None and res.average.epochs == 3
+    mean = {k: torch.stack([s[k].float() for s in snaps[-3:]]).mean(0) for k in snaps[-1]}
+    avg_net = build_net(load_source(lite0_source, image_size=16), 3, cfg, 16)
+    weights = {k: mean[k].to(v.dtype) if v.is_floating_point() else v for k, v in snaps[-1].items()}
+    avg_net.load_state_dict(weights)
+    if bn_mode == "train":  # the average's own statistics, as the loop computes them
+        from transferops.finetune.engine import recalibrate_bn
+
+        recalibrate_bn(avg_net, 2, tr, None, pre, 16, nullcontext)
+    acc, loss = evaluate(avg_net, va, None, 1, pre, 16, nullcontext)
+    assert res.average.val_accuracy == pytest.approx(acc, abs=1e-6)
+    epochs_best = max((h["val_accuracy"], -h["val_loss"]) for h in res.history)
+    assert res.average.kept == ((acc, -loss) > epochs_best)
+    kept = res.net.state_dict()
+    if res.average.kept:
+        assert res.best_val_accuracy == pytest.approx(acc)
+        assert all(
+            torch.allclose(kept[k].float(), avg_net.state_dict()[k].float(), atol=1e-5)
+            for k in kept
+            if "running" not in k
+        )
+    else:  # the best epoch's own weights, one of the snapshots
+        assert any(all(torch.equal(kept[k], s[k]) for k in kept) for s in snaps)
+
+
 def test_augmentation_with_cached_views_trains(digits_prepared, lite0_source):
     net, tr, va, cfg, pre = _setup(
         digits_prepared, lite0_source, unfreeze_depth=1, augment="flip_crop", cached_views=2
@@ -432,6 +487,15 @@ def test_stage_plan_says_what_thaws_when_and_refuses_a_deeper_depth():
         (5, (5,), 2, 4),
     ]
     assert total_epochs(cfg, 9) == 9
+    # average_epochs (6) counts back from the last epoch, across stages
+    assert [(s.averaged_from, s.last) for s in plan] == [
+        (3, False),
+        (0, False),
+        (0, False),
+        (0, True),
+    ]
+    off = stage_plan(cfg.model_copy(update={"average_epochs": 3}), 9)
+    assert [s.averaged_from for s in off] == [3, 2, 1, 0]  # stage 2's last epoch, stage 3's two
     with pytest.raises(ConfigError, match=r"finetune.unfreeze_depth is 10 .* 9 blocks"):
         stage_plan(cfg.model_copy(update={"unfreeze_depth": 10}), 9)  # no silent clamp
 

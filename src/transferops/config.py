@@ -244,6 +244,11 @@ class FinetuneConfig(_Section):
     )
     feature_cache_max_mb: Annotated[int, Field(ge=0)] = 1024
     early_stopping_patience: Annotated[int, Field(ge=1)] | None = 3
+    average_epochs: Annotated[int, Field(ge=0)] = Field(
+        6,
+        description="the weights averaged over the plan's last N epochs (a uniform stochastic "
+        "weight average) replace the best epoch's when they score better on val; 0 = off",
+    )
     max_length: Annotated[int, Field(ge=8, le=512)] = 64
     adapter: Literal["none", "lora"] = Field(
         "none",

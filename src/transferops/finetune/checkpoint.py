@@ -32,17 +32,35 @@ class RunState:
     stage: int = 0  # the stage to run next ...
     next_epoch: int = 0  # ... from this epoch
     stage_done: bool = False  # ... unless it already finished (early stop or last epoch)
+    avg_state: dict[str, torch.Tensor] | None = None  # mean weights of the averaged epochs
+    avg_count: int = 0
+    average: dict[str, Any] | None = None  # the average's val score, once the last stage ended
 
     @classmethod
     def fresh(cls, net: StagedNet) -> RunState:
         """Nothing trained yet: the best weights so far are the initial ones."""
         return cls(best_state=copy.deepcopy(net.state_dict()))
 
-    def improve(self, net: StagedNet, val_accuracy: float, val_loss: float) -> None:
+    def improve(self, net: StagedNet, val_accuracy: float, val_loss: float) -> bool:
         """Keep the weights if this is the best validation so far (accuracy, then loss)."""
         if (val_accuracy, -val_loss) > self.best:
             self.best = (val_accuracy, -val_loss)
             self.best_state = copy.deepcopy(net.state_dict())
+            return True
+        return False
+
+    def add_to_average(self, net: StagedNet) -> None:
+        """Fold this epoch's weights into the running mean (integer buffers: the latest)."""
+        self.avg_count += 1
+        if self.avg_state is None:
+            self.avg_state = copy.deepcopy(net.state_dict())
+            return
+        for k, v in net.state_dict().items():
+            a = self.avg_state[k]
+            if a.is_floating_point():
+                a.add_(v.detach() - a, alpha=1.0 / self.avg_count)
+            else:
+                a.copy_(v)
 
 
 def save_checkpoint(
@@ -60,6 +78,9 @@ def save_checkpoint(
         "best_acc": state.best[0],
         "best_neg_loss": state.best[1],
         "history": state.history,
+        "avg_state": state.avg_state,
+        "avg_count": state.avg_count,
+        "average": state.average,
         "rng": torch.get_rng_state(),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -94,4 +115,7 @@ def restore(net: StagedNet, ck: dict[str, Any]) -> RunState:
         stage=ck["stage"],
         next_epoch=ck["next_epoch"],
         stage_done=ck["stage_done"],
+        avg_state=ck.get("avg_state"),
+        avg_count=ck.get("avg_count", 0),
+        average=ck.get("average"),
     )

@@ -12,12 +12,13 @@ line per epoch).
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -66,6 +67,17 @@ class TrainResult:
     # optimizer steps taken per param group (Adam state survives thawing)
     optimizer_steps: dict[str, int] = field(default_factory=dict)
     probe: ProbeFit | None = None  # the exact probe the head started from (head_init probe)
+    average: WeightAverage | None = None  # the averaged weights' val score (average_epochs)
+
+
+@dataclass
+class WeightAverage:
+    """The mean of the last epochs' weights, scored on val; `kept` if it beat every epoch."""
+
+    epochs: int
+    val_accuracy: float
+    val_loss: float
+    kept: bool
 
 
 def autocast_for(device: torch.device) -> Autocast:
@@ -140,6 +152,7 @@ def finetune(
         stage_groups=stage_groups,
         optimizer_steps={g["name"]: _steps(opt, g) for g in opt.param_groups},
         probe=probe,
+        average=WeightAverage(**run.average) if run.average else None,
     )
 
 
@@ -215,13 +228,54 @@ def run_stage(
                     run_label(f"{stage} epoch {epoch}: loss {train_loss:.3f} val {val_acc:.4f}")
                 )
             run.improve(net, val_acc, val_loss)
+            if epoch >= stage.averaged_from:
+                run.add_to_average(net)
             stage_best, bad = (val_acc, 0) if val_acc > stage_best else (stage_best, bad + 1)
             patience = cfg.early_stopping_patience
             run.stage, run.next_epoch = stage.index, epoch + 1
             run.stage_done = epoch == stage.epochs - 1 or (patience is not None and bad >= patience)
+            if run.stage_done and stage.last:
+                keep_average(net, run, stage, train, val, feats, pre, cfg, amp)
             end_epoch(rec)  # checkpoint + hooks; may raise (Optuna pruning the trial)
             if run.stage_done:
                 break
+
+
+def keep_average(
+    net: StagedNet,
+    run: RunState,
+    last: Stage,
+    train: Inputs,
+    val: Inputs,
+    feats: StageFeatures | None,
+    pre: Preprocess,
+    cfg: FinetuneConfig,
+    amp: Autocast,
+) -> None:
+    """Score the mean weights of the averaged epochs on val when the last stage ends; they
+    become the best state if they beat every epoch (accuracy, then loss). On 200 digits the
+    mean beat the best epoch's test accuracy in 8 of 9 runs, +2.1 points (bench/RESULTS.md):
+    it sits in a flatter region than any one epoch's weights."""
+    if run.avg_count < 2:
+        return
+    live = copy.deepcopy(net.state_dict())  # the trainer's weights: the checkpoint keeps them
+    net.load_state_dict(run.avg_state)
+    bs = cfg.batch_size * 2
+    if cfg.bn_mode == "train" and cfg.bn_recalibrate and last.depth > 0:
+        # the mean of the epochs' BN statistics is not the statistics of the mean weights
+        cached = feats.train_views[0] if feats else None
+        recalibrate_bn(net, last.depth, train, cached, pre, bs, amp)
+    acc, loss = evaluate(net, val, feats, last.frozen, pre, bs, amp)
+    best = run.best[0]
+    kept = run.improve(net, acc, loss)
+    net.load_state_dict(live)
+    run.average = asdict(WeightAverage(run.avg_count, acc, loss, kept))
+    log.info(
+        run_label(
+            f"weights averaged over the last {run.avg_count} epochs: val {acc:.4f} "
+            f"(best epoch {best:.4f}): {'kept' if kept else 'not kept'}"
+        )
+    )
 
 
 def train_epoch(

@@ -23,6 +23,8 @@ class Stage:
     thaws: tuple[int, ...]  # blocks joining the optimizer now, as j from the top (1 = top)
     epochs: int
     frozen: int  # blocks below the trainable top: their output can be cached
+    averaged_from: int  # this stage's epochs from here on join the weight average
+    last: bool  # the plan's last stage: the average is scored when it ends
 
     def __str__(self) -> str:
         return f"stage {self.index} (depth {self.depth})"
@@ -42,8 +44,19 @@ def stage_plan(cfg: FinetuneConfig, num_blocks: int) -> list[Stage]:
     if problem:
         raise ConfigError(problem)
     depths = stage_depths(cfg.unfreeze_depth, cfg.blocks_per_stage)
+    epochs = [cfg.epochs_for_stage(i) for i in range(len(depths))]
+    # finetune.average_epochs counts back from the plan's last epoch, across stages
+    after = [sum(epochs[i + 1 :]) for i in range(len(epochs))]
     return [
-        Stage(i, d, tuple(range(prev + 1, d + 1)), cfg.epochs_for_stage(i), num_blocks - d)
+        Stage(
+            i,
+            d,
+            tuple(range(prev + 1, d + 1)),
+            epochs[i],
+            num_blocks - d,
+            min(epochs[i], max(0, epochs[i] + after[i] - cfg.average_epochs)),
+            i == len(depths) - 1,
+        )
         for i, (prev, d) in enumerate(zip([0, *depths], depths, strict=False))
     ]
 

@@ -121,6 +121,7 @@ def train_model(
     )
     spec["val_accuracy"] = res.best_val_accuracy
     spec["val_loss"] = res.best_val_loss
+    spec["weight_average"] = asdict(res.average) if res.average else None
     return res, spec
 
 
