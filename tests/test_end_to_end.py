@@ -67,6 +67,11 @@ def test_run_pipeline_on_tiny_images(tmp_path, monkeypatch):
     assert train.data.tags.get("reused_from", "").endswith("best_model")
     curve = client.get_metric_history(train.info.run_id, "val_accuracy")
     assert len(curve) == summary["epochs"] and train.data.metrics["best_val_accuracy"] > 0
+    # the mean of the last epochs' weights was scored too; the run says which weights won
+    avg = spec["weight_average"]
+    assert train.data.metrics["averaged_val_accuracy"] == pytest.approx(avg["val_accuracy"])
+    won = f"mean of the last {avg['epochs']} epochs" if avg["kept"] else "best epoch"
+    assert train.data.tags["weights"] == won
     assert all(r.data.tags.get("mlflow.parentRunId") == parent.info.run_id for r in steps)
     # every training and evaluation run names its data (MLflow's Datasets column)
     for r in steps:

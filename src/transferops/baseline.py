@@ -45,7 +45,7 @@ from transferops.finetune.train import (
 from transferops.progress import labelled
 from transferops.search import run_search
 from transferops.sources import read_source_manifest
-from transferops.tracking import log_data, log_epoch, setup_tracking, start_run
+from transferops.tracking import log_data, log_epoch, log_outcome, setup_tracking, start_run
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def _train_one(
             shutil.rmtree(rcfg.finetune.checkpoint_dir, ignore_errors=True)
             val_accuracy = res.best_val_accuracy
             how = f"{res.epochs_run} epochs, {res.seconds:.1f}s"
-        mlflow.log_metric("best_val_accuracy", val_accuracy)
+        log_outcome(mlflow, val_accuracy, spec.get("weight_average"))
     log.info("%s: val accuracy %.4f (%s)", name, val_accuracy, how)
     return {
         "name": name,

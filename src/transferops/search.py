@@ -66,7 +66,7 @@ from transferops.search_plots import log_search_plots
 from transferops.services import check_scheduler
 from transferops.sources import read_source_manifest
 from transferops.study_storage import make_storage
-from transferops.tracking import log_data, log_epoch, setup_tracking, start_run
+from transferops.tracking import log_data, log_epoch, log_outcome, setup_tracking, start_run
 
 log = logging.getLogger(__name__)
 TS = optuna.trial.TrialState
@@ -243,7 +243,7 @@ def _objective(cfg: Config, parent_run_id: str | None, store: dict, task: str | 
                 raise
             else:
                 mlflow.set_tag("state", "complete")
-                mlflow.log_metric("best_val_accuracy", res.best_val_accuracy)
+                log_outcome(mlflow, res.best_val_accuracy, spec.get("weight_average"))
                 _keep_if_best(cfg, trial, res, spec)
         if pruned is not None:
             raise pruned

@@ -254,6 +254,19 @@ def log_data(mlflow: Any, folder: Path | str, name: str, data_hash: str, context
     mlflow.log_input(MetaDataset(source, name=name, digest=data_hash[:12]), context=context)
 
 
+def log_outcome(mlflow: Any, val_accuracy: float, avg: dict[str, Any] | None) -> None:
+    """A finished training run's score, and whether its weights are the mean of the last
+    epochs' (``finetune.average_epochs``, the model spec's ``weight_average``): then the score
+    is above every point of the run's val curve, and the run says why."""
+    mlflow.log_metric("best_val_accuracy", val_accuracy)
+    if avg:
+        mlflow.log_metric("averaged_val_accuracy", avg["val_accuracy"])
+        mlflow.set_tag(
+            "weights",
+            f"mean of the last {avg['epochs']} epochs" if avg["kept"] else "best epoch",
+        )
+
+
 def log_epoch(epoch: int, record: dict[str, float]) -> None:
     """An engine ``on_epoch_end`` hook: the epoch's metrics into the active MLflow run."""
     import mlflow

@@ -26,7 +26,7 @@ from transferops.finetune.blocks import StagedNet
 from transferops.finetune.engine import EpochHook, TrainResult, finetune
 from transferops.model_io import make_inputs, make_preprocess, pick_device, save_model_folder
 from transferops.sources import SourceModel, load_source, random_init, read_source_manifest
-from transferops.tracking import log_data, log_epoch, setup_tracking, start_run
+from transferops.tracking import log_data, log_epoch, log_outcome, setup_tracking, start_run
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +145,7 @@ class Trained:
     epochs: int
     seconds: float
     reused_from: str | None = None  # the search trial's model, when it was this very run
+    weight_average: dict[str, Any] | None = None  # the averaged weights' val score (spec's)
 
 
 def same_run(folder: Path, cfg: Config, data_hash: str, source_sha: str) -> bool:
@@ -193,7 +194,7 @@ def train_from_config(cfg: Config, resume: bool = True) -> Trained:
             mlflow.set_tag("reused_from", str(trial))
         else:
             done = _train(cfg, r.info.run_id, resume)
-        mlflow.log_metric("best_val_accuracy", done.val_accuracy)
+        log_outcome(mlflow, done.val_accuracy, done.weight_average)
     write_json_atomic(
         Path(fc.metrics), {k: v for k, v in asdict(done).items() if k != "reused_from"}
     )
@@ -218,6 +219,7 @@ def _train(cfg: Config, run_id: str, resume: bool) -> Trained:
         res.unfreeze_depth,
         res.epochs_run,
         round(res.seconds, 2),
+        weight_average=spec["weight_average"],
     )
 
 
@@ -230,4 +232,5 @@ def _copy_trial(trial: Path, cfg: Config, run_id: str) -> Trained:
         len(history),
         0.0,
         str(trial),
+        spec.get("weight_average"),
     )
