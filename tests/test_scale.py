@@ -123,3 +123,29 @@ def test_pipeline_against_an_mlflow_server_on_postgresql(tmp_path, monkeypatch, 
     r = CliRunner().invoke(app, ["register"])
     assert r.exit_code == 0 and "already registered" in r.output
     assert len(client.search_model_versions("name='transferops-raw'")) == 1
+
+
+def test_dask_tasks_keep_tensors_off_the_mmap_path(tmp_path, monkeypatch):
+    """Dask starts workers with MALLOC_TRIM_THRESHOLD_ set, which made glibc map and unmap
+    every tensor anew (training 2.2x slower, bench/RESULTS.md); a task undoes it."""
+    from transferops.cluster import dask_client, run_in_project, task_context
+    from transferops.config import ComputeConfig
+
+    def churn() -> int:
+        """Minor page faults while 40 tensors of 4 MiB are made and freed."""
+        import resource
+
+        import torch
+
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(40):
+            torch.ones(1 << 20).sum()
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    monkeypatch.chdir(tmp_path)
+    with dask_client(ComputeConfig(n_workers=1)) as client:
+        bare = client.submit(churn, pure=False).result()  # the worker as Dask starts it
+        ctx = task_context(client)
+        ours = client.submit(run_in_project, ctx, churn, pure=False).result()
+    assert bare > 10_000  # ~1,024 faults per tensor: each one freshly mapped
+    assert ours < bare / 10
