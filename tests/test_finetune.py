@@ -372,6 +372,20 @@ def test_weight_average_is_the_mean_of_the_last_epochs_and_kept_only_if_better(
         assert any(all(torch.equal(kept[k], s[k]) for k in kept) for s in snaps)
 
 
+@pytest.mark.parametrize("augment", ["crop", "flip_crop"])
+def test_crop_augmentation_shifts_and_only_flip_crop_mirrors(augment):
+    x = torch.zeros(64, 3, 16, 16, dtype=torch.uint8)
+    x[..., 8:] = 255  # dark left half, bright right half
+    out = Preprocess("image", augment=augment)(x, True, torch.Generator().manual_seed(0))
+    plain = Preprocess("image")(x, True, None)
+    assert not torch.equal(out, plain)  # shifted (up to 2 px at 16 px)
+    mirrored = (out[..., 0] > 0).all(dim=(1, 2))  # the left edge came from the right half
+    if augment == "crop":  # shifts only: the left third stays dark, the right third bright
+        assert (out[..., :6] < 0).all() and (out[..., 10:] > 0).all() and not mirrored.any()
+    else:
+        assert 0 < mirrored.sum() < len(x)
+
+
 def test_augmentation_with_cached_views_trains(digits_prepared, lite0_source):
     net, tr, va, cfg, pre = _setup(
         digits_prepared, lite0_source, unfreeze_depth=1, augment="flip_crop", cached_views=2

@@ -226,7 +226,11 @@ class FinetuneConfig(_Section):
         "train). TF-ported models such as EfficientNet-Lite ship 0.01, far too slow for short "
         "runs; null keeps the model's own",
     )
-    augment: Literal["none", "flip_crop"] = "none"
+    augment: Literal["none", "flip_crop", "crop"] = Field(
+        "none",
+        description="flip_crop: random mirror + shift; crop: random shifts only (digits, "
+        "text, anything a mirror changes)",
+    )
     init: Literal["pretrained", "random"] = Field(
         "pretrained",
         description="random: the same architecture from a random init (seeded by seed): the "

@@ -127,8 +127,8 @@ class Preprocess:
         if self.modality != "image":
             return x
         x = x.float().div_(255.0)
-        if train and self.augment == "flip_crop":
-            x = flip_crop(x, gen)
+        if train and self.augment != "none":
+            x = flip_crop(x, gen, flip=self.augment == "flip_crop")
         mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
         x = (x - mean) / std
@@ -141,13 +141,15 @@ class Preprocess:
         return net.to(memory_format=torch.channels_last) if self.channels_last else net
 
 
-def flip_crop(x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
-    """Random horizontal flip + random crop with 1/8 padding, vectorised on the device."""
+def flip_crop(x: torch.Tensor, gen: torch.Generator | None, flip: bool = True) -> torch.Tensor:
+    """Random horizontal flip (unless `flip` is False: digits and text are not mirror
+    images) + random crop with 1/8 padding, vectorised on the device."""
     n, c, h, w = x.shape
     dev = x.device
     # Random numbers come from `gen` on the CPU, so a run is the same on any device.
-    flip = torch.rand(n, generator=gen, device="cpu").to(dev) < 0.5
-    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+    if flip:
+        mirror = torch.rand(n, generator=gen, device="cpu").to(dev) < 0.5
+        x = torch.where(mirror.view(-1, 1, 1, 1), x.flip(3), x)
     pad = max(1, h // 8)
     xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(dev)

@@ -273,7 +273,7 @@ def keep_average(
     log.info(
         run_label(
             f"weights averaged over the last {run.avg_count} epochs: val {acc:.4f} "
-            f"(best epoch {best:.4f}): {'kept' if kept else 'not kept'}"
+            f"(best so far {best:.4f}): {'kept' if kept else 'not kept'}"
         )
     )
 
