@@ -205,7 +205,11 @@ class FinetuneConfig(_Section):
         0.6, description="LR multiplier per block below the head (discriminative LR)"
     )
     weight_decay: Annotated[float, Field(ge=0)] = 1e-4
-    warmup_frac: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    warmup_frac: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.3,
+        description="share of each stage's steps the LR warms up over: blocks thawed into a "
+        "trained head start gently",
+    )
     schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
     batch_size: Annotated[int, Field(ge=1)] = 64
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.1
