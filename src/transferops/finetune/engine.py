@@ -207,12 +207,7 @@ def run_stage(
             train_loss = train_epoch(
                 net, opt, stage, epoch, train, feats, pre, cfg, amp, lambda: prog.advance(task)
             )
-            if cfg.bn_mode == "train" and cfg.bn_recalibrate and stage.depth > 0:
-                cached = feats.train_views[0] if feats else None
-                recalibrate_bn(net, stage.depth, train, cached, pre, cfg.batch_size * 2, amp)
-            val_acc, val_loss = evaluate(
-                net, val, feats, stage.frozen, pre, cfg.batch_size * 2, amp
-            )
+            val_acc, val_loss = validate(net, stage, train, val, feats, pre, cfg, amp)
             rec = {
                 "epoch": len(run.history),
                 "stage": stage.index,
@@ -260,12 +255,8 @@ def keep_average(
         return
     live = copy.deepcopy(net.state_dict())  # the trainer's weights: the checkpoint keeps them
     net.load_state_dict(run.avg_state)
-    bs = cfg.batch_size * 2
-    if cfg.bn_mode == "train" and cfg.bn_recalibrate and last.depth > 0:
-        # the mean of the epochs' BN statistics is not the statistics of the mean weights
-        cached = feats.train_views[0] if feats else None
-        recalibrate_bn(net, last.depth, train, cached, pre, bs, amp)
-    acc, loss = evaluate(net, val, feats, last.frozen, pre, bs, amp)
+    # precise BN too: the mean of the epochs' statistics is not the mean weights' statistics
+    acc, loss = validate(net, last, train, val, feats, pre, cfg, amp)
     best = run.best[0]
     kept = run.improve(net, acc, loss)
     net.load_state_dict(live)
@@ -276,6 +267,24 @@ def keep_average(
             f"(best so far {best:.4f}): {'kept' if kept else 'not kept'}"
         )
     )
+
+
+def validate(
+    net: StagedNet,
+    stage: Stage,
+    train: Inputs,
+    val: Inputs,
+    feats: StageFeatures | None,
+    pre: Preprocess,
+    cfg: FinetuneConfig,
+    amp: Autocast,
+) -> tuple[float, float]:
+    """(accuracy, loss) on val of the weights in `net`, with thawed blocks' BatchNorm
+    statistics first recomputed over train where they are learned (bn_recalibrate)."""
+    if cfg.bn_mode == "train" and cfg.bn_recalibrate and stage.depth > 0:
+        cached = feats.train_views[0] if feats else None
+        recalibrate_bn(net, stage.depth, train, cached, pre, cfg.batch_size * 2, amp)
+    return evaluate(net, val, feats, stage.frozen, pre, cfg.batch_size * 2, amp)
 
 
 def train_epoch(
