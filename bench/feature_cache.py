@@ -14,22 +14,21 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import tempfile
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 
 os.environ.setdefault("TRANSFEROPS_PROGRESS", "0")
 
-from transferops.config import FinetuneConfig, validate_config
-from transferops.data import load_prepared, prepare
+from _workspace import digits_workspace
+
+from transferops.config import FinetuneConfig
 from transferops.finetune.cache import encode_prefix
 from transferops.finetune.engine import finetune
 from transferops.finetune.train import build_net
 from transferops.model_io import Inputs, make_preprocess, pick_device
-from transferops.sources import load_source, pull
+from transferops.sources import load_source
 
 
 def _sync(device: torch.device) -> None:
@@ -45,23 +44,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     args = ap.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="transferops-bench-"))
-    cfg = validate_config(
-        {
-            "data": {
-                "path": str(work / "raw"),
-                "out": str(work / "prep"),
-                "image": {"size": args.size},
-            },
-            "source": {"out": str(work / "src")},
-        }
-    )
-    prepare(cfg)
-    pull(cfg.source)
+    cfg, train, val = digits_workspace(args.size)
     device = pick_device(args.device)
     src = load_source(cfg.source.out, args.size)
-    tr, va = load_prepared(cfg.data.out, "train"), load_prepared(cfg.data.out, "val")
-    train, val = Inputs(tr.images, tr.labels), Inputs(va.images, va.labels)
 
     def run(depth: int, epochs: int, cache: bool) -> float:
         fc = FinetuneConfig(

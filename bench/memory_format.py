@@ -15,21 +15,20 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import tempfile
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
 os.environ.setdefault("TRANSFEROPS_PROGRESS", "0")
 
-from transferops.config import FinetuneConfig, validate_config
-from transferops.data import load_prepared, prepare
+from _workspace import digits_workspace
+
+from transferops.config import FinetuneConfig
 from transferops.finetune.engine import finetune
 from transferops.finetune.train import build_net
-from transferops.model_io import Inputs, make_preprocess, pick_device
-from transferops.sources import load_source, pull, random_init
+from transferops.model_io import make_preprocess, pick_device
+from transferops.sources import load_source, random_init
 
 RUNS = {
     "transfer (depth 6, cached)": FinetuneConfig(unfreeze_depth=6, early_stopping_patience=None),
@@ -64,24 +63,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="transferops-bench-"))
-    cfg = validate_config(
-        {
-            "data": {
-                "path": str(work / "raw"),
-                "out": str(work / "prep"),
-                "image": {"size": args.size},
-                "limit_per_class": 20,
-            },
-            "source": {"out": str(work / "src")},
-        }
-    )
-    prepare(cfg)
-    pull(cfg.source)
+    cfg, train, val = digits_workspace(args.size, limit_per_class=20)
     device = pick_device(args.device)
     src = load_source(cfg.source.out, args.size)
-    tr, va = load_prepared(cfg.data.out, "train"), load_prepared(cfg.data.out, "val")
-    train, val = Inputs(tr.images, tr.labels), Inputs(va.images, va.labels)
     nchw = replace(make_preprocess(src.manifest, device, "image"), channels_last=False)
     formats = {"NCHW": nchw, "channels_last": replace(nchw, channels_last=True)}
 
