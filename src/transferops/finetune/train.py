@@ -232,5 +232,5 @@ def _copy_trial(trial: Path, cfg: Config, run_id: str) -> Trained:
         len(history),
         0.0,
         str(trial),
-        spec.get("weight_average"),
+        weight_average=spec.get("weight_average"),
     )
