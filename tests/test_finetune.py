@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from pathlib import Path
+from unittest.mock import patch
 
 import numpy as np
 import pytest
 import torch
 import torchvision
+from threadpoolctl import threadpool_info
 from torch import nn
 
 from transferops.config import FinetuneConfig, validate_config
@@ -139,14 +141,20 @@ def test_texts_are_padded_per_batch_with_the_same_outputs():
 
 
 def test_lite0_blocks_reproduce_extract_features(lite0_source):
-    src = load_source(lite0_source)
+    """The blocks, with the symmetric "same" pads folded into the convs, compute what the
+    untouched package model computes; only asymmetric (stride-2) pads remain."""
+    src, ref = load_source(lite0_source, 64), load_source(lite0_source, 64).model.eval()
     m = src.model.eval()
-    net = build_staged(m, src.family, num_classes=3).eval()
+    net = build_staged(m, src.family, num_classes=3, image_size=64).eval()
     assert net.num_blocks == 9
-    x = torch.randn(2, 3, 32, 32)
+    pads = [c.static_padding for c in m.modules() if hasattr(c, "static_padding")]
+    folded = [p for p in pads if isinstance(p, torch.nn.Identity)]
+    left = [p.padding for p in pads if isinstance(p, torch.nn.ZeroPad2d)]
+    assert folded and left and all(p[0] != p[1] or p[2] != p[3] for p in left)
+    x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(
-            net.pool(net.run_blocks(x, 0, 9)), m.extract_features(x).mean((2, 3)), atol=1e-5
+            net.pool(net.run_blocks(x, 0, 9)), ref.extract_features(x).mean((2, 3)), atol=1e-5
         )
 
 
@@ -557,7 +565,16 @@ def test_exact_probe_equals_sklearn_and_picks_c_on_val():
     centers = rng.normal(size=(4, 12))
     y = rng.integers(0, 4, 240)
     x = centers[y] + rng.normal(scale=1.5, size=(240, 12))
-    fit = fit_probe(x[:160], y[:160], x[160:], y[160:], num_classes=4)
+    blas_threads = []
+    real_fit = LogisticRegression.fit
+
+    def spy(self, *a, **k):
+        blas_threads.extend(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")
+        return real_fit(self, *a, **k)
+
+    with patch.object(LogisticRegression, "fit", spy):
+        fit = fit_probe(x[:160], y[:160], x[160:], y[160:], num_classes=4)
+    assert blas_threads and set(blas_threads) == {1}  # the L-BFGS path on one BLAS thread
     ref = LogisticRegression(C=fit.C, max_iter=5000, tol=1e-10).fit(x[:160], y[:160])
     logits = x[160:] @ fit.weight.double().numpy().T + fit.bias.double().numpy()
     probs = np.exp(logits - logits.max(1, keepdims=True))

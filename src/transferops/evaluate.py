@@ -38,6 +38,7 @@ from transferops.artifacts import atomic_dir, read_json, sha256_file, write_json
 from transferops.config import Config
 from transferops.data.prepare import PreparedData, load_prepared, read_manifest
 from transferops.errors import DataError
+from transferops.finetune.probe import serial_blas
 from transferops.model_io import load_finetuned, make_inputs, pick_device
 from transferops.predict import predict_probs
 from transferops.report import report_html, report_markdown, write_plots
@@ -100,7 +101,8 @@ def classical_probs(train: PreparedData, test: PreparedData) -> tuple[np.ndarray
         xte = vec.transform(test.texts or [])
         name = "TF-IDF + logistic regression"
     clf = LogisticRegression(max_iter=2000)
-    clf.fit(xtr, train.labels.numpy())
+    with serial_blas():
+        clf.fit(xtr, train.labels.numpy())
     probs = np.zeros((len(test), len(train.class_names)))
     probs[:, clf.classes_] = clf.predict_proba(xte)
     return probs, name

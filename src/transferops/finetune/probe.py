@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from transferops.finetune.blocks import StagedNet
 from transferops.finetune.cache import Autocast, encode_prefix
@@ -30,6 +31,14 @@ log = logging.getLogger(__name__)
 # gets no gradient (on the demo: val accuracy picked C=10, train loss 0.03, and no epoch of
 # fine-tuning ever beat it; val loss picks C=1, train loss 0.16, and a better test score).
 C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
+
+
+def serial_blas() -> threadpool_limits:
+    """Numpy/scipy's BLAS on one thread, for sklearn's L-BFGS fits (`with serial_blas():`).
+    Their steps are tiny matrix products: OpenBLAS waking a thread per core for each one cost
+    the demo's probe path 4.7 s on 2 cores against 0.35 s on one (bench/blas_threads.py).
+    Torch's own threads are not touched."""
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 @dataclass(frozen=True)
@@ -63,7 +72,8 @@ def fit_probe(
     clf = LogisticRegression(max_iter=1000, warm_start=True)
     for c in C_GRID:
         clf.set_params(C=c)
-        with warnings.catch_warnings():  # a strongly regularised fit may stop early: fine here
+        with warnings.catch_warnings(), serial_blas():
+            # a strongly regularised fit may stop early: fine here
             warnings.simplefilter("ignore", ConvergenceWarning)
             clf.fit(xtr, ytr)
         weight = np.zeros((num_classes, xtr.shape[1]))
