@@ -1,5 +1,5 @@
 """BLAS-threads benchmark: sklearn's logistic-regression fits with numpy/scipy's BLAS on every
-core (the default) against one thread (`finetune.probe.serial_blas`, what transferops uses).
+core (the default) against one thread (`logreg.serial_blas`, what transferops uses).
 
 The two fits the pipeline makes, on the digits demo (64 px, 20 per class, Lite0's features):
 the exact probe's regularisation path (`probe.C_GRID`, warm-started as `fit_probe` does) and

@@ -31,6 +31,7 @@ def test_run_pipeline_on_tiny_images(tmp_path, monkeypatch):
         "finetune:\n  unfreeze_depth: 2\n  blocks_per_stage: 1\n  epochs_per_stage: [2, 1]\n"
         "  batch_size: 8\n"
         "search:\n  n_trials: 3\n  space:\n    unfreeze_depth: {low: 0, high: 2}\n"
+        "registry:\n  classical_candidate: false\n"  # the network path (pixels win here)
     )
     # The plain-Python door (the Prefect door is tested in test_flow.py).
     r = runner.invoke(app, ["run", "--no-prefect", "--json"])

@@ -117,6 +117,7 @@ def test_pipeline_reads_test_only_in_evaluate_and_writes_the_report(
                 "out": str(tmp_path / "base"),
             },
             "evaluate": {"out": str(tmp_path / "reports")},
+            "registry": {"classical_candidate": False},  # the network path (pixels win here)
             "tracking": {
                 "uri": f"sqlite:///{tmp_path}/mlflow.db",
                 "artifact_location": str(tmp_path / "art"),

@@ -418,6 +418,7 @@ def _cfg(tmp_path: Path, digits_prepared: Path, lite0_source: Path, **ft) -> obj
                 **ft,
             },
             "search": {"out": str(tmp_path / "search")},
+            "registry": {"classical_candidate": False},  # the network path (pixels win here)
             "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "e"},
         }
     )

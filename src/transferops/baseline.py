@@ -110,13 +110,8 @@ def _train_one(
         "source": source["origin"],
         "source_sha256": source["sha256"],
     }
-    # `train`, or the scratch search, already trained exactly this model: no second training
-    kept = {
-        "transfer": Path(rcfg.finetune.out),
-        "scratch": cfg.baseline.scratch_search / BEST_MODEL,
-    }
-    trained = kept.get(role)
-    same = trained is not None and same_run(trained, rcfg, manifest["data_hash"], source["sha256"])
+    trained = _already_trained(cfg, rcfg, role, manifest["data_hash"], source["sha256"])
+    same = trained is not None
     with start_run(mlflow, run_name=name, tags=tags) as run:
         dataset = Path(cfg.data.path).name + (f"-k{per_class}" if per_class else "")
         log_data(mlflow, data_out, dataset, manifest["data_hash"], "training")
@@ -153,6 +148,18 @@ def _train_one(
         "mlflow_run_id": run.info.run_id,
         "val_accuracy": val_accuracy,
     }
+
+
+def _already_trained(
+    cfg: Config, rcfg: Config, role: str, data_hash: str, source_sha: str
+) -> Path | None:
+    """The model folder `train`, the search or the scratch search left that is exactly this
+    run (no second training); the search's copy serves when train wrote the classical model."""
+    kept = {
+        "transfer": [Path(rcfg.finetune.out), Path(cfg.search.out) / BEST_MODEL],
+        "scratch": [cfg.baseline.scratch_search / BEST_MODEL],
+    }
+    return next((f for f in kept.get(role, []) if same_run(f, rcfg, data_hash, source_sha)), None)
 
 
 def scratch_lr(cfg: Config, num_blocks: int) -> float:

@@ -472,15 +472,16 @@ def human_summary(s: dict[str, Any]) -> str:
     trials = ", ".join(f"{v} {k}" for k, v in s["trials"].items() if v)
     best = ", ".join(f"{k.split('.')[-1]} {v:.4g}" for k, v in s["best_params"].items())
     order = ["finetuned", *(k for k in acc if k != "finetuned")]  # the registered model first
+    registered = "registered model" + (" (classical)" if s.get("candidate") == "classical" else "")
     scores = " | ".join(
-        f"{'registered model' if k == 'finetuned' else k} {acc[k]:.3f}"
+        f"{registered if k == 'finetuned' else k} {acc[k]:.3f}"
         for k in order
         if acc.get(k) is not None
     )
     rows = [
         ("data", data),
         ("source", s["source"]),
-        ("search", f"{trials}; best {best} (val {s['val_accuracy']:.4f})"),
+        ("search", f"{trials}; best {best} (val {s.get('best_value', s['val_accuracy']):.4f})"),
         ("test accuracy", scores),
         ("verdict", s["verdict"]),
         (

@@ -479,6 +479,12 @@ class RegistryConfig(_Section):
     # refuse a model that a cheap baseline (exact linear probe, classical) significantly beats
     # on test accuracy (paired bootstrap over the test examples)
     cheap_gate: bool = True
+    classical_candidate: bool = Field(
+        True,
+        description="image data: when fine-tuning does not beat the classical model "
+        "(logistic regression on raw pixels) on val, `train` writes that model to finetune.out "
+        "and it is what gets registered, saying why",
+    )
     out: str = "models/registry.json"  # what `register` registered (a DVC output)
 
 
@@ -760,7 +766,10 @@ STEP_INPUTS: dict[str, StepInputs] = {
     "pull": StepInputs(("source",)),
     "search": StepInputs(("search", "finetune"), ("data.out", "source.out")),
     "train": StepInputs(
-        tuple(f"finetune.{k}" for k in [*FinetuneConfig.trajectory_fields(), "device"]),
+        (
+            *(f"finetune.{k}" for k in [*FinetuneConfig.trajectory_fields(), "device"]),
+            "registry.classical_candidate",  # the classical model may be what train writes
+        ),
         ("data.out", "source.out"),
     ),
     # the few-shot subsets are re-prepared from the raw data with data.*

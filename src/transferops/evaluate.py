@@ -35,10 +35,10 @@ import torch
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 
 from transferops.artifacts import atomic_dir, read_json, sha256_file, write_json_atomic
+from transferops.classical import fit_classical
 from transferops.config import Config
 from transferops.data.prepare import PreparedData, load_prepared, read_manifest
 from transferops.errors import DataError
-from transferops.finetune.probe import serial_blas
 from transferops.model_io import load_finetuned, make_inputs, pick_device
 from transferops.predict import predict_probs
 from transferops.report import report_html, report_markdown, write_plots
@@ -84,30 +84,6 @@ def predict(model_dir: Path, data: PreparedData, device: torch.device) -> np.nda
     return predict_probs(net, spec, inputs, device)
 
 
-def classical_probs(train: PreparedData, test: PreparedData) -> tuple[np.ndarray, str]:
-    """Logistic regression on raw pixels, or TF-IDF + logistic regression for text."""
-    from sklearn.linear_model import LogisticRegression
-
-    if train.modality == "image":
-        assert train.images is not None and test.images is not None
-        xtr = train.images.flatten(1).float().numpy() / 255
-        xte = test.images.flatten(1).float().numpy() / 255
-        name = "logistic regression on raw pixels"
-    else:
-        from sklearn.feature_extraction.text import TfidfVectorizer
-
-        vec = TfidfVectorizer(sublinear_tf=True, min_df=1)
-        xtr = vec.fit_transform(train.texts or [])
-        xte = vec.transform(test.texts or [])
-        name = "TF-IDF + logistic regression"
-    clf = LogisticRegression(max_iter=2000)
-    with serial_blas():
-        clf.fit(xtr, train.labels.numpy())
-    probs = np.zeros((len(test), len(train.class_names)))
-    probs[:, clf.classes_] = clf.predict_proba(xte)
-    return probs, name
-
-
 # ---------------------------------------------------------------------- public
 
 
@@ -148,7 +124,8 @@ def evaluate(cfg: Config) -> dict[str, Any]:
             correct[role] = np.mean([r["correct"] for r in runs], axis=0)
     classical_name = None
     if cfg.baseline.classical:
-        cprobs, classical_name = classical_probs(load_prepared(cfg.data.out, "train"), test)
+        fit = fit_classical(load_prepared(cfg.data.out, "train"))
+        cprobs, classical_name = fit.probs(test), fit.name
         cm = classification_metrics(cprobs, y, test.class_names, ec.ece_bins)
         models["classical"] = {k: cm[k] for k in ("accuracy", "macro_f1", "ece")}
         correct["classical"] = cprobs.argmax(1) == y
@@ -243,6 +220,8 @@ def _score_finetuned(
     return {k: m[k] for k in ("accuracy", "macro_f1", "ece")} | {
         "model_sha256": sha256_file(model_dir / "model.safetensors"),
         "dir": str(model_dir),
+        # "classical" when fine-tuning did not beat the classical model on val (train.py)
+        "candidate": read_json(model_dir / "model.json").get("candidate", "finetuned"),
         "minus": {
             role: paired_bootstrap(probs.argmax(1) == y, c, conf) for role, c in baselines.items()
         },

@@ -14,6 +14,7 @@ branches on a family name.
 | tv_vit | torchvision ViT | embed, encoder layers |
 | efficientnet_lite | efficientnet-lite-pytorch | stem, one per width stage, head conv |
 | hf_text | Hugging Face BERT-style encoders | embeddings, encoder.layer.0..N-1 |
+| pixels | the classical model: logistic regression on raw pixels (no backbone) | none |
 | unknown | anything else, with ``source.blocks`` | the listed module names |
 """
 
@@ -30,6 +31,7 @@ from transferops.finetune import blocks as B
 
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 HALF = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}  # TF-Lite style (docs/ASSETS)
+UNIT = {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}  # pixels / 255, as sklearn saw them
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ FAMILIES: dict[str, Family] = {
         B.split_efficientnet_lite, "image", HALF, True, "efficientnet-lite-pytorch"
     ),
     "hf_text": Family(B.split_hf_text, "text", None, False, "transformers"),
+    "pixels": Family(B.split_pixels, "image", UNIT, False, "torch"),
     "unknown": Family(None, "image", IMAGENET, True, "torchvision"),
 }
 
@@ -87,8 +90,11 @@ def build_architecture(
     """An untrained instance of an image architecture and its family.
 
     `image_size` matters only for EfficientNet-Lite, whose "same" padding is static (computed
-    for one input size; it holds no weights, so any size loads the same state dict).
+    for one input size; it holds no weights, so any size loads the same state dict). Kind
+    ``classical`` has no architecture: its model is the head alone (family ``pixels``).
     """
+    if kind == "classical":
+        return nn.Identity(), "pixels"
     if kind == "torchvision" or name.startswith("torchvision:"):
         import torchvision
 

@@ -124,6 +124,7 @@ def step_train(cfg: Config) -> dict[str, Any]:
         "epochs": done.epochs,
         "train_seconds": round(done.seconds, 1),
         "reused_from": done.reused_from,
+        "candidate": done.candidate,
     }
 
 
@@ -371,8 +372,10 @@ def _run_steps(cfg: Config, run_step: StepRunner) -> dict[str, Any]:
         "drift": gate["drift"],
         "study": found["study"],
         "best_params": found["best_params"],
+        "best_value": found["best_value"],  # the search's; val_accuracy is the candidate's
         "trials": found["trials"],
         **{k: trained[k] for k in ("unfreeze_depth", "val_accuracy", "epochs", "model")},
+        "candidate": trained.get("candidate", "finetuned"),  # cached steps may predate it
         **{k: evaluated[k] for k in ("test_accuracy", "verdict", "report")},
         "registered": f"{registered['model_name']} v{registered['version']}",
         "champion": promoted["champion"],

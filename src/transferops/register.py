@@ -125,6 +125,8 @@ def lineage_tags(
         "params": json.dumps(trained_params(spec), sort_keys=True),
         "classes": json.dumps(spec["class_names"]),
         "val_accuracy": spec.get("val_accuracy"),
+        # classical: fine-tuning did not beat logistic regression on pixels on val (train.py)
+        "candidate": spec.get("candidate", "finetuned"),
         "test_size": metrics["test_size"],
         "verdict": metrics["verdict"],
         "transfer_beats_scratch": metrics["transfer_beats_scratch"],
@@ -187,7 +189,8 @@ def model_card(name: str, version: str, tags: dict[str, str], spec: dict, metric
         "## Lineage",
         "",
         f"- data hash: `{tags['data_hash']}` (test split: {tags['test_size']} examples)",
-        f"- source model: {tags['source_origin']} (sha256 `{tags['source_sha256'][:16]}`)",
+        f"- source model: {tags['source_origin']}"
+        + (f" (sha256 `{tags['source_sha256'][:16]}`)" if "source_sha256" in tags else ""),
         f"- code: git `{tags['git_commit'][:12]}`"
         + (" with uncommitted changes" if tags["git_dirty"] == "true" else ""),
         f"- weights sha256: `{tags['model_sha256'][:16]}`",
@@ -230,13 +233,24 @@ def model_card(name: str, version: str, tags: dict[str, str], spec: dict, metric
         "Scored on one held-out test split of the data above; expect lower accuracy on data "
         "that differs from it.",
     ]
+    return "\n".join(lines + _caveats(tags, metrics)) + "\n"
+
+
+def _caveats(tags: dict[str, str], metrics: dict[str, Any]) -> list[str]:
+    """The model card's warnings: what this model is, and what beats it."""
+    lines = []
+    if tags["candidate"] == "classical":
+        lines.append(
+            "This is the classical model, not a fine-tuned network: fine-tuning did not beat it "
+            "on the validation split (registry.classical_candidate)."
+        )
     better = [r for r, d in metrics["finetuned"].get("minus", {}).items() if d["ci_high"] < 0]
     if better:
         lines.append(
             f"The {' and '.join(better)} baseline(s) score significantly higher than this model "
             "on the test split: prefer them unless this model is needed for another reason."
         )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 # ------------------------------------------------------------------ register

@@ -226,7 +226,13 @@ def report_markdown(metrics: dict, per_class: dict, classical: str | None) -> st
         f = metrics["finetuned"]
         lines.insert(
             lines.index("| --- | --- | --- | --- |") + 1,
-            f"| **model to register** (`{f['dir']}`) | {f['accuracy']:.3f} | "
+            f"| **model to register** (`{f['dir']}`"
+            + (
+                ", the classical model: fine-tuning did not beat it on val"
+                if f.get("candidate") == "classical"
+                else ""
+            )
+            + f") | {f['accuracy']:.3f} | "
             f"{f['macro_f1']:.3f} | {f['ece']:.3f} |",
         )
     lines += ["", f"Differences in test accuracy ({conf}% intervals):", ""]

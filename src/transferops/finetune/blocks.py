@@ -127,6 +127,13 @@ class AvgPool(nn.Module):
         return h.mean(dim=(2, 3)) if h.dim() == 4 else h.flatten(1)
 
 
+class Flatten(nn.Module):
+    """The input itself as the feature vector (the classical model: a linear head on pixels)."""
+
+    def forward(self, h: torch.Tensor, ctx: Any = None) -> torch.Tensor:
+        return h.flatten(1)
+
+
 class MaskedMeanPool(nn.Module):
     """Mean over real tokens (sentence-transformers pooling)."""
 
@@ -190,7 +197,8 @@ class StagedNet(nn.Module):
         return self.head(h)
 
     def forward(self, x: torch.Tensor, ctx: Any = None) -> torch.Tensor:
-        return self.decode(x, 0, ctx)
+        # encode(x, 0) is x itself, or the pooled x when there are no blocks (pixel model)
+        return self.decode(self.encode(x, 0, ctx), 0, ctx)
 
 
 # ---------------------------------------------------------------- splitters
@@ -251,6 +259,11 @@ def split_hf_text(m: Any, image_size: int) -> Split:
         (f"encoder.layer.{i}", HFLayer(lyr, m.config)) for i, lyr in enumerate(m.encoder.layer)
     ]
     return blocks, MaskedMeanPool(), int(m.config.hidden_size)
+
+
+def split_pixels(m: Any, image_size: int) -> Split:
+    """No blocks: the head reads the normalised pixels (the classical model)."""
+    return [], Flatten(), 3 * image_size * image_size
 
 
 def fold_same_padding(m: nn.Module) -> int:

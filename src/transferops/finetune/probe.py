@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from threadpoolctl import threadpool_limits
 
 from transferops.finetune.blocks import StagedNet
 from transferops.finetune.cache import Autocast, encode_prefix
+from transferops.logreg import linear_head, serial_blas
 from transferops.model_io import Inputs, Preprocess
 
 log = logging.getLogger(__name__)
@@ -31,14 +31,6 @@ log = logging.getLogger(__name__)
 # gets no gradient (on the demo: val accuracy picked C=10, train loss 0.03, and no epoch of
 # fine-tuning ever beat it; val loss picks C=1, train loss 0.16, and a better test score).
 C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
-
-
-def serial_blas() -> threadpool_limits:
-    """Numpy/scipy's BLAS on one thread, for sklearn's L-BFGS fits (`with serial_blas():`).
-    Their steps are tiny matrix products: OpenBLAS waking a thread per core for each one cost
-    the demo's probe path 4.7 s on 2 cores against 0.35 s on one (bench/blas_threads.py).
-    Torch's own threads are not touched."""
-    return threadpool_limits(limits=1, user_api="blas")
 
 
 @dataclass(frozen=True)
@@ -76,13 +68,7 @@ def fit_probe(
             # a strongly regularised fit may stop early: fine here
             warnings.simplefilter("ignore", ConvergenceWarning)
             clf.fit(xtr, ytr)
-        weight = np.zeros((num_classes, xtr.shape[1]))
-        bias = np.full(num_classes, -1e4)  # a class absent from train is never predicted
-        coef = clf.coef_ if len(clf.classes_) > 2 else np.vstack([-clf.coef_, clf.coef_]) / 2
-        icpt = (
-            clf.intercept_ if len(clf.classes_) > 2 else np.r_[-clf.intercept_, clf.intercept_] / 2
-        )
-        weight[clf.classes_], bias[clf.classes_] = coef.copy(), icpt.copy()
+        weight, bias = linear_head(clf, num_classes)
         logits = xva @ weight.T + bias
         acc = float((logits.argmax(1) == yva).mean())
         fit = ProbeFit(

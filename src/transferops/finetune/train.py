@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from transferops.artifacts import atomic_dir, read_json, sha256_json, write_json_atomic
+from transferops.classical import fit_classical, pixel_net, pixel_source, val_score
 from transferops.config import Config, FinetuneConfig, check_depth
 from transferops.data.prepare import load_prepared, read_manifest
 from transferops.errors import ConfigError
@@ -146,6 +147,8 @@ class Trained:
     seconds: float
     reused_from: str | None = None  # the search trial's model, when it was this very run
     weight_average: dict[str, Any] | None = None  # the averaged weights' val score (spec's)
+    candidate: str = "finetuned"  # or "classical": fine-tuning did not beat it on val
+    classical_val_accuracy: float | None = None
 
 
 def same_run(folder: Path, cfg: Config, data_hash: str, source_sha: str) -> bool:
@@ -195,6 +198,8 @@ def train_from_config(cfg: Config, resume: bool = True) -> Trained:
         else:
             done = _train(cfg, r.info.run_id, resume)
         log_outcome(mlflow, done.val_accuracy, done.weight_average)
+        done = keep_best_candidate(cfg, done, r.info.run_id)
+        mlflow.set_tag("candidate", done.candidate)
     write_json_atomic(
         Path(fc.metrics), {k: v for k, v in asdict(done).items() if k != "reused_from"}
     )
@@ -203,6 +208,46 @@ def train_from_config(cfg: Config, resume: bool = True) -> Trained:
         "fine-tuned model written to %s (val accuracy %.4f, %s)", fc.out, done.val_accuracy, how
     )
     return done
+
+
+def keep_best_candidate(cfg: Config, done: Trained, run_id: str) -> Trained:
+    """Put the classical pixel model in finetune.out instead when fine-tuning does not beat
+    it on val (accuracy, then log-loss): the expensive model must earn its place, as every
+    epoch must beat the exact probe. Image data with registry.classical_candidate only."""
+    fc = cfg.finetune
+    if not cfg.registry.classical_candidate or read_manifest(cfg.data.out)["modality"] != "image":
+        return done
+    fit = fit_classical(load_prepared(cfg.data.out, "train"))
+    acc, loss = val_score(fit, load_prepared(cfg.data.out, "val"))
+    done = replace(done, classical_val_accuracy=acc)
+    if (done.val_accuracy, -done.val_loss) > (acc, -loss):
+        return done
+    tuned = read_json(Path(fc.out) / "model.json")
+    keep = ("format_version", "class_names", "modality", "image_size", "image_resize", "data_hash")
+    spec = {k: tuned[k] for k in keep} | {
+        "source": pixel_source(),
+        "input": pixel_source()["input"],
+        "finetune": {},
+        "candidate": "classical",
+        "classical": {"name": fit.name, "C": fit.clf.C},
+        "val_accuracy": acc,
+        "val_loss": loss,
+        "weight_average": None,
+        "mlflow_run_id": run_id,
+    }
+    net = pixel_net(fit, tuned["image_size"] or 32)
+    save_model_folder(net, spec, [], Path(fc.out), Path(cfg.source.out))
+    log.info(
+        "%s: val %.4f (log-loss %.3f) against fine-tuning's %.4f (%.3f): fine-tuning does not "
+        "beat it, so it is the candidate in %s (registry.classical_candidate)",
+        fit.name,
+        acc,
+        loss,
+        done.val_accuracy,
+        done.val_loss,
+        fc.out,
+    )
+    return replace(done, candidate="classical", val_accuracy=acc, val_loss=loss)
 
 
 def _train(cfg: Config, run_id: str, resume: bool) -> Trained:

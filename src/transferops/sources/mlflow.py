@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from transferops.artifacts import sha256_file
+from transferops.artifacts import read_json, sha256_file
 from transferops.config import SourceConfig
 from transferops.errors import SourceError
 from transferops.mlflow_models import download_model_folder, registered_version
@@ -47,6 +47,12 @@ def load(cfg: SourceConfig, workdir: Path, reg: dict[str, Any]) -> Pulled:
             f"checksum mismatch: {label}'s weights have sha256 {sha[:16]}... but the "
             f"version is tagged model_sha256 {reg['model_sha256'][:16]}...; the artifact "
             "was modified. Refusing to use it."
+        )
+    if read_json(model_dir / "model.json").get("candidate") == "classical":
+        raise SourceError(
+            f"source.name: {cfg.name} ({label}) is the classical model (logistic regression on "
+            "pixels, registered because fine-tuning did not beat it): it has no backbone to "
+            "fine-tune; point source.name at a version fine-tuned from a network"
         )
     # The architecture's own classifier is not part of the fine-tuned model: seed its
     # (unused) initialisation so that pulling the same version twice gives the same file.
