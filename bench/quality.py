@@ -2,10 +2,11 @@
 
 For each case, the whole pipeline (the Python door, default params.yaml plus the case's
 overrides) in its own folder under ``--out``; then, from its report: the registered model's
-test accuracy, the transfer role's mean over seeds with its 95% t-interval, the exact
-frozen-feature probe, the classical baseline (logistic regression on pixels / TF-IDF), the
-from-scratch baseline, the verdict, the promotion decision, and the wall and CPU seconds of
-every step. This is how a change is known to help: run it before and after.
+test accuracy (marked "classical" when fine-tuning did not beat the classical model on val),
+the transfer role's mean over seeds with its 95% t-interval, the exact frozen-feature probe,
+the classical baseline (logistic regression on pixels / TF-IDF), the from-scratch baseline,
+the verdict, the promotion decision, and the wall and CPU seconds of every step. This is how
+a change is known to help: run it before and after.
 
     .venv/bin/python bench/quality.py [--cases digits-k20-32,digits-k20-auto] [--quick]
         [--set compute.n_workers=2 ...]
@@ -131,6 +132,7 @@ def run_case(name: str, overrides: dict[str, Any], out: Path) -> dict[str, Any]:
         "train": sum(manifest["counts"]["train"].values()),  # counts are per class
         "size": manifest.get("image_size"),
         "registered": metrics["finetuned"]["accuracy"],
+        "candidate": metrics["finetuned"].get("candidate", "finetuned"),
         "transfer": m["transfer"]["accuracy"],
         "probe": m.get("probe", {}).get("accuracy"),
         "classical": m.get("classical", {}).get("accuracy"),
@@ -177,7 +179,8 @@ def main() -> None:
         total_w = sum(w for w, _ in r["times"].values())
         total_c = sum(c for _, c in r["times"].values())
         print(
-            f"| {name} | {r['train']} / {r['size'] or '-'} | {r['registered']:.3f} | "
+            f"| {name} | {r['train']} / {r['size'] or '-'} | {r['registered']:.3f}"
+            f"{' (classical)' if r['candidate'] == 'classical' else ''} | "
             f"{_ci(r['transfer'])} | {_ci(r['probe'])} | "
             f"{r['classical']:.3f} | {_ci(r['scratch'])} | {r['verdict']} | "
             f"{'yes' if r['promoted'] else 'no'} "
