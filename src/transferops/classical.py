@@ -19,7 +19,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
 from transferops.data.prepare import PreparedData
-from transferops.families import UNIT, build_staged
+from transferops.families import UNIT, build_architecture, build_staged
 from transferops.finetune.blocks import StagedNet
 from transferops.logreg import linear_head, serial_blas
 
@@ -74,7 +74,8 @@ def val_score(fit: Classical, val: PreparedData) -> tuple[float, float]:
 def pixel_net(fit: Classical, image_size: int) -> StagedNet:
     """The pixel model as a StagedNet: no blocks, its head = the regression's coefficients
     (inputs normalised to pixels / 255, exactly what it was fitted on)."""
-    net = build_staged(torch.nn.Identity(), "pixels", fit.num_classes, image_size=image_size)
+    model, family = build_architecture("classical", SOURCE_NAME)
+    net = build_staged(model, family, fit.num_classes, image_size=image_size)
     weight, bias = linear_head(fit.clf, fit.num_classes)
     with torch.no_grad():
         net.head[-1].weight.copy_(torch.from_numpy(weight))

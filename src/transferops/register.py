@@ -321,8 +321,8 @@ def requirements(spec: dict[str, Any]) -> list[str]:
     transferops itself is not among them: its inference code ships inside the model
     (``code_paths``), so the model loads where transferops is not installed.
     """
-    pkgs = [*INFERENCE_REQUIREMENTS, family(spec["source"]["family"]).requirement]
-    return [f"{p}=={version(p)}" for p in pkgs]
+    pkgs = dict.fromkeys([*INFERENCE_REQUIREMENTS, family(spec["source"]["family"]).requirement])
+    return [f"{p}=={version(p)}" for p in pkgs]  # once each (the pixel model's is torch)
 
 
 def find_version(client: Any, name: str, model_sha: str) -> Any | None:

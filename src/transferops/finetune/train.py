@@ -224,9 +224,10 @@ def keep_best_candidate(cfg: Config, done: Trained, run_id: str) -> Trained:
         return done
     tuned = read_json(Path(fc.out) / "model.json")
     keep = ("format_version", "class_names", "modality", "image_size", "image_resize", "data_hash")
+    source = pixel_source()
     spec = {k: tuned[k] for k in keep} | {
-        "source": pixel_source(),
-        "input": pixel_source()["input"],
+        "source": source,
+        "input": source["input"],
         "finetune": {},
         "candidate": "classical",
         "classical": {"name": fit.name, "C": fit.clf.C},
