@@ -481,7 +481,7 @@ def human_summary(s: dict[str, Any]) -> str:
     rows = [
         ("data", data),
         ("source", s["source"]),
-        ("search", f"{trials}; best {best} (val {s.get('best_value', s['val_accuracy']):.4f})"),
+        ("search", f"{trials}; best {best} (val {s['best_value']:.4f})"),
         ("test accuracy", scores),
         ("verdict", s["verdict"]),
         (

@@ -210,7 +210,8 @@ def _score_finetuned(
             "%s not found: run `transferops train` to score the model to register", model_dir
         )
         return None
-    if read_json(model_dir / "model.json")["data_hash"] != data_hash:
+    spec = read_json(model_dir / "model.json")
+    if spec["data_hash"] != data_hash:
         log.warning("%s was trained on other data: re-run `transferops train`", model_dir)
         return None
     probs = predict(model_dir, test, device)
@@ -221,7 +222,7 @@ def _score_finetuned(
         "model_sha256": sha256_file(model_dir / "model.safetensors"),
         "dir": str(model_dir),
         # "classical" when fine-tuning did not beat the classical model on val (train.py)
-        "candidate": read_json(model_dir / "model.json").get("candidate", "finetuned"),
+        "candidate": spec.get("candidate", "finetuned"),
         "minus": {
             role: paired_bootstrap(probs.argmax(1) == y, c, conf) for role, c in baselines.items()
         },
