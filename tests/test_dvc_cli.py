@@ -119,7 +119,7 @@ def test_dvc_yaml_train_params_cover_what_training_reads():
     listed = {p.removeprefix("finetune.") for p in stage["params"]}
     # Output locations are deps/outs of the stage, not params that change the result; the
     # classical model may be what train writes
-    assert listed == set(FinetuneConfig.model_fields) - {"out", "metrics", "checkpoint_dir"} | {
+    assert listed == set(FinetuneConfig.model_fields) - FinetuneConfig.OUTPUT_FIELDS | {
         "registry.classical_candidate"
     }
 

@@ -301,6 +301,7 @@ def test_checkpoint_resume_equals_uninterrupted(digits_prepared, lite0_source, t
         "blocks_per_stage": 1,
         "early_stopping_patience": None,
         "dropout": 0.3,
+        "checkpoint_every_s": 0,  # every epoch
     }
     net, tr, va, cfg, pre = _setup(digits_prepared, lite0_source, **kw)
     full = finetune(net, tr, va, cfg, pre, CPU)
@@ -323,6 +324,21 @@ def test_checkpoint_resume_equals_uninterrupted(digits_prepared, lite0_source, t
     # Another fingerprint does not resume.
     net, tr, va, cfg, pre = _setup(digits_prepared, lite0_source, **kw)
     assert finetune(net, tr, va, cfg, pre, CPU, checkpoint=ck, fingerprint="g").resumed_from is None
+
+
+def test_checkpoints_wait_for_their_interval(digits_prepared, lite0_source, tmp_path):
+    def stop_at_1(epoch, rec):
+        if epoch == 1:
+            raise _Stop
+
+    for every_s, written in ((3600, False), (0, True)):
+        ck = tmp_path / f"ck-{every_s}.pt"
+        net, tr, va, cfg, pre = _setup(
+            digits_prepared, lite0_source, unfreeze_depth=0, checkpoint_every_s=every_s
+        )
+        with pytest.raises(_Stop):
+            finetune(net, tr, va, cfg, pre, CPU, on_epoch_end=stop_at_1, checkpoint=ck)
+        assert ck.exists() is written
 
 
 @pytest.mark.parametrize("bn_mode", ["frozen", "train"])

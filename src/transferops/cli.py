@@ -33,6 +33,7 @@ from transferops.config import (
 )
 from transferops.errors import TransferopsError
 from transferops.lock import project_lock
+from transferops.memory import tensor_sized_malloc
 from transferops.progress import console, hand_logging_to_prefect, setup_logging
 from transferops.redact import has_password, mask
 
@@ -68,6 +69,7 @@ def main(
 ) -> None:
     """Transfer-learning pipeline: prepare -> pull -> search -> train -> baseline -> evaluate
     -> register -> promote (`run` does them all; `serve` schedules it)."""
+    tensor_sized_malloc()
     if verbose:  # in the environment, so Dask workers and Prefect's subprocesses see it too
         os.environ["TRANSFEROPS_VERBOSE"] = "1"
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "0"

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
 import logging
 import os
 import socket
@@ -34,6 +33,7 @@ from transferops import tracking
 from transferops.config import ComputeConfig
 from transferops.errors import ConfigError
 from transferops.interrupt import STATE
+from transferops.memory import tensor_sized_malloc
 from transferops.progress import quiet
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ def run_in_project(ctx: dict[str, Any], fn: Callable[..., T], *args: Any) -> T:
             f"Dask worker on {socket.gethostname()} cannot see the project folder {root}: "
             "mount it at the same path on every worker machine (docs/scale-out.md)"
         )
-    _tensor_sized_malloc()
+    tensor_sized_malloc()  # Dask's nanny starts workers with a 64 KiB trim threshold
     os.chdir(root)  # one task at a time per worker process (threads_per_worker=1)
     os.environ["TRANSFEROPS_PROGRESS"] = "0"  # bars of parallel tasks would interleave
     logging.getLogger("transferops").setLevel(logging.INFO)  # forwarded to the client
@@ -121,25 +121,6 @@ def run_in_project(ctx: dict[str, Any], fn: Callable[..., T], *args: Any) -> T:
     sharing = ctx["hosts"].get(_my_host(), 1)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // sharing))
     return fn(*args)
-
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
-
-
-def _tensor_sized_malloc() -> None:
-    """Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536 (to hand freed memory
-    back to the OS). Set so, glibc also pins its mmap threshold at 128 KiB: every activation
-    tensor is mapped and unmapped anew, and training ran 2.2x slower, half of it in the kernel
-    (bench/RESULTS.md). Thresholds that fit tensors, set at run time (the variable is read
-    at start-up), restore the in-process speed; a worker still returns memory above 64 MiB."""
-    if "MALLOC_TRIM_THRESHOLD_" not in os.environ or not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (musl): no such variable to undo
-        return
-    libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
-    libc.mallopt(M_TRIM_THRESHOLD, 64 << 20)
 
 
 def _my_host() -> str:

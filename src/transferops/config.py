@@ -274,7 +274,12 @@ class FinetuneConfig(_Section):
     out: Path = Path("models/finetuned")
     metrics: Path = Path("metrics/train.json")
     checkpoint_dir: Path = Field(
-        Path("checkpoints/train"), description="per-epoch checkpoints; a rerun resumes from here"
+        Path("checkpoints/train"), description="checkpoints; a rerun resumes from here"
+    )
+    checkpoint_every_s: Annotated[float, Field(ge=0)] = Field(
+        30.0,
+        description="a checkpoint at the end of the first epoch this many seconds after the "
+        "last one (0 = every epoch): a crash loses at most this much training",
     )
 
     @field_validator("epochs_per_stage")
@@ -284,8 +289,10 @@ class FinetuneConfig(_Section):
             raise ValueError("give at least one epoch count, e.g. [3, 2]")
         return v
 
-    # Where outputs go: they never change what is trained.
-    OUTPUT_FIELDS: ClassVar[frozenset[str]] = frozenset({"out", "metrics", "checkpoint_dir"})
+    # Where outputs go and how often: they never change what is trained.
+    OUTPUT_FIELDS: ClassVar[frozenset[str]] = frozenset(
+        {"out", "metrics", "checkpoint_dir", "checkpoint_every_s"}
+    )
 
     @classmethod
     def trajectory_fields(cls) -> list[str]:

@@ -38,6 +38,7 @@ from transferops.evaluate import evaluate
 from transferops.export import export
 from transferops.finetune.train import train_from_config
 from transferops.lock import project_lock
+from transferops.memory import tensor_sized_malloc
 from transferops.promotion import promote
 from transferops.register import git_commit, register
 from transferops.search import run_search
@@ -278,6 +279,7 @@ def run_pipeline(cfg: Config, run_step: StepRunner = run_locally) -> dict[str, A
     Returns a summary. Steps whose fingerprint and outputs are unchanged are not redone. Holds
     the project folder's lock throughout: a second run in the folder is refused at once.
     """
+    tensor_sized_malloc()  # the Python door and Prefect's workers start here, not in the CLI
     with project_lock("run"):
         check_services(cfg)  # an unreachable server or bad storage URL: one line, now
         close_runs(cfg.tracking)  # MLflow runs a killed earlier run left RUNNING
