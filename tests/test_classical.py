@@ -109,3 +109,12 @@ def test_the_pipeline_registers_and_exports_the_classical_model_when_it_wins(
     assert "This is the classical model" in mv.description
     receipt = json.loads((tmp_path / "models" / "export" / "export.json").read_text())
     assert receipt["onnx_parity_max_abs"] < 1e-4
+
+
+def test_the_classical_fit_is_made_once_per_training_data(digits_prepared):
+    train, val = load_prepared(digits_prepared, "train"), load_prepared(digits_prepared, "val")
+    first = fit_classical(train)
+    assert fit_classical(load_prepared(digits_prepared, "train")) is first  # train, then evaluate
+    other = fit_classical(val)  # other data: fitted anew
+    assert other is not first and np.array_equal(other.clf.classes_, np.unique(val.labels))
+    assert fit_classical(train) is not first  # only the last fit is kept

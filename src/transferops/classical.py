@@ -10,6 +10,7 @@ prediction, serving, the MLflow pyfunc and the ONNX export take it unchanged.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,8 +53,29 @@ class Classical:
         return out
 
 
+_LAST_FIT: dict[str, Classical] = {}
+
+
 def fit_classical(train: PreparedData) -> Classical:
-    """Logistic regression (sklearn's defaults: C=1, L-BFGS) on train's pixels or TF-IDF."""
+    """Logistic regression (sklearn's defaults: C=1, L-BFGS) on train's pixels or TF-IDF.
+    The fit is deterministic: the last one is kept by train's content, so `train` and
+    `evaluate` in one process (the pipeline) fit it once."""
+    key = _content_digest(train)
+    if key not in _LAST_FIT:
+        _LAST_FIT.clear()
+        _LAST_FIT[key] = _fit(train)
+    return _LAST_FIT[key]
+
+
+def _content_digest(data: PreparedData) -> str:
+    h = hashlib.sha256(data.labels.numpy().tobytes())
+    if data.images is not None:
+        h.update(data.images.numpy().tobytes())
+    h.update("\0".join(data.texts or []).encode())
+    return h.hexdigest()
+
+
+def _fit(train: PreparedData) -> Classical:
     vec = None
     if train.modality == "text":
         vec = TfidfVectorizer(sublinear_tf=True, min_df=1).fit(train.texts or [])
