@@ -92,6 +92,14 @@ def test_hf_bert_blocks_reproduce_the_model():
     assert torch.allclose(ours, ref, atol=1e-5)
 
 
+def test_cpu_inference_batches_keep_image_activations_in_cache():
+    labels = torch.zeros(4, dtype=torch.long)
+    sizes = {s: Inputs(torch.zeros(4, 3, s, s, dtype=torch.uint8), labels) for s in (32, 64, 128)}
+    assert {s: d.inference_batch(128) for s, d in sizes.items()} == {32: 128, 64: 64, 128: 32}
+    text = Inputs(torch.ones(4, 8, dtype=torch.long), labels, torch.ones(4, 8, dtype=torch.long))
+    assert text.inference_batch(128) == 128  # texts: the caller's batch
+
+
 def test_texts_are_padded_per_batch_with_the_same_outputs():
     """Batches are cut to their longest text and inference runs in length order; outputs are
     those of padding every text to the split's longest."""

@@ -25,13 +25,15 @@ def predict_probs(
     spec: dict[str, Any],
     inputs: Inputs,
     device: torch.device,
-    batch_size: int = 256,
+    batch_size: int | None = None,
 ) -> np.ndarray:
-    """Class probabilities [N, C] of `net` (in eval mode) on `inputs`."""
+    """Class probabilities [N, C] of `net` (in eval mode) on `inputs` (batches of
+    `batch_size`, else what suits the device: :meth:`Inputs.inference_batch`)."""
     pre = make_preprocess(spec["source"], device, spec["modality"])  # no augmentation
     pre.place(net, device).eval()
     order = inputs.inference_order()  # texts by length: little padding per batch
     out = []
+    batch_size = batch_size or inputs.inference_batch(256)
     for i in range(0, len(inputs), batch_size):
         x, ctx = inputs.batch(order[i : i + batch_size])
         ctx = ctx.to(device) if ctx is not None else None

@@ -179,7 +179,9 @@ def start(
         return restore(net, ck), None  # the checkpoint already holds the probed head
     probe = None
     if cfg.head_init == "probe":
-        probe = probe_head(net, train, val, pre, cfg.batch_size * 2, store, amp)
+        probe = probe_head(
+            net, train, val, pre, train.inference_batch(cfg.batch_size * 2), store, amp
+        )
     run = RunState.fresh(net)
     if probe is not None:
         run.best = (probe.val_accuracy, -probe.val_loss)
@@ -290,7 +292,9 @@ def validate(
     if cfg.bn_mode == "train" and cfg.bn_recalibrate and stage.depth > 0:
         cached = feats.train_views[0] if feats else None
         recalibrate_bn(net, stage.depth, train, cached, pre, cfg.batch_size * 2, amp)
-    return evaluate(net, val, feats, stage.frozen, pre, cfg.batch_size * 2, amp)
+    return evaluate(
+        net, val, feats, stage.frozen, pre, val.inference_batch(cfg.batch_size * 2), amp
+    )
 
 
 def train_epoch(
