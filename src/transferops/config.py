@@ -403,7 +403,7 @@ class SearchSpace(_Section):
 class SearchConfig(_Section):
     """The Optuna study."""
 
-    n_trials: Annotated[int, Field(ge=1)] = 10
+    n_trials: Annotated[int, Field(ge=1)] = 8
     timeout_s: PositiveFloat | None = None
     budget_s: PositiveFloat | None = Field(
         None,
@@ -427,7 +427,7 @@ class SearchConfig(_Section):
 class BaselineConfig(_Section):
     """The runs the evaluation compares: transfer, from-scratch and probe, over seeds."""
 
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
     epoch_multiplier: PositiveFloat = Field(
         1.0, description="scratch epochs = this x the transfer schedule's total epochs"
     )
@@ -435,7 +435,7 @@ class BaselineConfig(_Section):
         3e-3, description="from-scratch LR (all blocks, no layer decay) when scratch_trials is 0"
     )
     scratch_trials: Annotated[int, Field(ge=0)] = Field(
-        4,
+        3,
         description="the from-scratch arm's own lr search: trials over search.space.lr on the "
         "first seed, pruned like the transfer search (0 = use lr)",
     )
@@ -444,7 +444,7 @@ class BaselineConfig(_Section):
         True, description="also fit logistic regression on pixels / TF-IDF (in evaluate)"
     )
     efficiency_per_class: list[Annotated[int, Field(ge=1)] | None] = Field(
-        default_factory=lambda: [5, 10, 20, None],
+        default_factory=lambda: [5, None],
         description="labelled training examples per class for the data-efficiency curve "
         "(null = all); one seed each",
     )
