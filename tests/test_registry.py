@@ -99,15 +99,15 @@ def _ev(**kw) -> Evidence:
 def test_cheap_gate_refuses_a_model_a_cheap_baseline_beats():
     rule = RegistryConfig()
     beaten = gate(
-        _ev(cheap={"probe": (0.01, -0.02, 0.04), "classical": (-0.08, -0.11, -0.05)}), rule
+        _ev(minus={"probe": (0.01, -0.02, 0.04), "classical": (-0.08, -0.11, -0.05)}), rule
     )
     assert not beaten.promote
     assert "fails the cheap-baseline gate (vs probe +1.0" in beaten.summary()
     assert "beaten by classical -8.0 [-11.0, -5.0] points" in beaten.summary()
     # within the noise of the test split (interval spans 0): not beaten
-    tied = gate(_ev(cheap={"classical": (-0.02, -0.05, 0.01)}), rule)
+    tied = gate(_ev(minus={"classical": (-0.02, -0.05, 0.01)}), rule)
     assert tied.promote and "passes the cheap-baseline gate" in tied.summary()
-    off = gate(_ev(cheap={"classical": (-0.08, -0.11, -0.05)}), RegistryConfig(cheap_gate=False))
+    off = gate(_ev(minus={"classical": (-0.08, -0.11, -0.05)}), RegistryConfig(cheap_gate=False))
     assert off.promote and "cheap-baseline" not in off.summary()
 
 
@@ -120,6 +120,22 @@ def test_gate_decides_on_the_interval_not_on_text():
     mean_rule = RegistryConfig(baseline_gate="mean")
     assert gate(_ev(gain_low=None), mean_rule).promote
     assert not gate(_ev(challenger_metric=0.69), mean_rule).promote
+
+
+def test_a_classical_candidate_must_itself_beat_scratch():
+    # transfer's verdict is about the fine-tuned network, not the pixel model train kept
+    rule = RegistryConfig()
+    classical = {"candidate": "classical", "gain_low": -0.02, "verdict": "no significant gain"}
+    passes = gate(_ev(**classical, minus={"scratch": (0.12, 0.05, 0.19)}), rule)
+    assert passes.promote
+    assert "passes the baseline gate (the classical candidate vs scratch +12.0 [+5.0, +19.0]" in (
+        passes.summary()
+    )
+    fails = gate(_ev(candidate="classical", minus={"scratch": (0.02, -0.01, 0.05)}), rule)
+    assert not fails.promote and "fails the baseline gate" in fails.summary()
+    # a fine-tuned candidate keeps transfer's verdict; scratch is not a cheap baseline
+    tuned = gate(_ev(minus={"scratch": (0.02, -0.01, 0.05)}), rule)
+    assert tuned.promote and "vs scratch" not in tuned.summary()
 
 
 def test_gate_against_the_champion():

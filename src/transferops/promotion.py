@@ -7,7 +7,9 @@ and the rule:
 
 1. baseline gate: the challenger beats the from-scratch baseline
    (``registry.baseline_gate``: ``significant`` = the lower end of the transfer - scratch
-   interval is above 0; ``mean`` = its test metric is above the scratch mean);
+   interval is above 0, or, for a classical candidate (train kept logistic regression on
+   pixels: transfer's verdict is not about it), of its own paired interval against scratch;
+   ``mean`` = its test metric is above the scratch mean);
 2. cheap-baseline gate (``registry.cheap_gate``): no cheap alternative (the exact linear
    probe, the classical model) beats it significantly: the upper end of its paired-bootstrap
    interval of test accuracy minus that baseline's is not below 0. A user is never handed a
@@ -76,8 +78,10 @@ class Evidence:
     scratch_mean: float  # the from-scratch baseline's mean test metric
     gain_low: float | None  # lower end of the transfer - scratch interval (None: one seed)
     verdict: str  # evaluate's verdict line, quoted in the reason
-    # cheap baseline -> (mean, ci_low, ci_high) of this model's test accuracy minus its
-    cheap: dict[str, tuple[float, float, float]] = field(default_factory=dict)
+    candidate: str = "finetuned"  # or "classical" (train.keep_best_candidate)
+    # baseline (probe, classical, scratch) -> (mean, ci_low, ci_high) of this model's test
+    # accuracy minus the baseline's, paired over the test examples
+    minus: dict[str, tuple[float, float, float]] = field(default_factory=dict)
     champion: str | None = None  # version, None when there is none
     champion_metric: float | None = None  # on the challenger's test split; None: not comparable
     champion_note: str = ""  # how champion_metric was obtained, or why there is none
@@ -90,15 +94,20 @@ def gate(ev: Evidence, rule: RegistryConfig) -> Decision:
         d.reasons.append(f"v{ev.challenger} is already the {CHAMPION}")
         return d
     metric = rule.metric
-    if rule.baseline_gate == "significant":
+    vs_scratch = ev.minus.get("scratch")  # this model - scratch (paired, test examples)
+    if rule.baseline_gate == "significant" and ev.candidate == "classical" and vs_scratch:
+        beats = vs_scratch[1] > 0
+        detail = f"the classical candidate vs scratch {_points(vs_scratch)} points"
+    elif rule.baseline_gate == "significant":
         beats = ev.gain_low is not None and ev.gain_low > 0
         detail = ev.verdict
     else:
         beats = ev.challenger_metric > ev.scratch_mean
         detail = f"test {metric} {ev.challenger_metric:.4f} vs scratch mean {ev.scratch_mean:.4f}"
     d.reasons.append(f"{'passes' if beats else 'fails'} the baseline gate ({detail})")
-    if rule.cheap_gate and ev.cheap:
-        cheap_ok, detail = _cheap_gate(ev.cheap)
+    cheap = {r: d for r, d in ev.minus.items() if r in CHEAP}
+    if rule.cheap_gate and cheap:
+        cheap_ok, detail = _cheap_gate(cheap)
         d.reasons.append(f"{'passes' if cheap_ok else 'fails'} the cheap-baseline gate ({detail})")
         beats = beats and cheap_ok
     if ev.champion is None:
@@ -125,11 +134,14 @@ def _cheap_gate(cheap: dict[str, tuple[float, float, float]]) -> tuple[bool, str
     """Whether no cheap baseline beats the model significantly; the differences, in points."""
     better = [r for r, (_, _, hi) in cheap.items() if hi < 0]
     detail = ", ".join(
-        f"{'beaten by' if r in better else 'vs'} {r} {m * 100:+.1f} [{lo * 100:+.1f}, "
-        f"{hi * 100:+.1f}] points"
-        for r, (m, lo, hi) in cheap.items()
+        f"{'beaten by' if r in better else 'vs'} {r} {_points(d)} points" for r, d in cheap.items()
     )
     return not better, detail
+
+
+def _points(d: tuple[float, float, float]) -> str:
+    m, lo, hi = (x * 100 for x in d)
+    return f"{m:+.1f} [{lo:+.1f}, {hi:+.1f}]"
 
 
 def _alias(client: Any, name: str, alias: str) -> Any | None:
@@ -192,9 +204,10 @@ def evidence(cfg: Config, client: Any) -> Evidence:
         scratch_mean=_metric_tag(challenger, f"scratch_{metric}"),
         gain_low=_float_tag(challenger, "transfer_minus_scratch_ci_low"),
         verdict=challenger.tags.get("verdict", "no verdict recorded"),
-        cheap={
+        candidate=challenger.tags.get("candidate", "finetuned"),
+        minus={
             role: tuple(float(challenger.tags[f"minus_{role}_{k}"]) for k in BOUNDS)
-            for role in CHEAP
+            for role in (*CHEAP, "scratch")
             if f"minus_{role}_ci_high" in challenger.tags
         },
         champion=str(champion.version) if champion else None,
