@@ -80,6 +80,21 @@ class WeightAverage:
     kept: bool
 
 
+@dataclass
+class Loop:
+    """What every epoch of one fine-tune reads and moves: the net, its optimizer, the data,
+    the preprocessing, the config, the autocast context and the run's state."""
+
+    net: StagedNet
+    opt: torch.optim.Optimizer
+    train: Inputs
+    val: Inputs
+    pre: Preprocess
+    cfg: FinetuneConfig
+    amp: Autocast
+    run: RunState
+
+
 def autocast_for(device: torch.device) -> Autocast:
     """bf16 autocast on a GPU; full precision on the CPU."""
     if device.type == "cuda":
@@ -114,6 +129,7 @@ def finetune(
     ck = load_checkpoint(checkpoint, fingerprint) if checkpoint else None
     store = feature_store if feature_store is not None else {}
     run, probe = start(net, train, val, pre, cfg, store, amp, ck)
+    loop = Loop(net, opt, train, val, pre, cfg, amp, run)
 
     saved_at = time.perf_counter()
 
@@ -141,7 +157,7 @@ def finetune(
                 continue
             first_epoch = ck["next_epoch"]
         feats = stage_features(net, train, val, stage.frozen, pre, cfg, store, amp)
-        run_stage(net, opt, stage, first_epoch, train, val, feats, pre, cfg, amp, run, end_epoch)
+        run_stage(loop, stage, first_epoch, feats, end_epoch)
         del feats
         if feature_store is None:
             store.clear()  # free this stage's cache before the next stage builds its own
@@ -189,21 +205,15 @@ def start(
 
 
 def run_stage(
-    net: StagedNet,
-    opt: torch.optim.Optimizer,
+    loop: Loop,
     stage: Stage,
     first_epoch: int,
-    train: Inputs,
-    val: Inputs,
     feats: StageFeatures | None,
-    pre: Preprocess,
-    cfg: FinetuneConfig,
-    amp: Autocast,
-    run: RunState,
     end_epoch: Callable[[dict[str, float]], None],
 ) -> None:
     """The epochs of one stage, until its last epoch or early stopping on val accuracy."""
-    steps = math.ceil(len(train) / cfg.batch_size)
+    net, run, cfg = loop.net, loop.run, loop.cfg
+    steps = math.ceil(len(loop.train) / cfg.batch_size)
     stage_best, bad = -1.0, 0
     with make_progress() as prog:
         task = prog.add_task(
@@ -212,10 +222,8 @@ def run_stage(
             info="",
         )
         for epoch in range(first_epoch, stage.epochs):
-            train_loss = train_epoch(
-                net, opt, stage, epoch, train, feats, pre, cfg, amp, lambda: prog.advance(task)
-            )
-            val_acc, val_loss = validate(net, stage, train, val, feats, pre, cfg, amp)
+            train_loss = train_epoch(loop, stage, epoch, feats, lambda: prog.advance(task))
+            val_acc, val_loss = validate(loop, stage, feats)
             rec = {
                 "epoch": len(run.history),
                 "stage": stage.index,
@@ -238,33 +246,24 @@ def run_stage(
             run.stage, run.next_epoch = stage.index, epoch + 1
             run.stage_done = epoch == stage.epochs - 1 or (patience is not None and bad >= patience)
             if run.stage_done and stage.last:
-                keep_average(net, run, stage, train, val, feats, pre, cfg, amp)
+                keep_average(loop, stage, feats)
             end_epoch(rec)  # checkpoint + hooks; may raise (Optuna pruning the trial)
             if run.stage_done:
                 break
 
 
-def keep_average(
-    net: StagedNet,
-    run: RunState,
-    last: Stage,
-    train: Inputs,
-    val: Inputs,
-    feats: StageFeatures | None,
-    pre: Preprocess,
-    cfg: FinetuneConfig,
-    amp: Autocast,
-) -> None:
+def keep_average(loop: Loop, last: Stage, feats: StageFeatures | None) -> None:
     """Score the mean weights of the averaged epochs on val when the last stage ends; they
     become the best state if they beat every epoch (accuracy, then loss). On 200 digits the
     mean beat the best epoch's test accuracy in 8 of 9 runs, +2.1 points (bench/RESULTS.md):
     it sits in a flatter region than any one epoch's weights."""
+    net, run = loop.net, loop.run
     if run.avg_count < 2:
         return
     live = copy.deepcopy(net.state_dict())  # the trainer's weights: the checkpoint keeps them
     net.load_state_dict(run.avg_state)
     # precise BN too: the mean of the epochs' statistics is not the mean weights' statistics
-    acc, loss = validate(net, last, train, val, feats, pre, cfg, amp)
+    acc, loss = validate(loop, last, feats)
     best = run.best[0]
     kept = run.improve(net, acc, loss)
     net.load_state_dict(live)
@@ -277,39 +276,26 @@ def keep_average(
     )
 
 
-def validate(
-    net: StagedNet,
-    stage: Stage,
-    train: Inputs,
-    val: Inputs,
-    feats: StageFeatures | None,
-    pre: Preprocess,
-    cfg: FinetuneConfig,
-    amp: Autocast,
-) -> tuple[float, float]:
-    """(accuracy, loss) on val of the weights in `net`, with thawed blocks' BatchNorm
+def validate(loop: Loop, stage: Stage, feats: StageFeatures | None) -> tuple[float, float]:
+    """(accuracy, loss) on val of the weights in the net, with thawed blocks' BatchNorm
     statistics first recomputed over train where they are learned (bn_recalibrate)."""
+    net, cfg, pre, amp, val = loop.net, loop.cfg, loop.pre, loop.amp, loop.val
     if cfg.bn_mode == "train" and cfg.bn_recalibrate and stage.depth > 0:
         cached = feats.train_views[0] if feats else None
-        recalibrate_bn(net, stage.depth, train, cached, pre, cfg.batch_size * 2, amp)
-    return evaluate(
-        net, val, feats, stage.frozen, pre, val.inference_batch(cfg.batch_size * 2), amp
-    )
+        recalibrate_bn(net, stage.depth, loop.train, cached, pre, cfg.batch_size * 2, amp)
+    bs = val.inference_batch(cfg.batch_size * 2)
+    return evaluate(net, val, feats, stage.frozen, pre, bs, amp)
 
 
 def train_epoch(
-    net: StagedNet,
-    opt: torch.optim.Optimizer,
+    loop: Loop,
     stage: Stage,
     epoch: int,
-    train: Inputs,
     feats: StageFeatures | None,
-    pre: Preprocess,
-    cfg: FinetuneConfig,
-    amp: Autocast,
     on_step: Callable[[], None],
 ) -> float:
-    """One pass over `train` in a seeded order; returns the mean training loss."""
+    """One pass over train in a seeded order; returns the mean training loss."""
+    net, opt, train, pre, cfg, amp = loop.net, loop.opt, loop.train, loop.pre, loop.cfg, loop.amp
     set_train_mode(net, stage.depth, cfg.bn_mode)
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + stage.index * 1009 + epoch)
     # CPU indices: batch() cuts text widths to the batch's longest, with no host sync
