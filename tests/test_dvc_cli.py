@@ -208,3 +208,36 @@ def test_a_run_by_another_door_is_recorded_in_dvc_lock(tmp_path, monkeypatch):
     assert "up to date" in _run([dvc, "status"], repo)
     out = _run([dvc, "repro"], repo)
     assert "Running stage" not in out and "didn't change" in out
+
+
+EXIT_PROBE = """
+import atexit, sys, threading, time
+from transferops.cli import entry
+trace = sys.argv[1]
+def late_writer():  # a worker thread still writing when the command returns
+    time.sleep(0.5)
+    open(trace, "a").write("thread ")
+threading.Thread(target=late_writer).start()
+atexit.register(lambda: open(trace, "a").write("handler"))
+sys.argv = ["transferops", *sys.argv[2:]]
+entry()
+"""
+
+
+def test_the_command_exits_quickly_but_runs_every_exit_handler(tmp_path):
+    trace = tmp_path / "trace"
+    for args, code in (
+        (["--version"], 0),
+        (["prepare", "--set", "data.demo=null", "--set", "data.path=missing"], 2),
+    ):
+        trace.write_text("")
+        p = subprocess.run(
+            [sys.executable, "-c", EXIT_PROBE, str(trace), *args],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert p.returncode == code, p.stderr
+        assert trace.read_text() == "thread handler"  # joined, then the handlers, then exit
+    assert "does not exist" in p.stdout + p.stderr  # the error still reaches the user
