@@ -220,6 +220,9 @@ def test_pipeline_reads_test_only_in_evaluate_and_writes_the_report(
     # seed-paired differences, whose t-interval is reported beside it
     assert d["n"] == saved["test_size"] and d["over_seeds"]["n"] == 2
     assert d["mean"] == pytest.approx(d["over_seeds"]["mean"])
+    each = d["over_seeds"]["per_seed"]  # the seed spread, beside the (wide) t-interval
+    assert len(each) == 2 and sum(each) / 2 == pytest.approx(d["mean"])
+    assert f"(each seed: {each[0]:+.3f}, {each[1]:+.3f})" in (out / "evaluation.md").read_text()
     assert saved["transfer_beats_scratch"] == (d["ci_low"] > 0)
     assert [r["per_class"] for r in saved["efficiency"]] == [2, "all"]
     for r in saved["efficiency"]:  # each point with its interval over the test examples

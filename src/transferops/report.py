@@ -239,9 +239,10 @@ def report_markdown(metrics: dict, per_class: dict, classical: str | None) -> st
     for other in ("scratch", "probe"):
         if f"transfer_minus_{other}" in metrics:
             d = metrics[f"transfer_minus_{other}"]["accuracy"]
+            each = ", ".join(f"{x:+.3f}" for x in d["over_seeds"].get("per_seed", []))
             lines.append(
                 f"- transfer − {other}: {_fmt(d)} over test examples; "
-                f"{_fmt(d['over_seeds'])} over seeds"
+                f"{_fmt(d['over_seeds'])} over seeds" + (f" (each seed: {each})" if each else "")
             )
     for role, d in metrics.get("finetuned", {}).get("minus", {}).items():
         lines.append(
