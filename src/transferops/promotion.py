@@ -105,7 +105,7 @@ def gate(ev: Evidence, rule: RegistryConfig) -> Decision:
         beats = ev.challenger_metric > ev.scratch_mean
         detail = f"test {metric} {ev.challenger_metric:.4f} vs scratch mean {ev.scratch_mean:.4f}"
     d.reasons.append(f"{'passes' if beats else 'fails'} the baseline gate ({detail})")
-    cheap = {r: d for r, d in ev.minus.items() if r in CHEAP}
+    cheap = {r: diff for r, diff in ev.minus.items() if r in CHEAP}
     if rule.cheap_gate and cheap:
         cheap_ok, detail = _cheap_gate(cheap)
         d.reasons.append(f"{'passes' if cheap_ok else 'fails'} the cheap-baseline gate ({detail})")
