@@ -224,6 +224,28 @@ def test_interrupt_during_search_stops_cleanly(tmp_path, sig, prefect):
     assert not (tmp_path / ".transferops.lock").exists() or _lock_is_free(tmp_path)
 
 
+def test_an_interrupt_waits_until_the_store_write_ends(monkeypatch):
+    # raised inside a SQLAlchemy session it left sqlite locked and the clean exit failed
+    from transferops import interrupt
+    from transferops.critical import critical
+
+    monkeypatch.setitem(interrupt.STATE, "in_handler", False)
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGTERM, interrupt._on_signal)
+    written = []
+    try:
+        with pytest.raises(KeyboardInterrupt), critical():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)  # the handler runs meanwhile, inside the block
+            written.append("the write ended")
+        assert written == ["the write ended"]
+        with pytest.raises(KeyboardInterrupt):  # outside a block: at once
+            interrupt._on_signal(signal.SIGTERM, None)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 def _lock_is_free(folder: Path) -> bool:
     with project_lock("check", folder):
         return True

@@ -28,6 +28,7 @@ from typing import Any, NoReturn
 import psutil
 
 from transferops.config import Config
+from transferops.critical import defer_interrupt
 from transferops.tracking import close_runs
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,8 @@ def _on_signal(signum: int, frame: Any) -> None:
     STATE["signal"] = signal.Signals(signum).name
     if STATE.get("in_handler"):
         finish()
+    if defer_interrupt():  # inside a store write: raised when it ends (transferops.critical)
+        return
     raise KeyboardInterrupt
 
 

@@ -55,6 +55,7 @@ from transferops.config import (
     validate_config,
     with_overrides,
 )
+from transferops.critical import critical
 from transferops.data.prepare import read_manifest
 from transferops.errors import ConfigError
 from transferops.finetune.engine import TrainResult
@@ -220,7 +221,8 @@ def _objective(cfg: Config, parent_run_id: str | None, store: dict, task: str | 
 
         def report(epoch: int, rec: dict[str, float]) -> None:
             log_epoch(epoch, rec)  # into the trial's MLflow run
-            trial.report(rec["val_accuracy"], epoch)
+            with critical():  # the study's store, like MLflow's: not split by an interrupt
+                trial.report(rec["val_accuracy"], epoch)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {epoch}")
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from transferops.config import TrackingConfig
+from transferops.critical import critical
 from transferops.errors import ConfigError
 from transferops.progress import quiet, verbose
 from transferops.redact import expand_env, mask
@@ -271,4 +272,5 @@ def log_epoch(epoch: int, record: dict[str, float]) -> None:
     """An engine ``on_epoch_end`` hook: the epoch's metrics into the active MLflow run."""
     import mlflow
 
-    mlflow.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
+    with critical():  # an interrupt must not land inside the store's transaction
+        mlflow.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
