@@ -11,7 +11,9 @@ Where the clean-up runs matters. When the main thread does the work (every comma
 Prefect), the signal becomes a KeyboardInterrupt: the stack unwinds first (open database
 transactions roll back, MLflow and Optuna close what they opened), then :func:`finish`
 runs; cleaning up inside the handler instead could wait forever on a sqlite lock that the
-interrupted code itself holds. Under Prefect the main thread only waits for the task thread
+interrupted code itself holds. Inside a per-epoch store write the KeyboardInterrupt waits for
+the write to end (:mod:`transferops.critical`): raised within a SQLAlchemy session it left
+sqlite locked. Under Prefect the main thread only waits for the task thread
 and Prefect would spend minutes reporting to its (dying) server: there the handler cleans up
 and exits at once.
 """
