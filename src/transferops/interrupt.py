@@ -13,9 +13,8 @@ transactions roll back, MLflow and Optuna close what they opened), then :func:`f
 runs; cleaning up inside the handler instead could wait forever on a sqlite lock that the
 interrupted code itself holds. Inside a per-epoch store write the KeyboardInterrupt waits for
 the write to end (:mod:`transferops.critical`): raised within a SQLAlchemy session it left
-sqlite locked. Under Prefect the main thread only waits for the task thread
-and Prefect would spend minutes reporting to its (dying) server: there the handler cleans up
-and exits at once.
+sqlite locked. Under Prefect the main thread only waits for the task thread and Prefect would
+spend minutes reporting to its (dying) server: there the handler cleans up and exits at once.
 """
 
 from __future__ import annotations
