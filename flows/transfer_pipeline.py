@@ -23,9 +23,12 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
 
 from transferops.config import load_config, with_overrides
+from transferops.deployment import close_crashed_runs
 from transferops.errors import TransferopsError
+from transferops.lock import project_lock
 from transferops.pipeline import StepFn, StepKey, run_pipeline
 from transferops.tracking import run_link
 
@@ -91,7 +94,9 @@ def transfer_pipeline(
         os.chdir(project_dir)  # a worker runs each flow run in a process of its own
     logging.getLogger("transferops").setLevel(logging.INFO)  # Prefect's handlers show them
     cfg = with_overrides(load_config(Path(params_file)), overrides or {})
-    summary = run_pipeline(cfg, _prefect_runner(cfg.tracking))
+    with project_lock("run"):  # run_pipeline takes it again (re-entrant)
+        close_crashed_runs("transfer-pipeline", flow_run.id, Path.cwd())
+        summary = run_pipeline(cfg, _prefect_runner(cfg.tracking))
     create_markdown_artifact(
         key="transfer-pipeline-summary",
         markdown="\n".join(f"- **{k}**: {v}" for k, v in summary.items()),

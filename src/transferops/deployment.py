@@ -119,7 +119,63 @@ def deploy(
         job_variables={"env": WORKER_ENV},
         tags=["transferops"],
     )
-    # Not flow.deploy(): it also lists the pool's online workers, a request Prefect 3.8's own
-    # server refuses (422: a null limit); apply() registers the same deployment
+    # apply() registers the deployment as flow.deploy() would, without its listing of the
+    # pool's workers (which FastAPI 0.151+ refused with a 422: see the pin in pyproject.toml)
     deployment_id = runner.apply(work_pool_name=pool)
     return str(deployment_id)
+
+
+def close_crashed_runs(flow_name: str, current_run_id: Any, project: Path) -> int:
+    """Mark CRASHED the runs of `flow_name` that Prefect still shows RUNNING though their
+    process is gone (a SIGKILL, a power cut: nothing could report the end). A run is gone when
+    its process (the ``host:pid`` a runner or worker recorded) is dead on this host, or, with
+    no process recorded, when it ran in `project`: the caller holds the project's lock, so no
+    other run in this folder is alive. Returns how many runs were closed."""
+    import socket
+
+    import psutil
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.states import Crashed
+
+    host = socket.gethostname()
+    here = str(project.resolve())
+
+    def gone(run: Any) -> bool:
+        pid = run.infrastructure_pid or ""
+        if pid:
+            where, _, number = pid.rpartition(":")
+            return where == host and number.isdigit() and not psutil.pid_exists(int(number))
+        return (run.parameters.get("project_dir") or here) == here
+
+    with get_client(sync_client=True) as client:
+        running = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))
+            ),
+            # newest first, and a bound: a server keeps every run it ever made
+            sort=FlowRunSort.START_TIME_DESC,
+            limit=200,
+        )
+        dead = [r for r in running if str(r.id) != str(current_run_id) and gone(r)]
+        for run in dead:
+            client.set_flow_run_state(
+                run.id,
+                Crashed(message="its process was gone (killed): closed by the next run"),
+                force=True,
+            )
+    if dead:
+        log.warning(
+            "closed %d flow run(s) left RUNNING by a stopped process (state CRASHED): %s",
+            len(dead),
+            ", ".join(r.name for r in dead),
+        )
+    return len(dead)
