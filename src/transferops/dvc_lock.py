@@ -49,12 +49,13 @@ def record_run(cfg: Config, ran: list[str], params_file: Path = Path("params.yam
         log.info("dvc.lock not updated: this run's params are not params.yaml's (--set)")
         return False
     targets = stages_to_record(cfg, ran, dvc_yaml)
-    done = subprocess.run(
-        [dvc, "commit", "--force", "--quiet", *targets], capture_output=True, text=True
-    )
+    # not --quiet: it hides the reason of a failure too
+    done = subprocess.run([dvc, "commit", "--force", *targets], capture_output=True, text=True)
     if done.returncode != 0:
-        why = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["?"]
-        log.warning("dvc.lock not updated (dvc status will call the stages changed): %s", why[0])
+        lines = [x.strip() for x in (done.stderr + "\n" + done.stdout).splitlines() if x.strip()]
+        errors = [x for x in lines if x.startswith("ERROR")]
+        why = (errors or lines or [f"dvc commit exited {done.returncode}"])[-1]
+        log.warning("dvc.lock not updated (dvc status will call the stages changed): %s", why)
         return False
     log.info("dvc.lock: recorded %s (dvc status is clean)", ", ".join(targets))
     return True

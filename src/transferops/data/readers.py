@@ -8,6 +8,7 @@ params key and says what would fix it.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -71,8 +72,22 @@ def read_dataset(cfg: DataConfig) -> RawDataset:
 # ----------------------------------------------------------------- image folder
 
 
-def _visible_dirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+def _visible_dirs(folder: Path, root: Path, looped: list[Path]) -> list[Path]:
+    """The sub-folders of `folder` that can be classes or splits. A symlink to a folder inside
+    `root`, to `root` itself or to one of its parents is not one (it would make a class of
+    copies of the other classes' images): it goes to `looped`."""
+    real_root = root.resolve()
+    found = []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith(".") or not p.is_dir():
+            continue
+        if p.is_symlink():
+            target = p.resolve()
+            if target == real_root or real_root in target.parents or target in real_root.parents:
+                looped.append(p)
+                continue
+        found.append(p)
+    return found
 
 
 def _scan_class_folder(folder: Path, extensions: list[str], ignored: list[Path]) -> list[Path]:
@@ -105,7 +120,8 @@ def read_image_folder(root: Path, extensions: list[str], on_empty: str = "skip")
             f"data.path: {root} is a file, but data.format is image_folder. Point data.path at a "
             "folder of class sub-folders, or set data.format: table for a CSV/JSONL file."
         )
-    top = _visible_dirs(root)
+    looped: list[Path] = []
+    top = _visible_dirs(root, root, looped)
     if not top:
         raise DataError(
             f"data.path: {root} has no sub-folders. Expected one sub-folder per class "
@@ -128,7 +144,7 @@ def read_image_folder(root: Path, extensions: list[str], on_empty: str = "skip")
                     "keep one of them."
                 )
             seen[split] = d
-            class_dirs = _visible_dirs(d)
+            class_dirs = _visible_dirs(d, root, looped)
             if not class_dirs:
                 raise DataError(f"split folder {d} has no class sub-folders")
             ignored += [p for p in d.iterdir() if p.is_file()]
@@ -145,6 +161,14 @@ def read_image_folder(root: Path, extensions: list[str], on_empty: str = "skip")
                 empty.append(cdir)
             files += imgs
             examples += [Example(label=cdir.name, path=p) for p in imgs]
+    if looped:
+        log.warning(
+            "skipped %d symlinked folder(s) that point back into %s or above it (not classes: "
+            "they would repeat other classes' images): %s",
+            len(looped),
+            root,
+            ", ".join(f"{p.relative_to(root)} -> {os.readlink(p)}" for p in looped),
+        )
     if empty:
         _empty_classes(empty, root, extensions, on_empty)
     if ignored:
@@ -187,12 +211,13 @@ def _read_table_file(path: Path, delimiter: str | None) -> pd.DataFrame:
     suffix = path.suffix.lower()
     try:
         if suffix in (".jsonl", ".ndjson"):
-            return pd.read_json(path, lines=True, dtype=False)
+            return pd.read_json(path, lines=True, dtype=False, encoding="utf-8-sig")
         if suffix == ".json":
-            return pd.read_json(path, dtype=False)
+            return pd.read_json(path, dtype=False, encoding="utf-8-sig")
         sep = delimiter if delimiter is not None else ("\t" if suffix == ".tsv" else None)
         return pd.read_csv(
-            path, sep=sep, engine="python", dtype=str, keep_default_na=False, encoding="utf-8"
+            path, sep=sep, engine="python", dtype=str, keep_default_na=False,
+            encoding="utf-8-sig",  # a byte-order mark (Excel's CSVs) is not part of a name
         )
     except (ValueError, pd.errors.ParserError, UnicodeDecodeError, OSError) as exc:
         kind = "JSON lines" if suffix in (".jsonl", ".ndjson", ".json") else "CSV"
