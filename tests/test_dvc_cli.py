@@ -189,7 +189,7 @@ def test_third_party_noise_is_off_unless_verbose(tmp_path, monkeypatch):
     assert os.environ["TRANSFEROPS_VERBOSE"] == "1"
 
 
-def test_a_run_by_another_door_is_recorded_in_dvc_lock(tmp_path, monkeypatch):
+def test_a_run_by_another_door_is_recorded_in_dvc_lock(tmp_path, monkeypatch, caplog):
     from transferops.config import load_config, with_overrides
     from transferops.data import prepare
     from transferops.dvc_lock import record_run
@@ -208,6 +208,11 @@ def test_a_run_by_another_door_is_recorded_in_dvc_lock(tmp_path, monkeypatch):
     assert "up to date" in _run([dvc, "status"], repo)
     out = _run([dvc, "repro"], repo)
     assert "Running stage" not in out and "didn't change" in out
+    # when dvc cannot record, the warning says why (not "?")
+    shutil.rmtree(repo / "data" / "prepared")
+    caplog.set_level("WARNING")
+    assert not record_run(cfg, ["prepare"])
+    assert "dvc.lock not updated" in caplog.text and "ERROR" in caplog.text, caplog.text
 
 
 EXIT_PROBE = """

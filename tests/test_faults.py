@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from transferops.cli import app
 from transferops.lock import project_lock
 
-from .conftest import mlflow_server, write_image_folder
+from .conftest import REPO, mlflow_server, prefect_server, write_image_folder
 
 runner = CliRunner()
 
@@ -372,3 +372,244 @@ def test_runs_a_killed_process_left_running_are_closed_and_its_orphan_model_drop
     assert client.get_run(alive.info.run_id).info.status == "RUNNING"  # its process lives
     left = {m.model_id for m in client.search_logged_models(experiment_ids=[exp])}
     assert linked.model_id in left and orphan.model_id not in left
+
+
+IDLE_EXECUTOR = """
+import sys, threading, time
+from concurrent.futures import ThreadPoolExecutor
+import transferops.cli as cli
+pool = ThreadPoolExecutor(2, thread_name_prefix="Uploader")  # like MLflow's artifact repos
+pool.submit(time.sleep, 0.1).result()  # its workers now sit idle, waiting for work
+if sys.argv[1] == "stuck":  # and a thread that never ends
+    threading.Thread(target=time.sleep, args=(3600,), name="stuck-writer").start()
+cli.THREADS_JOIN_S = 3.0
+sys.argv = ["transferops", "--version"]
+cli.entry()
+"""
+
+
+@pytest.mark.parametrize("case", ["idle", "stuck"])
+def test_the_command_exits_with_idle_executor_workers_and_names_a_stuck_thread(tmp_path, case):
+    t = time.monotonic()
+    p = subprocess.run(
+        [sys.executable, "-c", IDLE_EXECUTOR, case],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )
+    took = time.monotonic() - t
+    assert p.returncode == 0 and "transferops" in p.stdout, p.stderr
+    if case == "idle":  # the executor's workers end through the threading exit hooks
+        assert took < 20 and "still running" not in p.stderr
+    else:  # the bound holds, and the stuck thread is named
+        assert "1 thread(s) still running" in p.stderr and "stuck-writer" in p.stderr
+
+
+@pytest.mark.slow
+def test_a_served_schedule_creates_and_completes_a_flow_run(tmp_path):
+    """Prefect's own scheduler, on a real server, creates a run of the served deployment from
+    its one-minute cron (typed as a user types it, no inner quotes) and the run completes.
+    With SQLAlchemy 2.1 the scheduler failed every cycle and no run was ever created."""
+    import httpx
+
+    write_image_folder(tmp_path / "raw", per_class=6)
+    (tmp_path / "flows").symlink_to(REPO / "flows")
+    (tmp_path / "params.yaml").write_text(
+        "data:\n  demo: null\n  path: raw\n  image: {size: 16}\n  limit_per_class: null\n"
+        "finetune:\n  unfreeze_depth: 1\n  epochs_per_stage: [1, 1]\n  batch_size: 8\n"
+        "search:\n  n_trials: 1\n  space:\n    unfreeze_depth: {low: 0, high: 1}\n"
+        "baseline:\n  seeds: [0]\n  scratch_trials: 1\n  linear_probe: false\n"
+        "  efficiency_per_class: [null]\n"
+    )
+    cli = str(Path(sys.executable).parent / "transferops")
+    with prefect_server(tmp_path / ".prefect") as env:
+        env = env | {
+            "TRANSFEROPS_PROGRESS": "0",
+            "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
+        }
+        env.pop("MLFLOW_TRACKING_URI", None)
+        served = subprocess.Popen(
+            [cli, "serve", "--set", "schedule.enabled=true", "--set", "schedule.cron=* * * * *"],
+            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            text=True, start_new_session=True,
+        )
+        runs: list[dict] = []
+        try:
+            with httpx.Client(base_url=env["PREFECT_API_URL"], timeout=30) as api:
+                deadline = time.monotonic() + 420
+                while time.monotonic() < deadline and served.poll() is None:
+                    # the scheduler creates runs ahead: the first ones are due first
+                    body = {"limit": 10, "sort": "EXPECTED_START_TIME_ASC"}
+                    runs = api.post("/flow_runs/filter", json=body).json()
+                    if any(r["state_type"] == "COMPLETED" for r in runs):
+                        break
+                    time.sleep(5)
+        finally:
+            os.killpg(served.pid, signal.SIGTERM)
+            _, err = served.communicate(timeout=60)
+    done = [r for r in runs if r["state_type"] == "COMPLETED"]
+    assert done, (runs, err[-3000:])
+    assert done[0]["auto_scheduled"] is True  # the scheduler made it, not a manual trigger
+    assert (tmp_path / "models" / "registry.json").exists()
+
+
+CRASHED_RUNS = """
+import os, socket, subprocess, sys
+from pathlib import Path
+from prefect.client.orchestration import get_client
+from transferops.deployment import close_crashed_runs
+
+host, project = socket.gethostname(), Path(sys.argv[1])
+dead = subprocess.Popen(["true"])
+dead.wait()
+with get_client(sync_client=True) as c:
+    flow_id = c.create_flow_from_name("transfer-pipeline")
+    runs = {}
+    for name, pid, folder in (
+        ("killed", f"{host}:{dead.pid}", str(project)),  # its process is dead: closed
+        ("alive", f"{host}:{os.getpid()}", str(project)),  # its process lives: kept
+        ("no-pid-here", None, str(project)),  # this folder, under the lock: closed
+        ("no-pid-elsewhere", None, "/somewhere/else"),  # another folder: kept
+    ):
+        body = {
+            "flow_id": str(flow_id), "name": name, "parameters": {"project_dir": folder},
+            "state": {"type": "RUNNING"},
+        }
+        r = c._client.post("/flow_runs/", json=body).json()
+        if pid:
+            c.update_flow_run(r["id"], infrastructure_pid=pid)
+        runs[name] = r["id"]
+    closed = close_crashed_runs("transfer-pipeline", "current", project)
+    states = {n: c.read_flow_run(i).state.type.value for n, i in runs.items()}
+print(closed, states)
+assert closed == 2 and states == {
+    "killed": "CRASHED", "alive": "RUNNING", "no-pid-here": "CRASHED",
+    "no-pid-elsewhere": "RUNNING",
+}, states
+"""
+
+
+def test_flow_runs_a_killed_process_left_running_are_marked_crashed(tmp_path):
+    env = os.environ | {
+        "PREFECT_HOME": str(tmp_path / ".prefect"),
+        "PREFECT_API_URL": "",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    p = subprocess.run(
+        [sys.executable, "-c", CRASHED_RUNS, str(tmp_path)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+
+
+def test_masking_takes_linear_time_and_a_huge_value_gets_its_error_in_seconds(tmp_path):
+    """The password pattern had nested scans (200 KB: 43 s, 5 MB: never); the log filter runs
+    it on every line."""
+    from transferops.redact import has_password, mask
+
+    for text in ("a" * 5_000_000, "x://" + "a" * 5_000_000, "://u:" * 1_000_000):
+        t = time.process_time()
+        assert mask(text) == text and not has_password(text)
+        assert time.process_time() - t < 10  # linear: ~0.2 s; quadratic: hours
+    big = "http://u:pw@h/" + "p" * 5_000_000
+    assert mask(big).startswith("http://u:***@h/") and len(mask(big)) == len(big) + 1
+    (tmp_path / "params.yaml").write_text(f"data:\n  demo: null\n  path: {'d' * 5_000_000}\n")
+    t = time.monotonic()
+    p = subprocess.run(
+        [str(Path(sys.executable).parent / "transferops"), "prepare"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert p.returncode == 2 and time.monotonic() - t < 60, p.stderr[-2000:]
+    out = p.stdout + p.stderr
+    assert "data.path" in out and "longer than the file system allows" in out
+    assert len(out) < 2000 and "Traceback" not in out  # the 5 MB value is not echoed
+
+
+def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "transferops"), *args],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env=os.environ | {"TRANSFEROPS_PROGRESS": "0", "COLUMNS": "200"},
+    )
+
+
+def test_bad_stores_and_params_are_one_line_each(tmp_path):
+    """Each case is one `error:` line naming the file or key and the fix, no traceback."""
+    (tmp_path / "mlflow.db").write_bytes(b"SQLite format 3\x00" + os.urandom(20_000))
+    (tmp_path / "params.yaml").write_text("data:\n  demo: digits\n")
+    r = _cli(tmp_path, "promote", "--dry-run")
+    out = r.stdout + r.stderr
+    assert r.returncode == 2 and "Traceback" not in out, out[-3000:]
+    assert "mlflow.db" in out and "damaged" in out and "move it aside" in out
+    (tmp_path / "mlflow.db").unlink()
+    (tmp_path / "params.yaml").write_text("- data\n- source\n")  # a list, not sections
+    r = _cli(tmp_path, "prepare", "--set", "data.demo=digits")
+    out = r.stdout + r.stderr
+    assert r.returncode == 2 and "Traceback" not in out, out[-3000:]
+    assert "params.yaml: the top level must be a mapping" in out
+    (tmp_path / "params.yaml").write_text("data:\n  demo: null\n")
+    r = _cli(tmp_path, "prepare", "--set", f"data.path={'x' * 120_000}")
+    out = r.stdout + r.stderr
+    assert r.returncode == 2 and "Traceback" not in out and len(out) < 2000, out[-3000:]
+    assert "data.path" in out and "longer than the file system allows" in out
+
+
+def test_machine_faults_are_named_wherever_they_surface():
+    """A full disk or a damaged sqlite store, raised deep inside a library and re-wrapped."""
+    import errno
+    import sqlite3
+
+    from transferops.errors import known_fault
+
+    def raised(inner: BaseException, outer: type[Exception]) -> Exception:
+        try:
+            try:
+                raise inner
+            except BaseException as exc:
+                raise outer("while writing") from exc
+        except Exception as exc:
+            return exc
+
+    full = raised(OSError(errno.ENOSPC, "No space left", "models/x.tmp"), RuntimeError)
+    assert "no space left on device (writing models/x.tmp)" in (known_fault(full) or "")
+    sqlite_full = raised(sqlite3.OperationalError("database or disk is full"), ValueError)
+    assert "no space left on device" in (known_fault(sqlite_full) or "")
+    damaged = raised(sqlite3.DatabaseError("database disk image is malformed"), RuntimeError)
+    assert "damaged" in (known_fault(damaged) or "")
+    assert known_fault(raised(KeyError("x"), RuntimeError)) is None  # a bug stays a bug
+
+
+def test_a_symlink_back_into_the_data_is_not_a_class(tmp_path, caplog):
+    from transferops.data.readers import read_image_folder
+
+    root = write_image_folder(tmp_path / "raw", per_class=3)
+    (root / "loop").symlink_to("..")  # the folder above the data
+    (root / "again").symlink_to(root)  # the data folder itself
+    (root / "copy").symlink_to(root / "one")  # a class inside it
+    elsewhere = write_image_folder(tmp_path / "other", per_class=2, classes=(3,))
+    (root / "three").symlink_to(elsewhere / "three")  # outside: a real class
+    caplog.set_level("WARNING")
+    ds = read_image_folder(root, [".png"])
+    assert sorted({e.label for e in ds.examples}) == ["one", "three", "two", "zero"]
+    assert "skipped 3 symlinked folder(s)" in caplog.text and "loop -> .." in caplog.text
+
+
+def test_small_input_fixes(tmp_path):
+    """A CSV with a byte-order mark, a 16-bit PNG, a cron string typed as is."""
+    import numpy as np
+    from PIL import Image
+
+    from transferops.config import DataConfig, parse_override
+    from transferops.data.readers import read_table
+    from transferops.model_io import decode_image
+
+    table = tmp_path / "t.csv"
+    table.write_bytes("\ufefffile,kind\nhello,a\nworld,b\n".encode())
+    cfg = DataConfig(
+        demo=None, path=table, format="table", table={"text_column": "file", "label_column": "kind"}
+    )
+    assert [e.text for e in read_table(cfg).examples] == ["hello", "world"]
+    grey = np.full((8, 8), 30_000, dtype=np.uint16)  # 46% of the 16-bit range
+    Image.fromarray(grey).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    px = decode_image(tmp_path / "g16.png", 8, "crop")
+    assert px.shape == (8, 8, 3) and abs(int(px.mean()) - 117) <= 1  # not clipped to 255
+    assert parse_override("schedule.cron=* * * * *") == (["schedule", "cron"], "* * * * *")

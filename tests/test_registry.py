@@ -3,9 +3,11 @@ fine-tuned model (idempotent, lineage tags, model card, pyfunc on raw images).""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,13 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from transferops.config import Config, RegistryConfig, registered_model_name, with_overrides
+from transferops.config import (
+    Config,
+    RegistryConfig,
+    load_config,
+    registered_model_name,
+    with_overrides,
+)
 from transferops.errors import RegistryError
 from transferops.promotion import Evidence, decide, gate, promote
 from transferops.register import CHALLENGER, CHAMPION, register
@@ -544,3 +552,80 @@ def test_predict_command_from_another_folder(pipeline_dir, tmp_path, monkeypatch
     r = CliRunner().invoke(app, [*args, "--model", f"models:/{name}@nope"])
     assert r.exit_code == 2 and "--model" in r.output, r.output
     assert f"{name} has v1 @" in r.output and "@challenger" in r.output
+
+
+@contextlib.contextmanager
+def _flipped(path: Path) -> Iterator[None]:
+    """`path` with some bytes in the middle of its tensors changed, restored after."""
+    original = path.read_bytes()
+    data = bytearray(original)
+    mid = len(data) // 2
+    data[mid : mid + 64] = bytes(b ^ 0xFF for b in data[mid : mid + 64])
+    path.write_bytes(bytes(data))
+    try:
+        yield
+    finally:
+        path.write_bytes(original)
+
+
+def test_predict_skips_a_bad_file_and_keeps_one_line_per_input(pipeline_dir, tmp_path):
+    """A file that cannot be decoded (here: a decompression bomb, and garbage) is reported
+    and skipped, not fatal to the batch; a name holding a newline stays on its line."""
+    from typer.testing import CliRunner
+
+    from transferops.cli import app
+
+    good = next((pipeline_dir / "raw" / "one").glob("*.png"))
+    odd = tmp_path / "a\nb.png"
+    odd.write_bytes(good.read_bytes())
+    (tmp_path / "garbage.png").write_bytes(b"not an image")
+    Image.new("L", (20_000, 20_000)).save(tmp_path / "bomb.png")  # 400 M pixels
+    r = CliRunner().invoke(
+        app,
+        ["predict", str(good), str(odd), str(tmp_path / "garbage.png"), str(tmp_path / "bomb.png"),
+         "--params", str(pipeline_dir / "params.yaml"), "--model",
+         f"models:/{registered_model_name(load_config(pipeline_dir / 'params.yaml'))}/1"],
+    )
+    assert r.exit_code == 0, r.output
+    text = "".join(r.output.split())  # the console wraps long lines
+    assert "2prediction(s),2input(s)skipped" in text
+    assert "garbage.png:cannotbedecoded" in text and "bomb.png:cannotbedecoded" in text
+    rows = [line for line in r.output.splitlines() if line.endswith(".png")]
+    assert any(line.endswith("a\\nb.png") for line in rows), r.output
+
+
+def test_tampered_weights_are_never_served_scored_or_registered(pipeline_dir, monkeypatch):
+    """The sha256 recorded at save (model.json) and at registration (the version's tag) is
+    checked on every load: a flipped byte is one error line naming the file, and nothing is
+    predicted, evaluated or registered from it."""
+    from typer.testing import CliRunner
+
+    from transferops.cli import app
+
+    monkeypatch.chdir(pipeline_dir)
+    name = registered_model_name(load_config(pipeline_dir / "params.yaml"))
+    img = str(next((pipeline_dir / "raw" / "one").glob("*.png")))
+    predict = ["predict", img, "--model", f"models:/{name}/1"]
+    assert CliRunner().invoke(app, predict).exit_code == 0
+    (registered,) = (pipeline_dir / "mlartifacts").rglob("model.safetensors")
+    with _flipped(registered):
+        r = CliRunner().invoke(app, predict)
+    assert r.exit_code == 2, r.output
+    assert "error:" in r.output and "model.safetensors" in r.output
+    assert "model_sha256 tag" in r.output and "Traceback" not in r.output
+    moved = registered.with_suffix(".moved")
+    registered.rename(moved)  # a registered model whose artifact is missing
+    try:
+        r = CliRunner().invoke(app, predict)
+    finally:
+        moved.rename(registered)
+    assert r.exit_code == 2 and "model.safetensors is missing" in r.output, r.output
+    versions = len(MlflowClient().search_model_versions(f"name='{name}'"))
+    with _flipped(pipeline_dir / "models" / "finetuned" / "model.safetensors"):
+        for step in ("evaluate", "register"):
+            r = CliRunner().invoke(app, [step])
+            assert r.exit_code == 2, (step, r.output)
+            assert "models/finetuned/model.safetensors" in r.output or "weights changed" in (
+                r.output
+            ), (step, r.output)
+    assert len(MlflowClient().search_model_versions(f"name='{name}'")) == versions

@@ -33,7 +33,7 @@ from transferops.config import (
     read_overrides_file,
     registered_model_name,
 )
-from transferops.errors import TransferopsError
+from transferops.errors import TransferopsError, known_fault
 from transferops.lock import project_lock
 from transferops.memory import tensor_sized_malloc
 from transferops.progress import console, hand_logging_to_prefect, setup_logging
@@ -107,6 +107,12 @@ def _user_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except TransferopsError as exc:
             console.print(f"[bold red]error:[/] {mask(str(exc))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except Exception as exc:
+            message = known_fault(exc)
+            if message is None:
+                raise
+            console.print(f"[bold red]error:[/] {mask(message)}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -367,10 +373,12 @@ def predict_cmd(
         df.to_csv(out, index=False)
     console.print(
         f"{df.attrs['model']} ({uri}): {len(df)} prediction(s)"
+        + (f", {df.attrs['skipped']} input(s) skipped" if df.attrs["skipped"] else "")
         + (f", written to {out}" if out else "")
     )
-    for row in df.head(50).itertuples():
-        typer.echo(f"{row.label}\t{row.confidence:.3f}\t{row.input}")
+    for row in df.head(50).itertuples():  # one line per input, whatever its name holds
+        name = row.input.translate({10: "\\n", 13: "\\r", 9: "\\t"})
+        typer.echo(f"{row.label}\t{row.confidence:.3f}\t{name}")
     if len(df) > 50:
         console.print(f"... {len(df) - 50} more" + ("" if out else "; use --out FILE for all"))
 
@@ -580,10 +588,39 @@ def deploy(
     )
 
 
+THREADS_JOIN_S = 30.0  # how long the exit waits for worker threads still running
+
+
+def _join_threads(timeout: float) -> list[str]:
+    """What the interpreter does first at exit, with a bound: the threading exit hooks (they
+    wake idle ``concurrent.futures`` workers, such as MLflow's artifact uploaders, which end
+    only through them), then every non-daemon thread joined. Returns the names of threads
+    still running after `timeout` seconds."""
+    def run_hooks() -> None:
+        for hook in reversed(getattr(threading, "_threading_atexits", [])):
+            with contextlib.suppress(Exception):
+                hook()
+
+    deadline = time.monotonic() + timeout
+    # the hooks join the executors' workers themselves: in a daemon thread, so the bound holds
+    hooks = threading.Thread(target=run_hooks, name="threading-exit-hooks", daemon=True)
+    hooks.start()
+    hooks.join(timeout)
+    for t in threading.enumerate():
+        if t is not threading.main_thread() and not t.daemon:
+            t.join(max(0.0, deadline - time.monotonic()))
+    return [
+        t.name
+        for t in threading.enumerate()
+        if t is not threading.main_thread() and not t.daemon and t.is_alive()
+    ]
+
+
 def entry() -> NoReturn:
     """The ``transferops`` command: the app, then a quick exit. Every exit handler runs
     (Prefect's temporary server stops, MLflow and the logs flush) and every worker thread is
-    joined, as at any exit; then the process ends without the interpreter's teardown of
+    joined (at most `THREADS_JOIN_S`: a thread that never ends is named, not waited for
+    forever), as at any exit; then the process ends without the interpreter's teardown of
     torch, MLflow, Prefect and their tensors, which writes nothing and took 2.4 s of every
     command (10 of them in a `dvc repro`)."""
     try:
@@ -597,9 +634,13 @@ def entry() -> NoReturn:
     if isinstance(code, str):  # what sys.exit("message") does
         print(code, file=sys.stderr)
         code = 1
-    for t in threading.enumerate():  # what the interpreter does first at exit
-        if t is not threading.main_thread() and not t.daemon:
-            t.join()
+    left = _join_threads(THREADS_JOIN_S)
+    if left:
+        print(
+            f"warning: exiting with {len(left)} thread(s) still running after "
+            f"{THREADS_JOIN_S:.0f} s: {', '.join(left)}",
+            file=sys.stderr,
+        )
     run_exit_handlers()
     sys.stdout.flush()
     sys.stderr.flush()

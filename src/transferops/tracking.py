@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import socket
+import sqlite3
 import urllib.parse
 import urllib.request
 import warnings
@@ -47,9 +48,14 @@ _reachable: set[str] = set()  # server URIs already answered in this process
 
 
 def check_reachable(key: str, uri: str) -> None:
-    """An MLflow server at `uri` answers ``GET /health`` within seconds (other URIs pass):
-    else one :class:`ConfigError` line, where the client would retry for minutes."""
-    if not is_server(uri) or uri in _reachable:
+    """An MLflow server at `uri` answers ``GET /health`` within seconds, and a sqlite store
+    is readable (:func:`check_sqlite`); other URIs pass. Else one :class:`ConfigError` line,
+    where the client would retry for minutes or print a long traceback."""
+    if uri in _reachable:
+        return
+    if not is_server(uri):
+        check_sqlite(key, uri)
+        _reachable.add(uri)
         return
     url, login = _split_login(expand_env(uri, key))
     req = urllib.request.Request(url.rstrip("/") + "/health")
@@ -66,6 +72,27 @@ def check_reachable(key: str, uri: str) -> None:
             f"server (mlflow server --host 127.0.0.1 --port ...) or fix {key}"
         ) from None
     _reachable.add(uri)
+
+
+def check_sqlite(key: str, uri: str) -> None:
+    """An existing sqlite store at `uri` opens and passes SQLite's quick check (milliseconds
+    for a store of a few MB); a missing one passes (MLflow creates it)."""
+    if not uri.startswith("sqlite:///"):
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    if not db.is_file():
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+            verdict = con.execute("PRAGMA quick_check(1)").fetchone()[0]
+    except sqlite3.DatabaseError as exc:
+        verdict = str(exc)
+    if verdict != "ok":
+        raise ConfigError(
+            f"{key}: the store {db} is damaged ({verdict}): restore it from a backup, or move "
+            f"it aside (mv {db} {db}.damaged) to start an empty one (its runs and registered "
+            "models are then no longer found)"
+        )
 
 
 def client_uri(uri: str, key: str) -> str:

@@ -9,6 +9,7 @@ images, or a CSV / text file of texts.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from transferops.model_io import load_finetuned, pick_device
 from transferops.predict import predict_probs, raw_inputs
 from transferops.tracking import absolute_uri
 
+log = logging.getLogger(__name__)
+
 
 def gather(paths: list[Path], modality: str, column: str) -> tuple[list[str], list]:
     """(names, items) to predict: image files and folders of images, or texts from CSV
@@ -32,14 +35,16 @@ def gather(paths: list[Path], modality: str, column: str) -> tuple[list[str], li
             raise DataError(f"{p}: no such file or folder")
         if modality == "image":
             files = (
-                sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
+                sorted(
+                    f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()
+                )
                 if p.is_dir()
                 else [p]
             )
             names += [str(f) for f in files]
             items += [str(f) for f in files]
         elif p.suffix.lower() in (".csv", ".tsv"):
-            df = pd.read_csv(p, sep=None, engine="python")
+            df = pd.read_csv(p, sep=None, engine="python", encoding="utf-8-sig")
             if column not in df.columns:
                 raise DataError(
                     f"{p}: no column {column!r} (columns: {list(df.columns)}); use --column"
@@ -69,7 +74,15 @@ def predict_registered(
             raise RegistryError(f"{name} v{version} holds no transferops model folder")
         net, spec = load_finetuned(folder)
         names, items = gather(paths, spec["modality"], column)
-        probs = predict_probs(net, spec, raw_inputs(spec, folder, items), pick_device("auto"))
+        skipped: list[tuple[int, str]] = []
+        inputs = raw_inputs(spec, folder, items, skipped)
+        for i, why in skipped:  # one bad file does not fail the batch
+            log.warning("skipped %s: cannot be decoded (%s)", names[i], why)
+        bad = {i for i, _ in skipped}
+        names = [n for i, n in enumerate(names) if i not in bad]
+        if not names:
+            raise DataError(f"no input could be decoded ({len(skipped)} skipped; see above)")
+        probs = predict_probs(net, spec, inputs, pick_device("auto"))
     classes = spec["class_names"]
     out = pd.DataFrame(
         {
@@ -82,4 +95,5 @@ def predict_registered(
         [out, pd.DataFrame(probs.round(4), columns=[f"p_{c}" for c in classes])], axis=1
     )
     full.attrs["model"] = f"{name} v{version}"
+    full.attrs["skipped"] = len(skipped)
     return full

@@ -3,8 +3,8 @@
 ``source.name`` is ``models:/<name>@<alias>`` or ``models:/<name>/<version>``. The pull takes
 its fine-tuned backbone (blocks, input spec, normalisation or tokenizer of the model it was
 tuned from) and drops its head: the next fine-tune gets a new one for its own classes. The
-weights are checked against the version's ``model_sha256`` tag. An alias is resolved on every
-pull (:func:`resolve`), so a moved alias is pulled again.
+download checks the weights against the version's ``model_sha256`` tag. An alias is resolved
+on every pull (:func:`resolve`), so a moved alias is pulled again.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from transferops.artifacts import read_json, sha256_file
+from transferops.artifacts import read_json
 from transferops.config import SourceConfig
 from transferops.errors import SourceError
 from transferops.mlflow_models import download_model_folder, registered_version
@@ -40,13 +40,6 @@ def load(cfg: SourceConfig, workdir: Path, reg: dict[str, Any]) -> Pulled:
             f"source.name: {cfg.name} ({label}) is not a transferops model (no fine-tuned "
             "model folder in its artifacts); kind mlflow takes models registered by "
             "`transferops register`"
-        )
-    sha = sha256_file(model_dir / "model.safetensors")
-    if reg["model_sha256"] and sha != reg["model_sha256"]:
-        raise SourceError(
-            f"checksum mismatch: {label}'s weights have sha256 {sha[:16]}... but the "
-            f"version is tagged model_sha256 {reg['model_sha256'][:16]}...; the artifact "
-            "was modified. Refusing to use it."
         )
     if read_json(model_dir / "model.json").get("candidate") == "classical":
         raise SourceError(
