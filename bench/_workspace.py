@@ -7,9 +7,10 @@ import tempfile
 from pathlib import Path
 
 from transferops.config import Config, validate_config
-from transferops.data import load_prepared, prepare
-from transferops.model_io import Inputs
-from transferops.sources import pull
+from transferops.data.prepare import prepare
+from transferops.data.prepared import load_prepared
+from transferops.model.inputs import Inputs
+from transferops.sources.pull import pull
 
 
 def digits_workspace(

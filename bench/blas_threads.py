@@ -33,8 +33,8 @@ from _workspace import digits_workspace
 from transferops.finetune.cache import encode_prefix
 from transferops.finetune.probe import C_GRID
 from transferops.finetune.train import build_net
-from transferops.model_io import make_preprocess
-from transferops.sources import load_source
+from transferops.model.inputs import make_preprocess
+from transferops.sources.pull import load_source
 
 
 def probe_path(x: np.ndarray, y: np.ndarray) -> None:

@@ -26,8 +26,8 @@ os.environ.setdefault("TRANSFEROPS_PROGRESS", "0")
 
 from transferops.config import validate_config
 from transferops.data.prepare import prepare
-from transferops.drift import decide, save_reference
-from transferops.sources import pull_from_config
+from transferops.evaluation.drift import decide, save_reference
+from transferops.sources.pull import pull_from_config
 
 
 def timed(fn: Any) -> tuple[Any, float, float]:

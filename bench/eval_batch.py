@@ -18,10 +18,10 @@ import time
 
 import torch
 
-from transferops.families import build_architecture
-from transferops.finetune.blocks import fold_same_padding
-from transferops.memory import tensor_sized_malloc
-from transferops.model_io import Inputs
+from transferops.model.blocks import fold_same_padding
+from transferops.model.families import build_architecture
+from transferops.model.inputs import Inputs
+from transferops.runtime.memory import tensor_sized_malloc
 
 N = 269  # the demo's val split
 

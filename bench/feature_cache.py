@@ -27,8 +27,8 @@ from transferops.config import FinetuneConfig
 from transferops.finetune.cache import encode_prefix
 from transferops.finetune.engine import finetune
 from transferops.finetune.train import build_net
-from transferops.model_io import Inputs, make_preprocess, pick_device
-from transferops.sources import load_source
+from transferops.model.inputs import Inputs, make_preprocess, pick_device
+from transferops.sources.pull import load_source
 
 
 def _sync(device: torch.device) -> None:

@@ -27,13 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.conftest import fortunes_minilm
 from transferops.config import Config, validate_config, with_overrides
-from transferops.data.prepare import load_prepared, prepare
+from transferops.data.prepare import prepare
+from transferops.data.prepared import load_prepared
 from transferops.finetune.adapters import ADAPTER_FILE
 from transferops.finetune.thaw import make_trainable
 from transferops.finetune.train import build_net, save_finetuned, train_model
-from transferops.model_io import make_inputs
-from transferops.predict import predict_probs
-from transferops.sources import load_source, pull_from_config
+from transferops.model.inputs import make_inputs
+from transferops.model.predict import predict_probs
+from transferops.sources.pull import load_source, pull_from_config
 
 VARIANTS = {"staged full fine-tune": ("none", (1e-3, 3e-3)), "LoRA r=8": ("lora", (3e-3, 1e-2))}
 

@@ -27,8 +27,8 @@ from _workspace import digits_workspace
 from transferops.config import FinetuneConfig
 from transferops.finetune.engine import finetune
 from transferops.finetune.train import build_net
-from transferops.model_io import make_preprocess, pick_device
-from transferops.sources import load_source, random_init
+from transferops.model.inputs import make_preprocess, pick_device
+from transferops.sources.pull import load_source, random_init
 
 RUNS = {
     "transfer (depth 6, cached)": FinetuneConfig(unfreeze_depth=6, early_stopping_patience=None),

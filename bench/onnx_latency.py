@@ -28,10 +28,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from transferops.config import validate_config
 from transferops.data.prepare import prepare
-from transferops.export import Probabilities, to_onnx
 from transferops.finetune.train import train_from_config
-from transferops.model_io import load_finetuned, make_preprocess
-from transferops.sources import pull_from_config
+from transferops.model.folder import load_finetuned
+from transferops.model.inputs import make_preprocess
+from transferops.registry.export import Probabilities, to_onnx
+from transferops.sources.pull import pull_from_config
 
 CASES: dict[str, dict[str, Any]] = {
     "image (Lite0, 64 px)": {"data": {"demo": "digits", "image": {"size": 64}}},

@@ -23,12 +23,13 @@ import torch
 
 os.environ.setdefault("TRANSFEROPS_PROGRESS", "0")
 
-from transferops.artifacts import read_json
 from transferops.config import load_config, with_overrides
-from transferops.data.prepare import load_prepared, prepare
-from transferops.evaluate import predict
-from transferops.search import run_search
-from transferops.sources import pull_from_config
+from transferops.data.prepare import prepare
+from transferops.data.prepared import load_prepared
+from transferops.evaluation.evaluate import predict
+from transferops.runtime.artifacts import read_json
+from transferops.search.study import run_search
+from transferops.sources.pull import pull_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -31,9 +31,9 @@ import yaml
 os.environ.setdefault("TRANSFEROPS_PROGRESS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from transferops.artifacts import read_json
 from transferops.config import load_config, with_overrides
-from transferops.pipeline import StepFn, StepKey, run_pipeline
+from transferops.pipeline.run import StepFn, StepKey, run_pipeline
+from transferops.runtime.artifacts import read_json
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = {

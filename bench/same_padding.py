@@ -1,6 +1,6 @@
 """Same-padding benchmark: EfficientNet-Lite0 as the package builds it (a zero-pad module
 before every "same" conv) against its symmetric pads folded into the convs
-(`finetune.blocks.fold_same_padding`, what transferops trains and serves).
+(`model.blocks.fold_same_padding`, what transferops trains and serves).
 
 A training step (forward + backward, every block trainable) and an inference batch, channels
 last as transferops runs them, side by side in one process; wall and CPU ms, best of
@@ -22,8 +22,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from transferops.families import build_architecture
-from transferops.finetune.blocks import fold_same_padding
+from transferops.model.blocks import fold_same_padding
+from transferops.model.families import build_architecture
 
 
 def timed(fn: Callable[[], None], repeat: int) -> tuple[float, float]:

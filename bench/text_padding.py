@@ -31,10 +31,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from transferops.config import SourceConfig
 from transferops.data.demo import write_demo
-from transferops.families import build_staged
-from transferops.model_io import Inputs, tokenize
-from transferops.predict import predict_probs
-from transferops.sources import load_source, pull
+from transferops.model.families import build_staged
+from transferops.model.inputs import Inputs, tokenize
+from transferops.model.predict import predict_probs
+from transferops.sources.pull import load_source, pull
 
 CPU = torch.device("cpu")
 

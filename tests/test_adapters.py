@@ -10,14 +10,16 @@ import torch
 from safetensors.torch import load_file
 
 from transferops.config import validate_config
-from transferops.data.prepare import load_prepared, prepare
+from transferops.data.prepare import prepare
+from transferops.data.prepared import load_prepared
 from transferops.errors import ConfigError
 from transferops.finetune.adapters import ADAPTER_FILE, add_lora
 from transferops.finetune.thaw import make_trainable
 from transferops.finetune.train import build_net, save_finetuned, train_model
-from transferops.model_io import load_finetuned, make_inputs
-from transferops.predict import predict_probs
-from transferops.sources import load_source, pull_from_config
+from transferops.model.folder import load_finetuned
+from transferops.model.inputs import make_inputs
+from transferops.model.predict import predict_probs
+from transferops.sources.pull import load_source, pull_from_config
 
 from .conftest import fortunes_minilm
 

@@ -11,15 +11,16 @@ import torch
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from transferops.artifacts import read_json, write_json_atomic
-from transferops.classical import fit_classical, val_score
 from transferops.cli import app
 from transferops.config import validate_config, with_overrides
-from transferops.data.prepare import load_prepared, read_manifest
-from transferops.export import parity, to_onnx
+from transferops.data.prepared import load_prepared, read_manifest
+from transferops.finetune.classical import fit_classical, val_score
 from transferops.finetune.train import Trained, keep_best_candidate
-from transferops.model_io import load_finetuned, make_inputs
-from transferops.predict import predict_probs
+from transferops.model.folder import load_finetuned
+from transferops.model.inputs import make_inputs
+from transferops.model.predict import predict_probs
+from transferops.registry.export import parity, to_onnx
+from transferops.runtime.artifacts import read_json, write_json_atomic
 
 from .conftest import write_image_folder
 

@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 
 from transferops.config import validate_config
-from transferops.data import load_prepared, prepare, prepared_data_hash, read_manifest
 from transferops.data.demo import parse_fortune_file, write_demo
+from transferops.data.prepare import prepare
+from transferops.data.prepared import load_prepared, prepared_data_hash, read_manifest
 from transferops.errors import DataError
 
 from .conftest import write_image_folder

@@ -12,8 +12,8 @@ from PIL import Image
 
 from transferops.config import Config, validate_config
 from transferops.data.prepare import prepare
-from transferops.drift import compare, decide, save_reference, source_features
-from transferops.pipeline import run_pipeline
+from transferops.evaluation.drift import compare, decide_retrain, save_reference, source_features
+from transferops.pipeline.run import run_pipeline
 
 from .conftest import write_image_folder
 
@@ -81,10 +81,10 @@ def test_on_drift_retrains_only_on_new_data_that_drifted(tmp_path, lite0_source,
     assert not (tmp_path / ".transferops" / "steps" / "search.json").exists()  # never ran
     write_image_folder(raw, per_class=45)  # 15 new scans per class, the same kind
     prepare(cfg)
-    fresh = decide(cfg)
+    fresh = decide_retrain(cfg)
     assert not fresh["retrain"] and "no drift" in fresh["reason"]
     assert 0 < fresh["drift"]["n_new"] < 45 * 3  # only the new examples are tested
     _brighten(raw, raw, prefix="bright-")  # new scans from a brighter camera
     prepare(cfg)
-    drifted = decide(cfg)
+    drifted = decide_retrain(cfg)
     assert drifted["retrain"] and "drifted" in drifted["reason"]

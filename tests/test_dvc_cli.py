@@ -161,7 +161,7 @@ def test_dvc_plots_render_offline(tmp_path):
 def _new_store_output(tmp_path, env: dict[str, str]) -> str:
     code = (
         "from transferops.config import TrackingConfig\n"
-        "from transferops.tracking import setup_tracking\n"
+        "from transferops.runtime.tracking import setup_tracking\n"
         "setup_tracking(TrackingConfig(uri='sqlite:///mlflow.db'))\n"
     )
     tmp_path.mkdir()
@@ -191,8 +191,8 @@ def test_third_party_noise_is_off_unless_verbose(tmp_path, monkeypatch):
 
 def test_a_run_by_another_door_is_recorded_in_dvc_lock(tmp_path, monkeypatch, caplog):
     from transferops.config import load_config, with_overrides
-    from transferops.data import prepare
-    from transferops.dvc_lock import record_run
+    from transferops.data.prepare import prepare
+    from transferops.pipeline.dvc_lock import record_run
 
     repo = _dvc_repo(tmp_path, ["demo_data", "prepare"])
     monkeypatch.chdir(repo)

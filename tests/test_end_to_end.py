@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from transferops.cli import app
 from transferops.config import load_config, registered_model_name
-from transferops.model_io import load_finetuned, rebuild_finetuned
-from transferops.sources import load_source
+from transferops.model.folder import load_finetuned, rebuild_finetuned
+from transferops.sources.pull import load_source
 
 from .conftest import write_image_folder
 

@@ -10,15 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from transferops import baseline as baseline_module
-from transferops.artifacts import sha256_file
-from transferops.baseline import role_overrides, run_baselines, transfer_epochs
 from transferops.config import validate_config, with_overrides
-from transferops.data.prepare import SPLIT_READS, prepare
-from transferops.evaluate import evaluate
+from transferops.data.prepare import prepare
+from transferops.data.prepared import SPLIT_READS
+from transferops.evaluation import baseline as baseline_module
+from transferops.evaluation.baseline import role_overrides, run_baselines, transfer_epochs
+from transferops.evaluation.evaluate import evaluate
+from transferops.evaluation.stats import ece, mean_ci, paired_bootstrap, verdict
 from transferops.finetune.train import train_from_config
-from transferops.search import run_search
-from transferops.stats import ece, mean_ci, paired_bootstrap, verdict
+from transferops.runtime.artifacts import sha256_file
+from transferops.search.study import run_search
 
 from .conftest import tiny_digits
 
@@ -278,7 +279,7 @@ def test_baseline_runs_as_dask_tasks_match_the_ones_trained_here(tmp_path, lite0
     accuracy the same run gets trained in this process."""
     from mlflow import MlflowClient
 
-    from transferops.tracking import pipeline_run
+    from transferops.runtime.tracking import pipeline_run
 
     def config(n_workers: int, out: str) -> dict:
         return {
@@ -331,7 +332,7 @@ def test_efficiency_chart_shows_intervals_and_the_cheap_baselines():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from transferops.report import efficiency_axes
+    from transferops.evaluation.report import efficiency_axes
 
     eff = [
         {"per_class": 5, "transfer": 0.6, "scratch": 0.3},

@@ -12,14 +12,15 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from transferops import export as export_module
-from transferops.artifacts import sha256_file
 from transferops.config import validate_config
-from transferops.data.prepare import load_prepared, prepare
-from transferops.export import ExportError, export, onnx_probs, parity, to_onnx
+from transferops.data.prepare import prepare
+from transferops.data.prepared import load_prepared
 from transferops.finetune.train import train_from_config
-from transferops.model_io import make_inputs
-from transferops.sources import pull_from_config
+from transferops.model.inputs import make_inputs
+from transferops.registry import export as export_module
+from transferops.registry.export import ExportError, export, onnx_probs, parity, to_onnx
+from transferops.runtime.artifacts import sha256_file
+from transferops.sources.pull import pull_from_config
 
 from .conftest import fortunes_minilm, tiny_digits
 

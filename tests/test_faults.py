@@ -16,15 +16,15 @@ import pytest
 from typer.testing import CliRunner
 
 from transferops.cli import app
-from transferops.lock import project_lock
+from transferops.runtime.lock import project_lock
 
-from .conftest import REPO, mlflow_server, prefect_server, write_image_folder
+from .conftest import mlflow_server, prefect_server, write_image_folder
 
 runner = CliRunner()
 
 HOLD = """
 import sys, time
-from transferops.lock import project_lock
+from transferops.runtime.lock import project_lock
 with project_lock("run", sys.argv[1]):
     print("held", flush=True)
     time.sleep(120)
@@ -77,7 +77,7 @@ def test_lock_is_reentrant_in_a_process_and_released_after(tmp_path):
     assert "held" not in holder_free.stdout
     with project_lock("run", tmp_path):  # released: taken again
         pass
-    assert os.path.exists(tmp_path / ".transferops.lock")
+    assert os.path.exists(tmp_path / ".transferops.runtime.lock")
 
 
 PASSWORD = "Hunter2pw"
@@ -117,8 +117,8 @@ def test_bad_service_urls_fail_in_seconds_with_one_line(tmp_path, monkeypatch, o
 
 def test_storage_url_from_the_environment_and_masked_everywhere(tmp_path, monkeypatch, caplog):
     from transferops.cli import _overrides_map
-    from transferops.progress import setup_logging
-    from transferops.redact import expand_env, has_password, mask
+    from transferops.runtime.progress import setup_logging
+    from transferops.runtime.redact import expand_env, has_password, mask
 
     url = f"postgresql+psycopg://bob:{PASSWORD}@db.example:5432/optuna"
     assert mask(url) == "postgresql+psycopg://bob:***@db.example:5432/optuna"
@@ -221,13 +221,13 @@ def test_interrupt_during_search_stops_cleanly(tmp_path, sig, prefect):
     assert f"interrupted ({sig.name}) during search; rerun the same command to resume" in out
     assert "Traceback" not in out
     _nothing_left_running(tmp_path)
-    assert not (tmp_path / ".transferops.lock").exists() or _lock_is_free(tmp_path)
+    assert not (tmp_path / ".transferops.runtime.lock").exists() or _lock_is_free(tmp_path)
 
 
 def test_an_interrupt_waits_until_the_store_write_ends(monkeypatch):
     # raised inside a SQLAlchemy session it left sqlite locked and the clean exit failed
-    from transferops import interrupt
-    from transferops.critical import critical
+    from transferops.runtime import interrupt
+    from transferops.runtime.critical import critical
 
     monkeypatch.setitem(interrupt.STATE, "in_handler", False)
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -256,9 +256,9 @@ def test_outputs_get_the_umask_modes_not_private_temp_modes(tmp_path, image_fold
     temp files are created 0600 / 0700: published, they must be readable like any file."""
     import stat
 
-    from transferops.artifacts import DIR_MODE, FILE_MODE, atomic_dir, write_json_atomic
     from transferops.config import validate_config
-    from transferops.data import prepare
+    from transferops.data.prepare import prepare
+    from transferops.runtime.artifacts import DIR_MODE, FILE_MODE, atomic_dir, write_json_atomic
 
     write_json_atomic(tmp_path / "r" / "receipt.json", {"a": 1})
     with atomic_dir(tmp_path / "folder") as d:
@@ -348,7 +348,7 @@ def test_runs_a_killed_process_left_running_are_closed_and_its_orphan_model_drop
     from mlflow import MlflowClient
 
     from transferops.config import TrackingConfig
-    from transferops.tracking import HOST_TAG, PID_TAG, close_runs, setup_tracking
+    from transferops.runtime.tracking import HOST_TAG, PID_TAG, close_runs, setup_tracking
 
     cfg = TrackingConfig(
         uri=f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_location=str(tmp_path / "art")
@@ -411,7 +411,6 @@ def test_a_served_schedule_creates_and_completes_a_flow_run(tmp_path):
     import httpx
 
     write_image_folder(tmp_path / "raw", per_class=6)
-    (tmp_path / "flows").symlink_to(REPO / "flows")
     (tmp_path / "params.yaml").write_text(
         "data:\n  demo: null\n  path: raw\n  image: {size: 16}\n  limit_per_class: null\n"
         "finetune:\n  unfreeze_depth: 1\n  epochs_per_stage: [1, 1]\n  batch_size: 8\n"
@@ -455,7 +454,7 @@ CRASHED_RUNS = """
 import os, socket, subprocess, sys
 from pathlib import Path
 from prefect.client.orchestration import get_client
-from transferops.deployment import close_crashed_runs
+from transferops.pipeline.deployment import close_crashed_runs
 
 host, project = socket.gethostname(), Path(sys.argv[1])
 dead = subprocess.Popen(["true"])
@@ -503,7 +502,7 @@ def test_flow_runs_a_killed_process_left_running_are_marked_crashed(tmp_path):
 def test_masking_takes_linear_time_and_a_huge_value_gets_its_error_in_seconds(tmp_path):
     """The password pattern had nested scans (200 KB: 43 s, 5 MB: never); the log filter runs
     it on every line."""
-    from transferops.redact import has_password, mask
+    from transferops.runtime.redact import has_password, mask
 
     for text in ("a" * 5_000_000, "x://" + "a" * 5_000_000, "://u:" * 1_000_000):
         t = time.process_time()
@@ -599,7 +598,7 @@ def test_small_input_fixes(tmp_path):
 
     from transferops.config import DataConfig, parse_override
     from transferops.data.readers import read_table
-    from transferops.model_io import decode_image
+    from transferops.model.inputs import decode_image
 
     table = tmp_path / "t.csv"
     table.write_bytes("\ufefffile,kind\nhello,a\nworld,b\n".encode())

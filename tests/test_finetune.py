@@ -14,15 +14,16 @@ from threadpoolctl import threadpool_info
 from torch import nn
 
 from transferops.config import FinetuneConfig, validate_config
-from transferops.data import load_prepared
+from transferops.data.prepared import load_prepared
 from transferops.errors import ConfigError
-from transferops.families import build_staged
 from transferops.finetune.engine import finetune
 from transferops.finetune.plan import stage_depths
 from transferops.finetune.thaw import make_trainable, set_train_mode
 from transferops.finetune.train import build_net, train_from_config
-from transferops.model_io import Inputs, Preprocess, fit_width, load_finetuned
-from transferops.sources import load_source
+from transferops.model.families import build_staged
+from transferops.model.folder import load_finetuned
+from transferops.model.inputs import Inputs, Preprocess, fit_width
+from transferops.sources.pull import load_source
 
 CPU = torch.device("cpu")
 
@@ -106,7 +107,7 @@ def test_texts_are_padded_per_batch_with_the_same_outputs():
     from transformers import BertConfig, BertModel
 
     from transferops.finetune.cache import encode_prefix
-    from transferops.predict import predict_probs
+    from transferops.model.predict import predict_probs
 
     torch.manual_seed(0)
     cfg = BertConfig(
@@ -355,7 +356,7 @@ def test_weight_average_is_the_mean_of_the_last_epochs_and_kept_only_if_better(
 ):
     """average_epochs: the mean weights of the plan's last N epochs are scored on val (BN
     statistics recomputed for them when learned) and replace the best epoch only if better."""
-    from transferops.finetune.engine import evaluate
+    from transferops.finetune.engine import val_scores
 
     net, tr, va, cfg, pre = _setup(
         digits_prepared,
@@ -388,7 +389,7 @@ def test_weight_average_is_the_mean_of_the_last_epochs_and_kept_only_if_better(
         from transferops.finetune.engine import recalibrate_bn
 
         recalibrate_bn(avg_net, 2, tr, None, pre, 16, nullcontext)
-    acc, loss = evaluate(avg_net, va, None, 1, pre, 16, nullcontext)
+    acc, loss = val_scores(avg_net, va, None, 1, pre, 16, nullcontext)
     assert res.average.val_accuracy == pytest.approx(acc, abs=1e-6)
     epochs_best = max((h["val_accuracy"], -h["val_loss"]) for h in res.history)
     assert res.average.kept == ((acc, -loss) > epochs_best)
@@ -548,8 +549,8 @@ def test_stage_plan_says_what_thaws_when_and_refuses_a_deeper_depth():
 
 
 def test_family_table_decides_names_and_channels_last():
-    from transferops.families import FAMILIES, torchvision_family
-    from transferops.model_io import make_preprocess
+    from transferops.model.families import FAMILIES, torchvision_family
+    from transferops.model.inputs import make_preprocess
 
     assert [torchvision_family(n) for n in ("resnet50", "wide_resnet50_2", "vit_b_16")] == [
         "resnet",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, prefect_server, write_image_folder
+from .conftest import prefect_server, write_image_folder
 
 CLI = str(Path(sys.executable).parent / "transferops")
 
@@ -38,9 +38,8 @@ def _run(
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
-    """A user's project: params.yaml, flows/ (as in the repo) and an image folder."""
+    """A user's project: params.yaml and an image folder (the flow comes from the package)."""
     write_image_folder(tmp_path / "raw", per_class=10)
-    (tmp_path / "flows").symlink_to(REPO / "flows")
     (tmp_path / "params.yaml").write_text(
         "data:\n  demo: null\n  path: raw\n  image: {size: 16}\n  limit_per_class: null\n"
         "finetune:\n  unfreeze_depth: 1\n  epochs_per_stage: [2, 1]\n  batch_size: 8\n"
@@ -163,5 +162,5 @@ def test_a_deployment_on_a_work_pool_runs_on_a_worker(project):
     assert [s["schedule"]["cron"] for s in dep["schedules"]] == ["0 3 * * 1"]
     assert run["state"]["type"] == "COMPLETED", run["state"]
     names = {log["name"] for log in logs}
-    assert {"transferops.evaluate", "transferops.promotion"} <= names, names
+    assert {"transferops.evaluation.evaluate", "transferops.registry.promote"} <= names, names
     assert (project / "models" / "registry.json").exists()  # written in the project folder

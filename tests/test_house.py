@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from transferops.config import STEP_INPUTS, FinetuneConfig
-from transferops.register import INFERENCE_REQUIREMENTS, SHIPPED_MODULES, requirements
+from transferops.registry.register import INFERENCE_REQUIREMENTS, SHIPPED_MODULES, requirements
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "src" / "transferops"
@@ -77,30 +77,66 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_no_import_cycle_even_through_function_level_imports():
     graph = import_graph()
-    assert "transferops.model_io" in graph["transferops.predict"]  # the graph sees imports
+    assert "transferops.model.inputs" in graph["transferops.model.predict"]  # sees imports
     assert _cycle(graph) is None
 
 
-def test_serving_never_imports_the_trainer():
+# The house, bottom to top: a module imports only from its own layer or below.
+LAYERS = (
+    "errors",
+    "config",
+    "runtime",
+    "model",
+    "data",
+    "sources",
+    "finetune",
+    "search",
+    "evaluation",
+    "registry",
+    "pipeline",
+    "cli",
+)
+# The one deliberate exception: the mlflow source kind reads a registered model through the
+# registry's client (resolve an alias, download, verify the weights).
+UPWARD_ALLOWED = {("transferops.sources.mlflow", "transferops.registry.client")}
+
+
+def _layer(module: str) -> int | None:
+    part = module.split(".")[1] if "." in module else None
+    return LAYERS.index(part) if part in LAYERS else None  # the package, __main__: no layer
+
+
+def test_each_layer_imports_only_from_below():
     graph = import_graph()
-    trainer = {
-        m
-        for m in graph
-        if m.startswith("transferops.finetune.") and m != "transferops.finetune.blocks"
+    assert set(LAYERS[2:-1]) <= {m.split(".")[1] for m in graph if m.count(".") >= 1}
+    upward = {
+        (m, n)
+        for m, imported in graph.items()
+        for n in imported
+        if _layer(m) is not None and _layer(n) is not None and _layer(n) > _layer(m)
     }
-    for user in (
-        "transferops.predict",
-        "transferops.serving",
-        "transferops.model_io",
-        "transferops.evaluate",
-    ):
-        seen, todo = set(), [user]
-        while todo:
-            m = todo.pop()
-            if m not in seen:
-                seen.add(m)
-                todo += graph[m]
-        assert not seen & trainer, f"{user} reaches training code: {sorted(seen & trainer)}"
+    assert upward == UPWARD_ALLOWED, sorted(upward - UPWARD_ALLOWED)
+    # the rules the package docstrings state, through every path (function-level included)
+    for base, above in (("model", LAYERS[4:]), ("runtime", LAYERS[3:])):
+        for m in (m for m in graph if m.startswith(f"transferops.{base}")):
+            seen, todo = set(), [m]
+            while todo:
+                x = todo.pop()
+                if x not in seen:
+                    seen.add(x)
+                    todo += graph[x]
+            bad = {x for x in seen if _layer(x) is not None and LAYERS[_layer(x)] in above}
+            assert not bad, f"{m} reaches {sorted(bad)}"
+
+
+def test_top_level_is_the_doors_common_ground():
+    top = sorted(p.name for p in PKG.glob("*.py"))
+    assert len(top) <= 8, top
+    packages = sorted(p.name for p in PKG.iterdir() if (p / "__init__.py").exists())
+    assert set(LAYERS[2:-1]) <= set(packages)
+    for pkg in packages:  # each package's rule is written where a reader lands first
+        doc = ast.get_docstring(ast.parse((PKG / pkg / "__init__.py").read_text()))
+        assert doc and len(doc) > 80, pkg
 
 
 def test_no_function_is_longer_than_a_screen():
@@ -133,7 +169,7 @@ def test_dvc_stage_lists_exactly_the_declared_inputs(step):
 
 def test_promote_declares_every_rule_the_gate_reads():
     # a gate setting missing from STEP_INPUTS: changing it would not rerun promote
-    tree = ast.parse((ROOT / "src" / "transferops" / "promotion.py").read_text())
+    tree = ast.parse((PKG / "registry" / "promote.py").read_text())
     gate = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "gate")
     read = {
         f"registry.{n.attr}"
@@ -164,25 +200,14 @@ def test_train_step_reads_every_trajectory_param():
 # ------------------------------------------------- the registered model's code
 
 
-def test_shipped_code_is_closed_under_imports_and_has_no_trainer():
+def test_shipped_code_is_the_model_package_closed_under_imports():
     files = {_module_name(PKG / rel) for rel in SHIPPED_MODULES}
+    assert {m for m in import_graph() if m.startswith("transferops.model")} <= files
     graph = import_graph()
     for m in files:
-        missing = {
-            n
-            for n in graph[m]
-            if n not in files and n not in ("transferops", "transferops.finetune")
-        }
+        missing = {n for n in graph[m] if n not in files and n != "transferops"}
         assert not missing, f"{m} imports {missing}, which the registered model does not ship"
-    assert (
-        not {
-            "transferops.finetune.engine",
-            "transferops.finetune.train",
-            "transferops.search",
-            "transferops.config",
-        }
-        & files
-    )
+    assert {_layer(m) for m in files} <= {LAYERS.index(x) for x in ("errors", "runtime", "model")}
 
 
 @pytest.mark.parametrize(

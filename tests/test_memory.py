@@ -7,7 +7,7 @@ import pytest
 
 CHURN = """
 import resource, sys, torch
-from transferops.memory import tensor_sized_malloc
+from transferops.runtime.memory import tensor_sized_malloc
 if sys.argv[1] == "tuned":
     assert tensor_sized_malloc()
 def step():

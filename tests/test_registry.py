@@ -24,8 +24,9 @@ from transferops.config import (
     with_overrides,
 )
 from transferops.errors import RegistryError
-from transferops.promotion import Evidence, decide, gate, promote
-from transferops.register import CHALLENGER, CHAMPION, register
+from transferops.registry.client import CHALLENGER, CHAMPION
+from transferops.registry.promote import Evidence, decide_promotion, gate, promote
+from transferops.registry.register import register
 
 from .conftest import write_image_folder
 
@@ -53,7 +54,7 @@ def _challenger(
 ) -> str:
     """A version with the tags `register` writes, aliased challenger; `classical` is its test
     accuracy minus the classical baseline's (interval +-0.03 around it)."""
-    from transferops.tracking import setup_tracking
+    from transferops.runtime.tracking import setup_tracking
 
     setup_tracking(cfg.tracking)
     client = MlflowClient()
@@ -237,7 +238,7 @@ def test_mean_gate_compares_with_the_scratch_mean(gate_cfg):
 
 def test_promote_without_a_challenger_says_what_to_do(gate_cfg):
     with pytest.raises(RegistryError, match="run `transferops register` first"):
-        decide(gate_cfg)
+        decide_promotion(gate_cfg)
 
 
 # ---------------------------------------------------- a real registered model
@@ -247,7 +248,7 @@ def test_promote_without_a_challenger_says_what_to_do(gate_cfg):
 def pipeline_dir(tmp_path_factory) -> Path:
     """The whole pipeline (plain-Python door) once on tiny real digits."""
     from transferops.config import load_config
-    from transferops.pipeline import run_pipeline
+    from transferops.pipeline.run import run_pipeline
 
     root = tmp_path_factory.mktemp("reg")
     write_image_folder(root / "raw", per_class=12)
@@ -272,7 +273,7 @@ def pipeline_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def in_pipeline_dir(pipeline_dir, monkeypatch) -> Config:
     from transferops.config import load_config
-    from transferops.tracking import setup_tracking
+    from transferops.runtime.tracking import setup_tracking
 
     monkeypatch.chdir(pipeline_dir)
     cfg = load_config("params.yaml")
@@ -291,7 +292,7 @@ def test_registering_the_same_model_twice_makes_one_version(in_pipeline_dir):
 
 
 def test_lineage_tags_and_model_card(in_pipeline_dir):
-    from transferops.artifacts import read_json, sha256_file
+    from transferops.runtime.artifacts import read_json, sha256_file
 
     cfg = in_pipeline_dir
     client = MlflowClient()
@@ -335,9 +336,9 @@ def test_pyfunc_predicts_on_raw_images_like_the_trained_model(in_pipeline_dir, t
     import mlflow
     import torch
 
-    from transferops.data.prepare import load_prepared
-    from transferops.model_io import load_finetuned
-    from transferops.predict import predict_probs
+    from transferops.data.prepared import load_prepared
+    from transferops.model.folder import load_finetuned
+    from transferops.model.predict import predict_probs
 
     cfg = in_pipeline_dir
     model = mlflow.pyfunc.load_model(f"models:/{registered_model_name(cfg)}@{CHALLENGER}")
@@ -353,7 +354,7 @@ def test_pyfunc_predicts_on_raw_images_like_the_trained_model(in_pipeline_dir, t
     out = model.predict(pd.DataFrame({"image": encoded}))
     by_path = model.predict(pd.DataFrame({"image": [str(tmp_path / f"{i}.png") for i in range(6)]}))
     net, spec = load_finetuned(cfg.finetune.out)
-    from transferops.model_io import Inputs
+    from transferops.model.inputs import Inputs
 
     ref = predict_probs(net, spec, Inputs(imgs, torch.zeros(6)), torch.device("cpu"))
     assert list(out["label"]) == [spec["class_names"][i] for i in ref.argmax(1)]
@@ -377,7 +378,7 @@ def test_champion_trained_on_other_data_is_rescored_on_the_new_test_split(in_pip
     prev_champion = _alias(client, name, CHAMPION)
     client.set_registered_model_alias(name, CHAMPION, old.version)
     try:
-        d = decide(cfg)
+        d = decide_promotion(cfg)
         # Re-scored, the champion is the same network as the challenger: equal, not 0.0.
         assert d.champion_metric == pytest.approx(float(real.tags["test_accuracy"]), abs=1e-6)
         assert "re-scored on the new test split" in d.summary() and not d.promote
@@ -401,10 +402,10 @@ def test_registered_model_is_a_source_for_a_new_fine_tune(in_pipeline_dir, tmp_p
     is resolved on every pull, so moving it pulls the new version."""
     import torch
 
-    from transferops.families import build_staged
     from transferops.finetune.train import train_from_config
-    from transferops.model_io import load_finetuned
-    from transferops.sources import load_source, pull_from_config
+    from transferops.model.families import build_staged
+    from transferops.model.folder import load_finetuned
+    from transferops.sources.pull import load_source, pull_from_config
 
     cfg = in_pipeline_dir
     name = registered_model_name(cfg)
@@ -455,7 +456,7 @@ def test_registered_model_is_a_source_for_a_new_fine_tune(in_pipeline_dir, tmp_p
 
 def test_registry_source_errors_name_what_is_wrong(in_pipeline_dir, tmp_path):
     from transferops.errors import ConfigError, SourceError
-    from transferops.sources import pull_from_config
+    from transferops.sources.pull import pull_from_config
 
     cfg = in_pipeline_dir
     out = {"source.kind": "mlflow", "source.out": str(tmp_path / "s")}
@@ -484,7 +485,7 @@ def test_registered_model_loads_where_transferops_is_not_installed(in_pipeline_d
 
     import mlflow
 
-    from transferops.tracking import absolute_uri
+    from transferops.runtime.tracking import absolute_uri
 
     cfg = in_pipeline_dir
     uri = f"models:/{registered_model_name(cfg)}@{CHALLENGER}"
@@ -494,8 +495,10 @@ def test_registered_model_loads_where_transferops_is_not_installed(in_pipeline_d
     pinned = {r.split("==")[0] for r in reqs}
     assert {"torch", "efficientnet-lite-pytorch", "pillow", "safetensors"} <= pinned
     assert not {"pydantic", "pyyaml", "rich", "optuna"} & pinned  # inference code only
-    shipped = {p.name for p in (local / "code" / "transferops").rglob("*.py")}
-    assert "model_io.py" in shipped and not {"engine.py", "train.py", "search.py"} & shipped
+    code = local / "code" / "transferops"
+    shipped = {p.relative_to(code).as_posix() for p in code.rglob("*.py")}
+    assert {"model/folder.py", "model/inputs.py", "model/_pyfunc_entry.py"} <= shipped
+    assert not {p for p in shipped if p.split("/")[0] in ("finetune", "search", "pipeline")}
     for i in range(4):
         Image.fromarray(np.full((16, 16, 3), 60 * i, dtype=np.uint8)).save(tmp_path / f"{i}.png")
     paths = [str(tmp_path / f"{i}.png") for i in range(4)]

@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 from transferops.cli import app
 from transferops.config import validate_config
-from transferops.search import run_search
-from transferops.study_storage import make_storage
+from transferops.runtime.study_storage import make_storage
+from transferops.search.study import run_search
 
 from .conftest import PG_PASSWORD, mlflow_server, write_image_folder
 from .test_search import _raw
@@ -128,8 +128,8 @@ def test_pipeline_against_an_mlflow_server_on_postgresql(tmp_path, monkeypatch, 
 def test_dask_tasks_keep_tensors_off_the_mmap_path(tmp_path, monkeypatch):
     """Dask starts workers with MALLOC_TRIM_THRESHOLD_ set, which made glibc map and unmap
     every tensor anew (training 2.2x slower, bench/RESULTS.md); a task undoes it."""
-    from transferops.cluster import dask_client, run_in_project, task_context
     from transferops.config import ComputeConfig
+    from transferops.runtime.cluster import dask_client, run_in_project, task_context
 
     def churn() -> int:
         """Minor page faults while 40 tensors of 4 MiB are made and freed."""

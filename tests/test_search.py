@@ -15,8 +15,8 @@ import yaml
 
 from transferops.config import SearchConfig, validate_config
 from transferops.errors import ConfigError
-from transferops.search import cpu_seconds, make_sampler, run_search, study_name, suggest
-from transferops.study_storage import make_storage
+from transferops.runtime.study_storage import make_storage
+from transferops.search.study import cpu_seconds, make_sampler, run_search, study_name, suggest
 
 TS = optuna.trial.TrialState
 
@@ -137,7 +137,7 @@ def test_pruned_trial_is_pruned_in_optuna_and_mlflow(tmp_path, digits_prepared, 
     assert run.info.status == "KILLED" and run.data.tags["state"] == "pruned"
     assert summary["counts"]["pruned"] == 1
     # the plots show every trial, the pruned one too, and name the metric
-    from transferops.search_plots import history_axes
+    from transferops.search.plots import history_axes
 
     study = optuna.load_study(study_name=study_name(cfg), storage=cfg.search.storage)
     assert study.metric_names == ["val_accuracy"]

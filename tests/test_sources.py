@@ -9,10 +9,10 @@ import pytest
 import torch
 import torchvision
 
-from transferops.artifacts import read_json
 from transferops.config import SourceConfig
 from transferops.errors import SourceError
-from transferops.sources import load_source, pull
+from transferops.runtime.artifacts import read_json
+from transferops.sources.pull import load_source, pull
 
 
 def test_pull_packaged_lite0_manifest_and_idempotence(tmp_path):

@@ -1,7 +1,7 @@
 """transferops: a reproducible transfer-learning pipeline.
 
-The same functions serve the CLI (`transferops ...`), Prefect flows (`flows/`), DVC stages
-(`dvc.yaml`) and Python::
+The same functions serve the CLI (`transferops ...`), the Prefect flow
+(`transferops.pipeline.flow`), DVC stages (`dvc.yaml`) and Python::
 
     from transferops import load_config, prepare
     cfg = load_config("params.yaml", ["data.limit_per_class=10"])
@@ -15,12 +15,8 @@ import os
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 from transferops.config import Config, load_config
-from transferops.data.prepare import (
-    PreparedData,
-    load_prepared,
-    prepare,
-    prepared_data_hash,
-)
+from transferops.data.prepare import prepare
+from transferops.data.prepared import PreparedData, load_prepared, prepared_data_hash
 
 __all__ = [
     "Config",

@@ -25,7 +25,6 @@ from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 
-from transferops import interrupt
 from transferops.config import (
     Config,
     load_config,
@@ -34,10 +33,11 @@ from transferops.config import (
     registered_model_name,
 )
 from transferops.errors import TransferopsError, known_fault
-from transferops.lock import project_lock
-from transferops.memory import tensor_sized_malloc
-from transferops.progress import console, hand_logging_to_prefect, setup_logging
-from transferops.redact import has_password, mask
+from transferops.runtime import interrupt
+from transferops.runtime.lock import project_lock
+from transferops.runtime.memory import tensor_sized_malloc
+from transferops.runtime.progress import console, hand_logging_to_prefect, setup_logging
+from transferops.runtime.redact import has_password, mask
 
 app = typer.Typer(
     add_completion=False,
@@ -206,7 +206,7 @@ def pull(
     force: Annotated[bool, typer.Option(help="re-pull even when up to date")] = False,
 ) -> None:
     """Fetch the source model into source.out with a checksummed manifest (offline first)."""
-    from transferops.sources import pull_from_config
+    from transferops.sources.pull import pull_from_config
 
     cfg = _cfg(params, set_)
     res = pull_from_config(cfg, force=force)
@@ -247,7 +247,7 @@ def search(
     set_: SetOpt = None,
 ) -> None:
     """Optuna search over search.space (resumes the same study; writes search.out)."""
-    from transferops.search import run_search
+    from transferops.search.study import run_search
 
     cfg = _cfg(params, set_)
     res = run_search(cfg)
@@ -267,7 +267,7 @@ def baseline(
     overrides_file: OverridesFileOpt = None,
 ) -> None:
     """Train transfer / from-scratch / probe runs over baseline.seeds (+ few-shot curve)."""
-    from transferops.baseline import run_baselines
+    from transferops.evaluation.baseline import run_baselines
 
     cfg = _cfg(params, set_, overrides_file=overrides_file)
     runs = run_baselines(cfg)
@@ -283,7 +283,7 @@ def evaluate(
     set_: SetOpt = None,
 ) -> None:
     """Score every baseline run on the test split; write evaluate.out (report, metrics, plots)."""
-    from transferops.evaluate import evaluate as _evaluate
+    from transferops.evaluation.evaluate import evaluate as _evaluate
 
     cfg = _cfg(params, set_)
     m = _evaluate(cfg)
@@ -298,7 +298,7 @@ def register(
     set_: SetOpt = None,
 ) -> None:
     """Register finetune.out in MLflow with its lineage; alias it `challenger`."""
-    from transferops.register import register as _register
+    from transferops.registry.register import register as _register
 
     cfg = _cfg(params, set_)
     res = _register(cfg)
@@ -314,7 +314,7 @@ def promote(
     dry_run: Annotated[bool, typer.Option(help="show the decision, change nothing")] = False,
 ) -> None:
     """Move alias `champion` to the challenger if it beats the baseline and the champion."""
-    from transferops.promotion import promote as _promote
+    from transferops.registry.promote import promote as _promote
 
     cfg = _cfg(params, set_)
     with contextlib.nullcontext() if dry_run else project_lock("promote"):
@@ -330,7 +330,7 @@ def export(
 ) -> None:
     """Export the registered model as ONNX (probabilities out), checked against PyTorch on
     the test split; logged to its model version (writes export.out)."""
-    from transferops.export import export as _export
+    from transferops.registry.export import export as _export
 
     cfg = _cfg(params, set_)
     r = _export(cfg)
@@ -364,7 +364,7 @@ def predict_cmd(
 ) -> None:
     """Predict with a registered model, from any folder (the project's store is found
     through --params)."""
-    from transferops.use import predict_registered
+    from transferops.registry.predict_registered import predict_registered
 
     cfg = _cfg(params, set_)
     uri = model or f"models:/{registered_model_name(cfg)}@champion"
@@ -402,17 +402,9 @@ def _overrides_map(
 
 
 def _flow_module() -> ModuleType:
-    """flows/transfer_pipeline.py of this project (the working directory's, else the
-    checkout this package is installed from)."""
-    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
-        if (root / "flows" / "transfer_pipeline.py").exists():
-            if str(root) not in sys.path:
-                sys.path.insert(0, str(root))
-            return importlib.import_module("flows.transfer_pipeline")
-    raise TransferopsError(
-        "flows/transfer_pipeline.py not found: run from the transferops project folder, or "
-        "use `transferops run --no-prefect`"
-    )
+    """The package's Prefect flow module (:mod:`transferops.pipeline.flow`): an installed
+    transferops runs, serves and deploys it from any folder."""
+    return importlib.import_module("transferops.pipeline.flow")
 
 
 @app.command()
@@ -434,7 +426,7 @@ def run(
 ) -> None:
     """The whole pipeline: prepare -> pull -> drift -> search -> train -> baseline ->
     evaluate -> register -> promote -> export. Unchanged steps are skipped."""
-    from transferops.pipeline import run_pipeline
+    from transferops.pipeline.run import run_pipeline
 
     cfg = _cfg(params, set_)  # validate before Prefect starts
     log.info(
@@ -443,7 +435,7 @@ def run(
         "starting Prefect's temporary server" if prefect else "running the steps",
     )
     if prefect:
-        from transferops.services import check_services
+        from transferops.runtime.services import check_services
 
         check_services(cfg)  # and reach the services: a bad URL fails before Prefect starts
         flows = _flow_module()
@@ -517,8 +509,8 @@ def ui(
     optuna_port: Annotated[int, typer.Option(help="optuna-dashboard port")] = 8080,
 ) -> None:
     """Open the project's MLflow UI and optuna-dashboard on 127.0.0.1 (Ctrl-C stops them)."""
-    from transferops import ui as _ui
-    from transferops.tracking import is_server
+    from transferops.pipeline.run import ui as _ui
+    from transferops.runtime.tracking import is_server
 
     cfg = _cfg(params, set_)
     svcs = _ui.services(cfg, params.resolve().parent, mlflow_port, optuna_port)
@@ -546,7 +538,7 @@ def serve(
     Needs a Prefect API (e.g. `prefect server start`, then PREFECT_API_URL); trigger a run
     with `prefect deployment run transfer-pipeline/<name>`. Ctrl-C stops serving.
     """
-    from transferops import deployment
+    from transferops.pipeline.run import deployment
 
     cfg = _cfg(params, set_)
     flows = _flow_module()
@@ -575,7 +567,7 @@ def deploy(
 
     Needs a Prefect server (PREFECT_API_URL).
     """
-    from transferops import deployment
+    from transferops.pipeline.run import deployment
 
     cfg = _cfg(params, set_)
     flows = _flow_module()

@@ -1,22 +1,10 @@
-"""Data in: readers, built-in demo sets, and `prepare` (fixed, hashed splits)."""
+"""Data in: the labelled target data, read and fixed into hashed splits once.
 
-from transferops.data.prepare import (
-    PreparedData,
-    PrepareResult,
-    load_prepared,
-    prepare,
-    prepared_data_hash,
-    read_manifest,
-)
-from transferops.data.readers import RawDataset, read_dataset
+- ``readers``: an image folder (with or without split folders) or a table (CSV, TSV,
+  JSONL): lists examples and checks the layout, cheaply
+- ``demo``: the built-in demo sets (digits, fortunes), written from installed packages
+- ``prepare``: `transferops prepare`: split, decode once, hash (no-op when unchanged)
+- ``prepared``: the prepared format every later step reads (manifest, splits)
 
-__all__ = [
-    "PrepareResult",
-    "PreparedData",
-    "RawDataset",
-    "load_prepared",
-    "prepare",
-    "prepared_data_hash",
-    "read_dataset",
-    "read_manifest",
-]
+Rule: imports model (the one image decoder) and runtime; nothing above.
+"""

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from transferops.artifacts import atomic_dir
+from transferops.runtime.artifacts import atomic_dir
 
 log = logging.getLogger(__name__)
 

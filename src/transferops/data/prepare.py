@@ -16,35 +16,29 @@ import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from transferops.artifacts import (
+from transferops.config import STEP_INPUTS, Config, DataConfig
+from transferops.data.demo import write_demo
+from transferops.data.prepared import FORMAT_VERSION, MANIFEST
+from transferops.data.readers import SPLITS, Example, RawDataset, SplitName, read_dataset
+from transferops.errors import DataError
+from transferops.model.inputs import decode_image
+from transferops.runtime.artifacts import (
     atomic_dir,
     read_json,
     sha256_file,
     sha256_files,
     sha256_json,
 )
-from transferops.config import STEP_INPUTS, Config, DataConfig
-from transferops.data.demo import write_demo
-from transferops.data.readers import SPLITS, Example, RawDataset, Split, read_dataset
-from transferops.errors import DataError
-from transferops.model_io import decode_image
-from transferops.progress import progress_bar
+from transferops.runtime.progress import progress_bar
 
 log = logging.getLogger(__name__)
-
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-# Audit of the splits read in this process (tests assert the test split is read only by
-# `evaluate`).
-SPLIT_READS: Counter[str] = Counter()
-
 
 @dataclass
 class PrepareResult:
@@ -54,21 +48,6 @@ class PrepareResult:
     data_hash: str
     skipped: bool  # True when the output was already up to date
     counts: dict[str, int]
-
-
-@dataclass
-class PreparedData:
-    """One split of prepared data, ready for training."""
-
-    split: Split
-    modality: Literal["image", "text"]
-    labels: torch.Tensor  # int64 [N]
-    class_names: list[str]
-    images: torch.Tensor | None = None  # uint8 [N, 3, H, W]
-    texts: list[str] | None = None
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
 
 
 # ---------------------------------------------------------------------- public
@@ -145,39 +124,6 @@ def prepare(cfg: Config | DataConfig, force: bool = False) -> PrepareResult:
     return _result(out, manifest, skipped=False)
 
 
-def prepared_data_hash(out: Path | str = "data/prepared") -> str:
-    """The content hash of prepared data (recorded in MLflow tags downstream)."""
-    return str(read_manifest(out)["data_hash"])
-
-
-def read_manifest(out: Path | str) -> dict[str, Any]:
-    """Read and return the prepared-data manifest, with a clear error if it is missing."""
-    path = Path(out) / MANIFEST
-    if not path.exists():
-        raise DataError(f"{path} not found: run `transferops prepare` first")
-    return read_json(path)
-
-
-def load_prepared(out: Path | str, split: Split) -> PreparedData:
-    """Load one split of prepared data. The test split is for `evaluate` only."""
-    SPLIT_READS[split] += 1
-    out = Path(out)
-    manifest = read_manifest(out)
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise DataError(f"{out} was prepared by another version: run `transferops prepare --force`")
-    names = manifest["class_names"]
-    if manifest["modality"] == "image":
-        t = load_file(str(out / f"{split}.safetensors"))
-        return PreparedData(split, "image", t["labels"], names, images=t["images"])
-    texts, labels = [], []
-    with open(out / f"{split}.jsonl", encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            texts.append(row["text"])
-            labels.append(row["label"])
-    return PreparedData(split, "text", torch.tensor(labels, dtype=torch.int64), names, texts=texts)
-
-
 # ------------------------------------------------------------------- internals
 
 
@@ -214,7 +160,7 @@ def _result(out: Path, manifest: dict[str, Any], skipped: bool) -> PrepareResult
     return PrepareResult(out, manifest["data_hash"], skipped, totals)
 
 
-def assign_splits(raw: RawDataset, d: DataConfig) -> dict[Split, list[Example]]:
+def assign_splits(raw: RawDataset, d: DataConfig) -> dict[SplitName, list[Example]]:
     """Deterministic stratified split (seeded), or the data's own splits when present.
 
     Within a class, examples are ordered by a seeded hash of their identity (the file's path
@@ -241,7 +187,7 @@ def assign_splits(raw: RawDataset, d: DataConfig) -> dict[Split, list[Example]]:
         for s in ("test", "val")  # test first: see the docstring
         if not use_given or not any(e.split == s for e in raw.examples)
     }
-    out: dict[Split, list[Example]] = {"train": [], "val": [], "test": []}
+    out: dict[SplitName, list[Example]] = {"train": [], "val": [], "test": []}
     too_small: list[str] = []  # every such class, reported together
     for label in sorted(by_class):
         exs = by_class[label]
@@ -290,14 +236,14 @@ def _split_key(e: Example, root: Path, seed: int) -> str:
 
 def _split_class(
     shuffled: list[Example], fractions: dict[str, float]
-) -> dict[Split, list[Example]] | None:
+) -> dict[SplitName, list[Example]] | None:
     """Test first, then val, from the class's (hash-ordered) examples; the rest is train.
     None when the class is too small to give each split one example."""
     n = len(shuffled)
     need = {s: max(1, round(n * f)) for s, f in fractions.items()}
     if n - sum(need.values()) < 1:
         return None
-    res: dict[Split, list[Example]] = {"train": [], "val": [], "test": []}
+    res: dict[SplitName, list[Example]] = {"train": [], "val": [], "test": []}
     start = 0
     for s, k in need.items():
         res[s] = shuffled[start : start + k]  # type: ignore[index]

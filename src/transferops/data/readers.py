@@ -20,11 +20,11 @@ from transferops.errors import DataError
 
 log = logging.getLogger(__name__)
 
-Split = Literal["train", "val", "test"]
-SPLITS: tuple[Split, ...] = ("train", "val", "test")
+SplitName = Literal["train", "val", "test"]
+SPLITS: tuple[SplitName, ...] = ("train", "val", "test")
 
 # Folder / column values accepted for each split (case-insensitive).
-SPLIT_ALIASES: dict[str, Split] = {
+SPLIT_ALIASES: dict[str, SplitName] = {
     "train": "train",
     "training": "train",
     "val": "val",
@@ -41,7 +41,7 @@ class Example:
     """One labelled example: an image file or a text."""
 
     label: str
-    split: Split | None = None
+    split: SplitName | None = None
     path: Path | None = None
     text: str | None = None
 
@@ -135,7 +135,7 @@ def read_image_folder(root: Path, extensions: list[str], on_empty: str = "skip")
     files: list[Path] = []
     empty: list[Path] = []
     if is_split_layout:
-        seen: dict[Split, Path] = {}
+        seen: dict[SplitName, Path] = {}
         for d, split in split_dirs.items():
             assert split is not None
             if split in seen:
@@ -266,7 +266,7 @@ def read_table(cfg: DataConfig) -> RawDataset:
     dropped = int((~keep).sum())
     if dropped:
         log.warning("dropped %d row(s) of %s with an empty label or %s", dropped, path, value_col)
-    splits: list[Split | None] = [None] * len(df)
+    splits: list[SplitName | None] = [None] * len(df)
     if t.split_column:
         splits = []
         for i, v in enumerate(df[t.split_column].astype(str)):

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from transferops.config import FinetuneConfig
-from transferops.finetune.blocks import StagedNet
-from transferops.model_io import Inputs, Preprocess
+from transferops.model.blocks import StagedNet
+from transferops.model.inputs import Inputs, Preprocess
 
 Autocast = Callable[[], AbstractContextManager]
 

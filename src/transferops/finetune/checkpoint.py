@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from transferops.finetune.blocks import StagedNet
+from transferops.model.blocks import StagedNet
 
 log = logging.getLogger(__name__)
 

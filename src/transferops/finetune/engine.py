@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 from transferops.config import FinetuneConfig
-from transferops.finetune.blocks import StagedNet
 from transferops.finetune.cache import Autocast, StageFeatures, stage_features
 from transferops.finetune.checkpoint import (
     RunState,
@@ -42,8 +41,9 @@ from transferops.finetune.thaw import (
     set_train_mode,
     thaw,
 )
-from transferops.model_io import Inputs, Preprocess, fit_width
-from transferops.progress import make_progress, progress_enabled, run_label
+from transferops.model.blocks import StagedNet
+from transferops.model.inputs import Inputs, Preprocess, fit_width
+from transferops.runtime.progress import make_progress, progress_enabled, run_label
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +284,7 @@ def validate(loop: Loop, stage: Stage, feats: StageFeatures | None) -> tuple[flo
         cached = feats.train_views[0] if feats else None
         recalibrate_bn(net, stage.depth, loop.train, cached, pre, cfg.batch_size * 2, amp)
     bs = val.inference_batch(cfg.batch_size * 2)
-    return evaluate(net, val, feats, stage.frozen, pre, bs, amp)
+    return val_scores(net, val, feats, stage.frozen, pre, bs, amp)
 
 
 def train_epoch(
@@ -325,7 +325,7 @@ def train_epoch(
 
 
 @torch.no_grad()
-def evaluate(
+def val_scores(
     net: StagedNet,
     data: Inputs,
     feats: StageFeatures | None,

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from transferops.finetune.blocks import StagedNet
 from transferops.finetune.cache import Autocast, encode_prefix
-from transferops.logreg import linear_head, serial_blas
-from transferops.model_io import Inputs, Preprocess
+from transferops.finetune.logreg import linear_head, serial_blas
+from transferops.model.blocks import StagedNet
+from transferops.model.inputs import Inputs, Preprocess
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from torch import nn
 
 from transferops.config import FinetuneConfig
 from transferops.finetune.adapters import is_adapter
-from transferops.finetune.blocks import StagedNet
 from transferops.finetune.plan import Stage
+from transferops.model.blocks import StagedNet
 
 
 def batchnorms(module: nn.Module) -> list[nn.Module]:

@@ -2,7 +2,7 @@
 
 ``train_from_config`` is what the CLI, DVC and Prefect call. It validates the configuration
 against the prepared data and the pulled source *before* any training, reads only the train
-and val splits, and writes ``finetune.out/`` (a model folder, see :mod:`transferops.model_io`)
+and val splits, and writes ``finetune.out/`` (a model folder, see :mod:`transferops.model.folder`)
 and ``finetune.metrics`` (JSON) for DVC.
 """
 
@@ -16,18 +16,20 @@ from typing import Any
 
 import torch
 
-from transferops.artifacts import atomic_dir, read_json, sha256_json, write_json_atomic
-from transferops.classical import fit_classical, pixel_net, pixel_source, val_score
 from transferops.config import Config, FinetuneConfig, check_depth
-from transferops.data.prepare import load_prepared, read_manifest
+from transferops.data.prepared import load_prepared, read_manifest
 from transferops.errors import ConfigError
-from transferops.families import build_staged
 from transferops.finetune.adapters import ADAPTER_FILE, adapter_weights, add_lora, merge_adapters
-from transferops.finetune.blocks import StagedNet
+from transferops.finetune.classical import fit_classical, pixel_net, pixel_source, val_score
 from transferops.finetune.engine import EpochHook, TrainResult, finetune
-from transferops.model_io import make_inputs, make_preprocess, pick_device, save_model_folder
-from transferops.sources import SourceModel, load_source, random_init, read_source_manifest
-from transferops.tracking import log_data, log_epoch, log_outcome, setup_tracking, start_run
+from transferops.model.blocks import StagedNet
+from transferops.model.families import build_staged
+from transferops.model.folder import SPEC_FILE, save_model_folder
+from transferops.model.inputs import make_inputs, make_preprocess, pick_device
+from transferops.runtime.artifacts import atomic_dir, read_json, sha256_json, write_json_atomic
+from transferops.runtime.tracking import log_data, log_epoch, log_outcome, setup_tracking, start_run
+from transferops.sources.manifest import read_source_manifest
+from transferops.sources.pull import SourceModel, load_source, random_init
 
 log = logging.getLogger(__name__)
 
@@ -154,9 +156,9 @@ class Trained:
 def same_run(folder: Path, cfg: Config, data_hash: str, source_sha: str) -> bool:
     """Whether `folder` holds a model trained exactly as `cfg` says: same data, source and
     trajectory params (training is deterministic, so retraining gives the same weights)."""
-    if not (folder / "model.json").exists():
+    if not (folder / SPEC_FILE).exists():
         return False
-    spec = read_json(folder / "model.json")
+    spec = read_json(folder / SPEC_FILE)
     trained = {k: spec["finetune"].get(k) for k in FinetuneConfig.trajectory_fields()}
     return (
         spec["data_hash"] == data_hash
@@ -168,11 +170,11 @@ def same_run(folder: Path, cfg: Config, data_hash: str, source_sha: str) -> bool
 def reuse_model(folder: Path, dst: Path, labels: dict[str, Any]) -> tuple[dict, list[dict]]:
     """Copy a trained model folder to `dst` (`labels` added to its spec) and replay its
     per-epoch curves into the active MLflow run, as if trained there; (spec, history)."""
-    spec = read_json(folder / "model.json") | labels
+    spec = read_json(folder / SPEC_FILE) | labels
     history = read_json(folder / "history.json")
     with atomic_dir(dst) as tmp:
         shutil.copytree(folder, tmp, dirs_exist_ok=True)
-        write_json_atomic(tmp / "model.json", spec)
+        write_json_atomic(tmp / SPEC_FILE, spec)
     for rec in history:
         log_epoch(int(rec["epoch"]), rec)
     return spec, history
@@ -222,7 +224,7 @@ def keep_best_candidate(cfg: Config, done: Trained, run_id: str) -> Trained:
     done = replace(done, classical_val_accuracy=acc)
     if (done.val_accuracy, -done.val_loss) > (acc, -loss):
         return done
-    tuned = read_json(Path(fc.out) / "model.json")
+    tuned = read_json(Path(fc.out) / SPEC_FILE)
     keep = ("format_version", "class_names", "modality", "image_size", "image_resize", "data_hash")
     source = pixel_source()
     spec = {k: tuned[k] for k in keep} | {

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from transferops.config import SourceConfig
 from transferops.errors import SourceError
-from transferops.families import build_architecture, family
+from transferops.model.families import build_architecture, family
 from transferops.sources.local import image_source, load_weights_file
 from transferops.sources.manifest import Pulled
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from transferops.config import SourceConfig
 from transferops.errors import SourceError
-from transferops.model_io import HF_DIR
+from transferops.model.folder import HF_DIR
 from transferops.sources.manifest import Pulled
 
 HUB = "Hugging Face hub download"

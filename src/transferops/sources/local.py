@@ -16,7 +16,7 @@ from torch import nn
 
 from transferops.config import SourceConfig
 from transferops.errors import SourceError
-from transferops.families import build_architecture, family
+from transferops.model.families import build_architecture, family
 from transferops.sources.manifest import Pulled, torch_weights
 
 

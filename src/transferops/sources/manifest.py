@@ -15,15 +15,15 @@ from typing import Any
 
 from torch import nn
 
-from transferops.artifacts import (
+from transferops.errors import SourceError
+from transferops.model.families import discover
+from transferops.runtime.artifacts import (
     atomic_dir,
     read_json,
     save_weights,
     sha256_file,
     write_json_atomic,
 )
-from transferops.errors import SourceError
-from transferops.families import discover
 
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"

@@ -15,14 +15,14 @@ from typing import Any
 
 import torch
 
-from transferops.artifacts import read_json
 from transferops.config import SourceConfig
 from transferops.errors import SourceError
-from transferops.mlflow_models import download_model_folder, registered_version
-from transferops.model_io import HF_DIR, rebuild_finetuned
-from transferops.redact import mask
+from transferops.model.folder import HF_DIR, SPEC_FILE, rebuild_finetuned
+from transferops.registry.client import download_model_folder, registered_version
+from transferops.runtime.artifacts import read_json
+from transferops.runtime.redact import mask
+from transferops.runtime.tracking import absolute_uri
 from transferops.sources.manifest import Pulled, torch_weights
-from transferops.tracking import absolute_uri
 
 
 def resolve(cfg: SourceConfig, registry_uri: str | None) -> dict[str, Any]:
@@ -41,7 +41,7 @@ def load(cfg: SourceConfig, workdir: Path, reg: dict[str, Any]) -> Pulled:
             "model folder in its artifacts); kind mlflow takes models registered by "
             "`transferops register`"
         )
-    if read_json(model_dir / "model.json").get("candidate") == "classical":
+    if read_json(model_dir / SPEC_FILE).get("candidate") == "classical":
         raise SourceError(
             f"source.name: {cfg.name} ({label}) is the classical model (logistic regression on "
             "pixels, registered because fine-tuning did not beat it): it has no backbone to "

@@ -15,7 +15,7 @@ import torch
 
 from transferops.config import SourceConfig
 from transferops.errors import SourceError
-from transferops.families import IMAGENET, build_architecture
+from transferops.model.families import IMAGENET, build_architecture
 from transferops.sources.local import image_source
 from transferops.sources.manifest import Pulled
 

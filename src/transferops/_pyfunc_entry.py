@@ -1,7 +1,0 @@
-"""MLflow "models from code" entry point of the registered model (see serving.py)."""
-
-from mlflow.models import set_model
-
-from transferops.serving import TransferopsModel
-
-set_model(TransferopsModel())

@@ -1,0 +1,222 @@
+"""What a model takes in: the one image decoder (``prepare`` and the served model both use
+it), the source's input normalisation (with augmentation, on the training device),
+tokenising, and the device. No training code here (Made-With-ML's ``predict.py`` is the
+model): a registered model ships this module.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from torch import nn
+
+from transferops.errors import ConfigError
+from transferops.model.families import family
+
+GROUP_BATCHES = 16  # batches per length-sorted chunk of a text training epoch
+CPU_BATCH_SIDE = 4096  # images per CPU inference batch x image side (Inputs.inference_batch)
+
+
+# ------------------------------------------------------------------- inputs
+
+
+@dataclass
+class Inputs:
+    """One split as tensors: images uint8 [N,3,H,W] or token ids [N,L] (+ mask), labels [N].
+
+    Texts are stored padded to the split's longest but batched to the batch's longest
+    (:meth:`batch`): attention cost grows with the padded width, so one long text must not
+    make every batch pay for it."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    ctx: torch.Tensor | None = None  # attention mask for text
+    lengths: torch.Tensor | None = None  # tokens per text, on the CPU (no host sync per batch)
+
+    def __post_init__(self) -> None:
+        if self.ctx is not None and self.lengths is None:
+            self.lengths = self.ctx.sum(1).cpu()
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def inference_batch(self, default: int) -> int:
+        """Examples per no-grad forward pass. Images on the CPU: about 4096 / side (64 at 64
+        px, 32 at 128 px), whose activations stay in cache: 1.1-1.2x (64 px) and 1.7-2.1x
+        (128 px) faster than batches of 128 (bench/eval_batch.py). Texts, GPUs: `default`."""
+        if self.ctx is not None or self.x.device.type != "cpu" or self.x.dim() != 4:
+            return default
+        return max(8, CPU_BATCH_SIDE // int(self.x.shape[-1]))
+
+    def to(self, device: torch.device) -> Inputs:
+        ctx = self.ctx.to(device) if self.ctx is not None else None
+        return Inputs(self.x.to(device), self.y.to(device), ctx, self.lengths)
+
+    def batch(self, idx: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(x, ctx) of the examples at `idx` (a slice or a CPU index tensor), texts cut to
+        the longest text among them."""
+        if self.ctx is None or self.lengths is None:
+            return self.x[idx], None
+        lengths = self.lengths[idx]
+        width = max(1, int(lengths.max())) if lengths.numel() else 1
+        return self.x[idx, :width], self.ctx[idx, :width]
+
+    def train_order(self, perm: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """A shuffled order whose batches hold texts of similar length (what Hugging Face's
+        ``group_by_length`` does): each chunk of ``GROUP_BATCHES`` batches of `perm` sorted by
+        length. Sets smaller than one chunk keep `perm`: they are cheap, and grouping them
+        would fix each batch's members for every epoch."""
+        chunk = GROUP_BATCHES * batch_size
+        if self.lengths is None or len(perm) <= chunk:
+            return perm
+        parts = [perm[i : i + chunk] for i in range(0, len(perm), chunk)]
+        return torch.cat([p[torch.argsort(self.lengths[p], stable=True)] for p in parts])
+
+    def inference_order(self) -> torch.Tensor:
+        """An order of the examples for batched inference: texts by length, so a batch holds
+        texts of similar length and little padding (undo with ``argsort``)."""
+        if self.lengths is None:
+            return torch.arange(len(self))
+        return torch.argsort(self.lengths, stable=True)
+
+
+def fit_width(h: torch.Tensor, ctx: torch.Tensor | None) -> torch.Tensor:
+    """Cached text features [B, L, H] cut to the width of their batch's mask (pooled
+    features [B, H] and image features pass unchanged)."""
+    return h[:, : ctx.shape[1]] if ctx is not None and h.dim() == 3 else h
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """16-bit greyscale (PNG, TIFF) scaled to 8 bits: Pillow's own conversion clips every
+    value above 255, which turns a 16-bit image almost white."""
+    if not (im.mode == "I" or im.mode.startswith("I;16")):
+        return im
+    a = np.asarray(im, dtype=np.float64)
+    # "I;16*" is 16-bit by definition; "I" (32-bit) holds 16-bit data when above 8 bits
+    scale = 257.0 if im.mode != "I" or a.max(initial=0) > 255 else 1.0
+    return Image.fromarray(np.clip(a / scale + 0.5, 0, 255).astype(np.uint8), "L")
+
+
+def decode_image(src: Path | str | bytes, size: int, resize: str) -> np.ndarray:
+    """One image file (a path or its encoded bytes) -> size x size x 3 uint8 RGB.
+
+    The one decoder: `prepare` uses it for the dataset, the registered model for raw inputs.
+    """
+    with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
+        im = ImageOps.exif_transpose(im)
+        im = _to_8bit(im).convert("RGB")
+        if resize == "crop":
+            im = ImageOps.fit(im, (size, size), Image.Resampling.BILINEAR)
+        else:
+            im = im.resize((size, size), Image.Resampling.BILINEAR)
+        return np.asarray(im, dtype=np.uint8)
+
+
+@dataclass
+class Preprocess:
+    """uint8 images -> normalised float on the training device, with optional augmentation."""
+
+    modality: str
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    augment: str = "none"
+    channels_last: bool = False
+
+    def __call__(self, x: torch.Tensor, train: bool, gen: torch.Generator | None) -> torch.Tensor:
+        if self.modality != "image":
+            return x
+        x = x.float().div_(255.0)
+        if train and self.augment != "none":
+            x = flip_crop(x, gen, flip=self.augment == "flip_crop")
+        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+        x = (x - mean) / std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def place(self, net: nn.Module, device: torch.device) -> nn.Module:
+        """`net` on `device`, in the memory format these inputs come in (mixed formats make
+        every convolution convert its input)."""
+        net.to(device)
+        return net.to(memory_format=torch.channels_last) if self.channels_last else net
+
+
+def flip_crop(x: torch.Tensor, gen: torch.Generator | None, flip: bool = True) -> torch.Tensor:
+    """Random horizontal flip (unless `flip` is False: digits and text are not mirror
+    images) + random crop with 1/8 padding, vectorised on the device."""
+    n, c, h, w = x.shape
+    dev = x.device
+    # Random numbers come from `gen` on the CPU, so a run is the same on any device.
+    if flip:
+        mirror = torch.rand(n, generator=gen, device="cpu").to(dev) < 0.5
+        x = torch.where(mirror.view(-1, 1, 1, 1), x.flip(3), x)
+    pad = max(1, h // 8)
+    xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(dev)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(dev)
+    iy = (torch.arange(h, device=dev).view(1, h) + dy.view(n, 1)).view(n, 1, h, 1)
+    ix = (torch.arange(w, device=dev).view(1, w) + dx.view(n, 1)).view(n, 1, 1, w)
+    rows = torch.arange(n, device=dev).view(n, 1, 1, 1)
+    return xp[rows, torch.arange(c, device=dev).view(1, c, 1, 1), iy, ix]
+
+
+def make_preprocess(
+    manifest: dict[str, Any], device: torch.device, modality: str, augment: str = "none"
+) -> Preprocess:
+    """The source's input normalisation (from its manifest); channels_last for the families
+    whose convolutions run faster so, on the GPU and on the CPU alike (oneDNN: 1.4-1.6x per
+    training run, bench/memory_format.py)."""
+    inp = manifest["input"]
+    return Preprocess(
+        modality=modality,
+        mean=tuple(inp.get("mean", (0.5, 0.5, 0.5))),
+        std=tuple(inp.get("std", (0.5, 0.5, 0.5))),
+        augment=augment,
+        channels_last=modality == "image" and family(manifest["family"]).channels_last,
+    )
+
+
+def tokenize(
+    texts: list[str], model_dir: Path, manifest: dict[str, Any], max_length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask with the tokenizer saved beside the weights."""
+    from transformers import AutoTokenizer  # text models only: image serving never needs it
+
+    tok = AutoTokenizer.from_pretrained(Path(model_dir) / manifest["input"]["tokenizer"])
+    enc = tok(texts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+class SplitTensors(Protocol):
+    """A prepared split as :func:`make_inputs` reads it (``data.prepared.PreparedData``)."""
+
+    modality: str
+    images: torch.Tensor | None
+    texts: list[str] | None
+    labels: torch.Tensor
+
+
+def make_inputs(
+    data: SplitTensors, source_dir: Path, manifest: dict[str, Any], max_length: int
+) -> Inputs:
+    """Tensors for one prepared split; texts are tokenised with the source's tokenizer."""
+    if data.modality == "image":
+        assert data.images is not None
+        return Inputs(data.images, data.labels)
+    ids, mask = tokenize(data.texts or [], source_dir, manifest, max_length)
+    return Inputs(ids, data.labels, mask)
+
+
+def pick_device(choice: str) -> torch.device:
+    """cuda when asked for or available (auto), else cpu."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("finetune.device: cuda requested but no CUDA device is available")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)

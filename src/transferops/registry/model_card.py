@@ -1,0 +1,101 @@
+"""The model card (markdown) logged with each registered version: what the model is, how it
+was trained and what the evidence says, in words a reader checks at a glance."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from transferops.registry.client import CHAMPION
+
+
+def model_card(name: str, version: str, tags: dict[str, str], spec: dict, metrics: dict) -> str:
+    """The model card (markdown) logged with each version."""
+    classes = json.loads(tags["classes"])
+    models = metrics["models"]
+    rows = [
+        f"| **this model** | {float(tags['test_accuracy']):.3f} | "
+        f"{float(tags['test_macro_f1']):.3f} |"
+    ]
+    for role in ("transfer", "scratch", "probe"):
+        if role in models:
+            rows.append(
+                f"| {role} (mean over seeds) | {models[role]['accuracy']['mean']:.3f} | "
+                f"{models[role]['macro_f1']['mean']:.3f} |"
+            )
+    if "classical" in models:
+        c = models["classical"]
+        rows.append(f"| classical | {c['accuracy']:.3f} | {c['macro_f1']:.3f} |")
+    lines = [
+        f"# {name} v{version}",
+        "",
+        f"{spec['modality'].capitalize()} classifier over {len(classes)} classes: "
+        + ", ".join(f"`{c}`" for c in classes[:30])
+        + (" ..." if len(classes) > 30 else "")
+        + ".",
+        "",
+        "## Lineage",
+        "",
+        f"- data hash: `{tags['data_hash']}` (test split: {tags['test_size']} examples)",
+        f"- source model: {tags['source_origin']}"
+        + (f" (sha256 `{tags['source_sha256'][:16]}`)" if "source_sha256" in tags else ""),
+        f"- code: git `{tags['git_commit'][:12]}`"
+        + (" with uncommitted changes" if tags["git_dirty"] == "true" else ""),
+        f"- weights sha256: `{tags['model_sha256'][:16]}`",
+    ]
+    if "best_trial" in tags:
+        lines.append(f"- search: best trial {tags['best_trial']}, params {tags['best_params']}")
+    lines += [
+        f"- fine-tuning params: `{tags['params']}`",
+        "",
+        "## Test results",
+        "",
+        f"**{metrics['verdict']}**",
+        "",
+        "| model | accuracy | macro-F1 |",
+        "| --- | --- | --- |",
+        *rows,
+        "",
+        "## Use",
+        "",
+        "```python",
+        "import mlflow, pandas as pd",
+        f'model = mlflow.pyfunc.load_model("models:/{name}@{CHAMPION}")',
+        (
+            'model.predict(pd.DataFrame({"image": [open("x.png", "rb").read()]}))'
+            if spec["modality"] == "image"
+            else 'model.predict(pd.DataFrame({"text": ["some text"]}))'
+        ),
+        "```",
+        "",
+        "Inputs are "
+        + (
+            f"image bytes or paths, decoded and fitted to {spec.get('image_size')} px "
+            f"({spec.get('image_resize', 'crop')}) like the training data."
+            if spec["modality"] == "image"
+            else f"texts, truncated to {spec.get('max_length')} tokens."
+        ),
+        "",
+        "## Limits",
+        "",
+        "Scored on one held-out test split of the data above; expect lower accuracy on data "
+        "that differs from it.",
+    ]
+    return "\n".join(lines + _caveats(tags, metrics)) + "\n"
+
+
+def _caveats(tags: dict[str, str], metrics: dict[str, Any]) -> list[str]:
+    """The model card's warnings: what this model is, and what beats it."""
+    lines = []
+    if tags["candidate"] == "classical":
+        lines.append(
+            "This is the classical model, not a fine-tuned network: fine-tuning did not beat it "
+            "on the validation split (registry.classical_candidate)."
+        )
+    better = [r for r, d in metrics["finetuned"].get("minus", {}).items() if d["ci_high"] < 0]
+    if better:
+        lines.append(
+            f"The {' and '.join(better)} baseline(s) score significantly higher than this model "
+            "on the test split: prefer them unless this model is needed for another reason."
+        )
+    return lines
