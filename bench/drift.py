@@ -26,7 +26,7 @@ os.environ.setdefault("TRANSFEROPS_PROGRESS", "0")
 
 from transferops.config import validate_config
 from transferops.data.prepare import prepare
-from transferops.evaluation.drift import decide, save_reference
+from transferops.evaluation.drift import decide_retrain, save_reference
 from transferops.sources.pull import pull_from_config
 
 
@@ -83,7 +83,7 @@ def main() -> None:
     for label, bright in (("fresh scans", False), ("brightened scans", True)):
         add_new(raw, held, "new-bright-" if bright else "new-", bright)
         prepare(cfg)
-        d, w, c = timed(lambda: decide(cfg))
+        d, w, c = timed(lambda: decide_retrain(cfg))
         drift = d["drift"] or {}
         verdict = "retrain" if d["retrain"] else "skip"
         print(

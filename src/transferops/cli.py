@@ -509,7 +509,7 @@ def ui(
     optuna_port: Annotated[int, typer.Option(help="optuna-dashboard port")] = 8080,
 ) -> None:
     """Open the project's MLflow UI and optuna-dashboard on 127.0.0.1 (Ctrl-C stops them)."""
-    from transferops.pipeline.run import ui as _ui
+    from transferops.pipeline import ui as _ui
     from transferops.runtime.tracking import is_server
 
     cfg = _cfg(params, set_)
@@ -538,7 +538,7 @@ def serve(
     Needs a Prefect API (e.g. `prefect server start`, then PREFECT_API_URL); trigger a run
     with `prefect deployment run transfer-pipeline/<name>`. Ctrl-C stops serving.
     """
-    from transferops.pipeline.run import deployment
+    from transferops.pipeline import deployment
 
     cfg = _cfg(params, set_)
     flows = _flow_module()
@@ -567,7 +567,7 @@ def deploy(
 
     Needs a Prefect server (PREFECT_API_URL).
     """
-    from transferops.pipeline.run import deployment
+    from transferops.pipeline import deployment
 
     cfg = _cfg(params, set_)
     flows = _flow_module()
