@@ -1,6 +1,6 @@
 """`transferops ui`: the project's MLflow UI and optuna-dashboard come up on 127.0.0.1 on
 the project's own stores (from another folder too), the study's metric named; Ctrl-C stops
-both."""
+both, on Ctrl-C or SIGTERM."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import optuna
 import psutil
+import pytest
 
 from .conftest import free_port
 
@@ -26,7 +27,8 @@ def _get(url: str) -> dict:
         return json.loads(r.read())
 
 
-def test_ui_serves_the_projects_runs_and_study_and_stops_on_ctrl_c(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ui_serves_the_projects_runs_and_study_and_stops_on_ctrl_c(tmp_path, sig):
     project = tmp_path / "project"
     project.mkdir()
     (project / "params.yaml").write_text("tracking:\n  experiment: exp-ui\n")
@@ -66,9 +68,11 @@ def test_ui_serves_the_projects_runs_and_study_and_stops_on_ctrl_c(tmp_path):
         cmdlines = [" ".join(c.cmdline()) for c in psutil.Process(proc.pid).children(True)]
         assert len(cmdlines) >= 2 and not any(".db" in c for c in cmdlines), cmdlines
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)  # Ctrl-C, or a `kill` (a job in the background ignores SIGINT)
         assert proc.wait(timeout=30) == 0
     time.sleep(1)
+    listening = {c.laddr.port for c in psutil.net_connections("tcp") if c.status == "LISTEN"}
+    assert not set(ports) & listening  # MLflow's uvicorn worker too: the whole group stopped
     for port in ports:  # both UIs are gone with it
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)

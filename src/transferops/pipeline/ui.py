@@ -98,17 +98,45 @@ def running(svcs: list[Service]) -> Iterator[list[subprocess.Popen]]:
     with contextlib.ExitStack() as stack:
         # stderr to files, not pipes: a UI logs for hours, and a full pipe would block it
         logs = [stack.enter_context(tempfile.TemporaryFile("w+")) for _ in svcs]
-        procs = [
-            subprocess.Popen(
-                s.cmd, stdout=subprocess.DEVNULL, stderr=log, env=os.environ | s.env, text=True
-            )
-            for s, log in zip(svcs, logs, strict=True)
-        ]
+        procs: list[subprocess.Popen] = []
         try:
-            _wait_until_up(svcs, procs, logs)
-            yield procs
+            with _signals_stop():
+                for s, log in zip(svcs, logs, strict=True):
+                    # a session of its own: `mlflow ui` runs its server as a child, and the
+                    # whole group is stopped (else the worker keeps the port, re-parented)
+                    procs.append(
+                        subprocess.Popen(
+                            s.cmd,
+                            stdout=subprocess.DEVNULL,
+                            stderr=log,
+                            env=os.environ | s.env,
+                            text=True,
+                            start_new_session=True,
+                        )
+                    )
+                _wait_until_up(svcs, procs, logs)
+                yield procs
         finally:
             _stop(procs)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def _signals_stop() -> Iterator[None]:
+    """SIGTERM and SIGHUP (a `kill`, a closed terminal, a job in the background where the
+    shell ignores SIGINT) end the command like Ctrl-C, so the UIs are stopped with it."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    before = {sig: signal.signal(sig, interrupt) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 def _wait_until_up(svcs: list[Service], procs: list[subprocess.Popen], logs: list) -> None:
@@ -124,11 +152,12 @@ def _wait_until_up(svcs: list[Service], procs: list[subprocess.Popen], logs: lis
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:
+    """Each service's whole process group: SIGTERM, then SIGKILL after 15 s."""
     for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGTERM)
     for p in procs:
         with contextlib.suppress(subprocess.TimeoutExpired):
             p.wait(timeout=15)
-        if p.poll() is None:
-            p.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)  # what is left of the group (workers)
