@@ -366,3 +366,20 @@ def test_copy_of_prepared_data_keeps_hash(tmp_path, image_folder):
     h = prepare(cfg_for(image_folder, out)).data_hash
     shutil.copytree(out, tmp_path / "copy")
     assert prepared_data_hash(tmp_path / "copy") == h
+
+
+def test_exact_copies_across_splits_are_counted_and_named(tmp_path, caplog):
+    root = tmp_path / "raw"
+    write_image_folder(root / "train", per_class=4)
+    write_image_folder(root / "test", per_class=2, classes=(0, 1, 2))
+    # the test split holds the train images' first drawings: digit_images takes the first N
+    out = tmp_path / "prep"
+    with caplog.at_level(logging.WARNING):
+        prepare(cfg_for(root, out, image={"size": 12}))
+    assert read_manifest(out)["duplicates_across_splits"] == 6
+    assert "6 example(s) are exact copies of one in another split" in caplog.text
+    assert "train/one/000.png = test/one/000.png" in caplog.text
+    shutil.rmtree(root / "test")
+    write_image_folder(root / "train", per_class=4)  # unchanged: no copies once split
+    prepare(cfg_for(root, tmp_path / "p2", image={"size": 12}))
+    assert read_manifest(tmp_path / "p2")["duplicates_across_splits"] == 0

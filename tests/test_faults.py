@@ -592,7 +592,7 @@ def test_a_symlink_back_into_the_data_is_not_a_class(tmp_path, caplog):
 
 
 def test_small_input_fixes(tmp_path):
-    """A CSV with a byte-order mark, a 16-bit PNG, a cron string typed as is."""
+    """A CSV with a byte-order mark, a 16-bit PNG, a cron string typed as is, transparency."""
     import numpy as np
     from PIL import Image
 
@@ -612,3 +612,9 @@ def test_small_input_fixes(tmp_path):
     px = decode_image(tmp_path / "g16.png", 8, "crop")
     assert px.shape == (8, 8, 3) and abs(int(px.mean()) - 117) <= 1  # not clipped to 255
     assert parse_override("schedule.cron=* * * * *") == (["schedule", "cron"], "* * * * *")
+    # clip art and logos: transparent pixels (here black underneath) show as the page, white
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)
+    rgba[2:6, 2:6] = (200, 0, 0, 255)  # an opaque red square on a transparent field
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "clip.png")
+    px = decode_image(tmp_path / "clip.png", 8, "squash")
+    assert tuple(px[0, 0]) == (255, 255, 255) and tuple(px[4, 4]) == (200, 0, 0)

@@ -74,6 +74,7 @@ def prepare(cfg: Config | DataConfig, force: bool = False) -> PrepareResult:
         return _result(out, manifest, skipped=True)
 
     assignment = assign_splits(raw, dcfg)  # validates counts before any decoding
+    duplicates = _warn_duplicates_across_splits(assignment, raw.root)
     if raw.modality == "image":
         dcfg = dcfg.model_copy(
             update={"image": dcfg.image.model_copy(update={"size": image_size(dcfg, raw)})}
@@ -114,6 +115,7 @@ def prepare(cfg: Config | DataConfig, force: bool = False) -> PrepareResult:
                 "given_splits": raw.has_given_splits and dcfg.splits.mode != "random",
             },
             "skipped_files": {"count": len(bad), "files": bad},
+            "duplicates_across_splits": duplicates,
             "ignored_files": len(raw.ignored),
             "params": _prepare_params(dcfg),
             "fingerprint": fingerprint,
@@ -130,6 +132,37 @@ def prepare(cfg: Config | DataConfig, force: bool = False) -> PrepareResult:
 MAX_FILE_WARNINGS = 5  # per-file warnings printed; a count and the manifest say the rest
 AUTO_IMAGE_MIN = 64  # px; below it a 32x-downsampling backbone ends on a 1x1 feature map
 AUTO_SAMPLE = 500  # image headers read to pick the auto size
+
+
+def _warn_duplicates_across_splits(
+    assignment: dict[SplitName, list[Example]], root: Path
+) -> int:
+    """Examples whose exact content (file bytes, or text) is in two splits: a copy in train
+    makes its twin in test an easy point, so test accuracy is optimistic. One warning with
+    examples and the count (also in the manifest); the split itself is left as it is."""
+    first: dict[str, tuple[SplitName, Example]] = {}
+    pairs: list[tuple[Example, Example]] = []
+    for split in SPLITS:
+        for e in assignment[split]:
+            key = sha256_file(e.path) if e.path is not None else sha256_json(e.text)
+            seen = first.setdefault(key, (split, e))
+            if seen[0] != split:
+                pairs.append((seen[1], e))
+    def name(e: Example) -> str:
+        if e.path is None:
+            return repr((e.text or "")[:40])
+        return str(e.path.relative_to(root)) if e.path.is_relative_to(root) else str(e.path)
+
+    if pairs:
+        shown = "; ".join(f"{name(a)} = {name(b)}" for a, b in pairs[:3])
+        log.warning(
+            "%d example(s) are exact copies of one in another split (%s%s): test accuracy is "
+            "optimistic for them; remove the copies from the data",
+            len(pairs),
+            shown,
+            "; ..." if len(pairs) > 3 else "",
+        )
+    return len(pairs)
 
 
 def _prepare_params(d: DataConfig) -> dict[str, Any]:

@@ -104,6 +104,15 @@ def _to_8bit(im: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(a / scale + 0.5, 0, 255).astype(np.uint8), "L")
 
 
+def _on_white(im: Image.Image) -> Image.Image:
+    """An image with transparency laid on white, as it shows on a page: dropping the alpha
+    channel instead exposes whatever colour the transparent pixels hold (often black)."""
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return im
+
+
 def decode_image(src: Path | str | bytes, size: int, resize: str) -> np.ndarray:
     """One image file (a path or its encoded bytes) -> size x size x 3 uint8 RGB.
 
@@ -111,7 +120,7 @@ def decode_image(src: Path | str | bytes, size: int, resize: str) -> np.ndarray:
     """
     with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
         im = ImageOps.exif_transpose(im)
-        im = _to_8bit(im).convert("RGB")
+        im = _on_white(_to_8bit(im)).convert("RGB")
         if resize == "crop":
             im = ImageOps.fit(im, (size, size), Image.Resampling.BILINEAR)
         else:
