@@ -62,6 +62,24 @@ CASES |= {  # the issue's shape: a 1,300-image, 9-class, 64-px PNG folder, defau
     "folder-9x1300": FOLDER,
     "folder-9x1300-all": FOLDER | {"data.limit_per_class": None},
 }
+CLIPART = {"data.demo": None, "data.path": "data/raw/clipart"}
+CLIPART_DIR = Path("/usr/share/openclipart/png")  # Debian's openclipart-png
+CLIPART_CATEGORIES = (
+    "animals",
+    "buildings",
+    "food",
+    "geography",
+    "office",
+    "people",
+    "plants",
+    "recreation",
+    "tools",
+    "transportation",
+)
+CASES |= {  # drawn images, 10 categories, not digits or faces (apt-get install openclipart-png)
+    "clipart-10-k20": CLIPART | {"data.limit_per_class": 20},
+    "clipart-10-all": CLIPART | {"data.limit_per_class": None},
+}
 QUICK = {"search.n_trials": 4, "baseline.seeds": [0, 1]}
 
 
@@ -95,6 +113,39 @@ def write_lfw(folder: Path) -> None:
         Image.fromarray((img * 255).round().astype("uint8")).save(cls / f"{i:03d}.png")
 
 
+def write_clipart(folder: Path) -> dict[str, int]:
+    """Debian's clip art as an image folder, one class per top category, each drawing once:
+    symlinks skipped and copies found by content (a 12 x 12 grey thumbnail on white, so the
+    ``_01`` / ``_02`` size variants of one drawing count once), so that no drawing can land in
+    both train and test. Returns the images per class."""
+    import numpy as np
+    from PIL import Image
+
+    seen: set[bytes] = set()
+    kept: dict[str, int] = {}
+    for cat in CLIPART_CATEGORIES:
+        (folder / cat).mkdir(parents=True, exist_ok=True)
+        for src in sorted((CLIPART_DIR / cat).rglob("*.png")):
+            if src.is_symlink():
+                continue
+            try:
+                with Image.open(src) as im:
+                    if im.size[0] * im.size[1] > 20_000_000:  # a poster-sized scan: not a sample
+                        continue
+                    rgba = im.convert("RGBA")
+            except (OSError, Image.DecompressionBombError):
+                continue
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            thumb = Image.alpha_composite(white, rgba).convert("L").resize((12, 12))
+            key = (np.asarray(thumb) // 32).tobytes()  # 8 grey levels: survives resampling
+            if key in seen:
+                continue
+            seen.add(key)
+            shutil.copy(src, folder / cat / f"{len(seen):05d}_{src.name}")
+            kept[cat] = kept.get(cat, 0) + 1
+    return kept
+
+
 def _timed_runner(times: dict[str, tuple[float, float]]):
     def run(step: str, key: StepKey | None, fn: StepFn) -> dict[str, Any]:
         w, c = time.perf_counter(), time.process_time()
@@ -116,6 +167,8 @@ def run_case(name: str, overrides: dict[str, Any], out: Path) -> dict[str, Any]:
         write_lfw(folder / LFW["data.path"])
     if overrides.get("data.path") == FOLDER["data.path"]:
         write_folder(folder / FOLDER["data.path"])
+    if overrides.get("data.path") == CLIPART["data.path"]:
+        write_clipart(folder / CLIPART["data.path"])
     cwd = Path.cwd()
     os.chdir(folder)  # every output path in params.yaml is relative to the project folder
     try:

@@ -120,6 +120,24 @@ def test_cheap_gate_refuses_a_model_a_cheap_baseline_beats():
     assert off.promote and "cheap-baseline" not in off.summary()
 
 
+def test_a_model_that_drops_a_class_is_named_and_refused():
+    from transferops.evaluation.evaluate import dropped_classes
+
+    per_class = {
+        "cat": {"precision": 0.8, "recall": 0.9},
+        "owl": {"precision": 0.0, "recall": 0.0},  # never predicted right
+        "yak": {"precision": 0.0, "recall": 0.0},  # the probe gets none of it either
+    }
+    probe = ("probe", {"cat": 0.8, "owl": 0.27, "yak": 0.0})
+    assert dropped_classes(per_class, probe) == ["owl"]
+    assert dropped_classes(per_class, None) == []
+    refused = gate(_ev(dropped=["owl"]), RegistryConfig())
+    assert not refused.promote
+    assert "fails the dropped-class gate (class owl: recall 0 on test" in refused.summary()
+    off = gate(_ev(dropped=["owl"]), RegistryConfig(dropped_class_gate=False))
+    assert off.promote and "dropped-class" not in off.summary()
+
+
 def test_gate_decides_on_the_interval_not_on_text():
     rule = RegistryConfig()
     assert gate(_ev(), rule).promote  # first model, interval above 0
@@ -311,6 +329,8 @@ def test_lineage_tags_and_model_card(in_pipeline_dir):
         "finetune.unfreeze_depth", cfg.finetune.unfreeze_depth
     )
     assert float(t["test_accuracy"]) == pytest.approx(metrics["finetuned"]["accuracy"], abs=1e-6)
+    # the dropped-class gate's evidence travels with the version
+    assert json.loads(t["dropped_classes"]) == metrics["finetuned"]["dropped_classes"]
     assert float(t["scratch_accuracy"]) == pytest.approx(
         metrics["models"]["scratch"]["accuracy"]["mean"], abs=1e-6
     )

@@ -110,21 +110,25 @@ def test_search_prunes_dedupes_and_tracks(tmp_path, digits_prepared, lite0_sourc
 
 def test_pruned_trial_is_pruned_in_optuna_and_mlflow(tmp_path, digits_prepared, lite0_source):
     raw = _raw(tmp_path, digits_prepared, lite0_source, n_trials=3, pruner="median")
-    raw["finetune"]["epochs_per_stage"] = [4]
+    raw["finetune"]["epochs_per_stage"] = [2, 4]
+    raw["finetune"]["blocks_per_stage"] = 1
     raw["finetune"]["head_init"] = "random"  # a probe head would make every lr look alike
     raw["search"]["space"] = {
         "lr": {"low": 1e-9, "high": 0.05, "log": True},
-        "unfreeze_depth": {"choices": [0]},
+        "unfreeze_depth": {"choices": [1]},
     }
     cfg = validate_config(raw)
     study = optuna.create_study(
         study_name=study_name(cfg), storage=make_storage(cfg.search), direction="maximize"
     )
     for lr in (0.05, 0.04, 1e-9):  # the last cannot learn anything: below the median
-        study.enqueue_trial({"lr": lr, "unfreeze_depth": 0})
+        study.enqueue_trial({"lr": lr, "unfreeze_depth": 1})
     run_search(cfg)
     trials = optuna.load_study(study_name=study_name(cfg), storage=cfg.search.storage).trials
     assert trials[2].state == TS.PRUNED and len(trials[2].intermediate_values) < 4
+    # nothing is compared in the head-only stage every trial shares: the first report (and
+    # so the first chance to prune) is after the first thaw, at epoch 2 (stage 0 has 2)
+    assert all(min(t.intermediate_values) == 2 for t in trials)
     summary = json.loads((tmp_path / "search" / "summary.json").read_text())
     assert _mlflow_children(tmp_path, summary["mlflow_run_id"])["2"] == "pruned"
     import mlflow
@@ -135,7 +139,13 @@ def test_pruned_trial_is_pruned_in_optuna_and_mlflow(tmp_path, digits_prepared, 
     # stopped early by the pruner: not FINISHED (its epochs did not all run); MLflow has no
     # "pruned" status, KILLED is the closest, and the tag says which
     assert run.info.status == "KILLED" and run.data.tags["state"] == "pruned"
-    assert summary["counts"]["pruned"] == 1
+    assert summary["counts"]["pruned"] == 1 and summary["fully_evaluated"] == 2
+    parent = client.get_run(summary["mlflow_run_id"])
+    assert parent.data.metrics["fully_evaluated"] == 2
+    # 2 complete trials: no importance or contour drawn from them, and the run says why
+    assert "2 completed" in parent.data.tags["plots_skipped"]
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert "plots/intermediate_values.png" in arts and "plots/param_importances.png" not in arts
     # the plots show every trial, the pruned one too, and name the metric
     from transferops.search.plots import history_axes
 
@@ -334,3 +344,38 @@ def test_a_search_stops_when_its_cpu_budget_is_spent(
     wall = (t.datetime_complete - t.datetime_start).total_seconds()
     assert cpu_seconds(study) == pytest.approx(wall * t.user_attrs["threads"])
     assert "of the 4 trials asked for: search.budget_s (0.01 CPU s) is spent" in caplog.text
+
+
+def test_the_pruner_prunes_only_beyond_validation_noise():
+    """The median rule with a margin: the spread of a difference of two accuracies on the
+    val split (1 SE at the median): 1-2 val examples below the median is noise, not a loss."""
+    from optuna.distributions import FloatDistribution
+
+    from transferops.search.study import NoisyMedianPruner
+
+    pruner = NoisyMedianPruner(val_size=285)
+    assert 0.03 < pruner.margin(0.78) < 0.04  # ~3.5 points on 285 examples
+    study = optuna.create_study(direction="maximize", pruner=pruner)
+    dist = {"lr": FloatDistribution(1e-4, 1e-1, log=True)}
+
+    def finished(value: float) -> None:
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"lr": 1e-3}, distributions=dist, value=value,
+                intermediate_values={2: value},
+            )
+        )
+
+    def pruned_at(value: float) -> bool:
+        t = study.ask(dist)
+        t.report(value, 2)
+        verdict = t.should_prune()
+        study.tell(t, value)
+        return verdict
+
+    finished(0.78)
+    assert not pruned_at(0.50)  # one other trial: no median yet
+    finished(0.80)  # the others now: 0.78, 0.50, 0.80 -> median 0.78
+    assert not pruned_at(0.78 - 2 / 285)  # two val examples below: noise
+    assert pruned_at(0.70)  # 8 points below: pruned
+    assert not pruned_at(0.79)

@@ -487,6 +487,11 @@ def human_summary(s: dict[str, Any]) -> str:
         ("source", s["source"]),
         ("search", f"{trials}; best {best} (val {s['best_value']:.4f})"),
         ("test accuracy", scores),
+        *(
+            [("dropped", f"class {', '.join(s['dropped_classes'])}: recall 0 on test")]
+            if s.get("dropped_classes")
+            else []
+        ),
         ("verdict", s["verdict"]),
         (
             "registered",

@@ -509,6 +509,9 @@ class RegistryConfig(_Section):
     # refuse a model that a cheap baseline (exact linear probe, classical) significantly beats
     # on test accuracy (paired bootstrap over the test examples)
     cheap_gate: bool = True
+    # refuse a model with zero recall on test for a class the exact probe recognises some of
+    # (a class silently dropped: accuracy can look fine while one class is never predicted)
+    dropped_class_gate: bool = True
     classical_candidate: bool = Field(
         True,
         description="image data: when fine-tuning does not beat the classical model "
@@ -837,6 +840,7 @@ STEP_INPUTS: dict[str, StepInputs] = {
             "registry.min_improvement",
             "registry.baseline_gate",
             "registry.cheap_gate",
+            "registry.dropped_class_gate",
             "tracking",
         ),
         ("registry.out", "data.out"),

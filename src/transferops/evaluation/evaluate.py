@@ -123,7 +123,9 @@ def evaluate(cfg: Config) -> dict[str, Any]:
         "data_hash": manifest["data_hash"],
         "data": _data_facts(cfg, manifest),
     }
-    finetuned = _score_finetuned(cfg, test, device, manifest["data_hash"], correct)
+    finetuned = _score_finetuned(
+        cfg, test, device, manifest["data_hash"], correct, _reference_recall(main)
+    )
     if finetuned is not None:
         metrics["finetuned"] = finetuned
     _write_report(Path(ec.out), metrics, first, efficiency, test.class_names, classical_name)
@@ -239,15 +241,42 @@ def _transfer_minus(
     return diff | {"over_seeds": mean_ci(per_seed, confidence, (-1, 1)) | {"per_seed": per_seed}}
 
 
+def _reference_recall(main: list[dict[str, Any]]) -> tuple[str, dict[str, float]] | None:
+    """Per-class test recall of the exact probe (mean over its seeds), else of the transfer
+    runs: what a class the registered model never gets right is compared with."""
+    for role in ("probe", "transfer"):
+        runs = [r for r in main if r["role"] == role]
+        if runs:
+            names = runs[0]["metrics"]["per_class"]
+            return role, {
+                c: float(np.mean([r["metrics"]["per_class"][c]["recall"] for r in runs]))
+                for c in names
+            }
+    return None
+
+
+def dropped_classes(
+    per_class: dict[str, dict[str, float]], reference: tuple[str, dict[str, float]] | None
+) -> list[str]:
+    """Classes the model never predicts right on test (recall 0) although the reference
+    recognises some of their examples."""
+    if reference is None:
+        return []
+    _, recall = reference
+    return [c for c, m in per_class.items() if m["recall"] == 0 and recall.get(c, 0) > 0]
+
+
 def _score_finetuned(
     cfg: Config,
     test: PreparedData,
     device: torch.device,
     data_hash: str,
     baselines: dict[str, np.ndarray],
+    reference: tuple[str, dict[str, float]] | None = None,
 ) -> dict[str, Any] | None:
-    """Test metrics of the model `train` wrote (the one `register` will register), and its
-    paired accuracy difference to each baseline (``minus.<role>``: what the gates read)."""
+    """Test metrics of the model `train` wrote (the one `register` will register), its
+    paired accuracy difference to each baseline (``minus.<role>``: what the gates read) and
+    the classes it drops (recall 0 where `reference` has some)."""
     model_dir = Path(cfg.finetune.out)
     if not (model_dir / SPEC_FILE).exists():
         log.warning(
@@ -262,7 +291,17 @@ def _score_finetuned(
     y = test.labels.numpy()
     m = classification_metrics(probs, y, test.class_names, cfg.evaluate.ece_bins)
     conf = cfg.evaluate.confidence
+    dropped = dropped_classes(m["per_class"], reference)
+    if dropped:
+        log.warning(
+            "the model to register never gets class(es) %s right on test (recall 0), where "
+            "the %s recognises some: promotion refuses it (registry.dropped_class_gate)",
+            ", ".join(dropped),
+            reference[0] if reference else "?",
+        )
     return {k: m[k] for k in ("accuracy", "macro_f1", "ece")} | {
+        "dropped_classes": dropped,
+        "min_class_recall": min(v["recall"] for v in m["per_class"].values()),
         "model_sha256": sha256_file(model_dir / WEIGHTS_FILE),
         "dir": str(model_dir),
         # "classical" when fine-tuning did not beat the classical model on val (train.py)

@@ -245,6 +245,13 @@ def report_markdown(metrics: dict, per_class: dict, classical: str | None) -> st
                 f"- transfer − {other}: {_fmt(d)} over test examples; "
                 f"{_fmt(d['over_seeds'])} over seeds" + (f" (each seed: {each})" if each else "")
             )
+    dropped = metrics.get("finetuned", {}).get("dropped_classes")
+    if dropped:
+        lines.append(
+            f"- **class {', '.join(dropped)}: the model to register never gets it right on "
+            "test (recall 0), where the exact probe recognises some**: promotion refuses it "
+            "(`registry.dropped_class_gate`)"
+        )
     for role, d in metrics.get("finetuned", {}).get("minus", {}).items():
         lines.append(
             f"- model to register − {role}: {_fmt(d)}"

@@ -155,6 +155,7 @@ def step_evaluate(cfg: Config) -> dict[str, Any]:
         "verdict": report["verdict"],
         "transfer_beats_scratch": report["transfer_beats_scratch"],
         "report": str(Path(cfg.evaluate.out) / "evaluation.md"),
+        "dropped_classes": report.get("finetuned", {}).get("dropped_classes", []),
     }
 
 
@@ -380,6 +381,7 @@ def _run_steps(cfg: Config, run_step: StepRunner) -> dict[str, Any]:
         **{k: trained[k] for k in ("unfreeze_depth", "val_accuracy", "epochs", "model")},
         "candidate": trained.get("candidate", "finetuned"),  # cached steps may predate it
         **{k: evaluated[k] for k in ("test_accuracy", "verdict", "report")},
+        "dropped_classes": evaluated.get("dropped_classes", []),
         "registered": f"{registered['model_name']} v{registered['version']}",
         "champion": promoted["champion"],
         "promotion": promoted["decision"],

@@ -71,6 +71,8 @@ def lineage_tags(
                 tags[f"{role}_{m}"] = models[role][m]["mean"]
         if "classical" in models:
             tags[f"classical_{m}"] = models["classical"][m]
+    if "dropped_classes" in ft:  # what the dropped-class gate reads
+        tags["dropped_classes"] = json.dumps(ft["dropped_classes"])
     for role, d in ft.get("minus", {}).items():  # what the cheap-baseline gate reads
         tags |= {f"minus_{role}_{k}": d[k] for k in ("mean", "ci_low", "ci_high")}
     if search is not None:

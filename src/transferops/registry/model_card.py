@@ -92,6 +92,12 @@ def _caveats(tags: dict[str, str], metrics: dict[str, Any]) -> list[str]:
             "This is the classical model, not a fine-tuned network: fine-tuning did not beat it "
             "on the validation split (registry.classical_candidate)."
         )
+    dropped = metrics["finetuned"].get("dropped_classes")
+    if dropped:
+        lines.append(
+            f"Class {', '.join(dropped)}: this model never gets it right on the test split "
+            "(recall 0), where the exact linear probe recognises some of its examples."
+        )
     better = [r for r, d in metrics["finetuned"].get("minus", {}).items() if d["ci_high"] < 0]
     if better:
         lines.append(

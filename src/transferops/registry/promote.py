@@ -81,6 +81,7 @@ class Evidence:
     # baseline (probe, classical, scratch) -> (mean, ci_low, ci_high) of this model's test
     # accuracy minus the baseline's, paired over the test examples
     minus: dict[str, tuple[float, float, float]] = field(default_factory=dict)
+    dropped: list[str] = field(default_factory=list)  # test recall 0, the probe's above 0
     champion: str | None = None  # version, None when there is none
     champion_metric: float | None = None  # on the challenger's test split; None: not comparable
     champion_note: str = ""  # how champion_metric was obtained, or why there is none
@@ -109,6 +110,12 @@ def gate(ev: Evidence, rule: RegistryConfig) -> Decision:
         cheap_ok, detail = _cheap_gate(cheap)
         d.reasons.append(f"{'passes' if cheap_ok else 'fails'} the cheap-baseline gate ({detail})")
         beats = beats and cheap_ok
+    if rule.dropped_class_gate and ev.dropped:
+        d.reasons.append(
+            f"fails the dropped-class gate (class {', '.join(ev.dropped)}: recall 0 on test, "
+            "where the exact probe recognises some)"
+        )
+        beats = False
     if ev.champion is None:
         d.reasons.append("no champion yet (first model)")
         d.promote = beats
@@ -209,6 +216,7 @@ def evidence(cfg: Config, client: Any) -> Evidence:
             for role in (*CHEAP, "scratch")
             if f"minus_{role}_ci_high" in challenger.tags
         },
+        dropped=json.loads(challenger.tags.get("dropped_classes", "[]")),
         champion=str(champion.version) if champion else None,
     )
     if champion is None or champion.version == challenger.version:

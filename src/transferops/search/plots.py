@@ -3,8 +3,8 @@
 Optuna's own history plot draws complete trials only: with the median pruner stopping most
 trials, "optimization history" showed 3 dots of 10 trials. Here pruned trials are drawn at
 their last reported val accuracy (hollow), with the epoch they stopped at; the intermediate
-values plot shows every trial's curve; importances and the contour can only use complete
-trials, and their titles say how many.
+values plot shows every trial's curve; importances and the contour use complete trials only,
+drawn from at least MIN_TRIALS_FOR_SURFACE of them (fewer: skipped, and the run says why).
 """
 
 from __future__ import annotations
@@ -54,6 +54,9 @@ def history_axes(study: optuna.Study) -> Any:
     return ax
 
 
+MIN_TRIALS_FOR_SURFACE = 5  # complete trials before importances and a contour are drawn
+
+
 def log_search_plots(mlflow: Any, study: optuna.Study) -> None:
     """History, intermediate values, importances, contour lr x depth: PNGs under plots/."""
     import matplotlib
@@ -66,9 +69,24 @@ def log_search_plots(mlflow: Any, study: optuna.Study) -> None:
     plots = {
         "optimization_history": lambda: history_axes(study),
         "intermediate_values": lambda: ovm.plot_intermediate_values(study),
-        "param_importances": lambda: ovm.plot_param_importances(study, target_name=METRIC),
     }
-    if {"lr", "unfreeze_depth"} <= set(study.best_trial.params):
+    if n < MIN_TRIALS_FOR_SURFACE:  # an importance or a surface from 2-4 points is noise
+        log.info(
+            "no importance or contour plot: %d complete trial(s), %d needed",
+            n,
+            MIN_TRIALS_FOR_SURFACE,
+        )
+        mlflow.set_tag(
+            "plots_skipped", f"importances and contour need {MIN_TRIALS_FOR_SURFACE} complete "
+            f"trials; {n} completed"
+        )
+        plots_surface = False
+    else:
+        plots["param_importances"] = lambda: ovm.plot_param_importances(
+            study, target_name=METRIC
+        )
+        plots_surface = True
+    if plots_surface and {"lr", "unfreeze_depth"} <= set(study.best_trial.params):
         plots["contour_lr_depth"] = lambda: ovm.plot_contour(
             study, params=["lr", "unfreeze_depth"], target_name=METRIC
         )

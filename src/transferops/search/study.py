@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import shutil
+import statistics
 import time
 import warnings
 from collections.abc import Iterator
@@ -143,10 +144,48 @@ def make_sampler(sc: SearchConfig, offset: int = 0) -> optuna.samplers.BaseSampl
         )
 
 
-def make_pruner(sc: SearchConfig, max_epochs: int) -> optuna.pruners.BasePruner:
-    """Median (after 2 trials and 1 epoch), Hyperband over epochs, or none."""
+class NoisyMedianPruner(optuna.pruners.BasePruner):
+    """The median rule, where trials differ and only by more than validation noise.
+
+    A trial reports only from its first thaw on (the head-only stage 0 is the same for
+    every trial: the same probe head, so comparing there compares the head lr at best, and
+    pruned trials never ran their unfreeze depth). It is pruned when its validation accuracy
+    is below the median of the other trials at the same epoch by more than `margin`, the
+    spread of the difference of two accuracies on `val_size` examples (one standard error
+    of a difference of proportions at the median), and only after `n_startup_trials` trials
+    reported that epoch.
+    """
+
+    def __init__(self, val_size: int, n_startup_trials: int = 2, z: float = 1.0) -> None:
+        self.val_size = max(1, val_size)
+        self.n_startup_trials = n_startup_trials
+        self.z = z
+
+    def margin(self, median: float) -> float:
+        """Validation noise at accuracy `median`: z * sqrt(2 p (1 - p) / n)."""
+        p = min(max(median, 1.0 / self.val_size), 1.0 - 1.0 / self.val_size)
+        return self.z * math.sqrt(2.0 * p * (1.0 - p) / self.val_size)
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        step = trial.last_step
+        if step is None:
+            return False
+        others = [
+            t.intermediate_values[step]
+            for t in study.get_trials(deepcopy=False, states=FINISHED)
+            if step in t.intermediate_values and t.number != trial.number
+        ]
+        if len(others) < self.n_startup_trials:
+            return False
+        median = statistics.median(others)
+        return trial.intermediate_values[step] < median - self.margin(median)
+
+
+def make_pruner(sc: SearchConfig, max_epochs: int, val_size: int) -> optuna.pruners.BasePruner:
+    """The median rule beyond validation noise (:class:`NoisyMedianPruner`), Hyperband over
+    epochs, or none. Trials report only from their first thaw on (see :func:`_objective`)."""
     if sc.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+        return NoisyMedianPruner(val_size)
     if sc.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(2, max_epochs))
     return optuna.pruners.NopPruner()
@@ -220,12 +259,17 @@ def _objective(cfg: Config, parent_run_id: str | None, store: dict, task: str | 
                     mlflow.set_tag("state", "duplicate")
                 raise DuplicateTrial(f"trial #{trial.number} repeats #{t.number}: not run")
 
+        best = [0.0]  # the trial's best val accuracy so far: what it would return now
+
         def report(epoch: int, rec: dict[str, float]) -> None:
             log_epoch(epoch, rec)  # into the trial's MLflow run
+            best[0] = max(best[0], rec["val_accuracy"])
+            if rec["stage"] == 0:  # the head-only stage every trial shares: nothing to compare
+                return
             with critical():  # the study's store, like MLflow's: not split by an interrupt
-                trial.report(rec["val_accuracy"], epoch)
+                trial.report(best[0], epoch)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"pruned at epoch {epoch}")
+                raise optuna.TrialPruned(f"pruned at epoch {epoch} (stage {rec['stage']})")
 
         pruned = None
         with (
@@ -287,7 +331,8 @@ def _load_for_worker(cfg: Config, name: str, slot: int) -> optuna.Study:
     # other slots and resumed processes shift it, so none replays another's draws.
     offset = slot * 10_007 + len(study.get_trials(deepcopy=False))
     study.sampler = make_sampler(cfg.search, offset)
-    study.pruner = make_pruner(cfg.search, _max_epochs(cfg, num_blocks))
+    val_size = sum(read_manifest(cfg.data.out)["counts"]["val"].values())
+    study.pruner = make_pruner(cfg.search, _max_epochs(cfg, num_blocks), val_size)
     quiet("optuna")
     return study
 
@@ -500,6 +545,7 @@ def _write_summary(
                 "best_trial": best.number,
                 "best_params": best_params,
                 "counts": counts,
+                "fully_evaluated": counts.get("complete", 0),  # configurations run to the end
                 "data_hash": read_manifest(cfg.data.out)["data_hash"],
                 "source_sha256": read_source_manifest(cfg.source.out)["sha256"],
                 "mlflow_run_id": run_id,
@@ -591,6 +637,7 @@ def run_search(cfg: Config) -> SearchResult:
         mlflow.log_metrics(
             {
                 "best_val_accuracy": float(best.value or 0.0),
+                "fully_evaluated": counts.get("complete", 0),
                 **{f"trials_{k}": v for k, v in counts.items()},
             }
         )
@@ -598,6 +645,13 @@ def run_search(cfg: Config) -> SearchResult:
         log_search_plots(mlflow, study)
     out = _write_summary(cfg, name, best, best_params, counts, parent.info.run_id)
     log.info("best trial #%d: val accuracy %.4f with %s", best.number, best.value, best_params)
+    log.info(
+        "%d of %d configuration(s) fully evaluated (%d pruned after their first thaw, where "
+        "they were below the median by more than val noise)",
+        counts.get("complete", 0),
+        counts.get("complete", 0) + counts.get("pruned", 0),
+        counts.get("pruned", 0),
+    )
     return SearchResult(
         name, mask(sc.storage), best_params, float(best.value or 0.0), best.number, counts, out
     )
