@@ -34,6 +34,7 @@ def run(case: str, pruner: str, folder: Path) -> dict:
     """One search in `folder` (this process's transferops); its figures."""
     import torch
 
+    import transferops
     from bench.quality import CASES, CLIPART, FOLDER, LFW, write_clipart, write_folder, write_lfw
     from transferops.config import load_config, with_overrides
     from transferops.data.prepare import prepare
@@ -45,7 +46,8 @@ def run(case: str, pruner: str, folder: Path) -> dict:
 
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    shutil.copy(ROOT / "params.yaml", folder / "params.yaml")
+    # the params.yaml of the code tree under test (an older tree may not know a newer key)
+    shutil.copy(Path(transferops.__file__).parents[2] / "params.yaml", folder / "params.yaml")
     overrides = CASES[case] | {"search.pruner": pruner}
     if overrides.get("data.path") == FOLDER["data.path"]:
         write_folder(folder / FOLDER["data.path"])
@@ -94,7 +96,8 @@ def main() -> None:
                     env=env, capture_output=True, text=True,
                 )
                 if p.returncode != 0:
-                    print(f"| {case} | {name} | {pruner} | failed: {p.stderr[-300:]!r} |")
+                    why = p.stderr[-300:]
+                    print(f"| {case} | {name} | {pruner} | failed: {why!r} |", flush=True)
                     continue
                 r = json.loads(p.stdout.strip().splitlines()[-1])
                 k = r["counts"]
