@@ -5,6 +5,7 @@ model that ships inference code only."""
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -222,3 +223,15 @@ def test_requirements_pin_what_inference_imports(family, package):
     reqs = [r.split("==")[0] for r in requirements({"source": {"family": family}})]
     assert reqs == [*INFERENCE_REQUIREMENTS, package]
     assert not {"pyyaml", "rich", "pydantic", "optuna"} & set(reqs)
+
+
+def test_spawned_workers_get_the_folder_holding_the_package_first():
+    """Dask's spawned workers import with the client's sys.path: the folder that holds the
+    transferops package goes first (a path one level too deep made every package of ours a
+    top-level name in the workers, and a local cluster started no trial)."""
+    from transferops.runtime.cluster import _package_first_on_path
+
+    with _package_first_on_path():
+        first = Path(sys.path[0])
+    assert (first / "transferops" / "__init__.py").exists(), first
+    assert first.resolve() == PKG.parent.resolve()

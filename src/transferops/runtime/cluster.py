@@ -88,7 +88,7 @@ def _package_first_on_path() -> Iterator[None]:
     """A registered model loaded in this process put its shipped (inference-only) copy of
     transferops first on sys.path; spawned workers must import this package instead."""
     saved = list(sys.path)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # src/: transferops/runtime/
     try:
         yield
     finally:
