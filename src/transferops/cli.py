@@ -180,6 +180,34 @@ def prepare(
     _prepare(cfg, force=force)  # its log line is the result: printed once
 
 
+@app.command()
+@_user_errors
+def init(
+    path: Annotated[Path, typer.Argument(help="the project folder (created if missing)")] = Path(
+        "."
+    ),
+    data: Annotated[
+        Path, typer.Option(help="your data: an image folder (class folders, optional "
+                           "train/val/test folders) or a table (CSV, TSV, JSONL)")
+    ] = Path("data"),
+    force: Annotated[bool, typer.Option(help="overwrite params.yaml, dvc.yaml, ...")] = False,
+    git: Annotated[bool, typer.Option(help="also `git init` the project")] = False,
+    dvc: Annotated[bool, typer.Option(help="also `dvc init` it and `dvc add` the data")] = False,
+) -> None:
+    """Start a project: params.yaml (every key, commented) set for your data, a dvc.yaml
+    calling this transferops, .gitignore / .dvcignore. Says what it found in the data."""
+    from transferops.pipeline.project import WRITTEN
+    from transferops.pipeline.project import init as _init
+
+    data = data if data.is_absolute() else Path.cwd() / data
+    found = _init(path, data, force, git, dvc)
+    for line in found.said:
+        console.print(f"found: {line}", highlight=False)
+    console.print(f"wrote {', '.join(WRITTEN)} in {path.resolve()}", highlight=False)
+    where = "" if path.resolve() == Path.cwd() else f"cd {path} && "
+    console.print(f"next: {where}transferops run", highlight=False)
+
+
 @app.command("demo-data")
 @_user_errors
 @_locked

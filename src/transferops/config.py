@@ -702,11 +702,15 @@ def validate_config(raw: dict[str, Any], origin: str = "params") -> Config:
 
 
 def read_params(path: Path | str = DEFAULT_PARAMS) -> dict[str, Any]:
-    """Read params.yaml as a raw mapping (missing file = all defaults)."""
+    """Read params.yaml as a raw mapping; a missing file is an error that says how to start
+    a project (no silent demo on the code's defaults)."""
     path = Path(path)
     if not path.exists():
         if path == DEFAULT_PARAMS:
-            return {}
+            raise ConfigError(
+                f"no params.yaml in {Path.cwd()}: start a project here with `transferops init "
+                "--data <your image folder or table>`, or point --params at one"
+            )
         raise ConfigError(f"params file {path} does not exist")
     try:
         raw = yaml.safe_load(path.read_text()) or {}

@@ -5,6 +5,7 @@
 - ``deployment``: served (`transferops serve`) or on a work pool (`transferops deploy`)
 - ``dvc_lock``: a whole run by another door recorded in dvc.lock
 - ``ui``: `transferops ui` (MLflow and optuna-dashboard on the project's stores)
+- ``project``: `transferops init` (params.yaml, dvc.yaml, ignore files for the user's data)
 
 Rule: the top of the house; only ``cli`` imports it.
 """
