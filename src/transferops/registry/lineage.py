@@ -11,10 +11,12 @@ from typing import Any
 from transferops.config import Config, FinetuneConfig
 
 METRICS = ("accuracy", "macro_f1", "ece")
+NOT_GIT = "not a git repository"
 
 
 def git_commit(cwd: Path | str = ".") -> tuple[str, bool]:
-    """(HEAD commit, whether tracked files differ from it); ("unknown", False) outside git."""
+    """(HEAD commit, whether tracked files differ from it); ("not a git repository", False)
+    outside git (or without git installed)."""
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
@@ -27,7 +29,7 @@ def git_commit(cwd: Path | str = ".") -> tuple[str, bool]:
             check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return "unknown", False
+        return NOT_GIT, False
     return sha, bool(dirty)
 
 

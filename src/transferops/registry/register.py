@@ -189,7 +189,7 @@ def register(cfg: Config) -> RegisterResult:
         client.set_registered_model_alias(name, CHALLENGER, existing.version)
         log.info("%s v%s already holds these weights: not registered again", name, existing.version)
         res = RegisterResult(name, str(existing.version), False, existing.run_id, existing.tags)
-        _write_receipt(cfg, res)
+        _write_receipt(cfg, res, client)
         return res
 
     tags = lineage_tags(cfg, spec, metrics, search, model_sha)
@@ -229,18 +229,20 @@ def register(cfg: Config) -> RegisterResult:
     client.set_registered_model_alias(name, CHALLENGER, mv.version)
     log.info("registered %s v%s (alias %s)", name, mv.version, CHALLENGER)
     res = RegisterResult(name, str(mv.version), True, run.info.run_id, tags)
-    _write_receipt(cfg, res)
+    _write_receipt(cfg, res, client)
     return res
 
 
-def _write_receipt(cfg: Config, res: RegisterResult) -> None:
-    """registry.out: which version holds which weights (DVC's output of `register`)."""
+def _write_receipt(cfg: Config, res: RegisterResult, client: Any) -> None:
+    """registry.out: which version holds which weights and every alias it holds now
+    (DVC's output of `register`; `promote` moves champion later, the registry says so)."""
+    aliases = sorted(client.get_model_version(res.name, res.version).aliases or [CHALLENGER])
     write_json_atomic(
         Path(cfg.registry.out),
         {
             "model_name": res.name,
             "version": res.version,
-            "alias": CHALLENGER,
+            "aliases": aliases,
             "model_sha256": res.tags.get("model_sha256"),
             "data_hash": res.tags.get("data_hash"),
             "mlflow_run_id": res.run_id,

@@ -105,7 +105,14 @@ def study_name(cfg: Config) -> str:
         "seed": cfg.search.seed,
         "finetune": cfg.finetune.trajectory_params(),
     }
-    return f"transferops-{data_hash[:8]}-{sha256_json(key)[:12]}"
+    # the arm first: optuna-dashboard lists studies by name, the transfer and scratch
+    # searches of the same data side by side
+    return f"transferops-{_arm(cfg)}-{data_hash[:8]}-{sha256_json(key)[:12]}"
+
+
+def _arm(cfg: Config) -> str:
+    """"scratch" for the from-scratch arm's search (finetune.init random), else "transfer"."""
+    return "scratch" if cfg.finetune.init == "random" else "transfer"
 
 
 def _float_grid(r: FloatRange) -> list[float]:
@@ -229,10 +236,10 @@ def _trial_run(
     mlflow = setup_tracking(cfg.tracking)
     with start_run(
         mlflow,
-        run_name=f"trial-{trial.number}",
+        run_name=f"{_arm(cfg)}-trial-{trial.number}",
         nested=True,
         parent_run_id=parent,
-        tags={"role": "trial", "trial": str(trial.number)},
+        tags={"role": "trial", "arm": _arm(cfg), "trial": str(trial.number)},
     ) as run:
         trial.set_user_attr("mlflow_run_id", run.info.run_id)
         mlflow.log_params({k.removeprefix("finetune."): v for k, v in overrides.items()})
@@ -580,10 +587,35 @@ def _open_study(cfg: Config, name: str, storage: Any, arm: str) -> optuna.Study:
     return study
 
 
+def _search_params(cfg: Config) -> dict[str, Any]:
+    """The search's own settings, as its MLflow run's params (the storage password masked)."""
+    sc = cfg.search
+    return {
+        "n_trials": sc.n_trials,
+        "sampler": sc.sampler,
+        "pruner": sc.pruner,
+        "n_workers": cfg.compute.n_workers,
+        "cluster": cfg.compute.cluster or "local",
+        "storage": mask(sc.storage),
+        "space": sc.space.model_dump_json(exclude_none=True),
+    }
+
+
+def _say_evaluated(counts: dict[str, int]) -> None:
+    """How many configurations the search really compared: run to the end, or pruned."""
+    log.info(
+        "%d of %d configuration(s) fully evaluated (%d pruned after their first thaw, where "
+        "they were below the median by more than val noise)",
+        counts.get("complete", 0),
+        counts.get("complete", 0) + counts.get("pruned", 0),
+        counts.get("pruned", 0),
+    )
+
+
 def run_search(cfg: Config) -> SearchResult:
     """Run (or resume) the study; write best params; log everything to MLflow. A config
     with ``finetune.init: random`` is the from-scratch arm's search (see baseline.py)."""
-    arm = "scratch" if cfg.finetune.init == "random" else "transfer"
+    arm = _arm(cfg)
     num_blocks = read_source_manifest(cfg.source.out)["num_blocks"]
     check_depth(cfg, num_blocks)  # before any trial runs
     check_scheduler(cfg.compute.cluster)  # and before the study and MLflow runs open
@@ -616,17 +648,7 @@ def run_search(cfg: Config) -> SearchResult:
         },
     ) as parent:
         log_data(mlflow, cfg.data.out, Path(cfg.data.path).name, data_hash, "training")
-        mlflow.log_params(
-            {
-                "n_trials": sc.n_trials,
-                "sampler": sc.sampler,
-                "pruner": sc.pruner,
-                "n_workers": cfg.compute.n_workers,
-                "cluster": cfg.compute.cluster or "local",
-                "storage": mask(sc.storage),
-                "space": sc.space.model_dump_json(exclude_none=True),
-            }
-        )
+        mlflow.log_params(_search_params(cfg))
         with labelled("scratch search" if arm == "scratch" else ""):
             _run_trials(cfg, name, parent.info.run_id)
         study = optuna.load_study(study_name=name, storage=storage)
@@ -645,13 +667,7 @@ def run_search(cfg: Config) -> SearchResult:
         log_search_plots(mlflow, study)
     out = _write_summary(cfg, name, best, best_params, counts, parent.info.run_id)
     log.info("best trial #%d: val accuracy %.4f with %s", best.number, best.value, best_params)
-    log.info(
-        "%d of %d configuration(s) fully evaluated (%d pruned after their first thaw, where "
-        "they were below the median by more than val noise)",
-        counts.get("complete", 0),
-        counts.get("complete", 0) + counts.get("pruned", 0),
-        counts.get("pruned", 0),
-    )
+    _say_evaluated(counts)
     return SearchResult(
         name, mask(sc.storage), best_params, float(best.value or 0.0), best.number, counts, out
     )
