@@ -162,13 +162,7 @@ def read_image_folder(root: Path, extensions: list[str], on_empty: str = "skip")
             files += imgs
             examples += [Example(label=cdir.name, path=p) for p in imgs]
     if looped:
-        log.warning(
-            "skipped %d symlinked folder(s) that point back into %s or above it (not classes: "
-            "they would repeat other classes' images): %s",
-            len(looped),
-            root,
-            ", ".join(f"{p.relative_to(root)} -> {os.readlink(p)}" for p in looped),
-        )
+        _warn_looped(looped, root)
     if empty:
         _empty_classes(empty, root, extensions, on_empty)
     if ignored:
@@ -180,6 +174,16 @@ def read_image_folder(root: Path, extensions: list[str], on_empty: str = "skip")
         )
     _check_classes(examples, str(root))
     return RawDataset("image", root, examples, files, ignored)
+
+
+def _warn_looped(looped: list[Path], root: Path) -> None:
+    log.warning(
+        "skipped %d symlinked folder(s) that point back into %s or above it (not classes: "
+        "they would repeat other classes' images): %s",
+        len(looped),
+        root,
+        ", ".join(f"{p.relative_to(root)} -> {os.readlink(p)}" for p in looped),
+    )
 
 
 def _empty_classes(empty: list[Path], root: Path, extensions: list[str], on_empty: str) -> None:

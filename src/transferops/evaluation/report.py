@@ -198,6 +198,33 @@ def _param(key: str, value: Any) -> str:
     return f"{name}={value:.3g}" if isinstance(value, float) else f"{name}={value}"
 
 
+def difference_lines(metrics: dict, conf: int) -> list[str]:
+    """The paired differences in test accuracy (transfer vs the baselines, the model to
+    register vs each), and a class the model to register drops."""
+    lines = ["", f"Differences in test accuracy ({conf}% intervals):", ""]
+    for other in ("scratch", "probe"):
+        if f"transfer_minus_{other}" in metrics:
+            d = metrics[f"transfer_minus_{other}"]["accuracy"]
+            each = ", ".join(f"{x:+.3f}" for x in d["over_seeds"].get("per_seed", []))
+            lines.append(
+                f"- transfer − {other}: {_fmt(d)} over test examples; "
+                f"{_fmt(d['over_seeds'])} over seeds" + (f" (each seed: {each})" if each else "")
+            )
+    dropped = metrics.get("finetuned", {}).get("dropped_classes")
+    if dropped:
+        lines.append(
+            f"- **class {', '.join(dropped)}: the model to register never gets it right on "
+            "test (recall 0), where the exact probe recognises some**: promotion refuses it "
+            "(`registry.dropped_class_gate`)"
+        )
+    for role, d in metrics.get("finetuned", {}).get("minus", {}).items():
+        lines.append(
+            f"- model to register − {role}: {_fmt(d)}"
+            + (f" — the {role} baseline is significantly better" if d["ci_high"] < 0 else "")
+        )
+    return lines
+
+
 def report_markdown(metrics: dict, per_class: dict, classical: str | None) -> str:
     """evaluation.md: the verdict first, then the table, the curves and per-class scores."""
     conf = int(metrics["confidence"] * 100)
@@ -236,27 +263,7 @@ def report_markdown(metrics: dict, per_class: dict, classical: str | None) -> st
             + f") | {f['accuracy']:.3f} | "
             f"{f['macro_f1']:.3f} | {f['ece']:.3f} |",
         )
-    lines += ["", f"Differences in test accuracy ({conf}% intervals):", ""]
-    for other in ("scratch", "probe"):
-        if f"transfer_minus_{other}" in metrics:
-            d = metrics[f"transfer_minus_{other}"]["accuracy"]
-            each = ", ".join(f"{x:+.3f}" for x in d["over_seeds"].get("per_seed", []))
-            lines.append(
-                f"- transfer − {other}: {_fmt(d)} over test examples; "
-                f"{_fmt(d['over_seeds'])} over seeds" + (f" (each seed: {each})" if each else "")
-            )
-    dropped = metrics.get("finetuned", {}).get("dropped_classes")
-    if dropped:
-        lines.append(
-            f"- **class {', '.join(dropped)}: the model to register never gets it right on "
-            "test (recall 0), where the exact probe recognises some**: promotion refuses it "
-            "(`registry.dropped_class_gate`)"
-        )
-    for role, d in metrics.get("finetuned", {}).get("minus", {}).items():
-        lines.append(
-            f"- model to register − {role}: {_fmt(d)}"
-            + (f" — the {role} baseline is significantly better" if d["ci_high"] < 0 else "")
-        )
+    lines += difference_lines(metrics, conf)
     lines += tuning_lines(metrics.get("tuning", {}))
     lines += efficiency_lines(metrics["efficiency"])
     lines += [
