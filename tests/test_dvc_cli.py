@@ -105,6 +105,7 @@ def test_cli_version():
 
 def test_cli_bad_input_is_a_message_not_a_traceback(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("data:\n  demo: null\n  path: missing\n")
     r = runner.invoke(app, ["prepare", "--set", "data.splits.train=0.9"])
     assert r.exit_code == 2
     assert "data.splits" in r.output and "sum to 1" in r.output and "Traceback" not in r.output
@@ -231,6 +232,7 @@ entry()
 
 def test_the_command_exits_quickly_but_runs_every_exit_handler(tmp_path):
     trace = tmp_path / "trace"
+    (tmp_path / "params.yaml").write_text("data:\n  demo: null\n")
     for args, code in (
         (["--version"], 0),
         (["prepare", "--set", "data.demo=null", "--set", "data.path=missing"], 2),

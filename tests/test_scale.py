@@ -28,7 +28,7 @@ TS = optuna.trial.TrialState
 def _kill_first_running_worker(
     storage: optuna.storages.RDBStorage, stop: threading.Event, killed: list
 ) -> None:
-    """SIGKILL the worker process of the first trial seen running (after its first epoch)."""
+    """SIGKILL the worker process of the first trial seen running (after its first report)."""
     while not stop.is_set() and not killed:
         for name in optuna.get_all_study_names(storage):
             for t in optuna.load_study(study_name=name, storage=storage).trials:
@@ -48,7 +48,10 @@ def test_two_dask_workers_on_a_postgresql_study_survive_a_killed_worker(
     raw = _raw(tmp_path, digits_prepared, lite0_source, n_trials=6, n_workers=2, pruner="none")
     raw["search"]["sampler"] = "tpe"
     raw["search"]["storage"] = f"{postgres_url}/optuna"
-    raw["finetune"]["epochs_per_stage"] = [1]
+    # trials report from their first thaw on: depth >= 1 and epochs after that first report,
+    # so the worker is killed mid-trial
+    raw["finetune"]["epochs_per_stage"] = [1, 3]
+    raw["search"]["space"]["unfreeze_depth"] = {"low": 1, "high": 2}
     cfg = validate_config(raw)
     stop, killed = threading.Event(), []
     killer = threading.Thread(

@@ -27,7 +27,9 @@ def _get(url: str) -> dict:
         return json.loads(r.read())
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize(
+    "sig", [pytest.param(signal.SIGINT, marks=pytest.mark.slow), signal.SIGTERM]
+)
 def test_ui_serves_the_projects_runs_and_study_and_stops_on_ctrl_c(tmp_path, sig):
     project = tmp_path / "project"
     project.mkdir()
