@@ -331,6 +331,11 @@ def test_lineage_tags_and_model_card(in_pipeline_dir):
         "finetune.unfreeze_depth", cfg.finetune.unfreeze_depth
     )
     assert float(t["test_accuracy"]) == pytest.approx(metrics["finetuned"]["accuracy"], abs=1e-6)
+    # the model to register carries its temperature, fitted on val (NLL can only drop there)
+    spec = read_json(Path(cfg.finetune.out) / "model.json")
+    cal = spec["calibration"]
+    assert cal["val_nll_after"] <= cal["val_nll_before"] and spec["temperature"] > 0
+    assert metrics["finetuned"]["calibration"]["temperature"] == round(spec["temperature"], 4)
     # the dropped-class gate's evidence travels with the version
     assert json.loads(t["dropped_classes"]) == metrics["finetuned"]["dropped_classes"]
     assert float(t["scratch_accuracy"]) == pytest.approx(

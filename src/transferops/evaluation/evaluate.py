@@ -40,6 +40,7 @@ from transferops.errors import DataError
 from transferops.evaluation.report import report_html, report_markdown, write_plots
 from transferops.evaluation.stats import bootstrap_ci, ece, mean_ci, paired_bootstrap, verdict
 from transferops.finetune.classical import fit_classical
+from transferops.model.calibration import nll, scaled
 from transferops.model.folder import SPEC_FILE, WEIGHTS_FILE, load_finetuned
 from transferops.model.inputs import make_inputs, pick_device
 from transferops.model.predict import predict_probs
@@ -300,6 +301,7 @@ def _score_finetuned(
             reference[0] if reference else "?",
         )
     return {k: m[k] for k in ("accuracy", "macro_f1", "ece")} | {
+        "calibration": _calibration(probs, y, float(spec.get("temperature", 1.0)), cfg),
         "dropped_classes": dropped,
         "min_class_recall": min(v["recall"] for v in m["per_class"].values()),
         "model_sha256": sha256_file(model_dir / WEIGHTS_FILE),
@@ -309,6 +311,20 @@ def _score_finetuned(
         "minus": {
             role: paired_bootstrap(probs.argmax(1) == y, c, conf) for role, c in baselines.items()
         },
+    }
+
+
+def _calibration(probs: np.ndarray, y: np.ndarray, t: float, cfg: Config) -> dict[str, float]:
+    """The registered model's calibration on test: its temperature (fitted on val) and NLL /
+    ECE without it and with it (`probs` are the calibrated ones)."""
+    raw = scaled(probs, 1.0 / t) if t != 1.0 else probs
+    bins = cfg.evaluate.ece_bins
+    return {
+        "temperature": round(t, 4),
+        "test_nll_before": round(nll(raw, y), 4),
+        "test_nll_after": round(nll(probs, y), 4),
+        "test_ece_before": round(ece(raw, y, bins), 4),
+        "test_ece_after": round(ece(probs, y, bins), 4),
     }
 
 

@@ -210,6 +210,15 @@ def difference_lines(metrics: dict, conf: int) -> list[str]:
                 f"- transfer − {other}: {_fmt(d)} over test examples; "
                 f"{_fmt(d['over_seeds'])} over seeds" + (f" (each seed: {each})" if each else "")
             )
+    cal = metrics.get("finetuned", {}).get("calibration")
+    if cal and cal["temperature"] != 1.0:
+        lines.append(
+            f"- calibration of the model to register: temperature {cal['temperature']:.3f} "
+            f"(fitted on val); test NLL {cal['test_nll_before']:.4f} -> "
+            f"{cal['test_nll_after']:.4f}, ECE {cal['test_ece_before']:.4f} -> "
+            f"{cal['test_ece_after']:.4f}; its probabilities (pyfunc, ONNX, predict) are the "
+            "calibrated ones"
+        )
     dropped = metrics.get("finetuned", {}).get("dropped_classes")
     if dropped:
         lines.append(

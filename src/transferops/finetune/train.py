@@ -20,6 +20,7 @@ from transferops.config import Config, FinetuneConfig, check_depth
 from transferops.data.prepared import load_prepared, read_manifest
 from transferops.errors import ConfigError
 from transferops.finetune.adapters import ADAPTER_FILE, adapter_weights, add_lora, merge_adapters
+from transferops.finetune.calibrate import calibrate
 from transferops.finetune.classical import fit_classical, pixel_net, pixel_source, val_score
 from transferops.finetune.engine import EpochHook, TrainResult, finetune
 from transferops.model.blocks import StagedNet
@@ -202,6 +203,7 @@ def train_from_config(cfg: Config, resume: bool = True) -> Trained:
         log_outcome(mlflow, done.val_accuracy, done.weight_average)
         done = keep_best_candidate(cfg, done, r.info.run_id)
         mlflow.set_tag("candidate", done.candidate)
+        mlflow.log_metrics({k: v for k, v in calibrate(cfg).items()})
     write_json_atomic(
         Path(fc.metrics), {k: v for k, v in asdict(done).items() if k != "reused_from"}
     )

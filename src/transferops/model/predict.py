@@ -31,6 +31,7 @@ def predict_probs(
     """Class probabilities [N, C] of `net` (in eval mode) on `inputs` (batches of
     `batch_size`, else what suits the device: :meth:`Inputs.inference_batch`)."""
     pre = make_preprocess(spec["source"], device, spec["modality"])  # no augmentation
+    temperature = float(spec.get("temperature", 1.0))  # fitted on val (model.calibration)
     pre.place(net, device).eval()
     order = inputs.inference_order()  # texts by length: little padding per batch
     out = []
@@ -38,7 +39,8 @@ def predict_probs(
     for i in range(0, len(inputs), batch_size):
         x, ctx = inputs.batch(order[i : i + batch_size])
         ctx = ctx.to(device) if ctx is not None else None
-        out.append(torch.softmax(net(pre(x.to(device), False, None), ctx).float(), 1).cpu())
+        logits = net(pre(x.to(device), False, None), ctx).float()
+        out.append(torch.softmax(logits / temperature, 1).cpu())
     if not out:
         return np.zeros((0, len(spec["class_names"])), dtype=np.float32)
     return torch.cat(out)[torch.argsort(order)].numpy()

@@ -46,12 +46,13 @@ class Probabilities(nn.Module):
     """What the ONNX graph computes: model inputs -> class probabilities, with the same
     normalisation as :func:`transferops.model.predict.predict_probs`."""
 
-    def __init__(self, net: nn.Module, pre: Preprocess) -> None:
+    def __init__(self, net: nn.Module, pre: Preprocess, temperature: float = 1.0) -> None:
         super().__init__()
-        self.net, self.pre = net, pre
+        self.net, self.pre, self.temperature = net, pre, temperature
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return torch.softmax(self.net(self.pre(x, False, None), mask).float(), 1)
+        logits = self.net(self.pre(x, False, None), mask).float()
+        return torch.softmax(logits / self.temperature, 1)
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,9 @@ def to_onnx(model_dir: Path, dst: Path, opset: int) -> list[str]:
     text = spec["modality"] == "text"
     # the normalisation predict_probs applies (none for text)
     wrapped = Probabilities(
-        net, make_preprocess(spec["source"], torch.device("cpu"), spec["modality"])
+        net,
+        make_preprocess(spec["source"], torch.device("cpu"), spec["modality"]),
+        float(spec.get("temperature", 1.0)),  # the calibrated probabilities, as predict gives
     )
     if text:
         args: tuple = (torch.ones(2, 8, dtype=torch.long), torch.ones(2, 8, dtype=torch.long))
