@@ -191,6 +191,11 @@ def run_case(name: str, overrides: dict[str, Any], out: Path) -> dict[str, Any]:
         "classical": m.get("classical", {}).get("accuracy"),
         "scratch": m["scratch"]["accuracy"],
         "verdict": metrics["verdict"],
+        "calibration": metrics["finetuned"].get("calibration"),
+        "min_recall": metrics["finetuned"].get("min_class_recall"),
+        "evaluated": read_json(Path(folder) / cfg.search.out / "summary.json").get(
+            "fully_evaluated"
+        ),
         "promoted": summary.get("champion") is not None
         and summary.get("registered", "").endswith(f"v{summary.get('champion')}"),
         "times": times,
@@ -203,6 +208,19 @@ def _ci(m: dict[str, Any] | None) -> str:
     if m.get("ci_low") is None:
         return f"{m['mean']:.3f}"
     return f"{m['mean']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
+
+
+def _opt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def _cal(c: dict[str, float] | None) -> str:
+    if not c:
+        return "-"
+    return (
+        f"{c['test_nll_before']:.3f} / {c['test_ece_before']:.3f} -> {c['test_nll_after']:.3f}"
+        f" / {c['test_ece_after']:.3f} ({c['temperature']:.2f})"
+    )
 
 
 def main() -> None:
@@ -223,9 +241,11 @@ def main() -> None:
     )
     print(
         "| case | train / px | registered | transfer (95% CI over seeds) | exact probe | "
-        "classical | scratch | verdict | promoted | seconds wall / cpu per step |"
+        "classical | scratch | verdict | promoted | min class recall | configs fully "
+        "evaluated | test NLL / ECE before -> after calibration (T) | seconds wall / cpu "
+        "per step |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in args.cases.split(","):
         r = run_case(name, CASES[name] | (QUICK if args.quick else {}) | extra, args.out)
         steps = ", ".join(f"{s} {w:.0f}/{c:.0f}" for s, (w, c) in r["times"].items() if w >= 1)
@@ -236,7 +256,8 @@ def main() -> None:
             f"{' (classical)' if r['candidate'] == 'classical' else ''} | "
             f"{_ci(r['transfer'])} | {_ci(r['probe'])} | "
             f"{r['classical']:.3f} | {_ci(r['scratch'])} | {r['verdict']} | "
-            f"{'yes' if r['promoted'] else 'no'} "
+            f"{'yes' if r['promoted'] else 'no'} | {_opt(r['min_recall'])} | "
+            f"{r['evaluated'] if r['evaluated'] is not None else '-'} | {_cal(r['calibration'])} "
             f"| {steps}; total {total_w:.0f}/{total_c:.0f} |",
             flush=True,
         )
