@@ -30,6 +30,9 @@ def test_temperature_scaling_lowers_nll_and_keeps_the_argmax():
     assert nll(scaled(held_out, t), y2) < nll(held_out, y2)
     # a scaled model's own temperature is found back
     assert abs(fit_temperature(scaled(calibrated, 1 / t), y) - t) < 0.05 * t
+    # a val split the model gets all right says nothing about calibration: left alone
+    right = np.eye(5)[y] * 0.6 + 0.1
+    assert fit_temperature(right, y) == 1.0
 
 
 def test_the_exported_graph_and_predict_apply_the_temperature(tmp_path):
