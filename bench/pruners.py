@@ -35,7 +35,7 @@ def run(case: str, pruner: str, folder: Path) -> dict:
     import torch
 
     import transferops
-    from bench.quality import CASES, CLIPART, FOLDER, LFW, write_clipart, write_folder, write_lfw
+    from bench.quality import CASES, write_case_data
     from transferops.config import load_config, with_overrides
     from transferops.data.prepare import prepare
     from transferops.data.prepared import load_prepared
@@ -49,12 +49,7 @@ def run(case: str, pruner: str, folder: Path) -> dict:
     # the params.yaml of the code tree under test (an older tree may not know a newer key)
     shutil.copy(Path(transferops.__file__).parents[2] / "params.yaml", folder / "params.yaml")
     overrides = CASES[case] | {"search.pruner": pruner}
-    if overrides.get("data.path") == FOLDER["data.path"]:
-        write_folder(folder / FOLDER["data.path"])
-    if overrides.get("data.path") == LFW["data.path"]:
-        write_lfw(folder / LFW["data.path"])
-    if overrides.get("data.path") == CLIPART["data.path"]:
-        write_clipart(folder / CLIPART["data.path"])
+    write_case_data(folder, overrides)
     os.chdir(folder)  # every path in params.yaml is the project folder's
     cfg = with_overrides(load_config(Path("params.yaml")), overrides)
     prepare(cfg)

@@ -146,6 +146,18 @@ def write_clipart(folder: Path) -> dict[str, int]:
     return kept
 
 
+def write_case_data(folder: Path, overrides: dict[str, Any]) -> None:
+    """The case's data set written into its project folder (the demo sets need nothing)."""
+    writers = {
+        LFW["data.path"]: write_lfw,
+        FOLDER["data.path"]: write_folder,
+        CLIPART["data.path"]: write_clipart,
+    }
+    writer = writers.get(overrides.get("data.path"))
+    if writer is not None:
+        writer(folder / overrides["data.path"])
+
+
 def _timed_runner(times: dict[str, tuple[float, float]]):
     def run(step: str, key: StepKey | None, fn: StepFn) -> dict[str, Any]:
         w, c = time.perf_counter(), time.process_time()
@@ -163,12 +175,7 @@ def run_case(name: str, overrides: dict[str, Any], out: Path) -> dict[str, Any]:
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     shutil.copy(ROOT / "params.yaml", folder / "params.yaml")
-    if overrides.get("data.path") == LFW["data.path"]:
-        write_lfw(folder / LFW["data.path"])
-    if overrides.get("data.path") == FOLDER["data.path"]:
-        write_folder(folder / FOLDER["data.path"])
-    if overrides.get("data.path") == CLIPART["data.path"]:
-        write_clipart(folder / CLIPART["data.path"])
+    write_case_data(folder, overrides)
     cwd = Path.cwd()
     os.chdir(folder)  # every output path in params.yaml is relative to the project folder
     try:
