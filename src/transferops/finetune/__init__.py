@@ -6,7 +6,8 @@
 - ``cache``: frozen-prefix features, computed once per stage
 - ``checkpoint``: resume state, saved atomically
 - ``adapters``: LoRA (peft) for HF encoders
-- ``engine``: the loop; ``train``: config -> model folder (`transferops train`)
+- ``engine``: the loop; ``train``: config -> model folder (`transferops train`);
+  ``calibrate``: the model to register's temperature, fitted on val
 - ``classical``: logistic regression on pixels / TF-IDF (a reference, and a candidate);
   ``logreg``: sklearn's logistic regression on one BLAS thread, as a linear head
 

@@ -7,7 +7,8 @@
 - ``inputs``: the one image decoder, input normalisation + augmentation, tokenising, device
 - ``folder``: a model folder in and out (``model.json``, ``model.safetensors``), its
   weights verified on every load
-- ``predict``: probabilities from a model folder; ``serving``: the MLflow pyfunc;
+- ``predict``: probabilities from a model folder (``calibration``: its temperature, fitted
+  on val, applied); ``serving``: the MLflow pyfunc;
   ``_pyfunc_entry``: its "models from code" entry point
 
 Rule (tests/test_house.py): nothing here imports finetune, search, evaluation, registry,
