@@ -486,6 +486,7 @@ assert closed == 2 and states == {
 """
 
 
+@pytest.mark.slow  # a Prefect API of its own: ~20 s
 def test_flow_runs_a_killed_process_left_running_are_marked_crashed(tmp_path):
     env = os.environ | {
         "PREFECT_HOME": str(tmp_path / ".prefect"),
