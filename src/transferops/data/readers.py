@@ -211,7 +211,9 @@ def _check_classes(examples: list[Example], where: str) -> None:
 # ------------------------------------------------------------------------ table
 
 
-def _read_table_file(path: Path, delimiter: str | None) -> pd.DataFrame:
+def read_table_file(path: Path, delimiter: str | None = None) -> pd.DataFrame:
+    """A CSV / TSV / JSON(L) table as `prepare` reads it: strings, a byte-order mark
+    stripped; a file that cannot be parsed is a :class:`DataError`."""
     suffix = path.suffix.lower()
     try:
         if suffix in (".jsonl", ".ndjson"):
@@ -245,7 +247,7 @@ def read_table(cfg: DataConfig) -> RawDataset:
             f"data.path: {path} is a folder but data.format is table; point it at the CSV/JSONL "
             "file, or set data.format: image_folder."
         )
-    df = _read_table_file(path, t.delimiter)
+    df = read_table_file(path, t.delimiter)
     if df.empty:
         raise DataError(f"data.path: table {path} has no rows")
     cols = [str(c) for c in df.columns]

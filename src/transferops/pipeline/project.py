@@ -23,7 +23,7 @@ from typing import Any
 import pandas as pd
 
 from transferops.config import IMAGE_EXTENSIONS, load_config
-from transferops.data.readers import SPLIT_ALIASES, read_image_folder
+from transferops.data.readers import SPLIT_ALIASES, read_image_folder, read_table_file
 from transferops.errors import ConfigError, DataError
 
 TEMPLATES = files("transferops.pipeline") / "templates"
@@ -95,7 +95,7 @@ def relative_if_inside(path: Path, start: Path) -> str:
 
 
 def _detect_table(data: Path, rel: Path) -> Detected:
-    df = _head(data)
+    df = read_table_file(data).head(200)  # as prepare reads it
     cols = {c.lower(): c for c in df.columns}
 
     def named(names: tuple[str, ...]) -> str | None:
@@ -140,22 +140,6 @@ def _detect_table(data: Path, rel: Path) -> Detected:
         source,
         said,
     )
-
-
-def _head(data: Path) -> pd.DataFrame:
-    """The first rows of a table, as `prepare` will read it (strings, BOM stripped)."""
-    try:
-        if data.suffix.lower() in (".jsonl", ".ndjson"):
-            return pd.read_json(data, lines=True, dtype=False, nrows=200, encoding="utf-8-sig")
-        if data.suffix.lower() == ".json":
-            return pd.read_json(data, dtype=False, encoding="utf-8-sig").head(200)
-        sep = "\t" if data.suffix.lower() == ".tsv" else None
-        return pd.read_csv(
-            data, sep=sep, engine="python", dtype=str, nrows=200, encoding="utf-8-sig",
-            keep_default_na=False,
-        )
-    except (ValueError, OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"--data {data}: cannot be read as a table ({exc})") from None
 
 
 def set_value(text: str, dotted: str, value: Any) -> str:
