@@ -35,7 +35,6 @@ SPEC_FILE = "model.json"  # a model folder's spec
 WEIGHTS_FILE = "model.safetensors"  # a model folder's weights
 
 
-
 def save_model_folder(
     net: nn.Module,
     spec: dict[str, Any],
