@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -60,6 +61,15 @@ def test_run_pipeline_on_tiny_images(tmp_path, monkeypatch):
     runs = client.search_runs([exp])
     (parent,) = [r for r in runs if r.data.tags.get("role") == "pipeline"]
     assert parent.info.status == "FINISHED" and parent.data.tags["verdict"] == summary["verdict"]
+    # the pipeline run says what it ran with, on what data, and what it registered
+    assert parent.data.params["data.path"] == "raw" and parent.data.params["search.n_trials"] == "3"
+    (d,) = parent.inputs.dataset_inputs
+    assert d.dataset.name == "raw" and d.dataset.digest == summary["data_hash"][:12]
+    note = parent.data.tags["mlflow.note.content"]
+    assert "[transferops-raw version 1](#/models/transferops-raw/versions/1)" in note
+    assert summary["promotion"] in note  # the decision in full, not a cut tag
+    promotion = client.download_artifacts(parent.info.run_id, "promotion.md", str(tmp_path))
+    assert summary["promotion"] in Path(promotion).read_text()
     steps = [r for r in runs if r.data.tags.get("role") not in ("pipeline", "trial")]
     roles = {r.data.tags["role"] for r in steps}
     assert roles >= {"search", "train", "transfer", "scratch", "evaluation"}

@@ -636,3 +636,62 @@ def test_head_starts_as_the_probe_and_the_probe_is_the_floor(digits_prepared, li
     )
     res2 = finetune(net, tr, va, cfg, pre, CPU)
     assert res2.probe is None and not torch.allclose(net.head[-1].weight, res.probe.weight)
+
+
+def test_balanced_class_weights_follow_the_class_counts():
+    from transferops.finetune.balance import IMBALANCE_RATIO, class_weights
+
+    y = torch.tensor([0] * 60 + [1] * 30 + [2] * 10)  # 3 present classes, class 3 absent
+    w = class_weights(y, 4, "balanced")
+    assert w is not None
+    # w_c = n / (K n_c): each present class's total weight is the same, n / K
+    assert torch.allclose(w[:3] * torch.tensor([60.0, 30.0, 10.0]), torch.full((3,), 100 / 3))
+    assert w[3] == 0  # an absent class weighs nothing
+    assert w[2] / w[0] == pytest.approx(6.0)  # inversely proportional to the counts
+    assert (w[y].mean()).item() == pytest.approx(1.0)  # the mean example weight stays 1
+    assert class_weights(y, 4, "none") is None
+    assert class_weights(y, 4, "auto") is not None  # 6x imbalance
+    mild = torch.tensor([0] * 10 + [1] * int(10 * IMBALANCE_RATIO - 1))
+    assert class_weights(mild, 2, "auto") is None  # below the ratio: plain loss
+
+
+def test_balanced_probe_recovers_a_minority_class():
+    from transferops.finetune.balance import class_weights
+    from transferops.finetune.probe import fit_probe
+
+    rng = np.random.default_rng(1)
+    centers = rng.normal(scale=0.7, size=(3, 8))
+    n = np.array([200, 200, 12])  # class 2 is rare and overlaps the others
+    y = np.repeat(np.arange(3), n)
+    x = centers[y] + rng.normal(size=(len(y), 8))
+    yv = np.repeat(np.arange(3), 60)
+    xv = centers[yv] + rng.normal(size=(len(yv), 8))
+
+    def recall_of_rare(fit) -> float:
+        pred = (xv @ fit.weight.double().numpy().T + fit.bias.double().numpy()).argmax(1)
+        return float((pred[yv == 2] == 2).mean())
+
+    plain = fit_probe(x, y, xv, yv, 3)
+    w = class_weights(torch.from_numpy(y), 3, "balanced")
+    balanced = fit_probe(x, y, xv, yv, 3, w)
+    assert recall_of_rare(balanced) > recall_of_rare(plain) + 0.2
+
+
+def test_fine_tuning_loss_is_weighted_by_class(digits_prepared, lite0_source):
+    seen = []
+    real = torch.nn.functional.cross_entropy
+
+    def spy(logits, target, *a, weight=None, **k):
+        if logits.requires_grad:
+            seen.append(weight)
+        return real(logits, target, *a, weight=weight, **k)
+
+    net, tr, va, cfg, pre = _setup(digits_prepared, lite0_source, unfreeze_depth=1)
+    keep = torch.cat([torch.nonzero(tr.y != 0).flatten(), torch.nonzero(tr.y == 0).flatten()[:2]])
+    tr = Inputs(tr.x[keep], tr.y[keep])  # class 0 now rare: imbalance far above 2x
+    cfg = cfg.model_copy(update={"class_weight": "auto", "epochs_per_stage": [1]})
+    with patch("torch.nn.functional.cross_entropy", spy):
+        finetune(net, tr, va, cfg, pre, CPU)
+    assert seen and all(w is not None for w in seen)
+    counts = torch.bincount(tr.y, minlength=len(seen[0])).float()
+    assert torch.allclose(seen[0] * counts, torch.full_like(counts, len(tr.y) / len(counts)))

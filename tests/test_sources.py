@@ -163,3 +163,64 @@ def test_unknown_architecture_needs_blocks(tmp_path):
                 kind="local", name="torchvision:regnet_y_400mf", path=path, out=Path(tmp_path / "s")
             )
         )
+
+
+def _ranked(name: str, losses, cpu_s: float):
+    import numpy as np
+
+    from transferops.search.sources import Ranked
+
+    losses = np.asarray(losses, dtype=float)
+    return Ranked(name, float(losses.mean()), 0.5, 1.0, 8, cpu_s, cpu_s, losses)
+
+
+def test_choose_takes_the_best_probe_loss_unless_a_cheaper_one_is_within_noise():
+    import numpy as np
+
+    from transferops.search.sources import choose
+
+    rng = np.random.default_rng(0)
+    base = rng.exponential(0.5, 300)
+    small = _ranked("small", base + 0.30, cpu_s=1.0)  # clearly worse: 0.3 per example
+    big = _ranked("big", base, cpu_s=4.0)
+    picked, why = choose([small, big])
+    assert picked is big and "lowest val log-loss" in why
+    # a cheaper candidate 0.005 worse per example, with per-example noise of 0.2 (1 SE of the
+    # paired difference ~0.012): within noise, so it wins on cost
+    noise = rng.normal(0, 0.2, 300)
+    close = _ranked("close", base + noise - noise.mean() + 0.005, cpu_s=1.0)
+    picked, why = choose([close, big])
+    assert picked is close and "within noise" in why and "big" in why
+    # the same gap without the noise is a real difference: the best one again
+    assert choose([_ranked("close", base + 0.005, cpu_s=1.0), big])[0] is big
+
+
+def test_pull_ranks_candidates_on_the_prepared_data_and_pulls_the_best(tmp_path, digits_prepared):
+    from transferops.config import validate_config
+    from transferops.search.sources import candidate_names, pull_best
+
+    cfg = validate_config(
+        {
+            "data": {"out": str(digits_prepared)},
+            "source": {
+                "out": str(tmp_path / "src"),
+                "candidates": ["efficientnet-lite0", "efficientnet-lite1"],
+            },
+        }
+    )
+    res = pull_best(cfg)
+    ranking = read_json(tmp_path / "src" / "manifest.json")["ranking"]
+    rows = ranking["candidates"]
+    assert [r["name"] for r in rows] and len(rows) == 2
+    assert rows[0]["val_loss"] <= rows[1]["val_loss"]  # best first
+    # the winner is the lowest-loss one, or a cheaper one the record says is within noise
+    assert ranking["chosen"] == rows[0]["name"] or "within noise" in ranking["why"]
+    assert res.manifest["name"] == ranking["chosen"] and not res.skipped
+    # same data and params: no re-ranking, the pulled source is up to date
+    again = pull_best(cfg)
+    assert again.skipped and again.manifest["ranking"]["key"] == ranking["key"]
+    # auto: the packaged weights of the kind; a kind without packaged choices: source.name
+    auto = validate_config({"source": {"candidates": "auto"}})
+    assert candidate_names(auto) == [f"efficientnet-lite{i}" for i in range(3)]
+    text = validate_config({"source": {"kind": "hf", "name": "x/y", "candidates": "auto"}})
+    assert candidate_names(text) == ["x/y"]

@@ -58,7 +58,8 @@ def test_ui_serves_the_projects_runs_and_study_and_stops_on_ctrl_c(tmp_path, sig
             lines.append(proc.stdout.readline())
         shown = "".join(lines)
         assert f"optuna-dashboard: http://127.0.0.1:{ports[1]}" in shown, lines
-        assert f"MLflow UI: http://127.0.0.1:{ports[0]}/#/experiments/1/runs" in shown
+        runs = "/#/experiments/1/runs?workflowType=machine_learning"  # the model-training view
+        assert f"MLflow UI: http://127.0.0.1:{ports[0]}{runs}" in shown
         studies = _get(f"http://127.0.0.1:{ports[1]}/api/studies")["study_summaries"]
         assert [s["study_name"] for s in studies] == ["s-ui"]
         detail = _get(f"http://127.0.0.1:{ports[1]}/api/studies/{studies[0]['study_id']}")

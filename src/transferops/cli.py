@@ -187,8 +187,11 @@ def init(
         "."
     ),
     data: Annotated[
-        Path, typer.Option(help="your data: an image folder (class folders, optional "
-                           "train/val/test folders) or a table (CSV, TSV, JSONL)")
+        Path,
+        typer.Option(
+            help="your data: an image folder (class folders, optional "
+            "train/val/test folders) or a table (CSV, TSV, JSONL)"
+        ),
     ] = Path("data"),
     force: Annotated[bool, typer.Option(help="overwrite params.yaml, dvc.yaml, ...")] = False,
     git: Annotated[bool, typer.Option(help="also `git init` the project")] = False,
@@ -233,17 +236,20 @@ def pull(
     set_: SetOpt = None,
     force: Annotated[bool, typer.Option(help="re-pull even when up to date")] = False,
 ) -> None:
-    """Fetch the source model into source.out with a checksummed manifest (offline first)."""
-    from transferops.sources.pull import pull_from_config
+    """Fetch the source model into source.out with a checksummed manifest (offline first);
+    with source.candidates, rank them on the prepared data first and fetch the best."""
+    from transferops.search.sources import pull_best
 
     cfg = _cfg(params, set_)
-    res = pull_from_config(cfg, force=force)
+    res = pull_best(cfg, force=force)
     state = "up to date" if res.skipped else "written"
     m = res.manifest
     console.print(
         f"{cfg.source.out}: {state}; {m['origin']} ({m['num_blocks']} blocks, "
         f"sha256 {m['sha256'][:12]})"
     )
+    if "ranking" in m:
+        console.print(f"chosen from source.candidates: {m['ranking']['why']}")
 
 
 @app.command()
@@ -621,6 +627,7 @@ def _join_threads(timeout: float) -> list[str]:
     wake idle ``concurrent.futures`` workers, such as MLflow's artifact uploaders, which end
     only through them), then every non-daemon thread joined. Returns the names of threads
     still running after `timeout` seconds."""
+
     def run_hooks() -> None:
         for hook in reversed(getattr(threading, "_threading_atexits", [])):
             with contextlib.suppress(Exception):

@@ -192,6 +192,13 @@ class SourceConfig(_Section):
         description="optional block list for unknown architectures: each block is a list of "
         "module-name prefixes, ordered input -> output",
     )
+    candidates: Literal["auto"] | list[str] | None = Field(
+        None,
+        description="source names of this kind to rank on the prepared data before training "
+        "(exact probe val log-loss; the cheapest within noise of the best wins); auto: the "
+        "packaged ones of the kind (efficientnet-lite0..2 with weights: packaged); null: "
+        "source.name alone",
+    )
 
     @model_validator(mode="after")
     def _mlflow_uri(self) -> SourceConfig:
@@ -268,6 +275,12 @@ class FinetuneConfig(_Section):
         description="probe: the head starts as the exact linear probe (logistic regression on "
         "the frozen features, regularisation picked on val) and fine-tuning is kept only where "
         "it beats it on val (LP-FT); random: a fresh head (from-scratch baselines)",
+    )
+    class_weight: Literal["auto", "balanced", "none"] = Field(
+        "auto",
+        description="balanced: each class weighs the same in the training loss (probe and "
+        "fine-tuning); auto: balanced when the largest training class has 4x the examples "
+        "of the smallest or more",
     )
     feature_cache: bool = True
     cached_views: Annotated[int, Field(ge=1)] = Field(
@@ -614,9 +627,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         if raw.strip()[:1] in "[{\"'":  # meant as a list, mapping or quoted string
-            raise ConfigError(
-                f"override {_short(text)}: value is not valid YAML ({exc})"
-            ) from None
+            raise ConfigError(f"override {_short(text)}: value is not valid YAML ({exc})") from None
         value = raw.strip()  # e.g. a cron string, "* * * * *", which YAML reads as an alias
     return parts, value
 
@@ -814,7 +825,8 @@ STEP_INPUTS: dict[str, StepInputs] = {
         tuple(f"data.{k}" for k in DataConfig.model_fields if k not in ("out", "demo")),
         ("data.path",),
     ),
-    "pull": StepInputs(("source",)),
+    # ranking source.candidates reads the prepared train/val data (and finetune.max_length)
+    "pull": StepInputs(("source", "finetune.max_length"), ("data.out",)),
     "search": StepInputs(("search", "finetune"), ("data.out", "source.out")),
     "train": StepInputs(
         (
@@ -830,7 +842,7 @@ STEP_INPUTS: dict[str, StepInputs] = {
     ),
     "evaluate": StepInputs(
         ("evaluate", "baseline.classical", "baseline.efficiency_per_class"),
-        ("data.out", "baseline.out", "finetune.out"),
+        ("data.out", "baseline.out", "finetune.out", "source.out"),
     ),
     "register": StepInputs(
         ("registry.model_name", "registry.out", "tracking", "data.path"),

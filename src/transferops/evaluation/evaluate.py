@@ -100,9 +100,7 @@ def evaluate(cfg: Config) -> dict[str, Any]:
     models, correct = _by_role(main, ec.confidence)
     classical_name = None
     if cfg.baseline.classical:
-        classical_name, models["classical"], correct["classical"] = _classical_reference(
-            cfg, test
-        )
+        classical_name, models["classical"], correct["classical"] = _classical_reference(cfg, test)
     diffs = {
         other: _transfer_minus(main, correct, other, ec.confidence)
         for other in ("scratch", "probe")
@@ -123,6 +121,7 @@ def evaluate(cfg: Config) -> dict[str, Any]:
         "tuning": _tuning(cfg, main),
         "data_hash": manifest["data_hash"],
         "data": _data_facts(cfg, manifest),
+        **_source_ranking(cfg),
     }
     finetuned = _score_finetuned(
         cfg, test, device, manifest["data_hash"], correct, _reference_recall(main)
@@ -265,6 +264,16 @@ def dropped_classes(
         return []
     _, recall = reference
     return [c for c, m in per_class.items() if m["recall"] == 0 and recall.get(c, 0) > 0]
+
+
+def _source_ranking(cfg: Config) -> dict[str, Any]:
+    """``source_ranking``: how the pulled source was chosen from ``source.candidates`` (the
+    exact probe of each on val, :mod:`transferops.search.sources`), when it was."""
+    path = Path(cfg.source.out) / "manifest.json"
+    ranking = read_json(path).get("ranking") if path.exists() else None
+    if not ranking:
+        return {}
+    return {"source_ranking": {k: v for k, v in ranking.items() if k != "key"}}
 
 
 def _score_finetuned(

@@ -169,6 +169,30 @@ def efficiency_lines(efficiency: list[dict[str, Any]]) -> list[str]:
     return [*lines, "", "![data efficiency](plots/data_efficiency.png)"]
 
 
+def source_lines(ranking: dict[str, Any] | None) -> list[str]:
+    """The source candidates as ranked before training, the chosen one first in bold."""
+    if not ranking:
+        return []
+    lines = [
+        "",
+        "## Source (chosen before training)",
+        "",
+        f"Chosen: **{ranking['chosen']}**: {ranking['why']}. Criterion: {ranking['criterion']} "
+        "(val split; the exact probe on each candidate's frozen features). Only the chosen "
+        "source is fine-tuned: how the ranking matches each candidate's test probe is "
+        "measured in bench/sources.py, not here.",
+        "",
+        "| source | probe val log-loss | probe val accuracy | feature CPU s |",
+        "| --- | --- | --- | --- |",
+    ]
+    for r in ranking["candidates"]:
+        name = f"**{r['name']}**" if r["name"] == ranking["chosen"] else r["name"]
+        lines.append(
+            f"| {name} | {r['val_loss']:.4f} | {r['val_accuracy']:.3f} | {r['cpu_s']:.1f} |"
+        )
+    return lines
+
+
 def tuning_lines(tuning: dict[str, Any]) -> list[str]:
     """How much tuning each arm got: a comparison of a tuned arm with an untuned one
     flatters the tuned one."""
@@ -273,6 +297,7 @@ def report_markdown(metrics: dict, per_class: dict, classical: str | None) -> st
             f"{f['macro_f1']:.3f} | {f['ece']:.3f} |",
         )
     lines += difference_lines(metrics, conf)
+    lines += source_lines(metrics.get("source_ranking"))
     lines += tuning_lines(metrics.get("tuning", {}))
     lines += efficiency_lines(metrics["efficiency"])
     lines += [

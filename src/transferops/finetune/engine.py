@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from transferops.config import FinetuneConfig
+from transferops.finetune.balance import class_weights, imbalance
 from transferops.finetune.cache import Autocast, StageFeatures, stage_features
 from transferops.finetune.checkpoint import (
     RunState,
@@ -93,6 +94,7 @@ class Loop:
     cfg: FinetuneConfig
     amp: Autocast
     run: RunState
+    class_weight: torch.Tensor | None = None  # per-class loss weights (finetune.class_weight)
 
 
 def autocast_for(device: torch.device) -> Autocast:
@@ -128,8 +130,16 @@ def finetune(
     opt = make_optimizer(net, cfg)
     ck = load_checkpoint(checkpoint, fingerprint) if checkpoint else None
     store = feature_store if feature_store is not None else {}
-    run, probe = start(net, train, val, pre, cfg, store, amp, ck)
-    loop = Loop(net, opt, train, val, pre, cfg, amp, run)
+    weight = class_weights(train.y, net.head[-1].out_features, cfg.class_weight)
+    if weight is not None:
+        log.info(
+            "class-balanced loss: largest class %.1fx the smallest (finetune.class_weight %s)",
+            imbalance(train.y, len(weight)),
+            cfg.class_weight,
+        )
+        weight = weight.to(device)
+    run, probe = start(net, train, val, pre, cfg, store, amp, ck, weight)
+    loop = Loop(net, opt, train, val, pre, cfg, amp, run, weight)
 
     saved_at = time.perf_counter()
 
@@ -187,6 +197,7 @@ def start(
     store: dict,
     amp: Autocast,
     ck: dict | None,
+    weight: torch.Tensor | None = None,
 ) -> tuple[RunState, ProbeFit | None]:
     """Where training starts: the checkpoint's state, or the exact probe's head, whose val
     score is then the floor an epoch must beat (head_init probe)."""
@@ -195,9 +206,8 @@ def start(
         return restore(net, ck), None  # the checkpoint already holds the probed head
     probe = None
     if cfg.head_init == "probe":
-        probe = probe_head(
-            net, train, val, pre, train.inference_batch(cfg.batch_size * 2), store, amp
-        )
+        bs = train.inference_batch(cfg.batch_size * 2)
+        probe = probe_head(net, train, val, pre, bs, store, amp, weight)
     run = RunState.fresh(net)
     if probe is not None:
         run.best = (probe.val_accuracy, -probe.val_loss)
@@ -315,7 +325,8 @@ def train_epoch(
                 x = pre(x, True, gen)
                 with torch.no_grad():  # the frozen prefix needs no graph
                     h = net.encode(x, stage.frozen, ctx)
-            loss = F.cross_entropy(net.decode(h, stage.frozen, ctx).float(), train.y[idx])
+            logits = net.decode(h, stage.frozen, ctx).float()
+            loss = F.cross_entropy(logits, train.y[idx], weight=loop.class_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -51,17 +51,26 @@ def _log_loss(logits: np.ndarray, y: np.ndarray) -> float:
 
 
 def fit_probe(
-    xtr: np.ndarray, ytr: np.ndarray, xva: np.ndarray, yva: np.ndarray, num_classes: int
+    xtr: np.ndarray,
+    ytr: np.ndarray,
+    xva: np.ndarray,
+    yva: np.ndarray,
+    num_classes: int,
+    class_weight: torch.Tensor | None = None,
 ) -> ProbeFit:
     """Multinomial logistic regression (L-BFGS) for each C in :data:`C_GRID`; the one with
-    the lowest val log-loss (then the highest val accuracy)."""
+    the lowest val log-loss (then the highest val accuracy). `class_weight` (per class,
+    :func:`transferops.finetune.balance.class_weights`) weighs the training loss."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
     best: tuple[tuple[float, float], ProbeFit] | None = None
     # One regularisation path, strong to weak, each fit starting from the previous optimum:
     # half the iterations of fitting each C from zero, same optima.
-    clf = LogisticRegression(max_iter=1000, warm_start=True)
+    weights = (
+        None if class_weight is None else {int(c): float(class_weight[c]) for c in np.unique(ytr)}
+    )
+    clf = LogisticRegression(max_iter=1000, warm_start=True, class_weight=weights)
     for c in C_GRID:
         clf.set_params(C=c)
         with warnings.catch_warnings(), serial_blas():
@@ -92,28 +101,31 @@ def probe_head(
     batch_size: int,
     store: dict | None,
     amp: Autocast,
+    class_weight: torch.Tensor | None = None,
 ) -> ProbeFit:
     """Fit the exact probe on the pooled features of the pretrained backbone and load it into
     ``net.head``. Features and fit are kept in `store`: they depend on the frozen backbone and
     the data only, so every trial of a search shares them (and stage 0 reuses the features)."""
     store = store if store is not None else {}
     nb = net.num_blocks
-    if ("probe", nb) not in store:
+    key = ("probe", nb, None if class_weight is None else tuple(class_weight.tolist()))
+    if key not in store:
         keys = {"train": ("train", nb, "none", None, 0), "val": ("val", nb)}
         for split, data in (("train", train), ("val", val)):
             if keys[split] not in store:  # the same entries the stage-0 feature cache uses
                 store[keys[split]] = encode_prefix(net, data, nb, pre, batch_size, False, None, amp)
         feats = {s: store[k].double().cpu().numpy() for s, k in keys.items()}
-        store[("probe", nb)] = fit_probe(
+        store[key] = fit_probe(
             feats["train"],
             train.y.cpu().numpy(),
             feats["val"],
             val.y.cpu().numpy(),
             net.head[-1].out_features,
+            class_weight,
         )
-        fit = store[("probe", nb)]
+        fit = store[key]
         log.info("exact probe: C=%g, val accuracy %.4f", fit.C, fit.val_accuracy)
-    fit = store[("probe", nb)]
+    fit = store[key]
     linear = net.head[-1]
     with torch.no_grad():
         linear.weight.copy_(fit.weight.to(linear.weight.device))

@@ -43,9 +43,9 @@ from transferops.runtime.artifacts import read_json, sha256_file, sha256_json, w
 from transferops.runtime.lock import project_lock
 from transferops.runtime.memory import tensor_sized_malloc
 from transferops.runtime.services import check_services
-from transferops.runtime.tracking import close_runs, pipeline_run
+from transferops.runtime.tracking import close_runs, log_dataset, log_run_params, pipeline_run
+from transferops.search.sources import pull_best
 from transferops.search.study import run_search
-from transferops.sources.pull import pull_from_config
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +89,14 @@ def step_prepare(cfg: Config) -> dict[str, Any]:
 
 
 def step_pull(cfg: Config) -> dict[str, Any]:
-    """Fetch the source model (no-op when up to date)."""
+    """Fetch the source model (no-op when up to date); rank source.candidates first."""
 
-    res = pull_from_config(cfg)
+    res = pull_best(cfg)
     return {
         "origin": res.manifest["origin"],
         "sha256": res.manifest["sha256"],
         "skipped": res.skipped,
+        **({"chosen": res.manifest["ranking"]["why"]} if "ranking" in res.manifest else {}),
     }
 
 
@@ -303,12 +304,28 @@ def run_pipeline(cfg: Config, run_step: StepRunner = run_locally) -> dict[str, A
         return summary
 
 
+TAG_CHARS = 500  # a tag longer than this is cut in MLflow's runs table: the full text is a file
+
+
 def _record_outcome(client: Any, run_id: str, cfg: Config, summary: dict[str, Any]) -> None:
-    """The invocation's parent run carries the outcome: verdict, registry, the report, and
-    the retrain decision with its drift test."""
+    """The invocation's parent run carries what it ran with and what came out: every param,
+    the prepared data as its dataset, the verdict and the registry outcome (tags, and a
+    description linking the registered version), the full promotion decision
+    (``promotion.md``), the report, and the retrain decision with its drift test."""
+    log_run_params(client, run_id, cfg.model_dump(mode="json"))
+    if summary.get("data_hash"):
+        name = Path(cfg.data.path).name
+        log_dataset(client, run_id, cfg.data.out, name, summary["data_hash"], "pipeline")
     for k in ("verdict", "registered", "data_hash", "source", "promotion", "champion", "retrain"):
         if k in summary:
-            client.set_tag(run_id, k, str(summary[k]))
+            text = str(summary[k])
+            cut = len(text) > TAG_CHARS
+            client.set_tag(
+                run_id, k, text[: TAG_CHARS - 30] + " ... (in full: summary.json)" if cut else text
+            )
+    if "promotion" in summary:
+        client.log_text(run_id, f"# Promotion decision\n\n{summary['promotion']}\n", "promotion.md")
+    client.set_tag(run_id, "mlflow.note.content", run_description(summary))
     for name, value in summary.get("test_accuracy", {}).items():
         if value is not None:
             client.log_metric(run_id, f"test_accuracy_{name}", value)
@@ -320,6 +337,23 @@ def _record_outcome(client: Any, run_id: str, cfg: Config, summary: dict[str, An
     html = Path(cfg.evaluate.out) / "evaluation.html"
     if html.exists():
         client.log_artifact(run_id, str(html))
+
+
+def run_description(summary: dict[str, Any]) -> str:
+    """The pipeline run's description (markdown in the MLflow UI): the registered version as
+    a link into the registry, its promotion decision in full, the verdict."""
+    lines = []
+    reg = summary.get("registered")
+    if reg:
+        name, _, version = reg.rpartition(" v")
+        lines.append(f"Registered: [{name} version {version}](#/models/{name}/versions/{version})")
+    if summary.get("promotion"):
+        lines += ["", f"Promotion: {summary['promotion']}"]
+    if summary.get("verdict"):
+        lines += ["", f"Verdict: {summary['verdict']}"]
+    if summary.get("retrain"):
+        lines += ["", f"Retrain: {summary['retrain']}"]
+    return "\n".join(lines) or "A pipeline run that stopped before registering a model."
 
 
 def _run_steps(cfg: Config, run_step: StepRunner) -> dict[str, Any]:

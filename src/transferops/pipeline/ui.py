@@ -73,14 +73,15 @@ def services(cfg: Config, project: Path, mlflow_port: int, optuna_port: int) -> 
 
 
 def runs_page(store: str, experiment: str) -> str:
-    """The URL fragment of the experiment's runs table (MLflow 3's UI opens on its GenAI
-    overview otherwise), or "" before the first run made the experiment."""
+    """The URL fragment of the experiment's runs table in the model-training view (MLflow 3's
+    UI otherwise opens on its GenAI overview: traces, judges, prompts; its router reads
+    ``workflowType`` from the hash's query), or "" before the first run made the experiment."""
     from mlflow import MlflowClient  # heavy: only for the command that needs it
 
     with contextlib.suppress(Exception):
         exp = MlflowClient(store).get_experiment_by_name(experiment)
         if exp is not None:
-            return f"/#/experiments/{exp.experiment_id}/runs"
+            return f"/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
     return ""
 
 

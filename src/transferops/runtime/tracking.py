@@ -88,8 +88,10 @@ def check_sqlite(key: str, uri: str) -> None:
         return
     # quick_check reads every page: past QUICK_CHECK_MAX only the schema is read (a damaged
     # header or schema still shows; a damaged page then surfaces as known_fault's one line)
-    check = "PRAGMA quick_check(1)" if db.stat().st_size <= QUICK_CHECK_MAX else (
-        "SELECT 'ok' FROM sqlite_master LIMIT 1"
+    check = (
+        "PRAGMA quick_check(1)"
+        if db.stat().st_size <= QUICK_CHECK_MAX
+        else ("SELECT 'ok' FROM sqlite_master LIMIT 1")
     )
     try:
         with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
@@ -280,16 +282,53 @@ def run_link(cfg: TrackingConfig, run_id: str) -> str:
     return f"{run_id} (`transferops ui`, then http://127.0.0.1:5000{page})"
 
 
-def log_data(mlflow: Any, folder: Path | str, name: str, data_hash: str, context: str) -> None:
-    """The prepared data as the active run's dataset input (the MLflow UI's Datasets
-    column): its name, the data hash as its digest, the prepared folder as its source."""
+def _meta_dataset(folder: Path | str, name: str, data_hash: str) -> Any:
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
     with warnings.catch_warnings():  # "can be interpreted in multiple ways": a local folder
         warnings.simplefilter("ignore", UserWarning)
         source = resolve_dataset_source(str(Path(folder).resolve()))
-    mlflow.log_input(MetaDataset(source, name=name, digest=data_hash[:12]), context=context)
+    return MetaDataset(source, name=name, digest=data_hash[:12])
+
+
+def log_data(mlflow: Any, folder: Path | str, name: str, data_hash: str, context: str) -> None:
+    """The prepared data as the active run's dataset input (the MLflow UI's Datasets
+    column): its name, the data hash as its digest, the prepared folder as its source."""
+    mlflow.log_input(_meta_dataset(folder, name, data_hash), context=context)
+
+
+def log_dataset(
+    client: Any, run_id: str, folder: Path | str, name: str, data_hash: str, context: str
+) -> None:
+    """:func:`log_data` for a run that is not the active one (the pipeline's parent run)."""
+    from mlflow.entities import DatasetInput, InputTag
+
+    ds = _meta_dataset(folder, name, data_hash)._to_mlflow_entity()
+    client.log_inputs(run_id, [DatasetInput(ds, [InputTag("mlflow.data.context", context)])])
+
+
+PARAM_CHARS = 500  # MLflow's limit for a param value on older servers
+
+
+def flat_params(node: Any, prefix: str = "") -> dict[str, str]:
+    """A nested params dict as dotted keys -> strings (cut at :data:`PARAM_CHARS`)."""
+    if isinstance(node, dict):
+        out: dict[str, str] = {}
+        for k, v in node.items():
+            out |= flat_params(v, f"{prefix}{k}.")
+        return out
+    text = str(node)
+    return {prefix[:-1]: text if len(text) <= PARAM_CHARS else text[: PARAM_CHARS - 3] + "..."}
+
+
+def log_run_params(client: Any, run_id: str, params: dict[str, Any]) -> None:
+    """Every params.yaml value a run used, as MLflow params (``data.image.size`` ...)."""
+    from mlflow.entities import Param
+
+    items = [Param(k, v) for k, v in sorted(flat_params(params).items())]
+    for i in range(0, len(items), 100):  # MLflow's batch limit
+        client.log_batch(run_id, params=items[i : i + 100])
 
 
 def log_outcome(mlflow: Any, val_accuracy: float, avg: dict[str, Any] | None) -> None:

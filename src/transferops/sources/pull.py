@@ -71,19 +71,29 @@ class SourceModel:
         return str(self.manifest["family"])
 
 
-def pull_from_config(cfg: Config, force: bool = False) -> PullResult:
-    """`pull` as every door calls it: a registry source defaults to ``tracking.uri``."""
-    return pull(cfg.source, force=force, registry_uri=cfg.source.registry_uri or cfg.tracking.uri)
+def pull_from_config(
+    cfg: Config, force: bool = False, ranking: dict[str, Any] | None = None
+) -> PullResult:
+    """`pull` with a registry source defaulting to ``tracking.uri``."""
+    registry_uri = cfg.source.registry_uri or cfg.tracking.uri
+    return pull(cfg.source, force=force, registry_uri=registry_uri, ranking=ranking)
 
 
-def pull(cfg: SourceConfig, force: bool = False, registry_uri: str | None = None) -> PullResult:
+def pull(
+    cfg: SourceConfig,
+    force: bool = False,
+    registry_uri: str | None = None,
+    ranking: dict[str, Any] | None = None,
+) -> PullResult:
     """Resolve the configured source model and write it to ``cfg.out`` (no-op if up to date).
 
     `registry_uri` is where kind ``mlflow`` looks up ``source.name`` (default: its own
-    ``registry_uri``, else ``sqlite:///mlflow.db``).
+    ``registry_uri``, else ``sqlite:///mlflow.db``). `ranking` (how ``source.name`` was
+    chosen from ``source.candidates``) is kept in the manifest, so the model folders,
+    the report and the model card carry it.
     """
     out = Path(cfg.out)
-    spec_hash = sha256_json(cfg.model_dump(mode="json", exclude={"out"}))
+    spec_hash = sha256_json({**cfg.model_dump(mode="json", exclude={"out"}), "ranking": ranking})
     # An alias can move: resolve it before deciding "up to date".
     registered = mlflow.resolve(cfg, registry_uri) if cfg.kind == "mlflow" else None
     if not force and (out / MANIFEST).exists():
@@ -109,6 +119,8 @@ def pull(cfg: SourceConfig, force: bool = False, registry_uri: str | None = None
             pulled = mlflow.load(cfg, Path(work), registered)
         else:
             pulled = LOADERS[cfg.kind](cfg, Path(work))
+        if ranking is not None:
+            pulled.extra["ranking"] = ranking
         manifest = write_source(out, pulled, spec_hash)
     log.info("pulled %s into %s (%d blocks)", manifest["origin"], out, manifest["num_blocks"])
     return PullResult(out, manifest, False)
