@@ -375,3 +375,16 @@ def test_efficiency_chart_shows_intervals_and_the_cheap_baselines():
     efficiency_axes(ax, eff, one)
     assert not ax.containers and "probe (all data)" in ax.get_legend_handles_labels()[1]
     plt.close(fig)
+
+
+def test_balanced_accuracy_is_the_mean_recall_and_a_gate_metric():
+    from transferops.evaluation.evaluate import classification_metrics
+
+    y = np.array([0] * 8 + [1] * 2)  # class 2 absent from this split
+    pred = np.array([0] * 8 + [0, 1])  # class 0 all right, class 1 half right
+    probs = np.eye(3)[pred] * 0.9 + 0.05
+    m = classification_metrics(probs, y, ["a", "b", "c"], bins=5)
+    assert m["accuracy"] == 0.9
+    assert m["balanced_accuracy"] == 0.75  # (1.0 + 0.5) / 2: absent classes do not count
+    cfg = validate_config({"registry": {"metric": "balanced_accuracy"}})
+    assert cfg.registry.metric == "balanced_accuracy"

@@ -514,7 +514,7 @@ class RegistryConfig(_Section):
         description="null = transferops-<name of data.path> (transferops-digits for the demo): "
         "each data set gets a registered model of its own",
     )
-    metric: Literal["accuracy", "macro_f1"] = "accuracy"
+    metric: Literal["accuracy", "balanced_accuracy", "macro_f1"] = "accuracy"
     min_improvement: Annotated[float, Field(ge=0, le=1)] = 0.0
     # significant: evaluate's verdict must say transfer beats scratch (interval above 0);
     # mean: the model's test metric above the scratch mean (e.g. with a single seed)

@@ -38,7 +38,14 @@ from transferops.config import Config
 from transferops.data.prepared import PreparedData, load_prepared, read_manifest
 from transferops.errors import DataError
 from transferops.evaluation.report import report_html, report_markdown, write_plots
-from transferops.evaluation.stats import bootstrap_ci, ece, mean_ci, paired_bootstrap, verdict
+from transferops.evaluation.stats import (
+    SCORES,
+    bootstrap_ci,
+    ece,
+    mean_ci,
+    paired_bootstrap,
+    verdict,
+)
 from transferops.finetune.classical import fit_classical
 from transferops.model.calibration import nll, scaled
 from transferops.model.folder import SPEC_FILE, WEIGHTS_FILE, load_finetuned
@@ -56,12 +63,15 @@ log = logging.getLogger(__name__)
 def classification_metrics(
     probs: np.ndarray, y: np.ndarray, class_names: list[str], bins: int
 ) -> dict[str, Any]:
-    """Accuracy, macro-F1, ECE, per-class precision/recall, confusion matrix."""
+    """Accuracy, balanced accuracy (the mean recall over the classes in `y`), macro-F1, ECE,
+    per-class precision/recall, confusion matrix."""
     pred = probs.argmax(1)
     labels = list(range(len(class_names)))
     p, r, _, _ = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    present = np.isin(labels, y)
     return {
         "accuracy": float((pred == y).mean()),
+        "balanced_accuracy": float(r[present].mean()) if present.any() else 0.0,
         "macro_f1": float(f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
         "ece": ece(probs, y, bins),
         "per_class": {
@@ -175,8 +185,7 @@ def _by_role(
         runs = sorted((r for r in main if r["role"] == role), key=lambda r: r["seed"])
         if runs:
             models[role] = {
-                m: mean_ci([r["metrics"][m] for r in runs], confidence, (0, 1))
-                for m in ("accuracy", "macro_f1", "ece")
+                m: mean_ci([r["metrics"][m] for r in runs], confidence, (0, 1)) for m in SCORES
             }
             correct[role] = np.mean([r["correct"] for r in runs], axis=0)
     return models, correct
@@ -190,7 +199,7 @@ def _classical_reference(
     fit = fit_classical(load_prepared(cfg.data.out, "train"))
     probs, y = fit.probs(test), test.labels.numpy()
     m = classification_metrics(probs, y, test.class_names, cfg.evaluate.ece_bins)
-    return fit.name, {k: m[k] for k in ("accuracy", "macro_f1", "ece")}, probs.argmax(1) == y
+    return fit.name, {k: m[k] for k in SCORES}, probs.argmax(1) == y
 
 
 def _write_report(
@@ -309,7 +318,7 @@ def _score_finetuned(
             ", ".join(dropped),
             reference[0] if reference else "?",
         )
-    return {k: m[k] for k in ("accuracy", "macro_f1", "ece")} | {
+    return {k: m[k] for k in SCORES} | {
         "calibration": _calibration(probs, y, float(spec.get("temperature", 1.0)), cfg),
         "dropped_classes": dropped,
         "min_class_recall": min(v["recall"] for v in m["per_class"].values()),
@@ -347,7 +356,7 @@ def score_model_dir(model_dir: Path, cfg: Config) -> dict[str, float]:
         test.class_names,
         cfg.evaluate.ece_bins,
     )
-    return {k: m[k] for k in ("accuracy", "macro_f1", "ece")}
+    return {k: m[k] for k in SCORES}
 
 
 def _data_facts(cfg: Config, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -405,8 +414,7 @@ def _log_to_mlflow(cfg: Config, per_run: dict, metrics: dict, out: Path) -> None
         client.log_batch(
             r["mlflow_run_id"],
             metrics=[
-                Metric(f"test_{k}", r["metrics"][k], int(time.time() * 1000), 0)
-                for k in ("accuracy", "macro_f1", "ece")
+                Metric(f"test_{k}", r["metrics"][k], int(time.time() * 1000), 0) for k in SCORES
             ],
         )
     with start_run(

@@ -270,30 +270,32 @@ def report_markdown(metrics: dict, per_class: dict, classical: str | None) -> st
         "",
         f"Test split: {metrics['test_size']} examples, read only here. {data_line(metrics)}",
         "",
-        f"| model | accuracy ({conf}% CI) | macro-F1 | ECE |",
-        "| --- | --- | --- | --- |",
+        f"| model | accuracy ({conf}% CI) | balanced accuracy | macro-F1 | ECE |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for role, m in metrics["models"].items():
         if role == "classical":
             lines.append(
                 f"| classical ({classical}) | {m['accuracy']:.3f} | "
+                f"{m['balanced_accuracy']:.3f} | "
                 f"{m['macro_f1']:.3f} | {m['ece']:.3f} |"
             )
         else:
             lines.append(
-                f"| {role} | {_fmt(m['accuracy'])} | {_fmt(m['macro_f1'])} | {_fmt(m['ece'])} |"
+                f"| {role} | {_fmt(m['accuracy'])} | {_fmt(m['balanced_accuracy'])} | "
+                f"{_fmt(m['macro_f1'])} | {_fmt(m['ece'])} |"
             )
     if "finetuned" in metrics:
         f = metrics["finetuned"]
         lines.insert(
-            lines.index("| --- | --- | --- | --- |") + 1,
+            lines.index("| --- | --- | --- | --- | --- |") + 1,
             f"| **model to register** (`{f['dir']}`"
             + (
                 ", the classical model: fine-tuning did not beat it on val"
                 if f.get("candidate") == "classical"
                 else ""
             )
-            + f") | {f['accuracy']:.3f} | "
+            + f") | {f['accuracy']:.3f} | {f['balanced_accuracy']:.3f} | "
             f"{f['macro_f1']:.3f} | {f['ece']:.3f} |",
         )
     lines += difference_lines(metrics, conf)

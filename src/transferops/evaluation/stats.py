@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 
 BOOTSTRAP_SAMPLES = 4000
+# what every scored model reports (registry.metric is one of the first three)
+SCORES = ("accuracy", "balanced_accuracy", "macro_f1", "ece")
 
 
 def mean_ci(

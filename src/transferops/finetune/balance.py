@@ -3,13 +3,14 @@
 With ``finetune.class_weight: balanced`` every class contributes the same total weight to the
 training loss (sklearn's "balanced": w_c = n / (K * n_c)); the exact probe and the fine-tuned
 layers use the same weights (the classical baseline on pixels / TF-IDF keeps sklearn's
-defaults, unweighted). ``auto`` turns them on only when the largest training class has at
-least :data:`IMBALANCE_RATIO` times the examples of the smallest. Measured with the exact probe (bench/balance.py, bench/RESULTS.md "Class-balanced
-loss"): on long tails cut from a balanced set, 2x changed nothing, 4x / 8x / 16x gained
-+0.9 / +1.5 / +2.8 test points and +1.6 / +8.0 / +12.5 points of the worst class's recall; on
-clip-art's own 7x imbalance (an imbalanced test split too) the worst recall rose 5.9 points
-and balanced accuracy 1.7, while plain accuracy fell 2.6: weighting trades the large classes'
-accuracy for the small ones'. ``none`` keeps plain accuracy when that is what counts.
+defaults, unweighted). ``auto`` turns them on only when the largest training class has at least
+:data:`IMBALANCE_RATIO` times the examples of the smallest. Measured with the exact probe
+(bench/balance.py, bench/RESULTS.md "Class-balanced loss"): on long tails cut from a balanced
+set, 2x changed nothing, 4x / 8x / 16x gained +0.9 / +1.5 / +2.8 test points and +1.6 / +8.0 /
++12.5 points of the worst class's recall; on clip-art's own 7x imbalance (an imbalanced test
+split too) the worst recall rose 5.9 points and balanced accuracy 1.7, while plain accuracy
+fell 2.6: weighting trades the large classes' accuracy for the small ones'. ``none`` keeps
+plain accuracy when that is what counts.
 """
 
 from __future__ import annotations

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from transferops.config import Config, FinetuneConfig
+from transferops.evaluation.stats import SCORES
 
-METRICS = ("accuracy", "macro_f1", "ece")
+METRICS = SCORES  # each as test_<metric> (and <baseline>_<metric>) on the model version
 NOT_GIT = "not a git repository"
 
 
@@ -92,5 +93,3 @@ def _tag(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.6g}"
     return str(v)
-
-
