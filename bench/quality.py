@@ -31,7 +31,7 @@ import yaml
 os.environ.setdefault("TRANSFEROPS_PROGRESS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from transferops.config import load_config, with_overrides
+from transferops.config import load_config
 from transferops.pipeline.run import StepFn, StepKey, run_pipeline
 from transferops.runtime.artifacts import read_json
 
@@ -179,7 +179,7 @@ def run_case(name: str, overrides: dict[str, Any], out: Path) -> dict[str, Any]:
     cwd = Path.cwd()
     os.chdir(folder)  # every output path in params.yaml is relative to the project folder
     try:
-        cfg = with_overrides(load_config(Path("params.yaml")), overrides)
+        cfg = load_config(Path("params.yaml"), overrides)  # a preset in --set applies
         times: dict[str, tuple[float, float]] = {}
         summary = run_pipeline(cfg, _timed_runner(times))
         metrics = read_json(Path(cfg.evaluate.out) / "metrics.json")

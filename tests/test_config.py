@@ -151,3 +151,32 @@ def test_each_data_set_registers_under_its_own_name_by_default():
     assert name(path="tables/fortunes.csv", demo=None, format="table") == "transferops-fortunes"
     named = validate_config({"registry": {"model_name": "mine"}})
     assert registered_model_name(named) == "mine"
+
+
+def test_preset_sets_its_keys_over_params_and_set_beats_it(tmp_path):
+    from transferops.config import PRESETS, load_config
+
+    p = tmp_path / "params.yaml"
+    p.write_text("preset: fast\nsearch:\n  n_trials: 30\nbaseline:\n  seeds: [0, 1, 2, 3]\n")
+    cfg = load_config(p)
+    assert cfg.preset == "fast"
+    assert cfg.search.n_trials == PRESETS["fast"]["search.n_trials"]  # over params.yaml's 30
+    assert cfg.baseline.seeds == [0] and cfg.source.candidates is None
+    # --set beats the preset; --set preset=... picks another preset
+    assert load_config(p, ["search.n_trials=5"]).search.n_trials == 5
+    best = load_config(p, ["preset=best"])
+    assert best.search.n_trials == 16 and best.baseline.seeds == [0, 1, 2]
+    # no preset: params.yaml as written
+    p.write_text("search:\n  n_trials: 30\n")
+    assert load_config(p).search.n_trials == 30
+    with pytest.raises(ConfigError, match="preset: 'huge' is not one of fast, balanced, best"):
+        load_config(p, ["preset=huge"])
+
+
+def test_shipped_params_are_the_balanced_preset():
+    from transferops.config import PRESETS, load_config, param_value
+
+    cfg = load_config(REPO / "params.yaml")
+    assert cfg.preset is None
+    for key, value in PRESETS["balanced"].items():
+        assert param_value(cfg, key) == value, key  # "balanced" = what ships

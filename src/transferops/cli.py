@@ -457,11 +457,19 @@ def run(
     as_json: Annotated[
         bool, typer.Option("--json", help="print the summary as JSON (for scripts)")
     ] = False,
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            help="fast | balanced | best: a budget (search trials, seeds, curve, source "
+            "ranking) over params.yaml's values; `preset:` in params.yaml makes it stick"
+        ),
+    ] = None,
 ) -> None:
     """The whole pipeline: prepare -> pull -> drift -> search -> train -> baseline ->
     evaluate -> register -> promote -> export. Unchanged steps are skipped."""
     from transferops.pipeline.run import run_pipeline
 
+    set_ = [*(set_ or []), *([f"preset={preset}"] if preset else [])]
     cfg = _cfg(params, set_)  # validate before Prefect starts
     log.info(
         "transferops run: %s is valid; %s",

@@ -596,9 +596,40 @@ class TrackingConfig(_Section):
 # ------------------------------------------------------------------------- root
 
 
+# Budgets for people who do not want to read every key: `preset: <name>` (or `--preset`)
+# sets these keys over params.yaml's values (`--set` still wins). What each costs on the
+# demo is in the README ("Presets") and bench/RESULTS.md.
+PRESETS: dict[str, dict[str, Any]] = {
+    "fast": {  # one seed, a short search, no source ranking, no data-efficiency curve
+        "search.n_trials": 4,
+        "baseline.seeds": [0],
+        "baseline.scratch_trials": 0,
+        "baseline.efficiency_per_class": [None],
+        "source.candidates": None,
+    },
+    "balanced": {  # the shipped params.yaml
+        "search.n_trials": 8,
+        "baseline.seeds": [0, 1],
+        "baseline.scratch_trials": 3,
+        "baseline.efficiency_per_class": [5, None],
+        "source.candidates": "auto",
+    },
+    "best": {  # a longer search, three seeds (a seed spread worth reading), a longer curve
+        "search.n_trials": 16,
+        "baseline.seeds": [0, 1, 2],
+        "baseline.scratch_trials": 4,
+        "baseline.efficiency_per_class": [5, 10, None],
+        "source.candidates": "auto",
+    },
+}
+
+
 class Config(_Section):
     """The whole of params.yaml."""
 
+    preset: Literal["fast", "balanced", "best"] | None = Field(
+        None, description="a budget that sets the keys of PRESETS over the values below"
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     source: SourceConfig = Field(default_factory=SourceConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
@@ -739,10 +770,21 @@ def load_config(
     path: Path | str = DEFAULT_PARAMS,
     overrides: dict[str, Any] | list[str] | None = None,
 ) -> Config:
-    """Load params.yaml, apply overrides, validate once. The one entry point for config."""
-    raw = apply_overrides(read_params(path), overrides)
+    """Load params.yaml, apply its preset then the overrides, validate once. The one entry
+    point for config."""
+    raw = with_preset(read_params(path), overrides)
     origin = str(path) + (" + overrides" if overrides else "")
     return validate_config(raw, origin)
+
+
+def with_preset(raw: dict[str, Any], overrides: dict[str, Any] | list[str] | None) -> dict:
+    """`raw` with the preset's keys (the overrides' ``preset`` first, else params.yaml's) and
+    then the overrides applied: a preset replaces params.yaml values, ``--set`` beats both."""
+    preset = apply_overrides(raw, overrides).get("preset")
+    if preset is not None and preset not in PRESETS:
+        raise ConfigError(f"preset: {preset!r} is not one of {', '.join(PRESETS)} (or null)")
+    base = apply_overrides(raw, PRESETS[preset]) if preset else raw
+    return apply_overrides(base, overrides)
 
 
 def registered_model_name(cfg: Config) -> str:
@@ -826,8 +868,9 @@ STEP_INPUTS: dict[str, StepInputs] = {
         ("data.path",),
     ),
     # ranking source.candidates reads the prepared train/val data (and finetune.max_length)
-    "pull": StepInputs(("source", "finetune.max_length"), ("data.out",)),
-    "search": StepInputs(("search", "finetune"), ("data.out", "source.out")),
+    # `preset` sets keys of pull, search, baseline and evaluate: dvc must see it change
+    "pull": StepInputs(("source", "finetune.max_length", "preset"), ("data.out",)),
+    "search": StepInputs(("search", "finetune", "preset"), ("data.out", "source.out")),
     "train": StepInputs(
         (
             *(f"finetune.{k}" for k in [*FinetuneConfig.trajectory_fields(), "device"]),
@@ -838,10 +881,11 @@ STEP_INPUTS: dict[str, StepInputs] = {
     # the few-shot subsets are re-prepared from the raw data with data.*
     # the transfer run of finetune.seed is the model `train` wrote (copied, not retrained)
     "baseline": StepInputs(
-        ("baseline", "finetune", "data"), ("data.out", "data.path", "source.out", "finetune.out")
+        ("baseline", "finetune", "data", "preset"),
+        ("data.out", "data.path", "source.out", "finetune.out"),
     ),
     "evaluate": StepInputs(
-        ("evaluate", "baseline.classical", "baseline.efficiency_per_class"),
+        ("evaluate", "baseline.classical", "baseline.efficiency_per_class", "preset"),
         ("data.out", "baseline.out", "finetune.out", "source.out"),
     ),
     "register": StepInputs(

@@ -25,7 +25,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from transferops.config import load_config, with_overrides
+from transferops.config import load_config
 from transferops.errors import TransferopsError
 from transferops.pipeline.deployment import close_crashed_runs
 from transferops.pipeline.run import StepFn, StepKey, run_pipeline
@@ -93,7 +93,7 @@ def transfer_pipeline(
     if project_dir is not None:
         os.chdir(project_dir)  # a worker runs each flow run in a process of its own
     logging.getLogger("transferops").setLevel(logging.INFO)  # Prefect's handlers show them
-    cfg = with_overrides(load_config(Path(params_file)), overrides or {})
+    cfg = load_config(Path(params_file), overrides or {})  # preset, then the overrides
     with project_lock("run"):  # run_pipeline takes it again (re-entrant)
         close_crashed_runs("transfer-pipeline", flow_run.id, Path.cwd())
         summary = run_pipeline(cfg, _prefect_runner(cfg.tracking))
