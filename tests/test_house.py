@@ -93,6 +93,7 @@ LAYERS = (
     "finetune",
     "search",
     "evaluation",
+    "adapt",
     "registry",
     "pipeline",
     "cli",

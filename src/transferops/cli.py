@@ -327,6 +327,24 @@ def evaluate(
 @app.command()
 @_user_errors
 @_locked
+def adapt(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Adapt finetune.out to data.unlabelled (no labels needed): AdaBN, CORAL, instance
+    weights, pseudo-labels (adapt.methods); scored on data.target_test when given."""
+    from transferops.adapt.adapt import adapt as _adapt
+
+    cfg = _cfg(params, set_)
+    r = _adapt(cfg)
+    console.print(f"{r['decision']}; report: {cfg.adapt.report}")
+    if r["kept"]:
+        console.print(f"adapted model: {cfg.adapt.out}")
+
+
+@app.command()
+@_user_errors
+@_locked
 def register(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,

@@ -143,6 +143,16 @@ class DataConfig(_Section):
     out: FsPath = Path("data/prepared")
     table: TableConfig = Field(default_factory=TableConfig)
     image: ImageConfig = Field(default_factory=ImageConfig)
+    unlabelled: FsPath | None = Field(
+        None,
+        description="images from the domain the model will serve, without labels (a folder, "
+        "searched recursively): what `transferops adapt` learns from",
+    )
+    target_test: FsPath | None = Field(
+        None,
+        description="a small labelled sample of that domain (class folders named like the "
+        "training classes): only scores adaptation, never trains",
+    )
     splits: SplitConfig = Field(default_factory=SplitConfig)
     limit_per_class: Annotated[int, Field(ge=1)] | None = Field(
         None, description="keep at most N training examples per class (few-shot studies)"
@@ -505,6 +515,21 @@ class EvaluateConfig(_Section):
     out: FsPath = Path("reports")
 
 
+class AdaptConfig(_Section):
+    """Adapting the trained model to the domain of ``data.unlabelled`` (`transferops adapt`)."""
+
+    methods: list[Literal["adabn", "coral", "weights", "pseudo_label"]] = Field(
+        default_factory=lambda: ["adabn", "pseudo_label"],
+        description="adabn: BatchNorm statistics of the target; coral: source features "
+        "recoloured to the target's covariance; weights: instance weights from a domain "
+        "classifier; pseudo_label: confident target predictions join the head's training set",
+    )
+    pseudo_threshold: Annotated[float, Field(gt=0, le=1)] = 0.9
+    pseudo_rounds: Annotated[int, Field(ge=1)] = 2
+    out: FsPath = Path("models/adapted")
+    report: FsPath = Path("reports/adapt.json")
+
+
 class RegistryConfig(_Section):
     """MLflow model registry and the promotion gate."""
 
@@ -636,6 +661,7 @@ class Config(_Section):
     search: SearchConfig = Field(default_factory=SearchConfig)
     baseline: BaselineConfig = Field(default_factory=BaselineConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    adapt: AdaptConfig = Field(default_factory=AdaptConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 
 from transferops.config import STEP_INPUTS, Config, DataConfig
 from transferops.data.demo import write_demo
+from transferops.data.domains import domains_hash, write_domains
 from transferops.data.prepared import FORMAT_VERSION, MANIFEST
 from transferops.data.readers import SPLITS, Example, RawDataset, SplitName, read_dataset
 from transferops.errors import DataError
@@ -66,6 +67,7 @@ def prepare(cfg: Config | DataConfig, force: bool = False) -> PrepareResult:
             "version": FORMAT_VERSION,
             "source_hash": source_hash,
             "params": _prepare_params(dcfg),
+            "domains": domains_hash(dcfg),  # data.unlabelled / data.target_test
         }
     )
     out = Path(dcfg.out)
@@ -101,6 +103,9 @@ def prepare(cfg: Config | DataConfig, force: bool = False) -> PrepareResult:
             counts[split] = dict(sorted(Counter(e.label for e in kept).items()))
         _check_after_decoding(counts, class_names, bad)
         artifacts = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+        # after the hash: new unlabelled data does not make the labelled data "changed"
+        size = dcfg.image.size if raw.modality == "image" else 0
+        domains = write_domains(dcfg, tmp, class_names, size) if size else {}
         manifest: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
             "modality": raw.modality,
@@ -121,6 +126,7 @@ def prepare(cfg: Config | DataConfig, force: bool = False) -> PrepareResult:
             "fingerprint": fingerprint,
             "artifacts": artifacts,
             "data_hash": sha256_json(artifacts),
+            "domains": domains,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return _result(out, manifest, skipped=False)

@@ -123,7 +123,9 @@ def write_plots(
             for j in ticks:
                 color = "white" if cm[i, j] > dark else "black"
                 ax.text(j, i, cm[i, j], ha="center", va="center", fontsize=7, color=color)
-        ax.set(xlabel="predicted", ylabel="true", title=f"Confusion matrix: {role}")
+        n = models[role]["accuracy"]["n"]  # the report's table averages n seeds; this is one
+        which = f"{role}, seed {first[role]['seed']}" + (f" (1 of {n})" if n > 1 else "")
+        ax.set(xlabel="predicted", ylabel="true", title=f"Confusion matrix: {which}, test")
         fig.savefig(plots / f"confusion_{role}.png", dpi=110, bbox_inches="tight")
         plt.close(fig)
 
@@ -316,8 +318,8 @@ def report_markdown(metrics: dict, per_class: dict, classical: str | None) -> st
     lines += [
         "",
         "![learning curves](plots/learning_curves.png)",
-        "![confusion transfer](plots/confusion_transfer.png)",
-        "![confusion scratch](plots/confusion_scratch.png)",
+        "![confusion transfer, first seed](plots/confusion_transfer.png)",
+        "![confusion scratch, first seed](plots/confusion_scratch.png)",
         "",
     ]
     return "\n".join(lines)

@@ -57,10 +57,12 @@ def fit_probe(
     yva: np.ndarray,
     num_classes: int,
     class_weight: torch.Tensor | None = None,
+    sample_weight: np.ndarray | None = None,
 ) -> ProbeFit:
     """Multinomial logistic regression (L-BFGS) for each C in :data:`C_GRID`; the one with
     the lowest val log-loss (then the highest val accuracy). `class_weight` (per class,
-    :func:`transferops.finetune.balance.class_weights`) weighs the training loss."""
+    :func:`transferops.finetune.balance.class_weights`) and `sample_weight` (per example:
+    instance weights, :mod:`transferops.adapt`) weigh the training loss."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
@@ -76,7 +78,7 @@ def fit_probe(
         with warnings.catch_warnings(), serial_blas():
             # a strongly regularised fit may stop early: fine here
             warnings.simplefilter("ignore", ConvergenceWarning)
-            clf.fit(xtr, ytr)
+            clf.fit(xtr, ytr, sample_weight=sample_weight)
         weight, bias = linear_head(clf, num_classes)
         logits = xva @ weight.T + bias
         acc = float((logits.argmax(1) == yva).mean())

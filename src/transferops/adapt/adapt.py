@@ -1,0 +1,225 @@
+"""`transferops adapt`: the trained model adapted to the domain of ``data.unlabelled``.
+
+Reads the model ``train`` wrote (``finetune.out``), the labelled train and val splits (the
+source domain), the unlabelled target images and, when given, the labelled target sample
+(``data.target_test``, read only to score). Runs ``adapt.methods`` in a fixed order (AdaBN
+first: it changes the features the others see), refits the head, recalibrates the
+temperature on val, and writes ``adapt.out`` (a model folder whose spec says ``adapted``:
+methods, target data, what each step found) and ``adapt.report``.
+
+The decision: with a labelled target sample, the adapted model is kept only if it is not
+worse there than the model it came from (paired bootstrap over the sample's examples: a
+confidence interval wholly below 0 refuses it). Without one, target accuracy is unknown and
+the report says so; it gives the proxies instead: the domain classifier's AUC on the model's
+features before and after (0.5 = the domains look alike to a linear classifier).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from transferops.adapt.methods import (
+    adabn,
+    confident,
+    coral_map,
+    domain_weights,
+    pooled_features,
+)
+from transferops.config import Config
+from transferops.data.domains import TARGET_TEST, UNLABELLED
+from transferops.data.prepared import load_prepared, read_manifest
+from transferops.errors import ConfigError, DataError
+from transferops.evaluation.stats import paired_bootstrap
+from transferops.finetune.engine import autocast_for
+from transferops.finetune.probe import ProbeFit, fit_probe
+from transferops.model.blocks import StagedNet
+from transferops.model.calibration import fit_temperature
+from transferops.model.folder import load_finetuned, save_model_folder
+from transferops.model.inputs import Inputs, make_preprocess, pick_device
+from transferops.model.predict import predict_probs
+from transferops.runtime.artifacts import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+ORDER = ("adabn", "coral", "weights", "pseudo_label")  # the order methods run in
+
+
+def load_domain(out: Path | str, key: str) -> Inputs | None:
+    """A prepared domain split (``unlabelled`` / ``target_test``) as inputs, or None."""
+    path = Path(out) / f"{key}.safetensors"
+    if not path.exists():
+        return None
+    t = load_file(str(path))
+    return Inputs(t["images"], t["labels"])
+
+
+def _inputs(out: Path | str, split: str) -> Inputs:
+    data = load_prepared(out, split)  # type: ignore[arg-type]
+    assert data.images is not None
+    return Inputs(data.images, data.labels)
+
+
+def fit_head(
+    feats: dict[str, np.ndarray],
+    y: dict[str, np.ndarray],
+    k: int,
+    methods: list[str],
+    threshold: float,
+    rounds: int,
+) -> tuple[ProbeFit, dict[str, Any]]:
+    """The head for the adapted features: the exact probe on the labelled source features,
+    as the methods transform or weigh them; what each method found."""
+    xtr, xva = feats["train"], feats["val"]
+    found: dict[str, Any] = {}
+    sw = None
+    if "coral" in methods:
+        to_target = coral_map(xtr, feats["target"])
+        xtr, xva = to_target(xtr), to_target(xva)
+        found["coral"] = "source features recoloured to the target's covariance"
+    if "weights" in methods:
+        sw, auc = domain_weights(feats["train"], feats["target"])
+        found["weights"] = {
+            "domain_auc": round(auc, 4),
+            "weight_min": round(float(sw.min()), 3),
+            "weight_max": round(float(sw.max()), 3),
+        }
+    fit = fit_probe(xtr, y["train"], xva, y["val"], k, sample_weight=sw)
+    if "pseudo_label" in methods:
+        taken = []
+        for _ in range(rounds):
+            logits = feats["target"] @ fit.weight.double().numpy().T + fit.bias.double().numpy()
+            probs = torch.softmax(torch.from_numpy(logits), 1).numpy()
+            keep, labels = confident(probs, threshold)
+            taken.append(len(keep))
+            if not len(keep):
+                break
+            w = None if sw is None else np.r_[sw, np.ones(len(keep))]
+            x = np.vstack([xtr, feats["target"][keep]])
+            fit = fit_probe(x, np.r_[y["train"], labels], xva, y["val"], k, sample_weight=w)
+        found["pseudo_label"] = {"threshold": threshold, "taken_per_round": taken}
+    return fit, found
+
+
+def _score(net: StagedNet, spec: dict, data: Inputs, device: torch.device) -> np.ndarray:
+    """Per-example correctness of `net` on labelled `data`."""
+    probs = predict_probs(net, spec, data, device)
+    return probs.argmax(1) == data.y.cpu().numpy()
+
+
+def adapt(cfg: Config) -> dict[str, Any]:
+    """Adapt ``finetune.out`` to ``data.unlabelled`` per ``adapt``; returns the report."""
+    ac, out = cfg.adapt, Path(cfg.data.out)
+    methods = [m for m in ORDER if m in ac.methods]
+    domains = read_manifest(out).get("domains") or {}
+    if UNLABELLED not in domains:
+        raise ConfigError(
+            "data.unlabelled: no unlabelled target images prepared: set data.unlabelled to a "
+            "folder of images from the new domain and run `transferops prepare`"
+        )
+    net, spec = load_finetuned(cfg.finetune.out)
+    if spec["source"]["kind"] == "classical":
+        raise ConfigError(
+            f"{cfg.finetune.out} is the classical candidate (logistic regression on pixels): "
+            "it has no features to adapt; set registry.classical_candidate: false and retrain"
+        )
+    t0, c0 = time.perf_counter(), time.process_time()
+    device = pick_device(cfg.finetune.device)
+    pre = make_preprocess(spec["source"], device, spec["modality"])
+    pre.place(net, device)
+    amp, bs = autocast_for(device), cfg.finetune.batch_size * 2
+    data = {"train": _inputs(out, "train"), "val": _inputs(out, "val")}
+    data["target"] = load_domain(out, UNLABELLED)  # type: ignore[assignment]
+    target_test = load_domain(out, TARGET_TEST)
+    before = copy.deepcopy(net)
+    found: dict[str, Any] = {}
+    feats_before = {s: pooled_features(net, data[s], pre, bs, amp) for s in ("train", "target")}
+    if "adabn" in methods:
+        found["adabn"] = {"batchnorm_layers": adabn(net, data["target"], pre, bs, amp)}
+    feats = {s: pooled_features(net, d, pre, bs, amp) for s, d in data.items()}
+    y = {s: data[s].y.cpu().numpy() for s in ("train", "val")}
+    k = len(spec["class_names"])
+    fit, head_found = fit_head(feats, y, k, methods, ac.pseudo_threshold, ac.pseudo_rounds)
+    found |= head_found
+    head = net.head[-1]
+    with torch.no_grad():
+        head.weight.copy_(fit.weight.to(head.weight.device))
+        head.bias.copy_(fit.bias.to(head.bias.device))
+    raw = spec | {"temperature": 1.0}
+    val_probs = predict_probs(net, raw, data["val"], device)
+    temperature = fit_temperature(val_probs, y["val"])
+    adapted_spec = spec | {"temperature": temperature}
+    report = {
+        "methods": methods,
+        "found": found,
+        "unlabelled": domains[UNLABELLED],
+        "val_accuracy": {  # the source domain: what adapting may cost at home
+            "before": float(_score(before, spec, data["val"], device).mean()),
+            "after": float(_score(net, adapted_spec, data["val"], device).mean()),
+        },
+        "proxy_domain_auc": {  # a linear domain classifier on the model's features
+            "before": round(domain_weights(feats_before["train"], feats_before["target"])[1], 4),
+            "after": round(domain_weights(feats["train"], feats["target"])[1], 4),
+        },
+    }
+    report |= _target_decision(before, spec, net, adapted_spec, target_test, device, cfg)
+    report["seconds"] = {
+        "wall": round(time.perf_counter() - t0, 1),
+        "cpu": round(time.process_time() - c0, 1),
+    }
+    if report["kept"]:
+        adapted_spec["adapted"] = {
+            k: report[k] for k in ("methods", "found", "unlabelled", "target_accuracy")
+        } | {"from_model_sha256": spec.get("weights_sha256")}
+        save_model_folder(net, adapted_spec, [], Path(ac.out), Path(cfg.source.out))
+    write_json_atomic(Path(ac.report), report)
+    log.info("adapt: %s", report["decision"])
+    return report
+
+
+def _target_decision(
+    before: StagedNet,
+    spec: dict,
+    after: StagedNet,
+    adapted_spec: dict,
+    target_test: Inputs | None,
+    device: torch.device,
+    cfg: Config,
+) -> dict[str, Any]:
+    """Target accuracy before / after with the paired interval, and the keep decision."""
+    if target_test is None:
+        return {
+            "target_accuracy": None,
+            "kept": True,
+            "decision": (
+                "adapted model written; target accuracy unknown (no data.target_test: give a "
+                "few labelled images per class from the new domain to measure it)"
+            ),
+        }
+    if (target_test.y < 0).any():
+        raise DataError("data.target_test: every image needs a class folder")
+    a = _score(after, adapted_spec, target_test, device)
+    b = _score(before, spec, target_test, device)
+    diff = paired_bootstrap(a, b, cfg.evaluate.confidence)
+    worse = diff["ci_high"] < 0
+    points = (
+        f"{100 * diff['mean']:+.1f} [{100 * diff['ci_low']:+.1f}, {100 * diff['ci_high']:+.1f}]"
+    )
+    return {
+        "target_accuracy": {"before": float(b.mean()), "after": float(a.mean()), "n": len(a)},
+        "target_minus_before": diff,
+        "kept": not worse,
+        "decision": (
+            f"refused: worse on the labelled target sample ({points} points, n={len(a)})"
+            if worse
+            else f"adapted model written: target accuracy {b.mean():.3f} -> {a.mean():.3f} "
+            f"({points} points, n={len(a)})"
+        ),
+    }

@@ -1,0 +1,100 @@
+"""The adaptation methods, each small and on its own (``adapt.methods`` lists which run).
+
+The head of every adapted model is the exact linear probe refitted on the (possibly
+BN-adapted) backbone's pooled features; the methods differ in what that refit sees:
+
+- ``adabn`` (Li et al. 2016): every BatchNorm layer's running statistics re-estimated on the
+  unlabelled target images; no weight changes, no labels. Covariate shift in the statistics
+  is what BN-normalised networks suffer most from (Schneider et al. 2020 on corruptions).
+- ``coral`` (Sun et al. 2016): the labelled source features whitened with their own
+  covariance and recoloured with the target's, so the head is fitted where the target lies.
+- ``weights``: instance-based transfer: a domain classifier (logistic regression, source vs
+  target features) gives each labelled example w = p(target|x) / p(source|x), clipped and
+  normalised to mean 1; the head's loss weighs examples by it.
+- ``pseudo_label``: self-training: the current model labels the unlabelled target images,
+  those at or above a confidence threshold join the training set, the head is refitted;
+  a few rounds. The teacher never sees ``data.target_test`` (it only scores).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from transferops.finetune.cache import Autocast, encode_prefix
+from transferops.finetune.engine import recalibrate_bn
+from transferops.finetune.thaw import batchnorms
+from transferops.model.blocks import StagedNet
+from transferops.model.inputs import Inputs, Preprocess
+
+WEIGHT_CLIP = 10.0  # an example weighs at most 10x / at least 1/10x the mean
+CORAL_EPS = 1.0  # added to the covariances' diagonals (Sun et al.: "1 works well")
+
+
+def adabn(net: StagedNet, target: Inputs, pre: Preprocess, bs: int, amp: Autocast) -> int:
+    """Re-estimate every BatchNorm layer's statistics on `target` (the average over one pass);
+    returns how many layers changed. Weights are untouched."""
+    n = sum(len(batchnorms(b)) for b in net.blocks)
+    if n:
+        recalibrate_bn(net, net.num_blocks, target, None, pre, bs, amp)
+    return n
+
+
+@torch.no_grad()
+def pooled_features(
+    net: StagedNet, data: Inputs, pre: Preprocess, bs: int, amp: Autocast
+) -> np.ndarray:
+    """The backbone's pooled features (the head's input) for every example, float64."""
+    net.eval()
+    return encode_prefix(net, data, net.num_blocks, pre, bs, amp=amp).double().cpu().numpy()
+
+
+def _sqrtm(c: np.ndarray, inverse: bool = False) -> np.ndarray:
+    vals, vecs = np.linalg.eigh(c)
+    vals = np.clip(vals, 1e-12, None) ** (-0.5 if inverse else 0.5)
+    return (vecs * vals) @ vecs.T
+
+
+def coral_map(source: np.ndarray, target: np.ndarray):
+    """A function taking source features to the target's mean and covariance (CORAL)."""
+    eye = CORAL_EPS * np.eye(source.shape[1])
+    cs = np.cov(source, rowvar=False) + eye
+    ct = np.cov(target, rowvar=False) + eye
+    a = _sqrtm(cs, inverse=True) @ _sqrtm(ct)
+    ms, mt = source.mean(0), target.mean(0)
+    return lambda x: (x - ms) @ a + mt
+
+
+def domain_weights(source: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, float]:
+    """Instance weights of the source examples, p(target|x) / p(source|x) from a logistic
+    domain classifier (rescaled for the two sets' sizes, clipped to [1/WEIGHT_CLIP,
+    WEIGHT_CLIP], mean 1); and that classifier's cross-validated AUC (0.5: the domains look
+    alike in these features; 1: fully apart)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_predict
+
+    from transferops.finetune.logreg import serial_blas
+
+    x = np.vstack([source, target])
+    d = np.r_[np.zeros(len(source)), np.ones(len(target))]
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    clf = LogisticRegression(C=0.1, max_iter=1000)
+    with serial_blas():
+        p = cross_val_predict(clf, (x - mu) / sd, d, cv=5, method="predict_proba")[:, 1]
+    auc = _auc(p, d)
+    ps = np.clip(p[: len(source)], 1e-6, 1 - 1e-6)
+    w = ps / (1 - ps) * len(source) / len(target)
+    w = np.clip(w / w.mean(), 1 / WEIGHT_CLIP, WEIGHT_CLIP)
+    return w / w.mean(), auc
+
+
+def _auc(score: np.ndarray, label: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(label, score))
+
+
+def confident(probs: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, labels) of the examples whose top probability is at least `threshold`."""
+    keep = np.flatnonzero(probs.max(1) >= threshold)
+    return keep, probs[keep].argmax(1)
