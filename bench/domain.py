@@ -235,7 +235,7 @@ def main() -> None:
                     t, d = r["target_accuracy"], r["target_minus_before"]
                     gap = home - t["before"]
                     rec = (t["after"] - t["before"]) / gap if gap > 0.01 else float("nan")
-                    v = r["val_accuracy"]
+                    v = r["source_val_accuracy"]
                     print(
                         f"| {case} | {seed} | {'+'.join(methods)} | {home:.3f} | {t['before']:.3f} "
                         f"| {t['after']:.3f} | {100 * d['mean']:+.1f} [{100 * d['ci_low']:+.1f}, "

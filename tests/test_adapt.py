@@ -1,0 +1,169 @@
+"""Adapting to a new domain: AdaBN, instance weights, pseudo-labels, the target gate."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from transferops.config import validate_config
+from transferops.data.prepare import prepare
+
+from .conftest import digit_images, tiny_digits
+
+
+def _shifted(img: np.ndarray) -> np.ndarray:
+    """A synthetic domain: faded ink on a grey page (contrast and brightness moved)."""
+    return (img.astype(float) * 0.35 + 110).clip(0, 255).astype(np.uint8)
+
+
+def _write_domain(root: Path, per_class: int, labelled: bool, offset: int) -> Path:
+    names = {0: "zero", 1: "one", 2: "two"}
+    for c, imgs in digit_images(offset + per_class).items():
+        for i, img in enumerate(imgs[offset:]):
+            folder = root / names[c] if labelled else root
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(_shifted(img), mode="L").convert("RGB").save(folder / f"{c}_{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def shifted_project(tmp_path_factory, lite0_source) -> dict:
+    """Tiny digits trained (a network, not the classical candidate), plus a shifted domain:
+    unlabelled images and a labelled target sample, all prepared."""
+    from transferops.finetune.train import train_from_config
+
+    root = tmp_path_factory.mktemp("adapt")
+    raw = {
+        "data": tiny_digits(root)
+        | {
+            "unlabelled": str(_write_domain(root / "unl", 20, False, 16)),
+            "target_test": str(_write_domain(root / "tt", 10, True, 36)),
+        },
+        "source": {"out": str(lite0_source), "candidates": None},
+        "finetune": {
+            "out": str(root / "ft"),
+            "metrics": str(root / "train.json"),
+            "checkpoint_dir": str(root / "ck"),
+            "unfreeze_depth": 1,
+            "blocks_per_stage": 1,
+            "epochs_per_stage": [2, 1],
+            "batch_size": 8,
+        },
+        "registry": {"classical_candidate": False},
+        "adapt": {"out": str(root / "adapted"), "report": str(root / "adapt.json")},
+        "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}"},
+    }
+    cfg = validate_config(raw)
+    prepare(cfg)
+    train_from_config(cfg)
+    return raw
+
+
+def _cfg(raw: dict, **adapt) -> object:
+    raw = copy.deepcopy(raw)
+    raw["adapt"] |= adapt
+    return validate_config(raw)
+
+
+def test_domains_are_prepared_apart_from_the_data_hash(shifted_project):
+    from transferops.data.prepared import read_manifest
+
+    m = read_manifest(shifted_project["data"]["out"])
+    assert m["domains"]["unlabelled"]["count"] == 60  # 3 classes x 20, labels ignored
+    assert m["domains"]["target_test"]["count"] == 30
+    assert "unlabelled.safetensors" not in m["artifacts"]  # not part of data_hash
+
+
+def test_adabn_changes_only_batchnorm_statistics_and_helps_on_a_shift(shifted_project):
+    from transferops.adapt.adapt import load_domain
+    from transferops.adapt.methods import adabn
+    from transferops.finetune.engine import autocast_for
+    from transferops.model.folder import load_finetuned
+    from transferops.model.inputs import make_preprocess
+    from transferops.model.predict import predict_probs
+
+    cpu = torch.device("cpu")
+    net, spec = load_finetuned(shifted_project["finetune"]["out"])
+    before = copy.deepcopy(net.state_dict())
+    pre = make_preprocess(spec["source"], cpu, "image")
+    target = load_domain(shifted_project["data"]["out"], "unlabelled")
+    tt = load_domain(shifted_project["data"]["out"], "target_test")
+    acc0 = (predict_probs(net, spec, tt, cpu).argmax(1) == tt.y.numpy()).mean()
+    n = adabn(net, target, pre, 32, autocast_for(cpu))
+    after = net.state_dict()
+    assert n > 0
+    stats = {k for k in after if k.endswith(("running_mean", "running_var"))}
+    assert {k for k in after if not torch.equal(after[k], before[k])} <= stats | {
+        k for k in after if k.endswith("num_batches_tracked")
+    }
+    assert any(not torch.equal(after[k], before[k]) for k in stats)
+    acc1 = (predict_probs(net, spec, tt, cpu).argmax(1) == tt.y.numpy()).mean()
+    assert acc1 > acc0  # the faded domain: normalised again, the same head reads it better
+
+
+def test_instance_weights_rise_for_target_like_examples():
+    from transferops.adapt.methods import domain_weights
+
+    rng = np.random.default_rng(0)
+    source = rng.normal(0, 1, (400, 5))
+    target = rng.normal(0, 1, (300, 5)) + np.array([1.5, 0, 0, 0, 0])  # shifted along x0
+    w, auc = domain_weights(source, target)
+    assert w.mean() == pytest.approx(1.0)
+    assert auc > 0.75  # the domains differ
+    # examples on the target's side of x0 weigh more
+    assert np.corrcoef(source[:, 0], w)[0, 1] > 0.5
+    assert w[source[:, 0] > 1].mean() > 2 * w[source[:, 0] < -1].mean()
+    _, same = domain_weights(source, rng.normal(0, 1, (300, 5)))
+    assert same < 0.65  # no shift: the classifier can hardly tell them apart
+
+
+def test_pseudo_labels_never_come_from_the_target_test_sample(shifted_project, tmp_path):
+    """The adapted weights do not depend on the labelled target sample at all: replacing it
+    (other images, other labels) changes only the score."""
+    from safetensors.torch import load_file, save_file
+
+    from transferops.adapt.adapt import adapt
+
+    cfg = _cfg(shifted_project, methods=["adabn", "pseudo_label"], pseudo_threshold=0.5)
+    first = adapt(cfg)
+    assert first["found"]["pseudo_label"]["taken_per_round"][0] > 0
+    w1 = load_file(str(Path(cfg.adapt.out) / "model.safetensors"))
+    tt = Path(cfg.data.out) / "target_test.safetensors"
+    t = load_file(str(tt))
+    save_file({"images": 255 - t["images"], "labels": (t["labels"] + 1) % 3}, str(tt))
+    try:
+        second = adapt(cfg)
+    finally:
+        save_file(t, str(tt))
+    w2 = load_file(str(Path(cfg.adapt.out) / "model.safetensors"))
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert first["target_accuracy"] != second["target_accuracy"]
+
+
+def test_an_adapted_model_worse_on_the_target_sample_is_refused(shifted_project, monkeypatch):
+    import transferops.adapt.adapt as adapt_module
+
+    cfg = _cfg(shifted_project, methods=["adabn"], out=shifted_project["adapt"]["out"] + "-x")
+    real = adapt_module._score
+    on_target: list[int] = []
+
+    def rigged(net, spec, data, device):
+        right = real(net, spec, data, device)
+        if len(data) != 30:  # val: as it is
+            return right
+        on_target.append(1)  # the adapted model is scored first: it gets every one wrong
+        return right & False if len(on_target) == 1 else right | True
+
+    monkeypatch.setattr(adapt_module, "_score", rigged)
+    report = adapt_module.adapt(cfg)
+    assert not report["kept"] and report["decision"].startswith("refused")
+    assert report["target_minus_before"]["ci_high"] < 0
+    assert not Path(cfg.adapt.out).exists()  # nothing written to serve
+    saved = json.loads(Path(cfg.adapt.report).read_text())
+    assert saved["kept"] is False
