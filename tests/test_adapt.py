@@ -167,3 +167,29 @@ def test_an_adapted_model_worse_on_the_target_sample_is_refused(shifted_project,
     assert not Path(cfg.adapt.out).exists()  # nothing written to serve
     saved = json.loads(Path(cfg.adapt.report).read_text())
     assert saved["kept"] is False
+
+
+def test_on_drift_with_unlabelled_data_adapts_instead_of_retraining(shifted_project, tmp_path):
+    from transferops.evaluation.drift import decide_retrain, save_reference
+    from transferops.pipeline.run import _run_steps
+
+    raw = copy.deepcopy(shifted_project)
+    raw["schedule"] = {"retrain": "on_drift", "reference": str(tmp_path / "ref.safetensors")}
+    raw["adapt"] |= {"out": str(tmp_path / "adapted"), "report": str(tmp_path / "a.json")}
+    cfg = validate_config(raw)
+    save_reference(cfg)  # the champion was trained on exactly this labelled data
+    gate = decide_retrain(cfg)
+    assert not gate["retrain"] and gate["adapt"]  # no new labels; the serving domain moved
+    assert "data.unlabelled (60 images) drifted" in gate["reason"]
+    assert gate["domain_drift"]["p_value"] < cfg.schedule.drift_alpha
+    ran = []
+
+    def runner(step, key, fn):
+        ran.append(step)
+        return fn()
+
+    summary = _run_steps(cfg, runner)
+    assert ran == ["prepare", "pull", "drift", "adapt"]  # no search, no training
+    assert summary["retrain"].startswith("skipped") and "adapting" in summary["retrain"]
+    assert summary["adapted"].startswith(("adapted model written", "refused"))
+    assert json.loads(Path(cfg.adapt.report).read_text())["decision"] == summary["adapted"]

@@ -531,6 +531,7 @@ def human_summary(s: dict[str, Any]) -> str:
     )
     if "test_accuracy" not in s:  # schedule.retrain decided there was nothing to retrain
         rows = [("data", data), ("source", s["source"]), ("retrain", s["retrain"])]
+        rows += [("adapted", s["adapted"])] if s.get("adapted") else []
         return "\n".join(f"{k:>14}  {v}" for k, v in rows)
     acc = s["test_accuracy"]
     trials = ", ".join(f"{v} {k}" for k, v in s["trials"].items() if v)
@@ -561,6 +562,7 @@ def human_summary(s: dict[str, Any]) -> str:
         ("promotion", s["promotion"]),
         ("report", s["report"]),
         *([("onnx", s["onnx"])] if s.get("onnx") else []),
+        *([("adapted", s["adapted"])] if s.get("adapted") else []),
     ]
     return "\n".join(f"{k:>14}  {v}" for k, v in rows)
 

@@ -914,6 +914,11 @@ STEP_INPUTS: dict[str, StepInputs] = {
         ("evaluate", "baseline.classical", "baseline.efficiency_per_class", "preset"),
         ("data.out", "baseline.out", "finetune.out", "source.out"),
     ),
+    # the trained model adapted to data.unlabelled (a no-op when it is not set)
+    "adapt": StepInputs(
+        ("adapt", "data.unlabelled", "data.target_test", "evaluate.confidence"),
+        ("data.out", "finetune.out", "source.out"),
+    ),
     "register": StepInputs(
         ("registry.model_name", "registry.out", "tracking", "data.path"),
         ("finetune.out", "data.out"),

@@ -118,6 +118,10 @@ def adapt(cfg: Config) -> dict[str, Any]:
     """Adapt ``finetune.out`` to ``data.unlabelled`` per ``adapt``; returns the report."""
     ac, out = cfg.adapt, Path(cfg.data.out)
     methods = [m for m in ORDER if m in ac.methods]
+    if cfg.data.unlabelled is None:  # `dvc repro` runs every stage: a clear no-op
+        report = {"kept": False, "decision": "nothing to adapt: data.unlabelled is not set"}
+        write_json_atomic(Path(ac.report), report)
+        return report
     domains = read_manifest(out).get("domains") or {}
     if UNLABELLED not in domains:
         raise ConfigError(

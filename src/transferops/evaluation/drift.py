@@ -164,7 +164,46 @@ def save_reference(cfg: Config) -> Path:
 
 
 def decide_retrain(cfg: Config) -> dict[str, Any]:
-    """Whether this run retrains, why, and the drift test when one ran."""
+    """Whether this run retrains, why, and the drift test when one ran; ``adapt`` when the
+    labelled data gives no reason to retrain but the unlabelled images of the serving domain
+    (``data.unlabelled``) drifted from the champion's data (on_drift), or are simply there
+    (always / on_new_data): adapting needs no labels and costs seconds."""
+    decision = _labelled_decision(cfg)
+    if decision["retrain"] or "unlabelled" not in (
+        read_manifest(cfg.data.out).get("domains") or {}
+    ):
+        return decision | {"adapt": False}
+    if cfg.schedule.retrain != "on_drift" or not Path(cfg.schedule.reference).exists():
+        return decision | {
+            "adapt": True,
+            "reason": decision["reason"] + "; data.unlabelled: adapting",
+        }
+    d = domain_drift(cfg)
+    verdict = "drifted" if d.drifted else "no drift"
+    reason = (
+        f"{decision['reason']}; data.unlabelled ({d.n_new} images) {verdict} from the "
+        f"champion's data (MMD² {d.mmd2:.4f}, p {d.p_value:.3f})"
+        + (
+            ": adapting to it (no labels needed; a full retrain needs labelled examples of it)"
+            if d.drifted
+            else ""
+        )
+    )
+    log.info("drift check: %s", reason)
+    return decision | {"adapt": d.drifted, "reason": reason, "domain_drift": asdict(d)}
+
+
+def domain_drift(cfg: Config) -> Drift:
+    """The MMD test of the unlabelled serving-domain images against the champion's reference
+    features (overall only: they have no labels)."""
+    ref = load_file(str(cfg.schedule.reference))
+    feats, _, _ = source_features(cfg, "unlabelled")
+    mmd2, p = mmd_test(ref["features"], feats)
+    return Drift(mmd2, p, len(ref["features"]), len(feats), {}, p < cfg.schedule.drift_alpha)
+
+
+def _labelled_decision(cfg: Config) -> dict[str, Any]:
+    """Whether the labelled data calls for a retrain (schedule.retrain)."""
     mode, path = cfg.schedule.retrain, Path(cfg.schedule.reference)
     manifest = read_manifest(cfg.data.out)
     if mode == "always":

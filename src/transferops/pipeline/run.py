@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from transferops.adapt.adapt import adapt
 from transferops.config import STEP_INPUTS, Config, step_params, with_overrides
 from transferops.data.prepare import prepare
 from transferops.evaluation.baseline import run_baselines
@@ -57,6 +58,7 @@ STEPS = (  # the order a run goes through (reference, after a promotion, is unnu
     "train",
     "baseline",
     "evaluate",
+    "adapt",
     "register",
     "promote",
     "export",
@@ -198,6 +200,14 @@ def step_drift(cfg: Config) -> dict[str, Any]:
     """Whether to retrain (schedule.retrain): new data, drift from the champion's data."""
 
     return decide_retrain(cfg)
+
+
+def step_adapt(cfg: Config) -> dict[str, Any]:
+    """The trained model adapted to data.unlabelled (kept only if not worse on the labelled
+    target sample)."""
+
+    r = adapt(cfg)
+    return {k: r.get(k) for k in ("decision", "kept", "methods", "target_accuracy")}
 
 
 def step_reference(cfg: Config) -> dict[str, Any]:
@@ -383,7 +393,12 @@ def _run_steps(cfg: Config, run_step: StepRunner) -> dict[str, Any]:
     gate = run_step("drift", None, lambda: step_drift(cfg))
     if not gate["retrain"]:
         log.info("not retraining: %s", gate["reason"])
-        return data | {"retrain": f"skipped: {gate['reason']}", "drift": gate["drift"]}
+        adapted = run_step("adapt", None, lambda: step_adapt(cfg)) if gate.get("adapt") else None
+        return data | {
+            "retrain": f"skipped: {gate['reason']}",
+            "drift": gate["drift"],
+            **({"adapted": adapted["decision"]} if adapted else {}),
+        }
     up = {"data_hash": prep["data_hash"], "source_sha256": src["sha256"]}
     found = cached("search", cfg, up, step_search)
     best = with_overrides(cfg, found["best_params"])
@@ -397,6 +412,9 @@ def _run_steps(cfg: Config, run_step: StepRunner) -> dict[str, Any]:
         up | {"model_sha256": trained["model_sha256"], "index": baselines["index_sha256"]},
         step_evaluate,
     )
+    adapted = None
+    if best.data.unlabelled is not None:  # cheap: seconds, no labels
+        adapted = cached("adapt", best, {"model_sha256": trained["model_sha256"]}, step_adapt)
     registered = run_step("register", None, lambda: step_register(best))
     promoted = run_step("promote", None, lambda: step_promote(best))
     if promoted["promoted"]:  # the next drift check compares with this champion's data
@@ -420,4 +438,5 @@ def _run_steps(cfg: Config, run_step: StepRunner) -> dict[str, Any]:
         "champion": promoted["champion"],
         "promotion": promoted["decision"],
         "onnx": exported and exported["onnx"],
+        **({"adapted": adapted["decision"]} if adapted else {}),
     }
