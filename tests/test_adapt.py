@@ -83,9 +83,10 @@ def test_domains_are_prepared_apart_from_the_data_hash(shifted_project):
 def test_adabn_changes_only_batchnorm_statistics_and_helps_on_a_shift(shifted_project):
     from transferops.adapt.adapt import load_domain
     from transferops.adapt.methods import adabn
+    from transferops.data.prepared import load_prepared
     from transferops.finetune.engine import autocast_for
     from transferops.model.folder import load_finetuned
-    from transferops.model.inputs import make_preprocess
+    from transferops.model.inputs import Inputs, make_preprocess
     from transferops.model.predict import predict_probs
 
     cpu = torch.device("cpu")
@@ -95,7 +96,8 @@ def test_adabn_changes_only_batchnorm_statistics_and_helps_on_a_shift(shifted_pr
     target = load_domain(shifted_project["data"]["out"], "unlabelled")
     tt = load_domain(shifted_project["data"]["out"], "target_test")
     acc0 = (predict_probs(net, spec, tt, cpu).argmax(1) == tt.y.numpy()).mean()
-    n = adabn(net, target, pre, 32, autocast_for(cpu))
+    train = load_prepared(shifted_project["data"]["out"], "train")
+    n = adabn(net, Inputs(train.images, train.labels), target, pre, autocast_for(cpu))
     after = net.state_dict()
     assert n > 0
     stats = {k for k in after if k.endswith(("running_mean", "running_var"))}

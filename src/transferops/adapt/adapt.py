@@ -144,13 +144,14 @@ def adapt(cfg: Config) -> dict[str, Any]:
     target_test = load_domain(out, TARGET_TEST)
     before = copy.deepcopy(net)
     found: dict[str, Any] = {}
-    # Domain-specific normalisation (AdaBN): source examples are seen through the source's
-    # BN statistics, target ones through the target's. A head refitted on source features
+    # Domain-specific normalisation (AdaBN): source examples are seen through the original
+    # BN statistics, target ones through the moved ones. A head refitted on source features
     # normalised with the target's statistics would be fitted where no data ever lies.
     feats = {s: pooled_features(net, data[s], pre, bs, amp) for s in ("train", "val", "target")}
     target_before = feats["target"]
     if "adabn" in methods:
-        found["adabn"] = {"batchnorm_layers": adabn(net, data["target"], pre, bs, amp)}
+        layers = adabn(net, data["train"], data["target"], pre, amp)
+        found["adabn"] = {"batchnorm_layers": layers}
         feats["target"] = pooled_features(net, data["target"], pre, bs, amp)
     if set(methods) - {"adabn"}:  # a head method: refit the head (else keep the trained one)
         y = {s: data[s].y.cpu().numpy() for s in ("train", "val")}

@@ -3,9 +3,10 @@
 The head of every adapted model is the exact linear probe refitted on the (possibly
 BN-adapted) backbone's pooled features; the methods differ in what that refit sees:
 
-- ``adabn`` (Li et al. 2016): every BatchNorm layer's running statistics re-estimated on the
-  unlabelled target images; no weight changes, no labels. Covariate shift in the statistics
-  is what BN-normalised networks suffer most from (Schneider et al. 2020 on corruptions).
+- ``adabn`` (after Li et al. 2016): every BatchNorm layer's statistics moved so that the
+  unlabelled target images reach it distributed as the source's did; no weight changes, no
+  labels. Covariate shift in the statistics is what BN-normalised networks suffer most from
+  (Schneider et al. 2020 on corruptions).
 - ``coral`` (Sun et al. 2016): the labelled source features whitened with their own
   covariance and recoloured with the target's, so the head is fitted where the target lies.
 - ``weights``: instance-based transfer: a domain classifier (logistic regression, source vs
@@ -18,11 +19,13 @@ BN-adapted) backbone's pooled features; the methods differ in what that refit se
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
+from torch import nn
 
 from transferops.finetune.cache import Autocast, encode_prefix
-from transferops.finetune.engine import recalibrate_bn
 from transferops.finetune.thaw import batchnorms
 from transferops.model.blocks import StagedNet
 from transferops.model.inputs import Inputs, Preprocess
@@ -31,13 +34,60 @@ WEIGHT_CLIP = 10.0  # an example weighs at most 10x / at least 1/10x the mean
 CORAL_EPS = 1.0  # added to the covariances' diagonals (Sun et al.: "1 works well")
 
 
-def adabn(net: StagedNet, target: Inputs, pre: Preprocess, bs: int, amp: Autocast) -> int:
-    """Re-estimate every BatchNorm layer's statistics on `target` (the average over one pass);
-    returns how many layers changed. Weights are untouched."""
-    n = sum(len(batchnorms(b)) for b in net.blocks)
-    if n:
-        recalibrate_bn(net, net.num_blocks, target, None, pre, bs, amp)
-    return n
+ADABN_SAMPLE = 256  # images per domain in the one forward pass that measures statistics
+
+
+@torch.no_grad()
+def _bn_input_stats(
+    net: StagedNet, data: Inputs, pre: Preprocess, amp: Autocast, hook: Callable
+) -> None:
+    """One eval-mode forward pass of a sample of `data`, `hook(bn, input)` called before
+    every BatchNorm layer (in network order, so a hook that moves a layer's statistics is
+    seen by the layers after it)."""
+    bns = [m for b in net.blocks for m in batchnorms(b)]
+    handles = [m.register_forward_pre_hook(lambda m, inp: hook(m, inp[0].float())) for m in bns]
+    try:
+        net.eval()
+        idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))
+        x, ctx = data.batch(idx[:ADABN_SAMPLE])
+        with amp():
+            net.encode(pre(x, False, None), net.num_blocks, ctx)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def adabn(net: StagedNet, source: Inputs, target: Inputs, pre: Preprocess, amp: Autocast) -> int:
+    """Move every BatchNorm layer's statistics so that target images reach each layer
+    distributed as the source's images did (mean and variance per channel); returns how many
+    layers moved. Weights are untouched.
+
+    AdaBN proper (Li et al. 2016) replaces the statistics with the target's; that assumes
+    they were the source's. Here they are usually the pretrained ImageNet statistics, frozen
+    during fine-tuning (``finetune.bn_mode: frozen``), and the fine-tuned layers learned from
+    source activations normalised by them. So for each layer, in network order, with (m_s,
+    v_s) the source's input statistics, (m_t, v_t) the target's and (m, v) the layer's: the
+    new statistics v' = (v + eps) v_t / v_s - eps and m' = m_t - (m_s - m) sqrt(v_t / v_s)
+    make a target input normalise exactly as the matching source input did. Where the
+    statistics are the source's (m = m_s, v = v_s), this is AdaBN proper."""
+    source_stats: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def record(bn: nn.Module, x: torch.Tensor) -> None:
+        dims = [d for d in range(x.dim()) if d != 1]
+        source_stats[bn] = (x.mean(dims), x.var(dims, unbiased=False))
+
+    def move(bn: nn.Module, x: torch.Tensor) -> None:
+        dims = [d for d in range(x.dim()) if d != 1]
+        mt, vt = x.mean(dims), x.var(dims, unbiased=False)
+        ms, vs = source_stats[bn]
+        ratio = ((vt + bn.eps) / (vs + bn.eps)).sqrt()
+        mean, var = bn.running_mean.float(), bn.running_var.float()
+        bn.running_mean.copy_(mt - (ms - mean) * ratio)
+        bn.running_var.copy_((var + bn.eps) * ratio**2 - bn.eps)
+
+    _bn_input_stats(net, source, pre, amp, record)
+    _bn_input_stats(net, target, pre, amp, move)
+    return len(source_stats)
 
 
 @torch.no_grad()
