@@ -215,7 +215,12 @@ def tuning_lines(tuning: dict[str, Any]) -> list[str]:
             f"- scratch was still improving at its last epoch in {rising[0]} of {rising[1]} "
             "seed(s): more epochs (baseline.epoch_multiplier) could narrow the gap"
         )
-    lines.append("- probe: exact logistic regression on the frozen features, C picked on val")
+    lines.append(
+        "- probe: the exact probe (logistic regression on the frozen features, C picked on "
+        "val), then its head trained further on the same frozen features by SGD for the "
+        "transfer arm's epoch budget, each epoch kept only where it beats the exact probe on "
+        "val: seeds can differ by that SGD (the cheap gate compares with this probe)"
+    )
     return lines
 
 
