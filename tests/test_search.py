@@ -39,6 +39,7 @@ def _raw(tmp_path: Path, digits_prepared: Path, lite0_source: Path, **search) ->
             "out": str(tmp_path / "search"),
             "sampler": "random",
             "heartbeat_s": 1,
+            "stop_without_headroom": 0,  # 6 val images: the probe is often unbeatable
             "space": {
                 "lr": {"low": 1e-3, "high": 3e-2, "log": True},
                 "unfreeze_depth": {"low": 0, "high": 2},
@@ -382,3 +383,19 @@ def test_the_pruner_prunes_only_beyond_validation_noise():
     assert not pruned_at(0.78 - 2 / 285)  # two val examples below: noise
     assert pruned_at(0.70)  # 8 points below: pruned
     assert not pruned_at(0.79)
+
+
+def test_a_search_without_headroom_over_the_probe_stops_and_says_so(
+    tmp_path, digits_prepared, lite0_source, caplog
+):
+    """Trials that cannot move off the exact probe (a vanishing lr): after
+    stop_without_headroom complete trials the search stops; the summary and log say why."""
+    caplog.set_level("INFO", logger="transferops")
+    raw = _raw(tmp_path, digits_prepared, lite0_source, n_trials=6, stop_without_headroom=2)
+    raw["search"]["space"]["lr"] = {"low": 1e-12, "high": 1e-11, "log": True}
+    raw["search"]["pruner"] = "none"
+    res = run_search(validate_config(raw))
+    assert res.counts["complete"] == 2  # not 6
+    summary = json.loads((tmp_path / "search" / "summary.json").read_text())
+    assert summary["stopped_early"].startswith("no headroom: in 2 complete trials")
+    assert "the probe is the model" in caplog.text

@@ -456,6 +456,11 @@ class SearchConfig(_Section):
         description="compute budget: no trial starts once the finished ones used this many "
         "CPU seconds (each trial's wall time x its threads, summed over workers)",
     )
+    stop_without_headroom: Annotated[int, Field(ge=0)] = Field(
+        3,
+        description="stop the search once this many trials completed and none beat the exact "
+        "probe on val (the probe is then the model; more trials would not pay); 0 = never",
+    )
     sampler: Literal["tpe", "random", "grid"] = "tpe"
     pruner: Literal["median", "hyperband", "none"] = "median"
     storage: str = "sqlite:///optuna.db"

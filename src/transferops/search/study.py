@@ -111,7 +111,7 @@ def study_name(cfg: Config) -> str:
 
 
 def _arm(cfg: Config) -> str:
-    """"scratch" for the from-scratch arm's search (finetune.init random), else "transfer"."""
+    """ "scratch" for the from-scratch arm's search (finetune.init random), else "transfer"."""
     return "scratch" if cfg.finetune.init == "random" else "transfer"
 
 
@@ -297,6 +297,8 @@ def _objective(cfg: Config, parent_run_id: str | None, store: dict, task: str | 
                 raise
             else:
                 mlflow.set_tag("state", "complete")
+                if res.probe is not None:  # what the trial had to beat (no_headroom)
+                    trial.set_user_attr("probe_val_accuracy", res.probe.val_accuracy)
                 log_outcome(mlflow, res.best_val_accuracy, spec.get("weight_average"))
                 _keep_if_best(cfg, trial, res, spec)
         if pruned is not None:
@@ -388,6 +390,27 @@ def _over_budget(study: optuna.Study, sc: SearchConfig) -> bool:
     return sc.budget_s is not None and cpu_seconds(study) >= sc.budget_s
 
 
+def no_headroom(study: optuna.Study, sc: SearchConfig) -> str | None:
+    """Why the search stops before n_trials, when ``search.stop_without_headroom`` trials
+    completed and not one epoch of theirs beat the exact probe on val (every trial starts
+    from that probe, so its val score is the floor): the probe is the model, and more
+    configurations of the same recipe would not pay. None while there is headroom."""
+    k = sc.stop_without_headroom
+    done = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TS.COMPLETE,))
+        if "probe_val_accuracy" in t.user_attrs
+    ]
+    if not k or len(done) < k or any(t.value > t.user_attrs["probe_val_accuracy"] for t in done):
+        return None
+    probe = done[0].user_attrs["probe_val_accuracy"]
+    return (
+        f"no headroom: in {len(done)} complete trials no fine-tuned epoch beat the exact probe "
+        f"on val ({probe:.4f}), so the probe is the model and the search stops "
+        "(search.stop_without_headroom)"
+    )
+
+
 def _optimize(
     cfg: Config, study: optuna.Study, left: int, parent_run_id: str | None, store: dict
 ) -> None:
@@ -402,7 +425,7 @@ def _optimize(
             prog.update(task, **_progress_fields(study, n))
 
         def budget(study: optuna.Study, _t: optuna.trial.FrozenTrial) -> None:
-            if _over_budget(study, cfg.search):
+            if _over_budget(study, cfg.search) or no_headroom(study, cfg.search):
                 study.stop()
 
         progress(study, None)  # type: ignore[arg-type]
@@ -486,6 +509,7 @@ def _run_on_dask(cfg: Config, name: str, parent_run_id: str) -> None:
                 and slot < 3 * sc.n_trials
                 and (deadline is None or time.monotonic() < deadline)
                 and not _over_budget(study, sc)
+                and not no_headroom(study, sc)
             ):
                 args = (cfg_json, name, parent_run_id, slot)
                 running.add(client.submit(run_in_project, ctx, _trial_task, *args, pure=False))
@@ -508,6 +532,12 @@ def _say_if_short(study: optuna.Study, sc: SearchConfig) -> None:
     """A search that ends with fewer trials than asked says so, and why."""
     finished = _count(study, lambda t: t.state in FINISHED)
     if finished < sc.n_trials:
+        stopped = no_headroom(study, sc)
+        if stopped:
+            log.info(
+                "the study holds %d of the %d trials asked for: %s", finished, sc.n_trials, stopped
+            )
+            return
         if _over_budget(study, sc):
             why = f"search.budget_s ({sc.budget_s:g} CPU s) is spent ({cpu_seconds(study):.0f})"
         elif sc.timeout_s is not None:
@@ -535,6 +565,7 @@ def _write_summary(
     best_params: dict[str, Any],
     counts: dict[str, int],
     run_id: str,
+    stopped: str | None = None,
 ) -> Path:
     """search.out: best_params.json (what train takes) and summary.json (the password in
     the storage URL masked: it is a DVC output users commit)."""
@@ -553,6 +584,7 @@ def _write_summary(
                 "best_params": best_params,
                 "counts": counts,
                 "fully_evaluated": counts.get("complete", 0),  # configurations run to the end
+                "stopped_early": stopped,  # why the study holds fewer trials than asked
                 "data_hash": read_manifest(cfg.data.out)["data_hash"],
                 "source_sha256": read_source_manifest(cfg.source.out)["sha256"],
                 "mlflow_run_id": run_id,
@@ -664,8 +696,11 @@ def run_search(cfg: Config) -> SearchResult:
             }
         )
         mlflow.set_tag("best_trial", str(best.number))
+        stopped = no_headroom(study, sc)
+        if stopped:
+            mlflow.set_tag("stopped_early", stopped)
         log_search_plots(mlflow, study)
-    out = _write_summary(cfg, name, best, best_params, counts, parent.info.run_id)
+    out = _write_summary(cfg, name, best, best_params, counts, parent.info.run_id, stopped)
     log.info("best trial #%d: val accuracy %.4f with %s", best.number, best.value, best_params)
     _say_evaluated(counts)
     return SearchResult(
