@@ -193,5 +193,16 @@ def test_on_drift_with_unlabelled_data_adapts_instead_of_retraining(shifted_proj
     summary = _run_steps(cfg, runner)
     assert ran == ["prepare", "pull", "drift", "adapt"]  # no search, no training
     assert summary["retrain"].startswith("skipped") and "adapting" in summary["retrain"]
-    assert summary["adapted"].startswith(("adapted model written", "refused"))
-    assert json.loads(Path(cfg.adapt.report).read_text())["decision"] == summary["adapted"]
+    assert summary["adapted"].startswith("adapted model written")  # AdaBN helps on this shift
+    report = json.loads(Path(cfg.adapt.report).read_text())
+    assert summary["adapted"].startswith(report["decision"])
+    # ...and it is a model version of its own, alias adapted, with its lineage
+    from mlflow import MlflowClient
+
+    assert summary["adapted"].endswith("v1 (@adapted)")
+    mv = MlflowClient(cfg.tracking.uri).get_model_version_by_alias("transferops-raw", "adapted")
+    assert mv.tags["adapt_methods"] == "adabn,pseudo_label"
+    assert mv.tags["target_data_sha256"] == report["unlabelled"]["sha256"]
+    assert float(mv.tags["target_accuracy_after"]) == report["target_accuracy"]["after"]
+    assert mv.tags["adapted_from"] == "not registered"  # this test registered nothing before
+    assert "No label of that domain was used" in mv.description

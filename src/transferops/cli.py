@@ -332,11 +332,12 @@ def adapt(
     set_: SetOpt = None,
 ) -> None:
     """Adapt finetune.out to data.unlabelled (no labels needed): AdaBN, CORAL, instance
-    weights, pseudo-labels (adapt.methods); scored on data.target_test when given."""
-    from transferops.adapt.adapt import adapt as _adapt
+    weights, pseudo-labels (adapt.methods); scored on data.target_test when given; a kept
+    model is registered with alias `adapted`."""
+    from transferops.pipeline.run import step_adapt
 
     cfg = _cfg(params, set_)
-    r = _adapt(cfg)
+    r = step_adapt(cfg)  # adapt, and register the adapted model (alias adapted) if kept
     console.print(f"{r['decision']}; report: {cfg.adapt.report}")
     if r["kept"]:
         console.print(f"adapted model: {cfg.adapt.out}")

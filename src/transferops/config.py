@@ -920,9 +920,17 @@ STEP_INPUTS: dict[str, StepInputs] = {
         ("data.out", "baseline.out", "finetune.out", "source.out"),
     ),
     # the trained model adapted to data.unlabelled (a no-op when it is not set)
+    # ... and registered as its own version (alias adapted), lineage to the registered one
     "adapt": StepInputs(
-        ("adapt", "data.unlabelled", "data.target_test", "evaluate.confidence"),
-        ("data.out", "finetune.out", "source.out"),
+        (
+            "adapt",
+            "data.unlabelled",
+            "data.target_test",
+            "evaluate.confidence",
+            "registry.model_name",
+            "tracking",
+        ),
+        ("data.out", "finetune.out", "source.out", "registry.out"),
     ),
     "register": StepInputs(
         ("registry.model_name", "registry.out", "tracking", "data.path"),

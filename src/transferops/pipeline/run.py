@@ -35,6 +35,7 @@ from transferops.evaluation.evaluate import evaluate
 from transferops.finetune.train import train_from_config
 from transferops.model.folder import WEIGHTS_FILE
 from transferops.pipeline.dvc_lock import record_run
+from transferops.registry.adapted import register_adapted
 from transferops.registry.export import export
 from transferops.registry.lineage import git_commit
 from transferops.registry.promote import promote
@@ -58,9 +59,9 @@ STEPS = (  # the order a run goes through (reference, after a promotion, is unnu
     "train",
     "baseline",
     "evaluate",
-    "adapt",
     "register",
     "promote",
+    "adapt",
     "export",
 )
 STAMPS = Path(".transferops") / "steps"
@@ -207,6 +208,9 @@ def step_adapt(cfg: Config) -> dict[str, Any]:
     target sample)."""
 
     r = adapt(cfg)
+    registered = register_adapted(cfg) if r["kept"] else None
+    if registered is not None:
+        r["decision"] += f"; registered {registered.name} v{registered.version} (@adapted)"
     return {k: r.get(k) for k in ("decision", "kept", "methods", "target_accuracy")}
 
 
@@ -412,13 +416,13 @@ def _run_steps(cfg: Config, run_step: StepRunner) -> dict[str, Any]:
         up | {"model_sha256": trained["model_sha256"], "index": baselines["index_sha256"]},
         step_evaluate,
     )
-    adapted = None
-    if best.data.unlabelled is not None:  # cheap: seconds, no labels
-        adapted = cached("adapt", best, {"model_sha256": trained["model_sha256"]}, step_adapt)
     registered = run_step("register", None, lambda: step_register(best))
     promoted = run_step("promote", None, lambda: step_promote(best))
     if promoted["promoted"]:  # the next drift check compares with this champion's data
         run_step("reference", None, lambda: step_reference(best))
+    adapted = None
+    if best.data.unlabelled is not None:  # cheap: seconds, no labels
+        adapted = cached("adapt", best, {"model_sha256": trained["model_sha256"]}, step_adapt)
     exported = None
     if cfg.export.onnx:
         version = {"model_sha256": trained["model_sha256"], "version": registered["version"]}
