@@ -143,16 +143,6 @@ class DataConfig(_Section):
     out: FsPath = Path("data/prepared")
     table: TableConfig = Field(default_factory=TableConfig)
     image: ImageConfig = Field(default_factory=ImageConfig)
-    unlabelled: FsPath | None = Field(
-        None,
-        description="images from the domain the model will serve, without labels (a folder, "
-        "searched recursively): what `transferops adapt` learns from",
-    )
-    target_test: FsPath | None = Field(
-        None,
-        description="a small labelled sample of that domain (class folders named like the "
-        "training classes): only scores adaptation, never trains",
-    )
     splits: SplitConfig = Field(default_factory=SplitConfig)
     limit_per_class: Annotated[int, Field(ge=1)] | None = Field(
         None, description="keep at most N training examples per class (few-shot studies)"
@@ -162,6 +152,16 @@ class DataConfig(_Section):
     )
     on_empty_class: Literal["skip", "fail"] = Field(
         "skip", description="class folders with no images: skip with one warning, or fail"
+    )
+    unlabelled: FsPath | None = Field(
+        None,
+        description="images from the domain the model will serve, without labels (a folder, "
+        "searched recursively): what `transferops adapt` learns from",
+    )
+    target_test: FsPath | None = Field(
+        None,
+        description="a small labelled sample of that domain (class folders named like the "
+        "training classes): only scores adaptation, never trains",
     )
 
     @property

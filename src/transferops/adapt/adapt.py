@@ -186,13 +186,19 @@ def adapt(cfg: Config) -> dict[str, Any]:
         "cpu": round(time.process_time() - c0, 1),
     }
     if report["kept"]:
-        adapted_spec["adapted"] = {
-            k: report[k] for k in ("methods", "found", "unlabelled", "target_accuracy")
-        } | {"from_model_sha256": spec.get("weights_sha256")}
-        save_model_folder(net, adapted_spec, [], Path(ac.out), Path(cfg.source.out))
+        _save(net, spec, adapted_spec, report, cfg)
     write_json_atomic(Path(ac.report), report)
     log.info("adapt: %s", report["decision"])
     return report
+
+
+def _save(net: StagedNet, spec: dict, adapted: dict, report: dict, cfg: Config) -> None:
+    """adapt.out: a model folder whose spec says how and to what it was adapted."""
+    keys = ("methods", "found", "unlabelled", "target_accuracy")
+    adapted["adapted"] = {k: report[k] for k in keys} | {
+        "from_model_sha256": spec.get("weights_sha256")
+    }
+    save_model_folder(net, adapted, [], Path(cfg.adapt.out), Path(cfg.source.out))
 
 
 def _target_decision(

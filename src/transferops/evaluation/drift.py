@@ -32,11 +32,8 @@ from safetensors.numpy import load_file, save_file
 
 from transferops.config import Config
 from transferops.data.prepared import load_prepared, read_manifest
-from transferops.finetune.cache import encode_prefix
-from transferops.model.families import build_staged
-from transferops.model.inputs import make_inputs, make_preprocess
+from transferops.finetune.features import frozen_features
 from transferops.runtime.artifacts import publish_modes
-from transferops.sources.pull import load_source
 
 log = logging.getLogger(__name__)
 MAX_SAMPLE = 400  # per side: the test's cost grows with its square
@@ -71,23 +68,11 @@ def example_keys(data: Any) -> np.ndarray:
 
 def source_features(cfg: Config, split: str = "train") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pooled features of the frozen pretrained source on a prepared split, labels, keys."""
-    manifest = read_manifest(cfg.data.out)
-    size = manifest.get("image_size") or None
-    source = load_source(cfg.source.out, size)
-    data = load_prepared(cfg.data.out, split)
-    net = build_staged(
-        source.model,
-        source.family,
-        len(data.class_names),
-        image_size=size or 32,
-        user_blocks=source.manifest.get("user_blocks"),
-    ).eval()
-    inputs = make_inputs(data, Path(cfg.source.out), source.manifest, cfg.finetune.max_length)
-    pre = make_preprocess(source.manifest, torch.device("cpu"), data.modality)
-    pre.place(net, torch.device("cpu"))
-    with torch.no_grad():
-        feats = encode_prefix(net, inputs, net.num_blocks, pre, 64)
-    return feats.flatten(1).numpy(), data.labels.numpy(), example_keys(data)
+    size = read_manifest(cfg.data.out).get("image_size") or None
+    data = load_prepared(cfg.data.out, split)  # type: ignore[arg-type]
+    cpu = torch.device("cpu")
+    feats = frozen_features(cfg.source.out, {split: data}, size, cfg.finetune.max_length, cpu, 64)
+    return feats[split].numpy(), data.labels.numpy(), example_keys(data)
 
 
 def mmd_test(

@@ -2,7 +2,9 @@
 
 - ``plan``: the stage plan (which blocks thaw when, for how many epochs), LR schedule
 - ``thaw``: freeze / make_trainable / unfreeze_and_add_param_group, the thaw policy
-- ``probe``: the exact linear probe (the head's start and the floor fine-tuning must beat)
+- ``probe``: the exact linear probe (the head's start and the floor fine-tuning must beat);
+  ``features``: a frozen source's pooled features (probe, source ranking, drift check);
+  ``balance``: class weights for imbalanced training data
 - ``cache``: frozen-prefix features, computed once per stage
 - ``checkpoint``: resume state, saved atomically
 - ``adapters``: LoRA (peft) for HF encoders

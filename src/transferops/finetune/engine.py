@@ -130,14 +130,7 @@ def finetune(
     opt = make_optimizer(net, cfg)
     ck = load_checkpoint(checkpoint, fingerprint) if checkpoint else None
     store = feature_store if feature_store is not None else {}
-    weight = class_weights(train.y, net.head[-1].out_features, cfg.class_weight)
-    if weight is not None:
-        log.info(
-            "class-balanced loss: largest class %.1fx the smallest (finetune.class_weight %s)",
-            imbalance(train.y, len(weight)),
-            cfg.class_weight,
-        )
-        weight = weight.to(device)
+    weight = loss_weights(train, net.head[-1].out_features, cfg, device)
     run, probe = start(net, train, val, pre, cfg, store, amp, ck, weight)
     loop = Loop(net, opt, train, val, pre, cfg, amp, run, weight)
 
@@ -186,6 +179,21 @@ def finetune(
         probe=probe,
         average=WeightAverage(**run.average) if run.average else None,
     )
+
+
+def loss_weights(
+    train: Inputs, num_classes: int, cfg: FinetuneConfig, device: torch.device
+) -> torch.Tensor | None:
+    """The per-class loss weights finetune.class_weight asks for (said in the log), or None."""
+    weight = class_weights(train.y, num_classes, cfg.class_weight)
+    if weight is None:
+        return None
+    log.info(
+        "class-balanced loss: largest class %.1fx the smallest (finetune.class_weight %s)",
+        imbalance(train.y, num_classes),
+        cfg.class_weight,
+    )
+    return weight.to(device)
 
 
 def start(

@@ -27,20 +27,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from transferops.config import Config, with_overrides
 from transferops.data.prepared import PreparedData, load_prepared, read_manifest
 from transferops.errors import ConfigError, SourceError
-from transferops.finetune.cache import encode_prefix
-from transferops.finetune.engine import autocast_for
+from transferops.finetune.features import frozen_features
 from transferops.finetune.probe import fit_probe
-from transferops.model.families import build_staged
-from transferops.model.inputs import make_inputs, make_preprocess, pick_device
+from transferops.model.inputs import pick_device
 from transferops.runtime.artifacts import read_json, sha256_json
 from transferops.sources.efficientnet_lite import PACKAGED
 from transferops.sources.manifest import MANIFEST
-from transferops.sources.pull import PullResult, load_source, pull, pull_from_config
+from transferops.sources.pull import PullResult, pull, pull_from_config
 
 log = logging.getLogger(__name__)
 
@@ -79,26 +76,19 @@ def score_candidate(
     sub = cfg.source.model_copy(update={"name": name, "out": work / name, "candidates": None})
     pull(sub, registry_uri=cfg.source.registry_uri or cfg.tracking.uri)
     image_size = read_manifest(cfg.data.out).get("image_size") or None
-    src = load_source(sub.out, image_size)
     device = pick_device(cfg.finetune.device)
-    torch.manual_seed(0)  # the (unused) head's init: nothing depends on it
-    net = build_staged(
-        src.model,
-        src.family,
-        len(train.class_names),
-        image_size=image_size or 32,
-        user_blocks=src.manifest.get("user_blocks"),
-    )
-    pre = make_preprocess(src.manifest, device, train.modality)
-    pre.place(net, device)
-    amp, bs = autocast_for(device), cfg.finetune.batch_size * 2
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    feats = {}
-    with torch.no_grad():
-        for split, data in (("train", train), ("val", val)):
-            inputs = make_inputs(data, sub.out, src.manifest, cfg.finetune.max_length).to(device)
-            h = encode_prefix(net, inputs, net.num_blocks, pre, bs, amp=amp)
-            feats[split] = h.double().cpu().numpy()
+    feats = {
+        k: v.double().numpy()
+        for k, v in frozen_features(
+            sub.out,
+            {"train": train, "val": val},
+            image_size,
+            cfg.finetune.max_length,
+            device,
+            cfg.finetune.batch_size * 2,
+        ).items()
+    }
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     ytr, yva = train.labels.numpy(), val.labels.numpy()
     fit = fit_probe(feats["train"], ytr, feats["val"], yva, len(train.class_names))
