@@ -142,7 +142,7 @@ def test_pruned_trial_is_pruned_in_optuna_and_mlflow(tmp_path, digits_prepared, 
     assert run.info.status == "KILLED" and run.data.tags["state"] == "pruned"
     # named by arm: the transfer and scratch searches' trials do not share names
     assert run.info.run_name == "transfer-trial-2" and run.data.tags["arm"] == "transfer"
-    assert study_name(cfg).startswith("transferops-transfer-")
+    assert study_name(cfg).startswith("transferops-transfer-digits-")  # arm, data name
     assert summary["counts"]["pruned"] == 1 and summary["fully_evaluated"] == 2
     parent = client.get_run(summary["mlflow_run_id"])
     assert parent.data.metrics["fully_evaluated"] == 2

@@ -25,6 +25,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import shutil
 import statistics
 import time
@@ -105,9 +106,10 @@ def study_name(cfg: Config) -> str:
         "seed": cfg.search.seed,
         "finetune": cfg.finetune.trajectory_params(),
     }
-    # the arm first: optuna-dashboard lists studies by name, the transfer and scratch
-    # searches of the same data side by side
-    return f"transferops-{_arm(cfg)}-{data_hash[:8]}-{sha256_json(key)[:12]}"
+    # the arm and the data's name first: optuna-dashboard lists studies by name, the
+    # transfer and scratch searches of the same data side by side
+    data = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(cfg.data.path).stem).strip("-.")[:24] or "data"
+    return f"transferops-{_arm(cfg)}-{data}-{data_hash[:8]}-{sha256_json(key)[:12]}"
 
 
 def _arm(cfg: Config) -> str:
