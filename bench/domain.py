@@ -117,9 +117,13 @@ def render_digit(font: Path, digit: int, rng: np.random.Generator) -> np.ndarray
     return bits.reshape(8, 4, 8, 4).sum(axis=(1, 3)).astype(float)
 
 
-def write_font_digits(root: Path, per_class: int, seed: int, labelled: bool) -> None:
+def write_font_digits(
+    root: Path, per_class: int, seed: int, labelled: bool, bold: bool | None = False
+) -> None:
+    """Font digits; `bold`: only the bold faces (the auxiliary domain), False: the others,
+    None: all."""
     rng = np.random.default_rng(seed)
-    faces = fonts()
+    faces = [f for f in fonts() if bold is None or ("Bol" in f.stem or f.stem == "cmb10") == bold]
     for digit in range(10):
         folder = root / str(digit) if labelled else root
         folder.mkdir(parents=True, exist_ok=True)
@@ -158,13 +162,26 @@ def write_corrupted(pool: list[tuple[str, Path]], unl: Path, tt: Path, seed: int
             out.save(unl / f"{i:05d}.png")
 
 
+def write_blurred(src: Path, aux: Path, per_class: int) -> None:
+    """A related labelled domain: `per_class` source images per class, blurred only."""
+    for cls in sorted(p for p in src.iterdir() if p.is_dir()):
+        (aux / cls.name).mkdir(parents=True, exist_ok=True)
+        for p in sorted(cls.glob("*.png"))[-per_class:]:
+            with Image.open(p) as im:
+                im.convert("RGB").filter(ImageFilter.GaussianBlur(2.0)).save(
+                    aux / cls.name / p.name
+                )
+
+
 def write_case(case: str, folder: Path) -> dict:
     """The case's source data, unlabelled target and labelled target sample; its overrides."""
     src, unl, tt = folder / "data/source", folder / "data/unlabelled", folder / "data/target_test"
+    aux = folder / "data/auxiliary"
     if case == "digits-fonts":
         write_digit_scans(src, np.arange(1797))
         write_font_digits(unl, 60, seed=1, labelled=False)
         write_font_digits(tt, 30, seed=2, labelled=True)
+        write_font_digits(aux, 20, seed=5, labelled=True, bold=True)  # related: bold faces
     elif case == "digits-corrupt":
         idx = np.random.default_rng(0).permutation(1797)
         write_digit_scans(src, idx[:1200])
@@ -172,6 +189,7 @@ def write_case(case: str, folder: Path) -> dict:
         write_digit_scans(held, idx[1200:])
         pool = [(p.parent.name, p) for p in sorted(held.rglob("*.png"))]
         write_corrupted(pool, unl, tt, seed=3)
+        write_blurred(src, aux, per_class=20)  # related: blurred (not noised, not faded)
     elif case == "clipart-corrupt":
         every = folder / "all"
         write_clipart(every)
@@ -225,11 +243,17 @@ def main() -> None:
                 test = load_prepared(cfg.data.out, "test")
                 probs = predict(Path(cfg.finetune.out), test, pick_device("cpu"))
                 home = float((probs.argmax(1) == test.labels.numpy()).mean())
-                for methods in METHOD_SETS:
+                runs = [(m, {}) for m in METHOD_SETS]
+                if (folder / "data/auxiliary").exists():  # the related labelled domain too
+                    aux = {"data.auxiliary": "data/auxiliary"}
+                    runs += [(["weights"], aux), (["adabn", "pseudo_label"], aux)]
+                for methods, extra in runs:
+                    if extra:
+                        prepare(load_config(Path("params.yaml"), overrides | extra))
                     r = adapt(
                         load_config(
                             Path("params.yaml"),
-                            overrides | {"finetune.seed": seed, "adapt.methods": methods},
+                            overrides | extra | {"finetune.seed": seed, "adapt.methods": methods},
                         )
                     )
                     t, d = r["target_accuracy"], r["target_minus_before"]
@@ -237,7 +261,8 @@ def main() -> None:
                     rec = (t["after"] - t["before"]) / gap if gap > 0.01 else float("nan")
                     v = r["source_val_accuracy"]
                     print(
-                        f"| {case} | {seed} | {'+'.join(methods)} | {home:.3f} | {t['before']:.3f} "
+                        f"| {case} | {seed} | {'+'.join(methods)}{' + auxiliary' if extra else ''} "
+                        f"| {home:.3f} | {t['before']:.3f} "
                         f"| {t['after']:.3f} | {100 * d['mean']:+.1f} [{100 * d['ci_low']:+.1f}, "
                         f"{100 * d['ci_high']:+.1f}] | {rec:.0%} | {v['before']:.3f} -> "
                         f"{v['after']:.3f} | {r['proxy_domain_auc']['after']:.3f} "

@@ -44,6 +44,7 @@ def shifted_project(tmp_path_factory, lite0_source) -> dict:
         | {
             "unlabelled": str(_write_domain(root / "unl", 20, False, 16)),
             "target_test": str(_write_domain(root / "tt", 10, True, 36)),
+            "auxiliary": str(_write_domain(root / "aux", 8, True, 46)),  # a related domain
         },
         "source": {"out": str(lite0_source), "candidates": None},
         "finetune": {
@@ -77,7 +78,9 @@ def test_domains_are_prepared_apart_from_the_data_hash(shifted_project):
     m = read_manifest(shifted_project["data"]["out"])
     assert m["domains"]["unlabelled"]["count"] == 60  # 3 classes x 20, labels ignored
     assert m["domains"]["target_test"]["count"] == 30
+    assert m["domains"]["auxiliary"]["count"] == 24
     assert "unlabelled.safetensors" not in m["artifacts"]  # not part of data_hash
+    assert m["counts"]["val"] == {"one": 2, "two": 2, "zero": 2}  # val untouched by them
 
 
 def test_adabn_changes_only_batchnorm_statistics_and_helps_on_a_shift(shifted_project):
@@ -135,6 +138,7 @@ def test_pseudo_labels_never_come_from_the_target_test_sample(shifted_project, t
     cfg = _cfg(shifted_project, methods=["adabn", "pseudo_label"], pseudo_threshold=0.5)
     first = adapt(cfg)
     assert first["found"]["pseudo_label"]["taken_per_round"][0] > 0
+    assert first["found"]["auxiliary"]["images"] == 24  # the related domain's labelled images
     w1 = load_file(str(Path(cfg.adapt.out) / "model.safetensors"))
     tt = Path(cfg.data.out) / "target_test.safetensors"
     t = load_file(str(tt))

@@ -163,6 +163,11 @@ class DataConfig(_Section):
         description="a small labelled sample of that domain (class folders named like the "
         "training classes): only scores adaptation, never trains",
     )
+    auxiliary: FsPath | None = Field(
+        None,
+        description="labelled images from a related domain (class folders named like the "
+        "training classes): adaptation trains the head on them, weighed toward the target",
+    )
 
     @property
     def modality(self) -> Literal["image", "text"]:
@@ -926,6 +931,7 @@ STEP_INPUTS: dict[str, StepInputs] = {
             "adapt",
             "data.unlabelled",
             "data.target_test",
+            "data.auxiliary",
             "evaluate.confidence",
             "registry.model_name",
             "tracking",

@@ -34,7 +34,7 @@ from transferops.adapt.methods import (
     pooled_features,
 )
 from transferops.config import Config
-from transferops.data.domains import TARGET_TEST, UNLABELLED
+from transferops.data.domains import AUXILIARY, TARGET_TEST, UNLABELLED
 from transferops.data.prepared import load_prepared, read_manifest
 from transferops.errors import ConfigError, DataError
 from transferops.evaluation.stats import paired_bootstrap
@@ -77,7 +77,7 @@ def fit_head(
 ) -> tuple[ProbeFit, dict[str, Any]]:
     """The head for the adapted features: the exact probe on the labelled source features,
     as the methods transform or weigh them; what each method found."""
-    xtr, xva = feats["train"], feats["val"]
+    xtr, xva, ytr = feats["train"], feats["val"], y["train"]
     found: dict[str, Any] = {}
     sw = None
     if "coral" in methods:
@@ -91,7 +91,14 @@ def fit_head(
             "weight_min": round(float(sw.min()), 3),
             "weight_max": round(float(sw.max()), 3),
         }
-    fit = fit_probe(xtr, y["train"], xva, y["val"], k, sample_weight=sw)
+    if "auxiliary" in feats:  # a related domain's labelled images, weighed toward the target
+        xa = to_target(feats["auxiliary"]) if "coral" in methods else feats["auxiliary"]
+        wa, auc = domain_weights(feats["auxiliary"], feats["target"])
+        sw = np.r_[np.ones(len(xtr)) if sw is None else sw, wa]
+        xtr, ytr = np.vstack([xtr, xa]), np.r_[ytr, y["auxiliary"]]
+        found["auxiliary"] = {"images": len(xa), "domain_auc": round(auc, 4)}
+    y = y | {"train": ytr}
+    fit = fit_probe(xtr, ytr, xva, y["val"], k, sample_weight=sw)
     if "pseudo_label" in methods:
         taken = []
         for _ in range(rounds):
@@ -141,20 +148,23 @@ def adapt(cfg: Config) -> dict[str, Any]:
     amp, bs = autocast_for(device), cfg.finetune.batch_size * 2
     data = {"train": _inputs(out, "train"), "val": _inputs(out, "val")}
     data["target"] = load_domain(out, UNLABELLED)  # type: ignore[assignment]
+    auxiliary = load_domain(out, AUXILIARY)
+    if auxiliary is not None:
+        data["auxiliary"] = auxiliary
     target_test = load_domain(out, TARGET_TEST)
     before = copy.deepcopy(net)
     found: dict[str, Any] = {}
     # Domain-specific normalisation (AdaBN): source examples are seen through the original
     # BN statistics, target ones through the moved ones. A head refitted on source features
     # normalised with the target's statistics would be fitted where no data ever lies.
-    feats = {s: pooled_features(net, data[s], pre, bs, amp) for s in ("train", "val", "target")}
+    feats = {s: pooled_features(net, d, pre, bs, amp) for s, d in data.items()}
     target_before = feats["target"]
     if "adabn" in methods:
         layers = adabn(net, data["train"], data["target"], pre, amp)
         found["adabn"] = {"batchnorm_layers": layers}
         feats["target"] = pooled_features(net, data["target"], pre, bs, amp)
-    if set(methods) - {"adabn"}:  # a head method: refit the head (else keep the trained one)
-        y = {s: data[s].y.cpu().numpy() for s in ("train", "val")}
+    if set(methods) - {"adabn"} or auxiliary is not None:  # a new head (else the trained one)
+        y = {s: data[s].y.cpu().numpy() for s in data if s != "target"}
         k = len(spec["class_names"])
         fit, head_found = fit_head(feats, y, k, methods, ac.pseudo_threshold, ac.pseudo_rounds)
         found |= head_found
@@ -163,7 +173,7 @@ def adapt(cfg: Config) -> dict[str, Any]:
             head.weight.copy_(fit.weight.to(head.weight.device))
             head.bias.copy_(fit.bias.to(head.bias.device))
     adapted_spec = dict(spec)
-    if set(methods) - {"adabn"}:  # a new head: its temperature, on val seen as it was fitted
+    if set(methods) - {"adabn"} or auxiliary is not None:  # its temperature, fitted on val
         logits = feats["val"] @ fit.weight.double().numpy().T + fit.bias.double().numpy()
         val_probs = torch.softmax(torch.from_numpy(logits), 1).numpy()
         adapted_spec["temperature"] = fit_temperature(val_probs, y["val"])

@@ -4,7 +4,10 @@
 recursively; class folders, if any, are ignored); adaptation learns from them
 (:mod:`transferops.adapt`). ``data.target_test``: a small labelled sample of the new domain
 (class folders with the training data's class names; a few per class is enough); it is read
-only to score adaptation, never to train or pseudo-label.
+only to score adaptation, never to train or pseudo-label. ``data.auxiliary``: labelled
+images from a related domain (last year's data, another site; class folders like the
+training data's): adaptation trains the head on them too, each weighed by how much it looks
+like the target (instance weights); never in val or test.
 
 Both are decoded like the labelled splits (same size, same resize) into ``data.out/``
 (``unlabelled.safetensors``, ``target_test.safetensors``) and hashed in the manifest under
@@ -31,6 +34,8 @@ log = logging.getLogger(__name__)
 
 UNLABELLED = "unlabelled"
 TARGET_TEST = "target_test"
+AUXILIARY = "auxiliary"
+LABELLED = (TARGET_TEST, AUXILIARY)  # class folders named like the training classes
 NO_LABEL = -1
 
 
@@ -38,7 +43,7 @@ def domain_files(d: DataConfig) -> dict[str, list[Path]]:
     """The image files of ``data.unlabelled`` and ``data.target_test`` (those set), for the
     prepare fingerprint; a clear error for a missing folder or a table."""
     out: dict[str, list[Path]] = {}
-    for key in (UNLABELLED, TARGET_TEST):
+    for key in (UNLABELLED, TARGET_TEST, AUXILIARY):
         path = getattr(d, key)
         if path is None:
             continue
@@ -78,12 +83,12 @@ def write_domains(
     manifest's ``domains`` entry: per split its count, artifact hash and source folder."""
     out: dict[str, dict[str, Any]] = {}
     for key, files in domain_files(d).items():
-        if key == TARGET_TEST:
-            raw = read_image_folder(Path(d.target_test), d.image.extensions)  # type: ignore[arg-type]
+        if key in LABELLED:
+            raw = read_image_folder(Path(getattr(d, key)), d.image.extensions)
             unknown = sorted({e.label for e in raw.examples} - set(class_names))
             if unknown:
                 raise DataError(
-                    f"data.target_test: class folder(s) {', '.join(unknown)} are not classes of "
+                    f"data.{key}: class folder(s) {', '.join(unknown)} are not classes of "
                     f"data.path ({', '.join(class_names)}): name them like the training classes"
                 )
             paths = [e.path for e in raw.examples]
