@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps
 
 os.environ.setdefault("TRANSFEROPS_PROGRESS", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -145,7 +145,9 @@ def corrupt(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(arr.clip(0, 255).astype("uint8"))
 
 
-def write_corrupted(pool: list[tuple[str, Path]], unl: Path, tt: Path, seed: int) -> None:
+def write_corrupted(
+    pool: list[tuple[str, Path]], unl: Path, tt: Path, seed: int, size: int
+) -> None:
     """Corrupted copies of `pool` (label, file): two thirds unlabelled, a third labelled."""
     rng = np.random.default_rng(seed)
     for i, (label, src) in enumerate(pool):
@@ -153,6 +155,9 @@ def write_corrupted(pool: list[tuple[str, Path]], unl: Path, tt: Path, seed: int
             if im.mode in ("RGBA", "LA", "P"):
                 rgba = im.convert("RGBA")
                 im = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+            # at the size the model sees: a blur or noise on a 600-px drawing vanishes when
+            # prepare scales it down
+            im = ImageOps.fit(im.convert("RGB"), (size, size), Image.Resampling.BILINEAR)
             out = corrupt(im, rng)
         if i % 3 == 2:
             (tt / label).mkdir(parents=True, exist_ok=True)
@@ -188,7 +193,7 @@ def write_case(case: str, folder: Path) -> dict:
         held = folder / "held"
         write_digit_scans(held, idx[1200:])
         pool = [(p.parent.name, p) for p in sorted(held.rglob("*.png"))]
-        write_corrupted(pool, unl, tt, seed=3)
+        write_corrupted(pool, unl, tt, seed=3, size=64)
         write_blurred(src, aux, per_class=20)  # related: blurred (not noised, not faded)
     elif case == "clipart-corrupt":
         every = folder / "all"
@@ -200,7 +205,7 @@ def write_case(case: str, folder: Path) -> dict:
         for p in mine:
             (src / p.parent.name).mkdir(parents=True, exist_ok=True)
             shutil.move(str(p), src / p.parent.name / p.name)
-        write_corrupted([(p.parent.name, p) for p in pool], unl, tt, seed=4)
+        write_corrupted([(p.parent.name, p) for p in pool], unl, tt, seed=4, size=128)
     else:
         raise SystemExit(f"unknown case {case}")
     return {

@@ -210,3 +210,25 @@ def test_on_drift_with_unlabelled_data_adapts_instead_of_retraining(shifted_proj
     assert float(mv.tags["target_accuracy_after"]) == report["target_accuracy"]["after"]
     assert mv.tags["adapted_from"] == "not registered"  # this test registered nothing before
     assert "No label of that domain was used" in mv.description
+
+
+def test_unlabelled_data_like_the_training_data_is_not_adapted_to(shifted_project, tmp_path):
+    """No shift (the unlabelled images are more scans of the same kind): adapting could only
+    cost, so nothing is written and the report says why."""
+    from transferops.adapt.adapt import adapt
+
+    raw = copy.deepcopy(shifted_project)
+    same = tmp_path / "same"
+    names = {0: "zero", 1: "one", 2: "two"}
+    for c, imgs in digit_images(36).items():
+        for i, img in enumerate(imgs[16:]):  # scans the model never saw, unshifted
+            same.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img, mode="L").convert("RGB").save(same / f"{names[c]}_{i}.png")
+    raw["data"] |= {"unlabelled": str(same), "out": str(tmp_path / "prep")}
+    raw["adapt"] |= {"out": str(tmp_path / "adapted"), "report": str(tmp_path / "a.json")}
+    cfg = validate_config(raw)
+    prepare(cfg)
+    report = adapt(cfg)
+    assert not report["kept"] and not report["shift"]["shifted"]
+    assert report["decision"].startswith("nothing to adapt: the unlabelled images look like")
+    assert not Path(cfg.adapt.out).exists()

@@ -933,6 +933,7 @@ STEP_INPUTS: dict[str, StepInputs] = {
             "data.target_test",
             "data.auxiliary",
             "evaluate.confidence",
+            "schedule.drift_alpha",
             "registry.model_name",
             "tracking",
         ),

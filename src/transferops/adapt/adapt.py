@@ -37,13 +37,15 @@ from transferops.config import Config
 from transferops.data.domains import AUXILIARY, TARGET_TEST, UNLABELLED
 from transferops.data.prepared import load_prepared, read_manifest
 from transferops.errors import ConfigError, DataError
+from transferops.evaluation.drift import mmd_test, source_features
 from transferops.evaluation.stats import paired_bootstrap
+from transferops.finetune.cache import Autocast
 from transferops.finetune.engine import autocast_for
 from transferops.finetune.probe import ProbeFit, fit_probe
 from transferops.model.blocks import StagedNet
 from transferops.model.calibration import fit_temperature
 from transferops.model.folder import load_finetuned, save_model_folder
-from transferops.model.inputs import Inputs, make_preprocess, pick_device
+from transferops.model.inputs import Inputs, Preprocess, make_preprocess, pick_device
 from transferops.model.predict import predict_probs
 from transferops.runtime.artifacts import write_json_atomic
 
@@ -123,12 +125,57 @@ def _score(net: StagedNet, spec: dict, data: Inputs, device: torch.device) -> np
 
 def adapt(cfg: Config) -> dict[str, Any]:
     """Adapt ``finetune.out`` to ``data.unlabelled`` per ``adapt``; returns the report."""
-    ac, out = cfg.adapt, Path(cfg.data.out)
-    methods = [m for m in ORDER if m in ac.methods]
+    ac = cfg.adapt
     if cfg.data.unlabelled is None:  # `dvc repro` runs every stage: a clear no-op
         report = {"kept": False, "decision": "nothing to adapt: data.unlabelled is not set"}
         write_json_atomic(Path(ac.report), report)
         return report
+    net, spec, data, domains = _load(cfg)
+    t0, c0 = time.perf_counter(), time.process_time()
+    device = pick_device(cfg.finetune.device)
+    pre = make_preprocess(spec["source"], device, spec["modality"])
+    pre.place(net, device)
+    amp, bs = autocast_for(device), cfg.finetune.batch_size * 2
+    before = copy.deepcopy(net)
+    feats = {s: pooled_features(net, d, pre, bs, amp) for s, d in data.items()}
+    target_before = feats["target"]
+    shift = _shift(cfg)
+    if not shift["shifted"]:  # adapting to data like the training data can only cost
+        report = {"kept": False, "shift": shift, "decision": shift["why"]}
+        write_json_atomic(Path(ac.report), report)
+        return report
+    found, adapted_spec = _adapt_model(net, spec, data, feats, pre, amp, bs, cfg)
+    report = {
+        "shift": shift,
+        "methods": [m for m in ORDER if m in ac.methods],
+        "found": found,
+        "unlabelled": domains[UNLABELLED],
+        "source_val_accuracy": {  # the adapted model on the old domain: what it costs there
+            "before": float(_score(before, spec, data["val"], device).mean()),
+            "after": float(_score(net, adapted_spec, data["val"], device).mean()),
+        },
+        "proxy_domain_auc": {  # a linear domain classifier on the model's features
+            "before": round(domain_weights(feats["train"], target_before)[1], 4),
+            "after": round(domain_weights(feats["train"], feats["target"])[1], 4),
+        },
+    }
+    target_test = load_domain(cfg.data.out, TARGET_TEST)
+    report |= _target_decision(before, spec, net, adapted_spec, target_test, device, cfg)
+    report["seconds"] = {
+        "wall": round(time.perf_counter() - t0, 1),
+        "cpu": round(time.process_time() - c0, 1),
+    }
+    if report["kept"]:
+        _save(net, spec, adapted_spec, report, cfg)
+    write_json_atomic(Path(ac.report), report)
+    log.info("adapt: %s", report["decision"])
+    return report
+
+
+def _load(cfg: Config) -> tuple[StagedNet, dict, dict[str, Inputs], dict]:
+    """The model to adapt, its spec, the data it adapts with (train, val, the unlabelled
+    target, the auxiliary domain when given) and the manifest's domains; clear errors first."""
+    out = Path(cfg.data.out)
     domains = read_manifest(out).get("domains") or {}
     if UNLABELLED not in domains:
         raise ConfigError(
@@ -141,65 +188,72 @@ def adapt(cfg: Config) -> dict[str, Any]:
             f"{cfg.finetune.out} is the classical candidate (logistic regression on pixels): "
             "it has no features to adapt; set registry.classical_candidate: false and retrain"
         )
-    t0, c0 = time.perf_counter(), time.process_time()
-    device = pick_device(cfg.finetune.device)
-    pre = make_preprocess(spec["source"], device, spec["modality"])
-    pre.place(net, device)
-    amp, bs = autocast_for(device), cfg.finetune.batch_size * 2
     data = {"train": _inputs(out, "train"), "val": _inputs(out, "val")}
     data["target"] = load_domain(out, UNLABELLED)  # type: ignore[assignment]
     auxiliary = load_domain(out, AUXILIARY)
     if auxiliary is not None:
         data["auxiliary"] = auxiliary
-    target_test = load_domain(out, TARGET_TEST)
-    before = copy.deepcopy(net)
+    return net, spec, data, domains
+
+
+def _adapt_model(
+    net: StagedNet,
+    spec: dict,
+    data: dict[str, Inputs],
+    feats: dict[str, np.ndarray],
+    pre: Preprocess,
+    amp: Autocast,
+    bs: int,
+    cfg: Config,
+) -> tuple[dict[str, Any], dict]:
+    """Run the methods on `net` in place (AdaBN, then a new head when a head method or
+    auxiliary data asks for one); what they found and the adapted spec (its temperature).
+
+    Domain-specific normalisation: source examples are seen through the original BN
+    statistics (`feats` as computed before), target ones through the moved ones. A head
+    refitted on source features normalised with the target's statistics would be fitted
+    where no data ever lies."""
+    ac = cfg.adapt
+    methods = [m for m in ORDER if m in ac.methods]
     found: dict[str, Any] = {}
-    # Domain-specific normalisation (AdaBN): source examples are seen through the original
-    # BN statistics, target ones through the moved ones. A head refitted on source features
-    # normalised with the target's statistics would be fitted where no data ever lies.
-    feats = {s: pooled_features(net, d, pre, bs, amp) for s, d in data.items()}
-    target_before = feats["target"]
     if "adabn" in methods:
-        layers = adabn(net, data["train"], data["target"], pre, amp)
-        found["adabn"] = {"batchnorm_layers": layers}
+        found["adabn"] = {"batchnorm_layers": adabn(net, data["train"], data["target"], pre, amp)}
         feats["target"] = pooled_features(net, data["target"], pre, bs, amp)
-    if set(methods) - {"adabn"} or auxiliary is not None:  # a new head (else the trained one)
-        y = {s: data[s].y.cpu().numpy() for s in data if s != "target"}
-        k = len(spec["class_names"])
-        fit, head_found = fit_head(feats, y, k, methods, ac.pseudo_threshold, ac.pseudo_rounds)
-        found |= head_found
-        head = net.head[-1]
-        with torch.no_grad():
-            head.weight.copy_(fit.weight.to(head.weight.device))
-            head.bias.copy_(fit.bias.to(head.bias.device))
     adapted_spec = dict(spec)
-    if set(methods) - {"adabn"} or auxiliary is not None:  # its temperature, fitted on val
-        logits = feats["val"] @ fit.weight.double().numpy().T + fit.bias.double().numpy()
-        val_probs = torch.softmax(torch.from_numpy(logits), 1).numpy()
-        adapted_spec["temperature"] = fit_temperature(val_probs, y["val"])
-    report = {
-        "methods": methods,
-        "found": found,
-        "unlabelled": domains[UNLABELLED],
-        "source_val_accuracy": {  # the adapted model on the old domain: what it costs there
-            "before": float(_score(before, spec, data["val"], device).mean()),
-            "after": float(_score(net, adapted_spec, data["val"], device).mean()),
-        },
-        "proxy_domain_auc": {  # a linear domain classifier on the model's features
-            "before": round(domain_weights(feats["train"], target_before)[1], 4),
-            "after": round(domain_weights(feats["train"], feats["target"])[1], 4),
-        },
-    }
-    report |= _target_decision(before, spec, net, adapted_spec, target_test, device, cfg)
-    report["seconds"] = {
-        "wall": round(time.perf_counter() - t0, 1),
-        "cpu": round(time.process_time() - c0, 1),
-    }
-    if report["kept"]:
-        _save(net, spec, adapted_spec, report, cfg)
-    write_json_atomic(Path(ac.report), report)
-    log.info("adapt: %s", report["decision"])
-    return report
+    if not (set(methods) - {"adabn"} or "auxiliary" in data):
+        return found, adapted_spec  # the trained head, its temperature
+    y = {s: data[s].y.cpu().numpy() for s in data if s != "target"}
+    k = len(spec["class_names"])
+    fit, head_found = fit_head(feats, y, k, methods, ac.pseudo_threshold, ac.pseudo_rounds)
+    found |= head_found
+    head = net.head[-1]
+    with torch.no_grad():
+        head.weight.copy_(fit.weight.to(head.weight.device))
+        head.bias.copy_(fit.bias.to(head.bias.device))
+    # the new head's temperature, on val seen as the head was fitted
+    logits = feats["val"] @ fit.weight.double().numpy().T + fit.bias.double().numpy()
+    val_probs = torch.softmax(torch.from_numpy(logits), 1).numpy()
+    adapted_spec["temperature"] = fit_temperature(val_probs, y["val"])
+    return found, adapted_spec
+
+
+def _shift(cfg: Config) -> dict[str, Any]:
+    """Whether the unlabelled images differ from the training images: the drift check's MMD
+    permutation test (at schedule.drift_alpha) in the frozen pretrained source's features,
+    which never saw either (the fine-tuned model's features of its own training images
+    would differ from any new images, shifted or not)."""
+    train, _, _ = source_features(cfg, "train")
+    target, _, _ = source_features(cfg, UNLABELLED)
+    mmd2, p = mmd_test(train, target)
+    alpha = cfg.schedule.drift_alpha
+    shifted = p < alpha
+    why = (
+        f"the unlabelled images differ from the training data (MMD² {mmd2:.4f}, p {p:.3f})"
+        if shifted
+        else f"nothing to adapt: the unlabelled images look like the training data (MMD² "
+        f"{mmd2:.4f}, p {p:.3f} >= schedule.drift_alpha {alpha}); the model is kept as it is"
+    )
+    return {"mmd2": mmd2, "p_value": p, "shifted": shifted, "why": why}
 
 
 def _save(net: StagedNet, spec: dict, adapted: dict, report: dict, cfg: Config) -> None:
