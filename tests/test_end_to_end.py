@@ -125,9 +125,9 @@ def test_run_pipeline_on_tiny_images(tmp_path, monkeypatch):
         k: v for k, v in summary.items() if k != "promotion"
     }
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
-    assert r.output.count("up to date (fingerprint") == 5  # search ... evaluate, export
+    assert r.output.count("up to date (fingerprint") == 6  # search ... evaluate, adapt, export
     # one line per step: where the run is and for how long (the rerun is quick)
-    assert "step 1/10 prepare (0:00 elapsed)" in r.output and "step 10/10 export" in r.output
+    assert "step 1/11 prepare (0:00 elapsed)" in r.output and "step 11/11 export" in r.output
     # Without --json: a summary a person reads, ending the output
     r = runner.invoke(app, ["run", "--no-prefect"])
     tail = r.output.splitlines()[-9:]

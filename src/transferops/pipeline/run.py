@@ -231,6 +231,7 @@ def _marker(step: str, cfg: Config) -> Path:
         "train": Path(cfg.finetune.out) / WEIGHTS_FILE,
         "baseline": cfg.baseline.index,
         "evaluate": Path(cfg.evaluate.out) / "metrics.json",
+        "adapt": Path(cfg.adapt.report),
         "export": Path(cfg.export.out) / "export.json",
     }[step]
 
@@ -420,9 +421,11 @@ def _run_steps(cfg: Config, run_step: StepRunner) -> dict[str, Any]:
     promoted = run_step("promote", None, lambda: step_promote(best))
     if promoted["promoted"]:  # the next drift check compares with this champion's data
         run_step("reference", None, lambda: step_reference(best))
-    adapted = None
-    if best.data.unlabelled is not None:  # cheap: seconds, no labels
-        adapted = cached("adapt", best, {"model_sha256": trained["model_sha256"]}, step_adapt)
+    # seconds, no labels; without data.unlabelled a no-op that writes its report (dvc.lock
+    # records every stage a whole run ran, so `dvc status` stays clean)
+    adapted = cached("adapt", best, {"model_sha256": trained["model_sha256"]}, step_adapt)
+    if best.data.unlabelled is None:
+        adapted = None  # not worth a line of the summary
     exported = None
     if cfg.export.onnx:
         version = {"model_sha256": trained["model_sha256"], "version": registered["version"]}
