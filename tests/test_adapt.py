@@ -232,3 +232,23 @@ def test_unlabelled_data_like_the_training_data_is_not_adapted_to(shifted_projec
     assert not report["kept"] and not report["shift"]["shifted"]
     assert report["decision"].startswith("nothing to adapt: the unlabelled images look like")
     assert not Path(cfg.adapt.out).exists()
+
+
+def test_without_a_target_sample_the_adapted_model_is_written_not_registered(
+    shifted_project, tmp_path
+):
+    from mlflow import MlflowClient
+
+    from transferops.pipeline.run import step_adapt
+
+    raw = copy.deepcopy(shifted_project)
+    raw["data"] |= {"target_test": None, "auxiliary": None, "out": str(tmp_path / "prep")}
+    raw["adapt"] |= {"out": str(tmp_path / "adapted"), "report": str(tmp_path / "a.json")}
+    raw["tracking"] = {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    cfg = validate_config(raw)
+    prepare(cfg)
+    r = step_adapt(cfg)
+    assert r["kept"] and r["target_accuracy"] is None
+    assert "target accuracy unknown" in r["decision"] and "not registered" in r["decision"]
+    assert (tmp_path / "adapted" / "model.json").exists()  # there to inspect
+    assert not MlflowClient(cfg.tracking.uri).search_registered_models()  # not served

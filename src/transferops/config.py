@@ -534,6 +534,11 @@ class AdaptConfig(_Section):
         "recoloured to the target's covariance; weights: instance weights from a domain "
         "classifier; pseudo_label: confident target predictions join the head's training set",
     )
+    require_target_test: bool = Field(
+        True,
+        description="register an adapted model only when data.target_test measured it (not "
+        "worse there); false: register an unmeasured one too",
+    )
     pseudo_threshold: Annotated[float, Field(gt=0, le=1)] = 0.9
     pseudo_rounds: Annotated[int, Field(ge=1)] = 2
     out: FsPath = Path("models/adapted")

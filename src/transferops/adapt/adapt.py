@@ -276,12 +276,20 @@ def _target_decision(
 ) -> dict[str, Any]:
     """Target accuracy before / after with the paired interval, and the keep decision."""
     if target_test is None:
+        unchecked = "registered anyway (adapt.require_target_test: false)"
+        if cfg.adapt.require_target_test:
+            unchecked = (
+                "not registered: on one of the three domain-shift benchmarks adaptation "
+                "lowered target accuracy (bench/RESULTS.md), so an unmeasured adapted model "
+                "is not served (adapt.require_target_test)"
+            )
         return {
             "target_accuracy": None,
             "kept": True,
+            "register": not cfg.adapt.require_target_test,
             "decision": (
                 "adapted model written; target accuracy unknown (no data.target_test: give a "
-                "few labelled images per class from the new domain to measure it)"
+                f"few labelled images per class from the new domain to measure it); {unchecked}"
             ),
         }
     if (target_test.y < 0).any():
@@ -297,6 +305,7 @@ def _target_decision(
         "target_accuracy": {"before": float(b.mean()), "after": float(a.mean()), "n": len(a)},
         "target_minus_before": diff,
         "kept": not worse,
+        "register": not worse,
         "decision": (
             f"refused: worse on the labelled target sample ({points} points, n={len(a)})"
             if worse

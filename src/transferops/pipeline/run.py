@@ -208,7 +208,7 @@ def step_adapt(cfg: Config) -> dict[str, Any]:
     target sample)."""
 
     r = adapt(cfg)
-    registered = register_adapted(cfg) if r["kept"] else None
+    registered = register_adapted(cfg) if r.get("register") else None
     if registered is not None:
         r["decision"] += f"; registered {registered.name} v{registered.version} (@adapted)"
     return {k: r.get(k) for k in ("decision", "kept", "methods", "target_accuracy")}
