@@ -312,13 +312,14 @@ PARAM_CHARS = 500  # MLflow's limit for a param value on older servers
 
 
 def flat_params(node: Any, prefix: str = "") -> dict[str, str]:
-    """A nested params dict as dotted keys -> strings (cut at :data:`PARAM_CHARS`)."""
+    """A nested params dict as dotted keys -> strings (passwords masked, cut at
+    :data:`PARAM_CHARS`)."""
     if isinstance(node, dict):
         out: dict[str, str] = {}
         for k, v in node.items():
             out |= flat_params(v, f"{prefix}{k}.")
         return out
-    text = str(node)
+    text = mask(str(node))  # a store URL's password never reaches MLflow
     return {prefix[:-1]: text if len(text) <= PARAM_CHARS else text[: PARAM_CHARS - 3] + "..."}
 
 
