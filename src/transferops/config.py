@@ -542,7 +542,8 @@ class AdaptConfig(_Section):
     pseudo_threshold: Annotated[float, Field(gt=0, le=1)] = 0.9
     pseudo_rounds: Annotated[int, Field(ge=1)] = 2
     out: FsPath = Path("models/adapted")
-    report: FsPath = Path("reports/adapt.json")
+    # not under evaluate.out: evaluate rewrites that folder whole
+    report: FsPath = Path("metrics/adapt.json")
 
 
 class RegistryConfig(_Section):
