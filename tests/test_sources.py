@@ -171,7 +171,7 @@ def _ranked(name: str, losses, cpu_s: float):
     from transferops.search.sources import Ranked
 
     losses = np.asarray(losses, dtype=float)
-    return Ranked(name, float(losses.mean()), 0.5, 1.0, 8, cpu_s, cpu_s, losses)
+    return Ranked(name, float(losses.mean()), 0.5, 1.0, 8, cpu_s, cpu_s, losses, cpu_s)
 
 
 def test_choose_takes_the_best_probe_loss_unless_a_cheaper_one_is_within_noise():

@@ -184,13 +184,14 @@ def source_lines(ranking: dict[str, Any] | None) -> list[str]:
         "source is fine-tuned: how the ranking matches each candidate's test probe is "
         "measured in bench/sources.py, not here.",
         "",
-        "| source | probe val log-loss | probe val accuracy | feature CPU s |",
-        "| --- | --- | --- | --- |",
+        "| source | probe val log-loss | probe val accuracy | weights MB | feature CPU s |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for r in ranking["candidates"]:
         name = f"**{r['name']}**" if r["name"] == ranking["chosen"] else r["name"]
         lines.append(
-            f"| {name} | {r['val_loss']:.4f} | {r['val_accuracy']:.3f} | {r['cpu_s']:.1f} |"
+            f"| {name} | {r['val_loss']:.4f} | {r['val_accuracy']:.3f} | "
+            f"{r.get('weights_mb', float('nan')):.1f} | {r['cpu_s']:.1f} |"
         )
     return lines
 
