@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from PIL import Image
 from typer.testing import CliRunner
@@ -178,6 +179,7 @@ def _new_store_output(tmp_path, env: dict[str, str]) -> str:
     return r.stdout + r.stderr
 
 
+@pytest.mark.slow  # 12 s: two full CLI runs for their log lines
 def test_third_party_noise_is_off_unless_verbose(tmp_path, monkeypatch):
     # MLflow announces every new store; transferops -v shows it, the default does not
     quiet = _new_store_output(tmp_path / "a", {"TRANSFEROPS_VERBOSE": "0"})

@@ -64,6 +64,7 @@ def test_image_model_onnx_matches_pytorch_at_any_batch(trained, tmp_path):
     assert one.shape == (1, 3) and np.allclose(one, onnx_probs(session, inputs)[:1], atol=1e-6)
 
 
+@pytest.mark.slow  # 14 s (MiniLM); the image model's parity runs in the fast suite
 def test_text_model_onnx_matches_pytorch(tmp_path):
     """MiniLM (the packaged HF encoder) fine-tuned on the fortunes: token ids + mask in,
     dynamic batch and length, the same probabilities as PyTorch on the test split."""

@@ -196,7 +196,7 @@ SLOW_SEARCH = (
     ("sig", "prefect"),
     [
         (signal.SIGINT, False),
-        (signal.SIGTERM, False),
+        pytest.param(signal.SIGTERM, False, marks=pytest.mark.slow),  # 11 s; SIGINT is fast
         pytest.param(signal.SIGINT, True, marks=pytest.mark.slow),
         pytest.param(signal.SIGTERM, True, marks=pytest.mark.slow),
     ],

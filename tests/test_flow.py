@@ -102,6 +102,7 @@ def test_bad_params_fail_before_prefect_starts(project):
     assert "Beginning flow run" not in r.stdout + r.stderr
 
 
+@pytest.mark.slow  # 19 s: a second flow run with a tiny startup timeout
 def test_a_slow_ephemeral_prefect_server_falls_back_to_the_same_steps(project):
     """Under load Prefect's temporary server can miss its start-up deadline: one warning that
     names the setting, then the same steps run without Prefect (nothing had run yet)."""
