@@ -1,17 +1,22 @@
 """`transferops adapt`: the trained model adapted to the domain of ``data.unlabelled``.
 
 Reads the model ``train`` wrote (``finetune.out``), the labelled train and val splits (the
-source domain), the unlabelled target images and, when given, the labelled target sample
-(``data.target_test``, read only to score). Runs ``adapt.methods`` in a fixed order (AdaBN
-first: it changes the features the others see), refits the head, recalibrates the
-temperature on val, and writes ``adapt.out`` (a model folder whose spec says ``adapted``:
-methods, target data, what each step found) and ``adapt.report``.
+source domain), the unlabelled target images, the auxiliary domain's labelled images when
+given, and the labelled target sample (``data.target_test``, read only to score). First an
+MMD test (frozen source features) says whether the unlabelled images differ from the
+training images at all; if not, nothing is adapted. Then ``adapt.methods`` run in a fixed
+order (AdaBN first: it changes the features the others see), the head is refitted when a
+head method or auxiliary data asks for it (with its temperature, on val), and ``adapt.out``
+(a model folder whose spec says ``adapted``: methods, target data, what each step found)
+and ``adapt.report`` are written.
 
 The decision: with a labelled target sample, the adapted model is kept only if it is not
 worse there than the model it came from (paired bootstrap over the sample's examples: a
-confidence interval wholly below 0 refuses it). Without one, target accuracy is unknown and
-the report says so; it gives the proxies instead: the domain classifier's AUC on the model's
-features before and after (0.5 = the domains look alike to a linear classifier).
+confidence interval wholly below 0 refuses it), and then registered. Without one, target
+accuracy is unknown and the report says so and gives the proxy (a domain classifier's AUC
+on the model's features before and after; 0.5 = the domains look alike to a linear
+classifier); the model is written but, with ``adapt.require_target_test`` (the default), not
+registered: on one of three benchmarks every method lowered target accuracy.
 """
 
 from __future__ import annotations
