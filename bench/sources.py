@@ -31,10 +31,10 @@ from transferops.config import load_config, with_overrides
 from transferops.data.prepare import prepare
 from transferops.data.prepared import load_prepared, read_manifest
 from transferops.finetune.cache import encode_prefix
-from transferops.finetune.probe import fit_probe
+from transferops.finetune.probe import fit_probe, log_losses
 from transferops.model.families import build_staged
 from transferops.model.inputs import make_inputs, make_preprocess
-from transferops.search.sources import Ranked, _val_losses, choose
+from transferops.search.sources import Ranked, choose
 from transferops.sources.pull import load_source, pull
 
 IMAGE = ["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"]
@@ -66,7 +66,7 @@ def score(cfg, name: str, splits: dict, work: Path) -> tuple[Ranked, float]:
     )
     w, b = fit.weight.double().numpy(), fit.bias.double().numpy()
     test_acc = float(((feats["test"] @ w.T + b).argmax(1) == y["test"]).mean())
-    losses = _val_losses(feats["val"] @ w.T + b, y["val"])
+    losses = log_losses(feats["val"] @ w.T + b, y["val"])
     return Ranked(
         name, fit.val_loss, fit.val_accuracy, fit.C, w.shape[1], cpu, wall, losses
     ), test_acc

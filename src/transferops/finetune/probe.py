@@ -44,10 +44,11 @@ class ProbeFit:
     val_loss: float
 
 
-def _log_loss(logits: np.ndarray, y: np.ndarray) -> float:
+def log_losses(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Per-example log-loss of `logits` on labels `y` (a stable log-softmax)."""
     z = logits - logits.max(1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(1, keepdims=True))
-    return float(-logp[np.arange(len(y)), y].mean())
+    return -logp[np.arange(len(y)), y]
 
 
 def fit_probe(
@@ -87,7 +88,7 @@ def fit_probe(
             torch.tensor(bias, dtype=torch.float32),
             c,
             acc,
-            _log_loss(logits, yva),
+            float(log_losses(logits, yva).mean()),
         )
         if best is None or (-fit.val_loss, acc) > best[0]:
             best = ((-fit.val_loss, acc), fit)

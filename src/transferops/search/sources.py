@@ -33,7 +33,7 @@ from transferops.config import Config, with_overrides
 from transferops.data.prepared import PreparedData, load_prepared, read_manifest
 from transferops.errors import ConfigError, SourceError
 from transferops.finetune.features import frozen_features
-from transferops.finetune.probe import fit_probe
+from transferops.finetune.probe import fit_probe, log_losses
 from transferops.model.inputs import pick_device
 from transferops.runtime.artifacts import read_json, sha256_json
 from transferops.sources.efficientnet_lite import PACKAGED
@@ -64,19 +64,13 @@ class Ranked:
         return {k: v for k, v in asdict(self).items() if k != "losses"}
 
 
-def _val_losses(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
-    return -logp[np.arange(len(y)), y]
-
-
 def score_candidate(
     cfg: Config, name: str, train: PreparedData, val: PreparedData, work: Path
 ) -> Ranked:
     """Pull `name` into `work`, compute its pooled features on train and val once, and fit
     the exact probe on them."""
     sub = cfg.source.model_copy(update={"name": name, "out": work / name, "candidates": None})
-    pull(sub, registry_uri=cfg.source.registry_uri or cfg.tracking.uri)
+    pulled = pull(sub, registry_uri=cfg.source.registry_uri or cfg.tracking.uri)
     image_size = read_manifest(cfg.data.out).get("image_size") or None
     device = pick_device(cfg.finetune.device)
     cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -95,8 +89,7 @@ def score_candidate(
     ytr, yva = train.labels.numpy(), val.labels.numpy()
     fit = fit_probe(feats["train"], ytr, feats["val"], yva, len(train.class_names))
     logits = feats["val"] @ fit.weight.double().numpy().T + fit.bias.double().numpy()
-    manifest = read_json(sub.out / MANIFEST)
-    weights_mb = (sub.out / manifest["weights_file"]).stat().st_size / 1e6
+    weights_mb = (sub.out / pulled.manifest["weights_file"]).stat().st_size / 1e6
     return Ranked(
         name,
         fit.val_loss,
@@ -105,7 +98,7 @@ def score_candidate(
         feats["val"].shape[1],
         cpu,
         wall,
-        _val_losses(logits, yva),
+        log_losses(logits, yva),
         round(weights_mb, 1),
     )
 
