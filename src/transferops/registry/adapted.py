@@ -11,19 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from transferops.config import Config, registered_model_name
 from transferops.model.folder import SPEC_FILE, verify_weights
-from transferops.registry.register import (
-    RegisterResult,
-    _log_model,
-    _signature_and_example,
-    find_version,
-    shipped_code,
-)
+from transferops.registry.register import RegisterResult, find_version, log_version
 from transferops.runtime.artifacts import read_json
 from transferops.runtime.tracking import setup_tracking, start_run
 
@@ -99,18 +92,11 @@ def register_adapted(cfg: Config) -> RegisterResult | None:
         return RegisterResult(name, str(existing.version), False, existing.run_id, existing.tags)
     base = find_version(client, name, spec["adapted"].get("from_model_sha256") or "-")
     tags = adapted_tags(spec, model_sha, base)
-    signature, example = _signature_and_example(spec, folder, cfg)
     if not client.search_registered_models(f"name='{name}'"):
         client.create_registered_model(name)
     run_tags = {"role": "registered-adapted", "model_sha256": model_sha}
-    with (
-        start_run(mlflow, run_name=f"register-adapted-{name}", tags=run_tags) as run,
-        tempfile.TemporaryDirectory(prefix="transferops-code-") as code,
-    ):
-        info = _log_model(mlflow, shipped_code(Path(code)), folder, signature, example, spec)
-        mv = client.create_model_version(
-            name, info.model_uri, run_id=run.info.run_id, tags=tags, model_id=info.model_id
-        )
+    with start_run(mlflow, run_name=f"register-adapted-{name}", tags=run_tags) as run:
+        mv = log_version(mlflow, client, name, folder, spec, tags, cfg)
         card = adapted_card(name, str(mv.version), tags)
         mlflow.log_text(card, "model_card.md")
     client.update_model_version(name, mv.version, description=card)

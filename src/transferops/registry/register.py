@@ -175,6 +175,35 @@ def _log_model(
     )
 
 
+def log_version(
+    mlflow: Any, client: Any, name: str, model_dir: Path, spec: dict, tags: dict, cfg: Config
+) -> Any:
+    """In the active run: the model folder logged as a pyfunc (its inference code shipped,
+    signature and example given), a version of `name` created from it with `tags`, and the
+    logged model pointed at that version. Returns the model version."""
+    signature, example = _signature_and_example(spec, model_dir, cfg)
+    with tempfile.TemporaryDirectory(prefix="transferops-code-") as code:
+        pkg = shipped_code(Path(code))
+        # The signature is given: MLflow's hint that type hints could infer one, and its
+        # "validating input example" line, are noise here
+        quiet("mlflow.pyfunc")
+        with warnings.catch_warnings():
+            if not verbose():
+                warnings.filterwarnings("ignore", message=".*type hints", category=UserWarning)
+            info = _log_model(mlflow, pkg, model_dir, signature, example, spec)
+    run_id = mlflow.active_run().info.run_id
+    mv = client.create_model_version(
+        name, info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id
+    )
+    # What mlflow.register_model also records: the logged model's page then shows the
+    # version ("Registered: v1"), not "Not registered".
+    client.set_logged_model_tags(
+        info.model_id,
+        {"mlflow.modelVersions": json.dumps([{"name": name, "version": mv.version}])},
+    )
+    return mv
+
+
 def register(cfg: Config) -> RegisterResult:
     """Register finetune.out (evaluated) as a new version with alias `challenger`."""
     from mlflow import MlflowClient
@@ -193,36 +222,16 @@ def register(cfg: Config) -> RegisterResult:
         return res
 
     tags = lineage_tags(cfg, spec, metrics, search, model_sha)
-    signature, example = _signature_and_example(spec, model_dir, cfg)
     if not client.search_registered_models(f"name='{name}'"):
         client.create_registered_model(
             name, description="Fine-tuned by transferops; see each version's model card."
         )
     run_tags = {"role": "registered-model", **{k: tags[k] for k in ("data_hash", "model_sha256")}}
-    with (
-        start_run(mlflow, run_name=f"register-{name}", tags=run_tags) as run,
-        tempfile.TemporaryDirectory(prefix="transferops-code-") as code,
-    ):
+    with start_run(mlflow, run_name=f"register-{name}", tags=run_tags) as run:
         mlflow.log_params(trained_params(spec))
         log_data(mlflow, cfg.data.out, Path(cfg.data.path).name, tags["data_hash"], "training")
         mlflow.log_metrics({f"test_{m}": metrics["finetuned"][m] for m in METRICS})
-        pkg = shipped_code(Path(code))
-        # The signature is given: MLflow's hint that type hints could infer one, and its
-        # "validating input example" line, are noise here
-        quiet("mlflow.pyfunc")
-        with warnings.catch_warnings():
-            if not verbose():
-                warnings.filterwarnings("ignore", message=".*type hints", category=UserWarning)
-            info = _log_model(mlflow, pkg, model_dir, signature, example, spec)
-        mv = client.create_model_version(
-            name, info.model_uri, run_id=run.info.run_id, tags=tags, model_id=info.model_id
-        )
-        # What mlflow.register_model also records: the logged model's page then shows the
-        # version ("Registered: v1"), not "Not registered".
-        client.set_logged_model_tags(
-            info.model_id,
-            {"mlflow.modelVersions": json.dumps([{"name": name, "version": mv.version}])},
-        )
+        mv = log_version(mlflow, client, name, model_dir, spec, tags, cfg)
         card = model_card(name, str(mv.version), tags, spec, metrics)
         mlflow.log_text(card, "model_card.md")
     client.update_model_version(name, mv.version, description=card)
