@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch
 os.environ.setdefault("TRANSFEROPS_PROGRESS", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality import CASES, ROOT, write_case_data
+from quality import CASES, in_case_folder
 
 from transferops.config import load_config, with_overrides
 from transferops.data.prepare import prepare
@@ -115,14 +114,7 @@ def main() -> None:
     print("| --- " * 11 + "|")
     for case in args.cases.split(","):
         overrides = CASES[case]
-        folder = args.out / case
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        shutil.copy(ROOT / "params.yaml", folder / "params.yaml")
-        write_case_data(folder, overrides)
-        cwd = Path.cwd()
-        os.chdir(folder)
-        try:
+        with in_case_folder(args.out, case, overrides):
             cfg = with_overrides(load_config(Path("params.yaml")), overrides)
             prepare(cfg)
             f = features(cfg)
@@ -148,8 +140,6 @@ def main() -> None:
                         res[mode] = scores(fit_probe(x, y, xva, yva, k, w), xte, yte, k)
                     runs.append(res)
                 print(row(case, label, runs), flush=True)
-        finally:
-            os.chdir(cwd)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps
 os.environ.setdefault("TRANSFEROPS_PROGRESS", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality import ROOT, write_clipart
+from quality import in_case_folder, write_clipart
 
 from transferops.adapt.adapt import adapt
 from transferops.config import load_config
@@ -232,13 +232,7 @@ def main() -> None:
     )
     print("| --- " * 11 + "|")
     for case in args.cases.split(","):
-        folder = args.out / case
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        shutil.copy(ROOT / "params.yaml", folder / "params.yaml")
-        cwd = Path.cwd()
-        os.chdir(folder)
-        try:
+        with in_case_folder(args.out, case, {}) as folder:  # its data: write_case below
             overrides = write_case(case, folder)
             for seed in [int(s) for s in args.seeds.split(",")]:
                 cfg = load_config(Path("params.yaml"), overrides | {"finetune.seed": seed})
@@ -274,8 +268,6 @@ def main() -> None:
                         f"| {r['seconds']['cpu']} |",
                         flush=True,
                     )
-        finally:
-            os.chdir(cwd)
 
 
 if __name__ == "__main__":

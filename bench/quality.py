@@ -18,10 +18,12 @@ for every case (a value is read as YAML). ``--help`` lists the cases.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -169,23 +171,31 @@ def _timed_runner(times: dict[str, tuple[float, float]]):
     return run
 
 
-def run_case(name: str, overrides: dict[str, Any], out: Path) -> dict[str, Any]:
-    """The pipeline on one case in ``out/<name>``; its figures."""
+@contextlib.contextmanager
+def in_case_folder(out: Path, name: str, overrides: dict[str, Any]) -> Iterator[Path]:
+    """A fresh project folder ``out/<name>`` (params.yaml + the case's data), the working
+    directory while inside: every output path in params.yaml is relative to it."""
     folder = out / name
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     shutil.copy(ROOT / "params.yaml", folder / "params.yaml")
     write_case_data(folder, overrides)
     cwd = Path.cwd()
-    os.chdir(folder)  # every output path in params.yaml is relative to the project folder
+    os.chdir(folder)
     try:
+        yield folder
+    finally:
+        os.chdir(cwd)
+
+
+def run_case(name: str, overrides: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The pipeline on one case in ``out/<name>``; its figures."""
+    with in_case_folder(out, name, overrides) as folder:
         cfg = load_config(Path("params.yaml"), overrides)  # a preset in --set applies
         times: dict[str, tuple[float, float]] = {}
         summary = run_pipeline(cfg, _timed_runner(times))
         metrics = read_json(Path(cfg.evaluate.out) / "metrics.json")
         manifest = read_json(Path(cfg.data.out) / "manifest.json")
-    finally:
-        os.chdir(cwd)
     m = metrics["models"]
     return {
         "case": name,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 os.environ.setdefault("TRANSFEROPS_PROGRESS", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality import CASES, ROOT, write_case_data
+from quality import CASES, in_case_folder
 
 from transferops.config import load_config, with_overrides
 from transferops.data.prepare import prepare
@@ -88,15 +87,8 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for case in args.cases.split(","):
         overrides = CASES[case]
-        folder = args.out / case
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        shutil.copy(ROOT / "params.yaml", folder / "params.yaml")
-        write_case_data(folder, overrides)
-        cwd = Path.cwd()
-        os.chdir(folder)
         every: list[tuple[int, Ranked, float]] = []
-        try:
+        with in_case_folder(args.out, case, overrides):
             text = overrides.get("source.kind") == "hf"
             for size in [None] if text else [int(s) for s in args.sizes.split(",")]:
                 extra = (
@@ -128,8 +120,6 @@ def main() -> None:
                     "| | | | | | |",
                     flush=True,
                 )
-        finally:
-            os.chdir(cwd)
 
 
 if __name__ == "__main__":
