@@ -2,11 +2,13 @@
 
 For each case, the whole pipeline (the Python door, default params.yaml plus the case's
 overrides) in its own folder under ``--out``; then, from its report: the registered model's
-test accuracy (marked "classical" when fine-tuning did not beat the classical model on val),
-the transfer role's mean over seeds with its 95% t-interval, the exact frozen-feature probe,
-the classical baseline (logistic regression on pixels / TF-IDF), the from-scratch baseline,
-the verdict, the promotion decision, and the wall and CPU seconds of every step. This is how
-a change is known to help: run it before and after.
+test accuracy (marked "classical" when fine-tuning did not beat the classical model on val,
+"probe" when no epoch beat the exact probe beyond val noise), the transfer role's mean over
+seeds with its 95% t-interval and how many seeds ended at the exact probe, the probe arm,
+transfer − probe (paired over test examples, and each seed's), the classical baseline
+(logistic regression on pixels / TF-IDF), the from-scratch baseline, the verdict, the
+promotion decision, and the wall and CPU seconds of every step. This is how a change is known
+to help: run it before and after.
 
     .venv/bin/python bench/quality.py [--cases digits-k20-32,digits-k20-auto] [--quick]
         [--set compute.n_workers=2 ...]
@@ -204,6 +206,8 @@ def run_case(name: str, overrides: dict[str, Any], out: Path) -> dict[str, Any]:
         "registered": metrics["finetuned"]["accuracy"],
         "candidate": metrics["finetuned"].get("candidate", "finetuned"),
         "transfer": m["transfer"]["accuracy"],
+        "at_probe": m["transfer"].get("at_probe", 0),
+        "minus_probe": metrics.get("transfer_minus_probe", {}).get("accuracy"),
         "probe": m.get("probe", {}).get("accuracy"),
         "classical": m.get("classical", {}).get("accuracy"),
         "scratch": m["scratch"]["accuracy"],
@@ -225,6 +229,14 @@ def _ci(m: dict[str, Any] | None) -> str:
     if m.get("ci_low") is None:
         return f"{m['mean']:.3f}"
     return f"{m['mean']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
+
+
+def _diff(d: dict[str, Any] | None) -> str:
+    """transfer - probe in points: the paired bootstrap over test examples; each seed's."""
+    if d is None:
+        return "-"
+    each = ", ".join(f"{100 * x:+.1f}" for x in d["over_seeds"].get("per_seed", []))
+    return f"{100 * d['mean']:+.1f} [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}]; {each}"
 
 
 def _opt(x: float | None) -> str:
@@ -257,21 +269,24 @@ def main() -> None:
         + "".join(f", {k}={v}" for k, v in extra.items())
     )
     print(
-        "| case | train / px | registered | transfer (95% CI over seeds) | exact probe | "
-        "classical | scratch | verdict | promoted | min class recall | configs fully "
+        "| case | train / px | registered | transfer (95% CI over seeds; seeds at the probe) | "
+        "probe | transfer - probe (paired; per seed) | classical | scratch | verdict | "
+        "promoted | min class recall | configs fully "
         "evaluated | test NLL / ECE before -> after calibration (T) | seconds wall / cpu "
         "per step |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- " * 14 + "|")
     for name in args.cases.split(","):
         r = run_case(name, CASES[name] | (QUICK if args.quick else {}) | extra, args.out)
         steps = ", ".join(f"{s} {w:.0f}/{c:.0f}" for s, (w, c) in r["times"].items() if w >= 1)
         total_w = sum(w for w, _ in r["times"].values())
         total_c = sum(c for _, c in r["times"].values())
+        kind = "" if r["candidate"] == "finetuned" else f" ({r['candidate']})"
         print(
             f"| {name} | {r['train']} / {r['size'] or '-'} | {r['registered']:.3f}"
-            f"{' (classical)' if r['candidate'] == 'classical' else ''} | "
-            f"{_ci(r['transfer'])} | {_ci(r['probe'])} | "
+            f"{kind} | "
+            f"{_ci(r['transfer'])}; {r['at_probe']} | {_ci(r['probe'])} | "
+            f"{_diff(r['minus_probe'])} | "
             f"{r['classical']:.3f} | {_ci(r['scratch'])} | {r['verdict']} | "
             f"{'yes' if r['promoted'] else 'no'} | {_opt(r['min_recall'])} | "
             f"{r['evaluated'] if r['evaluated'] is not None else '-'} | {_cal(r['calibration'])} "

@@ -250,5 +250,24 @@ def test_without_a_target_sample_the_adapted_model_is_written_not_registered(
     r = step_adapt(cfg)
     assert r["kept"] and r["target_accuracy"] is None
     assert "target accuracy unknown" in r["decision"] and "not registered" in r["decision"]
+    report = json.loads(Path(cfg.adapt.report).read_text())
+    assert {"before", "after"} <= set(report["proxy_atc"])  # a proxy, beside the domain AUC
+    assert all(0 <= report["proxy_atc"][k] <= 1 for k in ("before", "after"))
     assert (tmp_path / "adapted" / "model.json").exists()  # there to inspect
     assert not MlflowClient(cfg.tracking.uri).search_registered_models()  # not served
+
+
+def test_atc_estimates_accuracy_from_confidence_alone():
+    """On val itself the estimate is val accuracy; target images the model is less sure of
+    get a lower estimate, surer ones a higher one."""
+    from transferops.evaluation.stats import atc_accuracy
+
+    rng = np.random.default_rng(0)
+    conf = rng.uniform(0.34, 1.0, 400)  # three classes, top class 0 with prob `conf`
+    val = np.c_[conf, (1 - conf) / 2, (1 - conf) / 2]
+    y = np.where(rng.uniform(size=400) < conf, 0, 1)  # calibrated: right as often as sure
+    assert abs(atc_accuracy(val, y, val) - (y == 0).mean()) < 0.01
+    unsure = np.c_[conf * 0.5 + 0.17, (1 - conf * 0.5 - 0.17) / 2, (1 - conf * 0.5 - 0.17) / 2]
+    sure = np.c_[np.sqrt(conf), (1 - np.sqrt(conf)) / 2, (1 - np.sqrt(conf)) / 2]
+    assert atc_accuracy(val, y, unsure) < (y == 0).mean() - 0.2
+    assert atc_accuracy(val, y, sure) > (y == 0).mean()

@@ -638,6 +638,30 @@ def test_head_starts_as_the_probe_and_the_probe_is_the_floor(digits_prepared, li
     assert res2.probe is None and not torch.allclose(net.head[-1].weight, res.probe.weight)
 
 
+def test_an_epoch_replaces_the_probe_only_beyond_val_noise(digits_prepared, lite0_source):
+    """finetune.beat_probe_by: the best epoch is kept when it beats the probe on val by more
+    than that many standard errors; just short of it, the model is the exact probe, and the
+    spec says "probe"."""
+    from transferops.finetune.probe import accuracy_noise
+
+    def run(z: float):
+        net, tr, va, cfg, pre = _setup(
+            digits_prepared, lite0_source, unfreeze_depth=1, lr=0.003, beat_probe_by=z
+        )
+        return net, finetune(net, tr, va, cfg, pre, CPU), len(va)
+
+    _, free, n = run(0.0)  # any gain counts: the old floor
+    gain = free.best_val_accuracy - free.probe.val_accuracy
+    assert gain > 0 and not free.from_probe  # this lr beats the probe on these digits
+    needed = gain / accuracy_noise(free.probe.val_accuracy, n, 1.0)  # the gain, in SEs
+    _, under, _ = run(needed * 0.99)
+    assert under.best_val_accuracy == free.best_val_accuracy and not under.from_probe
+    net, over, _ = run(needed * 1.01)
+    assert over.from_probe and over.best_val_accuracy == over.probe.val_accuracy
+    assert torch.equal(net.head[-1].weight, over.probe.weight)  # the exact probe's head
+    assert over.history == free.history  # the same epochs ran: only the choice differs
+
+
 def test_balanced_class_weights_follow_the_class_counts():
     from transferops.finetune.balance import IMBALANCE_RATIO, class_weights
 

@@ -538,7 +538,8 @@ def human_summary(s: dict[str, Any]) -> str:
     trials = ", ".join(f"{v} {k}" for k, v in s["trials"].items() if v)
     best = ", ".join(f"{k.split('.')[-1]} {v:.4g}" for k, v in s["best_params"].items())
     order = ["finetuned", *(k for k in acc if k != "finetuned")]  # the registered model first
-    registered = "registered model" + (" (classical)" if s.get("candidate") == "classical" else "")
+    kind = s.get("candidate", "finetuned")
+    registered = "registered model" + (f" ({kind})" if kind != "finetuned" else "")
     scores = " | ".join(
         f"{registered if k == 'finetuned' else k} {acc[k]:.3f}"
         for k in order

@@ -291,6 +291,13 @@ class FinetuneConfig(_Section):
         "the frozen features, regularisation picked on val) and fine-tuning is kept only where "
         "it beats it on val (LP-FT); random: a fresh head (from-scratch baselines)",
     )
+    beat_probe_by: Annotated[float, Field(ge=0)] = Field(
+        1.0,
+        description="head_init probe: an epoch replaces the exact probe only when its val "
+        "accuracy beats the probe's by this many standard errors of a difference of two "
+        "accuracies on val (1: the noise of the val split; 0: by anything); otherwise the "
+        "model is the exact probe and says so",
+    )
     class_weight: Literal["auto", "balanced", "none"] = Field(
         "auto",
         description="balanced: each class weighs the same in the training loss (probe and "

@@ -148,6 +148,7 @@ def _train_one(
         "data_out": str(data_out),
         "mlflow_run_id": run.info.run_id,
         "val_accuracy": val_accuracy,
+        "candidate": spec.get("candidate", "finetuned"),  # "probe": no epoch beat it on val
     }
 
 

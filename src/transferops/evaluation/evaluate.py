@@ -187,6 +187,8 @@ def _by_role(
             models[role] = {
                 m: mean_ci([r["metrics"][m] for r in runs], confidence, (0, 1)) for m in SCORES
             }
+            if role == "transfer":  # seeds where fine-tuning never beat the probe beyond noise
+                models[role]["at_probe"] = sum(r.get("candidate") == "probe" for r in runs)
             correct[role] = np.mean([r["correct"] for r in runs], axis=0)
     return models, correct
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from transferops.finetune.train import CANDIDATE_NOTES
 from transferops.runtime.artifacts import read_json
 
 
@@ -258,6 +259,13 @@ def difference_lines(metrics: dict, conf: int) -> list[str]:
             "test (recall 0), where the exact probe recognises some**: promotion refuses it "
             "(`registry.dropped_class_gate`)"
         )
+    transfer = metrics["models"].get("transfer", {})
+    if transfer.get("at_probe"):
+        lines.append(
+            f"- transfer: {transfer['at_probe']} of {transfer['accuracy']['n']} seed(s) ended at "
+            "the exact probe (no epoch beat it on val by more than noise: "
+            "`finetune.beat_probe_by`)"
+        )
     for role, d in metrics.get("finetuned", {}).get("minus", {}).items():
         lines.append(
             f"- model to register − {role}: {_fmt(d)}"
@@ -299,8 +307,8 @@ def report_markdown(metrics: dict, per_class: dict, classical: str | None) -> st
             lines.index("| --- | --- | --- | --- | --- |") + 1,
             f"| **model to register** (`{f['dir']}`"
             + (
-                ", the classical model: fine-tuning did not beat it on val"
-                if f.get("candidate") == "classical"
+                f": {CANDIDATE_NOTES[f['candidate']]}"
+                if f.get("candidate") in CANDIDATE_NOTES
                 else ""
             )
             + f") | {f['accuracy']:.3f} | {f['balanced_accuracy']:.3f} | "

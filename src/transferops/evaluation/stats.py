@@ -91,3 +91,22 @@ def ece(probs: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
         if m.any():
             total += m.mean() * abs(correct[m].mean() - conf[m].mean())
     return float(total)
+
+
+def atc_accuracy(val_probs: np.ndarray, val_y: np.ndarray, target_probs: np.ndarray) -> float:
+    """A model's accuracy on unlabelled examples, estimated: ATC with negative entropy (Garg
+    et al. 2022, "Leveraging unlabeled data to predict out-of-distribution performance").
+
+    On labelled val, the threshold t on the score sum(p log p) above which as many examples lie
+    as the model gets right; the estimate is the share of `target_probs` scoring above t. It
+    assumes the model is calibrated on val (the temperature) and that the shift moves
+    confidence and correctness together: an estimate, never a measurement."""
+
+    def score(p: np.ndarray) -> np.ndarray:
+        return (p * np.log(np.clip(p, 1e-12, 1.0))).sum(1)
+
+    if not len(target_probs) or not len(val_probs):
+        return float("nan")
+    accuracy = float((val_probs.argmax(1) == val_y).mean())
+    t = np.quantile(score(val_probs), 1.0 - accuracy)
+    return float((score(target_probs) > t).mean())

@@ -35,6 +35,10 @@ class RunState:
     avg_state: dict[str, torch.Tensor] | None = None  # mean weights of the averaged epochs
     avg_count: int = 0
     average: dict[str, Any] | None = None  # the average's val score, once the last stage ended
+    # the val accuracy an epoch must reach to be kept (the probe's plus its noise), and
+    # whether the best state is still the exact probe the head started from
+    floor: float = -1.0
+    from_probe: bool = False
 
     @classmethod
     def fresh(cls, net: StagedNet) -> RunState:
@@ -42,9 +46,11 @@ class RunState:
         return cls(best_state=copy.deepcopy(net.state_dict()))
 
     def improve(self, net: StagedNet, val_accuracy: float, val_loss: float) -> bool:
-        """Keep the weights if this is the best validation so far (accuracy, then loss)."""
-        if (val_accuracy, -val_loss) > self.best:
+        """Keep the weights if this is the best validation so far (accuracy, then loss) and
+        reaches the floor."""
+        if val_accuracy >= self.floor and (val_accuracy, -val_loss) > self.best:
             self.best = (val_accuracy, -val_loss)
+            self.from_probe = False
             self.best_state = copy.deepcopy(net.state_dict())
             return True
         return False
@@ -81,6 +87,8 @@ def save_checkpoint(
         "avg_state": state.avg_state,
         "avg_count": state.avg_count,
         "average": state.average,
+        "floor": state.floor,
+        "from_probe": state.from_probe,
         "rng": torch.get_rng_state(),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -118,4 +126,6 @@ def restore(net: StagedNet, ck: dict[str, Any]) -> RunState:
         avg_state=ck.get("avg_state"),
         avg_count=ck.get("avg_count", 0),
         average=ck.get("average"),
+        floor=ck.get("floor", -1.0),
+        from_probe=ck.get("from_probe", False),
     )

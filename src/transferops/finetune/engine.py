@@ -34,7 +34,7 @@ from transferops.finetune.checkpoint import (
     save_checkpoint,
 )
 from transferops.finetune.plan import Stage, lr_factor, stage_plan
-from transferops.finetune.probe import ProbeFit, probe_head
+from transferops.finetune.probe import ProbeFit, accuracy_noise, probe_head
 from transferops.finetune.thaw import (
     batchnorms,
     make_optimizer,
@@ -69,6 +69,7 @@ class TrainResult:
     optimizer_steps: dict[str, int] = field(default_factory=dict)
     probe: ProbeFit | None = None  # the exact probe the head started from (head_init probe)
     average: WeightAverage | None = None  # the averaged weights' val score (average_epochs)
+    from_probe: bool = False  # no epoch beat the probe beyond noise: the net is the probe
 
 
 @dataclass
@@ -165,6 +166,14 @@ def finetune(
         if feature_store is None:
             store.clear()  # free this stage's cache before the next stage builds its own
     net.load_state_dict(run.best_state)
+    if run.from_probe:
+        log.info(
+            run_label(
+                f"no epoch beat the exact probe on val by more than noise (val accuracy "
+                f"{run.floor:.4f} needed: finetune.beat_probe_by {cfg.beat_probe_by} SE over "
+                f"the probe's {run.best[0]:.4f}): the model is the exact probe"
+            )
+        )
     return TrainResult(
         net=net,
         best_val_accuracy=run.best[0],
@@ -178,6 +187,7 @@ def finetune(
         optimizer_steps={g["name"]: _steps(opt, g) for g in opt.param_groups},
         probe=probe,
         average=WeightAverage(**run.average) if run.average else None,
+        from_probe=run.from_probe,
     )
 
 
@@ -219,6 +229,8 @@ def start(
     run = RunState.fresh(net)
     if probe is not None:
         run.best = (probe.val_accuracy, -probe.val_loss)
+        noise = accuracy_noise(probe.val_accuracy, len(val), cfg.beat_probe_by)
+        run.floor, run.from_probe = probe.val_accuracy + noise, True
     return run, probe
 
 

@@ -5,13 +5,17 @@ cache); a multinomial logistic regression is fitted on them exactly (L-BFGS), wi
 regularisation picked on val. That head is loaded before any block thaws (linear probing
 then fine-tuning, LP-FT: Kumar et al., ICLR 2022): a random head's large early gradients
 would otherwise distort the pretrained features. Its val score is also the floor: an epoch
-of fine-tuning is kept only if it beats the probe on val, so the probe itself is the model
-when nothing does.
+of fine-tuning is kept only if it beats the probe on val by more than the val split's noise
+(``finetune.beat_probe_by`` standard errors, :func:`accuracy_noise`), so the probe itself is
+the model when nothing does. Without that margin the best of a run's epochs beat the probe on
+val by luck alone: on the unseen clip-art case the kept epochs scored 1.6 test points under
+the probe over three seeds (bench/RESULTS.md).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -24,6 +28,15 @@ from transferops.model.blocks import StagedNet
 from transferops.model.inputs import Inputs, Preprocess
 
 log = logging.getLogger(__name__)
+
+
+def accuracy_noise(p: float, n: int, z: float = 1.0) -> float:
+    """`z` standard errors of a difference of two accuracies near `p` on `n` examples,
+    z * sqrt(2 p (1 - p) / n): by how much one model must beat another on a split of `n`
+    before it is more than that split's noise (the search's pruner and the probe floor)."""
+    n = max(1, n)
+    p = min(max(p, 1.0 / n), 1.0 - 1.0 / n)
+    return z * math.sqrt(2.0 * p * (1.0 - p) / n)
 
 # Inverse regularisation strengths tried (sklearn's C). Val log-loss picks one: a proper score,
 # far less coarse than accuracy on a small val set, and it avoids the weakly regularised fits

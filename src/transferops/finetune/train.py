@@ -126,6 +126,7 @@ def train_model(
     spec["val_accuracy"] = res.best_val_accuracy
     spec["val_loss"] = res.best_val_loss
     spec["weight_average"] = asdict(res.average) if res.average else None
+    spec["candidate"] = "probe" if res.from_probe else "finetuned"
     return res, spec
 
 
@@ -139,6 +140,16 @@ def save_finetuned(res: TrainResult, spec: dict[str, Any], out: Path, source_dir
     save_model_folder(res.net, spec, res.history, out, source_dir, extra)
 
 
+# What the model `train` writes is, when it is not a fine-tuned network (spec "candidate"):
+# said in the report, the model card and the summary.
+CANDIDATE_NOTES = {
+    "probe": "the exact linear probe on the frozen source: no epoch of fine-tuning beat it on "
+    "val by more than the val split's noise (finetune.beat_probe_by)",
+    "classical": "the classical model, not a fine-tuned network: fine-tuning did not beat it "
+    "on val (registry.classical_candidate)",
+}
+
+
 @dataclass(frozen=True)
 class Trained:
     """What `transferops train` did (also finetune.metrics, for DVC)."""
@@ -150,7 +161,9 @@ class Trained:
     seconds: float
     reused_from: str | None = None  # the search trial's model, when it was this very run
     weight_average: dict[str, Any] | None = None  # the averaged weights' val score (spec's)
-    candidate: str = "finetuned"  # or "classical": fine-tuning did not beat it on val
+    # "probe": no epoch beat the exact probe on val beyond noise (the net is that probe);
+    # "classical": neither beat the classical model on val (keep_best_candidate)
+    candidate: str = "finetuned"
     classical_val_accuracy: float | None = None
 
 
@@ -270,6 +283,7 @@ def _train(cfg: Config, run_id: str, resume: bool) -> Trained:
         res.epochs_run,
         round(res.seconds, 2),
         weight_average=spec["weight_average"],
+        candidate=spec["candidate"],
     )
 
 
@@ -283,4 +297,5 @@ def _copy_trial(trial: Path, cfg: Config, run_id: str) -> Trained:
         0.0,
         str(trial),
         weight_average=spec.get("weight_average"),
+        candidate=spec.get("candidate", "finetuned"),
     )

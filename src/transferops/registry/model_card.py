@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from transferops.finetune.train import CANDIDATE_NOTES
 from transferops.registry.client import CHAMPION
 
 
@@ -18,10 +19,16 @@ def model_card(name: str, version: str, tags: dict[str, str], spec: dict, metric
         f"{float(tags['test_macro_f1']):.3f} |"
     ]
     for role in ("transfer", "scratch", "probe"):
-        if role in models:
+        if role in models:  # the recipe's expectation and spread: one seed is one draw
+            a = models[role]["accuracy"]
+            spread = (
+                f" [{a['ci_low']:.3f}, {a['ci_high']:.3f}]" if a.get("ci_low") is not None else ""
+            )
+            at_probe = models[role].get("at_probe")
             rows.append(
-                f"| {role} (mean over seeds) | {models[role]['accuracy']['mean']:.3f} | "
-                f"{models[role]['macro_f1']['mean']:.3f} |"
+                f"| {role} (mean of {a['n']} seed(s), 95% t-interval"
+                + (f"; {at_probe} ended at the exact probe" if at_probe else "")
+                + f") | {a['mean']:.3f}{spread} | {models[role]['macro_f1']['mean']:.3f} |"
             )
     if "classical" in models:
         c = models["classical"]
@@ -87,11 +94,8 @@ def model_card(name: str, version: str, tags: dict[str, str], spec: dict, metric
 def _caveats(tags: dict[str, str], metrics: dict[str, Any]) -> list[str]:
     """The model card's warnings: what this model is, and what beats it."""
     lines = []
-    if tags["candidate"] == "classical":
-        lines.append(
-            "This is the classical model, not a fine-tuned network: fine-tuning did not beat it "
-            "on the validation split (registry.classical_candidate)."
-        )
+    if tags["candidate"] in CANDIDATE_NOTES:
+        lines.append(f"This is {CANDIDATE_NOTES[tags['candidate']]}.")
     dropped = metrics["finetuned"].get("dropped_classes")
     if dropped:
         lines.append(
