@@ -55,6 +55,9 @@ METHOD_SETS = [
     ["adabn", "pseudo_label"],
     ["adabn", "coral"],
     ["adabn", "coral", "pseudo_label"],
+    ["align"],
+    ["adabn", "align"],
+    ["adabn", "align", "pseudo_label"],
 ]
 
 

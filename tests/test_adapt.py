@@ -112,6 +112,42 @@ def test_adabn_changes_only_batchnorm_statistics_and_helps_on_a_shift(shifted_pr
     assert acc1 > acc0  # the faded domain: normalised again, the same head reads it better
 
 
+def test_align_trains_only_the_top_and_pulls_the_domains_together(shifted_project):
+    """Deep CORAL: the CORAL distance between source and target features falls; only the top
+    block and the head move, and the source view shares them but keeps its statistics."""
+    from transferops.adapt.adapt import load_domain
+    from transferops.adapt.methods import adabn, align
+    from transferops.data.prepared import load_prepared
+    from transferops.finetune.engine import autocast_for
+    from transferops.model.folder import load_finetuned
+    from transferops.model.inputs import Inputs, make_preprocess
+
+    cpu, amp = torch.device("cpu"), autocast_for(torch.device("cpu"))
+    net, spec = load_finetuned(shifted_project["finetune"]["out"])
+    pre = make_preprocess(spec["source"], cpu, "image")
+    source_view = copy.deepcopy(net)
+    train = load_prepared(shifted_project["data"]["out"], "train")
+    source, target = (
+        Inputs(train.images, train.labels),
+        load_domain(shifted_project["data"]["out"], "unlabelled"),
+    )
+    adabn(net, source, target, pre, amp)  # the target view's statistics move first
+    before = copy.deepcopy(net.state_dict())
+    settings = {"depth": 1, "epochs": 5, "lr": 1e-3, "weight": 1.0, "batch_size": 8, "seed": 0}
+    found = align(net, source_view, source, target, pre, amp, settings)
+    assert found["coral_after"] < found["coral_before"]
+    after = net.state_dict()
+    top = f"blocks.{net.num_blocks - 1}."
+    moved = {k for k in after if not torch.equal(after[k], before[k])}
+    assert moved and all(k.startswith((top, "head.")) for k in moved)
+    assert not any(k.endswith(("running_mean", "running_var")) for k in moved)
+    shared = source_view.state_dict()
+    for k in moved:  # the same trained weights in both views ...
+        assert torch.equal(shared[k], after[k])
+    stats = [k for k in after if k.startswith(top) and k.endswith("running_mean")]
+    assert any(not torch.equal(shared[k], after[k]) for k in stats)  # ... each its statistics
+
+
 def test_instance_weights_rise_for_target_like_examples():
     from transferops.adapt.methods import domain_weights
 

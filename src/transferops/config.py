@@ -535,11 +535,13 @@ class EvaluateConfig(_Section):
 class AdaptConfig(_Section):
     """Adapting the trained model to the domain of ``data.unlabelled`` (`transferops adapt`)."""
 
-    methods: list[Literal["adabn", "coral", "weights", "pseudo_label"]] = Field(
+    methods: list[Literal["adabn", "align", "coral", "weights", "pseudo_label"]] = Field(
         default_factory=lambda: ["adabn", "pseudo_label"],
-        description="adabn: BatchNorm statistics of the target; coral: source features "
-        "recoloured to the target's covariance; weights: instance weights from a domain "
-        "classifier; pseudo_label: confident target predictions join the head's training set",
+        description="adabn: BatchNorm statistics of the target; align: the top blocks "
+        "fine-tuned with a CORAL loss between source and target features (deep CORAL); coral: "
+        "source features recoloured to the target's covariance; weights: instance weights "
+        "from a domain classifier; pseudo_label: confident target predictions join the head's "
+        "training set",
     )
     require_target_test: bool = Field(
         True,
@@ -548,6 +550,10 @@ class AdaptConfig(_Section):
     )
     pseudo_threshold: Annotated[float, Field(gt=0, le=1)] = 0.9
     pseudo_rounds: Annotated[int, Field(ge=1)] = 2
+    align_depth: Annotated[int, Field(ge=1)] = 1  # align: blocks trained, from the top
+    align_epochs: Annotated[int, Field(ge=1)] = 10  # align: passes over the labelled source
+    align_lr: Annotated[float, Field(gt=0)] = 1e-3
+    align_weight: Annotated[float, Field(ge=0)] = 1.0  # align: CORAL term / CE at the start
     out: FsPath = Path("models/adapted")
     # not under evaluate.out: evaluate rewrites that folder whole
     report: FsPath = Path("metrics/adapt.json")

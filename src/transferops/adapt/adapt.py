@@ -34,6 +34,7 @@ from safetensors.torch import load_file
 
 from transferops.adapt.methods import (
     adabn,
+    align,
     confident,
     coral_map,
     domain_weights,
@@ -57,7 +58,7 @@ from transferops.runtime.artifacts import write_json_atomic
 
 log = logging.getLogger(__name__)
 
-ORDER = ("adabn", "coral", "weights", "pseudo_label")  # the order methods run in
+ORDER = ("adabn", "align", "coral", "weights", "pseudo_label")  # the order methods run in
 
 
 def load_domain(out: Path | str, key: str) -> Inputs | None:
@@ -150,7 +151,7 @@ def adapt(cfg: Config) -> dict[str, Any]:
         report = {"kept": False, "shift": shift, "decision": shift["why"]}
         write_json_atomic(Path(ac.report), report)
         return report
-    found, adapted_spec = _adapt_model(net, spec, data, feats, pre, amp, bs, cfg)
+    found, adapted_spec, source_view = _adapt_model(net, spec, data, feats, pre, amp, bs, cfg)
     report = {
         "shift": shift,
         "methods": [m for m in ORDER if m in ac.methods],
@@ -165,7 +166,7 @@ def adapt(cfg: Config) -> dict[str, Any]:
             "after": round(domain_weights(feats["train"], feats["target"])[1], 4),
         },
     }
-    report["proxy_atc"] = _proxy_atc(before, spec, net, adapted_spec, data, device)
+    report["proxy_atc"] = _proxy_atc(before, spec, source_view, net, adapted_spec, data, device)
     target_test = load_domain(cfg.data.out, TARGET_TEST)
     report |= _target_decision(before, spec, net, adapted_spec, target_test, device, cfg)
     report["seconds"] = {
@@ -212,36 +213,55 @@ def _adapt_model(
     amp: Autocast,
     bs: int,
     cfg: Config,
-) -> tuple[dict[str, Any], dict]:
-    """Run the methods on `net` in place (AdaBN, then a new head when a head method or
-    auxiliary data asks for one); what they found and the adapted spec (its temperature).
+) -> tuple[dict[str, Any], dict, StagedNet]:
+    """Run the methods on `net` in place (AdaBN, alignment, then a new head when a head
+    method, alignment or auxiliary data asks for one); what they found, the adapted spec
+    (its temperature) and the source view of the adapted model.
 
     Domain-specific normalisation: source examples are seen through the original BN
-    statistics (`feats` as computed before), target ones through the moved ones. A head
-    refitted on source features normalised with the target's statistics would be fitted
-    where no data ever lies."""
+    statistics (the source view: `feats` as computed before, or the aligned weights with the
+    original statistics), target ones through the moved ones. A head refitted on source
+    features normalised with the target's statistics would be fitted where no data ever
+    lies."""
     ac = cfg.adapt
     methods = [m for m in ORDER if m in ac.methods]
     found: dict[str, Any] = {}
+    source_view = copy.deepcopy(net)  # the original BN statistics; weights tied by align
     if "adabn" in methods:
         found["adabn"] = {"batchnorm_layers": adabn(net, data["train"], data["target"], pre, amp)}
+    if "align" in methods:
+        if spec["modality"] != "image":
+            raise ConfigError("adapt.methods: align is for image models; remove it for text")
+        settings = {
+            "depth": min(ac.align_depth, net.num_blocks),
+            "epochs": ac.align_epochs,
+            "lr": ac.align_lr,
+            "weight": ac.align_weight,
+            "batch_size": cfg.finetune.batch_size,
+            "seed": cfg.finetune.seed,
+        }
+        found["align"] = align(net, source_view, data["train"], data["target"], pre, amp, settings)
+        for s in ("train", "val", "auxiliary"):
+            if s in data:
+                feats[s] = pooled_features(source_view, data[s], pre, bs, amp)
+    if {"adabn", "align"} & set(methods):  # the target's features moved
         feats["target"] = pooled_features(net, data["target"], pre, bs, amp)
     adapted_spec = dict(spec)
     if not (set(methods) - {"adabn"} or "auxiliary" in data):
-        return found, adapted_spec  # the trained head, its temperature
+        return found, adapted_spec, source_view  # the trained head, its temperature
     y = {s: data[s].y.cpu().numpy() for s in data if s != "target"}
     k = len(spec["class_names"])
     fit, head_found = fit_head(feats, y, k, methods, ac.pseudo_threshold, ac.pseudo_rounds)
     found |= head_found
-    head = net.head[-1]
     with torch.no_grad():
-        head.weight.copy_(fit.weight.to(head.weight.device))
-        head.bias.copy_(fit.bias.to(head.bias.device))
+        for view in (net, source_view):  # align ties them; otherwise each its own copy
+            view.head[-1].weight.copy_(fit.weight.to(view.head[-1].weight.device))
+            view.head[-1].bias.copy_(fit.bias.to(view.head[-1].bias.device))
     # the new head's temperature, on val seen as the head was fitted
     logits = feats["val"] @ fit.weight.double().numpy().T + fit.bias.double().numpy()
     val_probs = torch.softmax(torch.from_numpy(logits), 1).numpy()
     adapted_spec["temperature"] = fit_temperature(val_probs, y["val"])
-    return found, adapted_spec
+    return found, adapted_spec, source_view
 
 
 def _shift(cfg: Config) -> dict[str, Any]:
@@ -275,6 +295,7 @@ def _save(net: StagedNet, spec: dict, adapted: dict, report: dict, cfg: Config) 
 def _proxy_atc(
     before: StagedNet,
     spec: dict,
+    source_view: StagedNet,
     after: StagedNet,
     adapted_spec: dict,
     data: dict[str, Inputs],
@@ -287,8 +308,6 @@ def _proxy_atc(
     pseudo-labelled head is confident on the very images it trained on, and AdaBN moves
     source and target confidence apart. Each model's threshold comes from source val as that
     model sees it (the source's own BatchNorm statistics, the model's head and temperature)."""
-    source_view = copy.deepcopy(before)  # the source's statistics, the adapted head
-    source_view.head.load_state_dict(after.head.state_dict())
     val, target, y = data["val"], data["target"], data["val"].y.cpu().numpy()
     b = atc_accuracy(
         predict_probs(before, spec, val, device), y, predict_probs(before, spec, target, device)

@@ -7,6 +7,9 @@ BN-adapted) backbone's pooled features; the methods differ in what that refit se
   unlabelled target images reach it distributed as the source's did; no weight changes, no
   labels. Covariate shift in the statistics is what BN-normalised networks suffer most from
   (Schneider et al. 2020 on corruptions).
+- ``align`` (deep CORAL, Sun & Saenko 2016): feature-based transfer during fine-tuning: the
+  top blocks and the head trained on the labelled source while the covariances of source and
+  target features are pulled together; the head is then refitted like the others.
 - ``coral`` (Sun et al. 2016): the labelled source features whitened with their own
   covariance and recoloured with the target's, so the head is fitted where the target lies.
 - ``weights``: instance-based transfer: a domain classifier (logistic regression, source vs
@@ -148,3 +151,84 @@ def confident(probs: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarr
     """(indices, labels) of the examples whose top probability is at least `threshold`."""
     keep = np.flatnonzero(probs.max(1) >= threshold)
     return keep, probs[keep].argmax(1)
+
+
+def coral_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Deep CORAL's distance (Sun & Saenko 2016): the squared Frobenius distance between the
+    two batches' feature covariances, over 4 d^2."""
+    d = a.shape[1]
+    return ((torch.cov(a.T) - torch.cov(b.T)) ** 2).sum() / (4 * d * d)
+
+
+def _tie_parameters(copy_: nn.Module, original: nn.Module) -> None:
+    """Make `copy_` use `original`'s parameter tensors (same structure): one set of weights
+    trained through two views, each keeping its own buffers (BatchNorm statistics)."""
+    for mc, mo in zip(copy_.modules(), original.modules(), strict=True):
+        for name, p in mo._parameters.items():
+            mc._parameters[name] = p
+
+
+def align(
+    net: StagedNet,
+    source_view: StagedNet,
+    source: Inputs,
+    target: Inputs,
+    pre: Preprocess,
+    amp: Autocast,
+    settings: dict,
+) -> dict:
+    """Feature alignment during fine-tuning (deep CORAL, Sun & Saenko 2016): the top
+    ``settings["depth"]`` blocks and the head are trained on the labelled source images
+    (cross-entropy) while the covariances of their pooled source and target features are
+    pulled together. `net` sees target images (its BatchNorm statistics, moved by AdaBN when
+    that ran), `source_view` the source images (the original statistics); both share the
+    trained weights. The CORAL term is scaled to the cross-entropy's size at the first step
+    (times ``settings["weight"]``): 1/(4 d^2) alone is orders of magnitude below it for
+    d = 1280. Returns the CORAL distance over all images before and after."""
+    depth, bs = settings["depth"], settings["batch_size"]
+    start = net.num_blocks - depth
+    for top_s, top_t in zip(source_view.blocks[start:], net.blocks[start:], strict=True):
+        _tie_parameters(top_s, top_t)
+    source_view.head = net.head
+    params = [p for b in net.blocks[start:] for p in b.parameters()] + list(net.head.parameters())
+    for p in net.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    net.eval()  # BatchNorm statistics stay each view's own, and fixed
+    source_view.eval()
+    hs = encode_prefix(source_view, source, start, pre, bs * 2, amp=amp)
+    ht = encode_prefix(net, target, start, pre, bs * 2, amp=amp)
+    ys = source.y.to(hs.device)
+
+    def pooled(view: StagedNet, h: torch.Tensor) -> torch.Tensor:
+        return view.pool(view.run_blocks(h, start, view.num_blocks), None).float()
+
+    def distance() -> float:
+        with torch.no_grad(), amp():
+            a = torch.cat([pooled(source_view, hs[i : i + bs]) for i in range(0, len(hs), bs)])
+            b = torch.cat([pooled(net, ht[i : i + bs]) for i in range(0, len(ht), bs)])
+        return float(coral_loss(a, b))
+
+    before = distance()
+    opt = torch.optim.Adam(params, lr=settings["lr"])
+    gen = torch.Generator().manual_seed(settings["seed"])
+    scale = None
+    for _ in range(settings["epochs"]):
+        order = torch.randperm(len(hs), generator=gen)
+        for i in range(0, len(hs), bs):
+            idx = order[i : i + bs]
+            tidx = torch.randint(len(ht), (max(len(idx), 2),), generator=gen)
+            with amp():
+                fs, ft = pooled(source_view, hs[idx]), pooled(net, ht[tidx])
+                ce = torch.nn.functional.cross_entropy(net.head(fs).float(), ys[idx])
+                gap = coral_loss(fs, ft) if len(idx) > 1 else torch.zeros(())
+            if scale is None:  # the two terms start the same size
+                scale = settings["weight"] * float(ce.detach()) / max(float(gap.detach()), 1e-12)
+            loss = ce + scale * gap
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return {"depth": depth, "coral_before": before, "coral_after": distance()}
