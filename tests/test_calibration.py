@@ -43,13 +43,18 @@ def test_the_exported_graph_and_predict_apply_the_temperature(tmp_path):
 
     torch.manual_seed(0)
     net = build_staged(torch.nn.Identity(), "pixels", 3, image_size=8).eval()  # a linear head
-    spec = {"source": {"input": {"mean": [0.5] * 3, "std": [0.5] * 3}, "family": "pixels"},
-            "modality": "image", "class_names": ["a", "b", "c"]}
+    spec = {
+        "source": {"input": {"mean": [0.5] * 3, "std": [0.5] * 3}, "family": "pixels"},
+        "modality": "image",
+        "class_names": ["a", "b", "c"],
+    }
     x = torch.randint(0, 255, (6, 3, 8, 8), dtype=torch.uint8)
-    plain = predict_probs(net, spec, Inputs(x, torch.zeros(6, dtype=torch.long)),
-                          torch.device("cpu"))
-    hot = predict_probs(net, spec | {"temperature": 2.5}, Inputs(x, torch.zeros(6).long()),
-                        torch.device("cpu"))
+    plain = predict_probs(
+        net, spec, Inputs(x, torch.zeros(6, dtype=torch.long)), torch.device("cpu")
+    )
+    hot = predict_probs(
+        net, spec | {"temperature": 2.5}, Inputs(x, torch.zeros(6).long()), torch.device("cpu")
+    )
     np.testing.assert_allclose(hot, scaled(plain, 2.5), atol=1e-5)
     from transferops.model.inputs import make_preprocess
 

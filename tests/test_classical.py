@@ -101,7 +101,7 @@ def test_the_pipeline_registers_and_exports_the_classical_model_when_it_wins(
     net, spec = load_finetuned(tmp_path / "models" / "finetuned")
     assert net.num_blocks == 0 and spec["candidate"] == "classical"
     assert (
-        "the classical model: fine-tuning did not beat it on val"
+        "the classical model, not a fine-tuned network: fine-tuning did not beat it on val"
         in (tmp_path / "reports" / "evaluation.md").read_text()
     )
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -393,7 +393,10 @@ def test_the_command_exits_with_idle_executor_workers_and_names_a_stuck_thread(t
     t = time.monotonic()
     p = subprocess.run(
         [sys.executable, "-c", IDLE_EXECUTOR, case],
-        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     took = time.monotonic() - t
     assert p.returncode == 0 and "transferops" in p.stdout, p.stderr
@@ -427,8 +430,12 @@ def test_a_served_schedule_creates_and_completes_a_flow_run(tmp_path):
         env.pop("MLFLOW_TRACKING_URI", None)
         served = subprocess.Popen(
             [cli, "serve", "--set", "schedule.enabled=true", "--set", "schedule.cron=* * * * *"],
-            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            text=True, start_new_session=True,
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
         )
         runs: list[dict] = []
         try:
@@ -495,7 +502,11 @@ def test_flow_runs_a_killed_process_left_running_are_marked_crashed(tmp_path):
     }
     p = subprocess.run(
         [sys.executable, "-c", CRASHED_RUNS, str(tmp_path)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
 
@@ -515,7 +526,10 @@ def test_masking_takes_linear_time_and_a_huge_value_gets_its_error_in_seconds(tm
     t = time.monotonic()
     p = subprocess.run(
         [str(Path(sys.executable).parent / "transferops"), "prepare"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert p.returncode == 2 and time.monotonic() - t < 60, p.stderr[-2000:]
     out = p.stdout + p.stderr
@@ -526,7 +540,10 @@ def test_masking_takes_linear_time_and_a_huge_value_gets_its_error_in_seconds(tm
 def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [str(Path(sys.executable).parent / "transferops"), *args],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
         env=os.environ | {"TRANSFEROPS_PROGRESS": "0", "COLUMNS": "200"},
     )
 

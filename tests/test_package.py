@@ -36,9 +36,21 @@ def _build_wheel(tmp_path: Path) -> Path:
         shutil.copy(REPO / part, checkout / part)
     shutil.copytree(REPO / "src", checkout / "src", ignore=shutil.ignore_patterns("*.egg-info"))
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(tmp_path / "dist"), str(checkout)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(checkout),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert build.returncode == 0, build.stderr[-3000:]
     (wheel,) = (tmp_path / "dist").glob("transferops-*.whl")
@@ -57,7 +69,10 @@ def test_a_wheel_holds_the_flow_and_resolves_it_outside_the_checkout(tmp_path):
     elsewhere.mkdir()
     r = subprocess.run(
         [sys.executable, "-c", RESOLVE, str(site)],
-        cwd=elsewhere, capture_output=True, text=True, timeout=300,
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     flow_file, flow_name = r.stdout.split()[-2:]
@@ -65,7 +80,10 @@ def test_a_wheel_holds_the_flow_and_resolves_it_outside_the_checkout(tmp_path):
     assert flow_name == "transfer-pipeline"
     r = subprocess.run(
         [sys.executable, "-m", "transferops", "--version"],
-        cwd=elsewhere, capture_output=True, text=True, timeout=120,
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert r.returncode == 0 and r.stdout.startswith("transferops "), r.stderr
 
@@ -100,29 +118,47 @@ def test_install_the_wheel_init_a_project_and_run_it_outside_the_checkout(tmp_pa
     (own / "_heavy_deps.pth").write_text(site.getsitepackages()[0] + "\n")
     pip = subprocess.run(
         [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", str(dist)],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert pip.returncode == 0, pip.stderr[-2000:]
     project = tmp_path / "my-project"
     write_image_folder(project / "images", per_class=6)
     cli = str(venv / "bin" / "transferops")
-    env = os.environ | {"PREFECT_HOME": str(tmp_path / ".prefect"), "PREFECT_API_URL": "",
-                        "TRANSFEROPS_PROGRESS": "0", "COLUMNS": "200"}
+    env = os.environ | {
+        "PREFECT_HOME": str(tmp_path / ".prefect"),
+        "PREFECT_API_URL": "",
+        "TRANSFEROPS_PROGRESS": "0",
+        "COLUMNS": "200",
+    }
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("PYTHONPATH", None)  # the venv's own transferops, nothing else
-    r = subprocess.run([cli, "init", "--data", "images"], cwd=project, env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [cli, "init", "--data", "images"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0 and "next: transferops run" in r.stdout + r.stderr, r.stderr
     sets = [a for s in TINY for a in ("--set", s)]
-    r = subprocess.run([cli, "run", *sets], cwd=project, env=env,
-                       capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        [cli, "run", *sets], cwd=project, env=env, capture_output=True, text=True, timeout=900
+    )
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-4000:]
     assert "for flow 'transfer-pipeline'" in log and "registered" in log
     flow_file = subprocess.run(
-        [str(venv / "bin" / "python"), "-c",
-         "import transferops.pipeline.flow as f; print(f.__file__)"],
-        cwd=project, env=env, capture_output=True, text=True,
+        [
+            str(venv / "bin" / "python"),
+            "-c",
+            "import transferops.pipeline.flow as f; print(f.__file__)",
+        ],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
     ).stdout.strip()
     assert flow_file.startswith(str(venv)), flow_file  # the installed wheel's flow ran
     assert (project / "models" / "registry.json").exists()

@@ -612,9 +612,17 @@ def test_predict_skips_a_bad_file_and_keeps_one_line_per_input(pipeline_dir, tmp
     Image.new("L", (20_000, 20_000)).save(tmp_path / "bomb.png")  # 400 M pixels
     r = CliRunner().invoke(
         app,
-        ["predict", str(good), str(odd), str(tmp_path / "garbage.png"), str(tmp_path / "bomb.png"),
-         "--params", str(pipeline_dir / "params.yaml"), "--model",
-         f"models:/{registered_model_name(load_config(pipeline_dir / 'params.yaml'))}/1"],
+        [
+            "predict",
+            str(good),
+            str(odd),
+            str(tmp_path / "garbage.png"),
+            str(tmp_path / "bomb.png"),
+            "--params",
+            str(pipeline_dir / "params.yaml"),
+            "--model",
+            f"models:/{registered_model_name(load_config(pipeline_dir / 'params.yaml'))}/1",
+        ],
     )
     assert r.exit_code == 0, r.output
     text = "".join(r.output.split())  # the console wraps long lines

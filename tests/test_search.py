@@ -365,7 +365,9 @@ def test_the_pruner_prunes_only_beyond_validation_noise():
     def finished(value: float) -> None:
         study.add_trial(
             optuna.trial.create_trial(
-                params={"lr": 1e-3}, distributions=dist, value=value,
+                params={"lr": 1e-3},
+                distributions=dist,
+                value=value,
                 intermediate_values={2: value},
             )
         )

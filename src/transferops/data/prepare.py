@@ -41,6 +41,7 @@ from transferops.runtime.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class PrepareResult:
     """What `prepare` did."""
@@ -140,9 +141,7 @@ AUTO_IMAGE_MIN = 64  # px; below it a 32x-downsampling backbone ends on a 1x1 fe
 AUTO_SAMPLE = 500  # image headers read to pick the auto size
 
 
-def _warn_duplicates_across_splits(
-    assignment: dict[SplitName, list[Example]], root: Path
-) -> int:
+def _warn_duplicates_across_splits(assignment: dict[SplitName, list[Example]], root: Path) -> int:
     """Examples whose exact content (file bytes, or text) is in two splits: a copy in train
     makes its twin in test an easy point, so test accuracy is optimistic. One warning with
     examples and the count (also in the manifest); the split itself is left as it is."""
@@ -154,6 +153,7 @@ def _warn_duplicates_across_splits(
             seen = first.setdefault(key, (split, e))
             if seen[0] != split:
                 pairs.append((seen[1], e))
+
     def name(e: Example) -> str:
         if e.path is None:
             return repr((e.text or "")[:40])

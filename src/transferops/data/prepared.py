@@ -27,7 +27,6 @@ MANIFEST = "manifest.json"
 SPLIT_READS: Counter[str] = Counter()
 
 
-
 @dataclass
 class PreparedData:
     """One split of prepared data, ready for training."""
@@ -41,7 +40,6 @@ class PreparedData:
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
-
 
 
 def prepared_data_hash(out: Path | str = "data/prepared") -> str:

@@ -222,7 +222,11 @@ def read_table_file(path: Path, delimiter: str | None = None) -> pd.DataFrame:
             return pd.read_json(path, dtype=False, encoding="utf-8-sig")
         sep = delimiter if delimiter is not None else ("\t" if suffix == ".tsv" else None)
         return pd.read_csv(
-            path, sep=sep, engine="python", dtype=str, keep_default_na=False,
+            path,
+            sep=sep,
+            engine="python",
+            dtype=str,
+            keep_default_na=False,
             encoding="utf-8-sig",  # a byte-order mark (Excel's CSVs) is not part of a name
         )
     except (ValueError, pd.errors.ParserError, UnicodeDecodeError, OSError) as exc:

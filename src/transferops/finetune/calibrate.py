@@ -38,9 +38,10 @@ def calibrate(cfg: Config) -> dict[str, Any]:
         "val_nll_before": round(nll(probs, y), 4),
         "val_nll_after": round(nll(scaled(probs, t), y), 4),
     }
-    write_json_atomic(folder / SPEC_FILE, read_json(folder / SPEC_FILE) | {
-        "temperature": t, "calibration": record
-    })
+    write_json_atomic(
+        folder / SPEC_FILE,
+        read_json(folder / SPEC_FILE) | {"temperature": t, "calibration": record},
+    )
     log.info(
         "calibrated: temperature %.3f fitted on val, val NLL %.4f -> %.4f (accuracy unchanged)",
         t,

@@ -167,13 +167,7 @@ def finetune(
             store.clear()  # free this stage's cache before the next stage builds its own
     net.load_state_dict(run.best_state)
     if run.from_probe:
-        log.info(
-            run_label(
-                f"no epoch beat the exact probe on val by more than noise (val accuracy "
-                f"{run.floor:.4f} needed: finetune.beat_probe_by {cfg.beat_probe_by} SE over "
-                f"the probe's {run.best[0]:.4f}): the model is the exact probe"
-            )
-        )
+        log.info(run_label(probe_kept(run, cfg.beat_probe_by)))
     return TrainResult(
         net=net,
         best_val_accuracy=run.best[0],
@@ -188,6 +182,15 @@ def finetune(
         probe=probe,
         average=WeightAverage(**run.average) if run.average else None,
         from_probe=run.from_probe,
+    )
+
+
+def probe_kept(run: RunState, z: float) -> str:
+    """Why the model is the exact probe: no epoch reached the floor."""
+    return (
+        f"no epoch beat the exact probe on val by more than noise (val accuracy "
+        f"{run.floor:.4f} needed: finetune.beat_probe_by {z} SE over the probe's "
+        f"{run.best[0]:.4f}): the model is the exact probe"
     )
 
 

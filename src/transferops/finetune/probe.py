@@ -38,6 +38,7 @@ def accuracy_noise(p: float, n: int, z: float = 1.0) -> float:
     p = min(max(p, 1.0 / n), 1.0 - 1.0 / n)
     return z * math.sqrt(2.0 * p * (1.0 - p) / n)
 
+
 # Inverse regularisation strengths tried (sklearn's C). Val log-loss picks one: a proper score,
 # far less coarse than accuracy on a small val set, and it avoids the weakly regularised fits
 # that separate the few training examples perfectly (train loss ~0), from which fine-tuning

@@ -135,8 +135,13 @@ def _detect_table(data: Path, rel: Path) -> Detected:
         + " (guessed from the header: check data.table in params.yaml)"
     ]
     return Detected(
-        {"demo": None, "format": "table", "path": str(rel), "limit_per_class": None,
-         "table": table},
+        {
+            "demo": None,
+            "format": "table",
+            "path": str(rel),
+            "limit_per_class": None,
+            "table": table,
+        },
         source,
         said,
     )

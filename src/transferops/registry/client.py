@@ -122,7 +122,9 @@ def download_model_folder(
         return None
     expected = client.get_model_version(name, str(version)).tags.get("model_sha256")
     verify_weights(
-        folder, expected, f"{name} v{version}'s model_sha256 tag",
+        folder,
+        expected,
+        f"{name} v{version}'s model_sha256 tag",
         shown=f"{mask(where)}/{rel}/{WEIGHTS_FILE}",
     )
     return folder

@@ -77,14 +77,12 @@ def log_search_plots(mlflow: Any, study: optuna.Study) -> None:
             MIN_TRIALS_FOR_SURFACE,
         )
         mlflow.set_tag(
-            "plots_skipped", f"importances and contour need {MIN_TRIALS_FOR_SURFACE} complete "
-            f"trials; {n} completed"
+            "plots_skipped",
+            f"importances and contour need {MIN_TRIALS_FOR_SURFACE} complete trials; {n} completed",
         )
         plots_surface = False
     else:
-        plots["param_importances"] = lambda: ovm.plot_param_importances(
-            study, target_name=METRIC
-        )
+        plots["param_importances"] = lambda: ovm.plot_param_importances(study, target_name=METRIC)
         plots_surface = True
     if plots_surface and {"lr", "unfreeze_depth"} <= set(study.best_trial.params):
         plots["contour_lr_depth"] = lambda: ovm.plot_contour(
