@@ -211,9 +211,22 @@ def test_an_adapted_model_worse_on_the_target_sample_is_refused(shifted_project,
     assert saved["kept"] is False
 
 
-def test_on_drift_with_unlabelled_data_adapts_instead_of_retraining(shifted_project, tmp_path):
+def test_on_drift_with_unlabelled_data_adapts_instead_of_retraining(
+    shifted_project, tmp_path, monkeypatch
+):
+    import transferops.evaluation.drift as drift
     from transferops.evaluation.drift import decide_retrain, save_reference
     from transferops.pipeline.run import _run_steps
+
+    drift._FEATURES.clear()
+    computed: list[str] = []
+    real = drift.frozen_features
+
+    def counted(source, splits, *args, **kwargs):
+        computed.extend(splits)
+        return real(source, splits, *args, **kwargs)
+
+    monkeypatch.setattr(drift, "frozen_features", counted)
 
     raw = copy.deepcopy(shifted_project)
     raw["schedule"] = {"retrain": "on_drift", "reference": str(tmp_path / "ref.safetensors")}
@@ -232,6 +245,8 @@ def test_on_drift_with_unlabelled_data_adapts_instead_of_retraining(shifted_proj
 
     summary = _run_steps(cfg, runner)
     assert ran == ["prepare", "pull", "drift", "adapt"]  # no search, no training
+    # the drift check and adapt's shift test read the same splits: computed once each
+    assert sorted(computed) == ["train", "unlabelled"]
     assert summary["retrain"].startswith("skipped") and "adapting" in summary["retrain"]
     assert summary["adapted"].startswith("adapted model written")  # AdaBN helps on this shift
     report = json.loads(Path(cfg.adapt.report).read_text())

@@ -303,7 +303,7 @@ def _proxy_atc(
 ) -> dict[str, Any]:
     """ATC (:func:`~transferops.evaluation.stats.atc_accuracy`) before and after: a proxy
     for target accuracy from the unlabelled images, reported, never decided on. On the three
-    domain-shift benchmarks it was off by up to 29 points and moved against the measured
+    domain-shift benchmarks it was off by up to 39 points and moved against the measured
     accuracy (down where AdaBN gained 12 points, up where it lost 8; bench/RESULTS.md): a
     pseudo-labelled head is confident on the very images it trained on, and AdaBN moves
     source and target confidence apart. Each model's threshold comes from source val as that

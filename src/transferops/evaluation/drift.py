@@ -33,7 +33,7 @@ from safetensors.numpy import load_file, save_file
 from transferops.config import Config
 from transferops.data.prepared import load_prepared, read_manifest
 from transferops.finetune.features import frozen_features
-from transferops.runtime.artifacts import publish_modes
+from transferops.runtime.artifacts import publish_modes, read_json
 
 log = logging.getLogger(__name__)
 MAX_SAMPLE = 400  # per side: the test's cost grows with its square
@@ -66,13 +66,29 @@ def example_keys(data: Any) -> np.ndarray:
     )
 
 
+# (source weights, split file and its state, max_length) -> features: the drift check and
+# `adapt` in one scheduled run read the same splits through the same frozen source
+_FEATURES: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+
 def source_features(cfg: Config, split: str = "train") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pooled features of the frozen pretrained source on a prepared split, labels, keys."""
-    size = read_manifest(cfg.data.out).get("image_size") or None
-    data = load_prepared(cfg.data.out, split)  # type: ignore[arg-type]
-    cpu = torch.device("cpu")
-    feats = frozen_features(cfg.source.out, {split: data}, size, cfg.finetune.max_length, cpu, 64)
-    return feats[split].numpy(), data.labels.numpy(), example_keys(data)
+    """Pooled features of the frozen pretrained source on a prepared split, labels, keys
+    (computed once per process for the same source weights and split file)."""
+    weights = read_json(Path(cfg.source.out) / "manifest.json").get("sha256")
+    stat = (Path(cfg.data.out) / f"{split}.safetensors").stat()
+    key = (weights, str(Path(cfg.data.out).resolve()), split, stat.st_mtime_ns, stat.st_size)
+    key += (cfg.finetune.max_length,)
+    if key not in _FEATURES:
+        size = read_manifest(cfg.data.out).get("image_size") or None
+        data = load_prepared(cfg.data.out, split)  # type: ignore[arg-type]
+        cpu = torch.device("cpu")
+        feats = frozen_features(
+            cfg.source.out, {split: data}, size, cfg.finetune.max_length, cpu, 64
+        )
+        if len(_FEATURES) >= 8:
+            _FEATURES.pop(next(iter(_FEATURES)))
+        _FEATURES[key] = (feats[split].numpy(), data.labels.numpy(), example_keys(data))
+    return _FEATURES[key]
 
 
 def mmd_test(
