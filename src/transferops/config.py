@@ -951,6 +951,8 @@ STEP_INPUTS: dict[str, StepInputs] = {
             "data.unlabelled",
             "data.target_test",
             "data.auxiliary",
+            "finetune.batch_size",  # align trains with it
+            "finetune.seed",
             "evaluate.confidence",
             "schedule.drift_alpha",
             "registry.model_name",
