@@ -389,7 +389,7 @@ def test_weight_average_is_the_mean_of_the_last_epochs_and_kept_only_if_better(
         from transferops.finetune.engine import recalibrate_bn
 
         recalibrate_bn(avg_net, 2, tr, None, pre, 16, nullcontext)
-    acc, loss = val_scores(avg_net, va, None, 1, pre, 16, nullcontext)
+    acc, loss, _ = val_scores(avg_net, va, None, 1, pre, 16, nullcontext)
     assert res.average.val_accuracy == pytest.approx(acc, abs=1e-6)
     epochs_best = max((h["val_accuracy"], -h["val_loss"]) for h in res.history)
     assert res.average.kept == ((acc, -loss) > epochs_best)
@@ -640,23 +640,27 @@ def test_head_starts_as_the_probe_and_the_probe_is_the_floor(digits_prepared, li
 
 def test_an_epoch_replaces_the_probe_only_beyond_val_noise(digits_prepared, lite0_source):
     """finetune.beat_probe_by: the best epoch is kept when it beats the probe on val by more
-    than that many standard errors; just short of it, the model is the exact probe, and the
-    spec says "probe"."""
-    from transferops.finetune.probe import accuracy_noise
+    than that many standard errors of the paired per-example difference; just short of it,
+    the model is the exact probe, and the spec says "probe"."""
+    from contextlib import nullcontext
+
+    from transferops.finetune.engine import val_scores
 
     def run(z: float):
         net, tr, va, cfg, pre = _setup(
             digits_prepared, lite0_source, unfreeze_depth=1, lr=0.003, beat_probe_by=z
         )
-        return net, finetune(net, tr, va, cfg, pre, CPU), len(va)
+        return net, finetune(net, tr, va, cfg, pre, CPU), va, pre
 
-    _, free, n = run(0.0)  # any gain counts: the old floor
+    net, free, va, pre = run(0.0)  # any gain counts: the old floor
     gain = free.best_val_accuracy - free.probe.val_accuracy
     assert gain > 0 and not free.from_probe  # this lr beats the probe on these digits
-    needed = gain / accuracy_noise(free.probe.val_accuracy, n, 1.0)  # the gain, in SEs
-    _, under, _ = run(needed * 0.99)
+    _, _, right = val_scores(net, va, None, 0, pre, 16, nullcontext)
+    d = right.float() - free.probe.val_correct.float()
+    needed = gain / (float(d.std()) / len(d) ** 0.5)  # the gain, in paired SEs
+    _, under, _, _ = run(needed * 0.99)
     assert under.best_val_accuracy == free.best_val_accuracy and not under.from_probe
-    net, over, _ = run(needed * 1.01)
+    net, over, _, _ = run(needed * 1.01)
     assert over.from_probe and over.best_val_accuracy == over.probe.val_accuracy
     assert torch.equal(net.head[-1].weight, over.probe.weight)  # the exact probe's head
     assert over.history == free.history  # the same epochs ran: only the choice differs

@@ -35,9 +35,10 @@ class RunState:
     avg_state: dict[str, torch.Tensor] | None = None  # mean weights of the averaged epochs
     avg_count: int = 0
     average: dict[str, Any] | None = None  # the average's val score, once the last stage ended
-    # the val accuracy an epoch must reach to be kept (the probe's plus its noise), and
-    # whether the best state is still the exact probe the head started from
-    floor: float = -1.0
+    # the exact probe's per-example val correctness: an epoch is kept only if it beats it
+    # by `beat_by` paired standard errors; whether the best state is still that probe
+    probe_correct: torch.Tensor | None = None
+    beat_by: float = 0.0
     from_probe: bool = False
 
     @classmethod
@@ -45,10 +46,26 @@ class RunState:
         """Nothing trained yet: the best weights so far are the initial ones."""
         return cls(best_state=copy.deepcopy(net.state_dict()))
 
-    def improve(self, net: StagedNet, val_accuracy: float, val_loss: float) -> bool:
+    def beats_probe(self, correct: torch.Tensor | None) -> bool:
+        """Whether per-example val correctness `correct` beats the exact probe's by more than
+        ``beat_by`` standard errors of the paired difference (any gain, or a tie, with 0)."""
+        if self.probe_correct is None or correct is None:
+            return True
+        d = correct.float().cpu() - self.probe_correct.float()
+        gain = float(d.mean())
+        se = float(d.std()) / math.sqrt(len(d)) if len(d) > 1 else 0.0
+        return gain >= self.beat_by * se and (self.beat_by == 0 or gain > 0)
+
+    def improve(
+        self,
+        net: StagedNet,
+        val_accuracy: float,
+        val_loss: float,
+        correct: torch.Tensor | None = None,
+    ) -> bool:
         """Keep the weights if this is the best validation so far (accuracy, then loss) and
-        reaches the floor."""
-        if val_accuracy >= self.floor and (val_accuracy, -val_loss) > self.best:
+        beats the exact probe beyond noise (`correct`: per-example val correctness)."""
+        if (val_accuracy, -val_loss) > self.best and self.beats_probe(correct):
             self.best = (val_accuracy, -val_loss)
             self.from_probe = False
             self.best_state = copy.deepcopy(net.state_dict())
@@ -87,7 +104,8 @@ def save_checkpoint(
         "avg_state": state.avg_state,
         "avg_count": state.avg_count,
         "average": state.average,
-        "floor": state.floor,
+        "probe_correct": state.probe_correct,
+        "beat_by": state.beat_by,
         "from_probe": state.from_probe,
         "rng": torch.get_rng_state(),
     }
@@ -126,6 +144,7 @@ def restore(net: StagedNet, ck: dict[str, Any]) -> RunState:
         avg_state=ck.get("avg_state"),
         avg_count=ck.get("avg_count", 0),
         average=ck.get("average"),
-        floor=ck.get("floor", -1.0),
+        probe_correct=ck.get("probe_correct"),
+        beat_by=ck.get("beat_by", 0.0),
         from_probe=ck.get("from_probe", False),
     )

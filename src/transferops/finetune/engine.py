@@ -34,7 +34,7 @@ from transferops.finetune.checkpoint import (
     save_checkpoint,
 )
 from transferops.finetune.plan import Stage, lr_factor, stage_plan
-from transferops.finetune.probe import ProbeFit, accuracy_noise, probe_head
+from transferops.finetune.probe import ProbeFit, probe_head
 from transferops.finetune.thaw import (
     batchnorms,
     make_optimizer,
@@ -167,7 +167,7 @@ def finetune(
             store.clear()  # free this stage's cache before the next stage builds its own
     net.load_state_dict(run.best_state)
     if run.from_probe:
-        log.info(run_label(probe_kept(run, cfg.beat_probe_by)))
+        log.info(run_label(probe_kept(run)))
     return TrainResult(
         net=net,
         best_val_accuracy=run.best[0],
@@ -185,12 +185,12 @@ def finetune(
     )
 
 
-def probe_kept(run: RunState, z: float) -> str:
-    """Why the model is the exact probe: no epoch reached the floor."""
+def probe_kept(run: RunState) -> str:
+    """Why the model is the exact probe: no epoch beat it beyond noise."""
     return (
-        f"no epoch beat the exact probe on val by more than noise (val accuracy "
-        f"{run.floor:.4f} needed: finetune.beat_probe_by {z} SE over the probe's "
-        f"{run.best[0]:.4f}): the model is the exact probe"
+        f"no epoch beat the exact probe on val (accuracy {run.best[0]:.4f}) by more than "
+        f"{run.beat_by} paired standard error(s) (finetune.beat_probe_by): the model is the "
+        "exact probe"
     )
 
 
@@ -232,8 +232,7 @@ def start(
     run = RunState.fresh(net)
     if probe is not None:
         run.best = (probe.val_accuracy, -probe.val_loss)
-        noise = accuracy_noise(probe.val_accuracy, len(val), cfg.beat_probe_by)
-        run.floor, run.from_probe = probe.val_accuracy + noise, True
+        run.probe_correct, run.beat_by, run.from_probe = probe.val_correct, cfg.beat_probe_by, True
     return run, probe
 
 
@@ -256,7 +255,7 @@ def run_stage(
         )
         for epoch in range(first_epoch, stage.epochs):
             train_loss = train_epoch(loop, stage, epoch, feats, lambda: prog.advance(task))
-            val_acc, val_loss = validate(loop, stage, feats)
+            val_acc, val_loss, val_correct = validate(loop, stage, feats)
             rec = {
                 "epoch": len(run.history),
                 "stage": stage.index,
@@ -271,7 +270,7 @@ def run_stage(
                 log.info(
                     run_label(f"{stage} epoch {epoch}: loss {train_loss:.3f} val {val_acc:.4f}")
                 )
-            run.improve(net, val_acc, val_loss)
+            run.improve(net, val_acc, val_loss, val_correct)
             if epoch >= stage.averaged_from:
                 run.add_to_average(net)
             stage_best, bad = (val_acc, 0) if val_acc > stage_best else (stage_best, bad + 1)
@@ -296,9 +295,9 @@ def keep_average(loop: Loop, last: Stage, feats: StageFeatures | None) -> None:
     live = copy.deepcopy(net.state_dict())  # the trainer's weights: the checkpoint keeps them
     net.load_state_dict(run.avg_state)
     # precise BN too: the mean of the epochs' statistics is not the mean weights' statistics
-    acc, loss = validate(loop, last, feats)
+    acc, loss, correct = validate(loop, last, feats)
     best = run.best[0]
-    kept = run.improve(net, acc, loss)
+    kept = run.improve(net, acc, loss, correct)
     net.load_state_dict(live)
     run.average = asdict(WeightAverage(run.avg_count, acc, loss, kept))
     log.info(
@@ -309,9 +308,12 @@ def keep_average(loop: Loop, last: Stage, feats: StageFeatures | None) -> None:
     )
 
 
-def validate(loop: Loop, stage: Stage, feats: StageFeatures | None) -> tuple[float, float]:
-    """(accuracy, loss) on val of the weights in the net, with thawed blocks' BatchNorm
-    statistics first recomputed over train where they are learned (bn_recalibrate)."""
+def validate(
+    loop: Loop, stage: Stage, feats: StageFeatures | None
+) -> tuple[float, float, torch.Tensor]:
+    """(accuracy, loss, per-example correctness) on val of the weights in the net, with
+    thawed blocks' BatchNorm statistics first recomputed over train where they are learned
+    (bn_recalibrate)."""
     net, cfg, pre, amp, val = loop.net, loop.cfg, loop.pre, loop.amp, loop.val
     if cfg.bn_mode == "train" and cfg.bn_recalibrate and stage.depth > 0:
         cached = feats.train_views[0] if feats else None
@@ -367,11 +369,12 @@ def val_scores(
     pre: Preprocess,
     bs: int,
     amp: Autocast,
-) -> tuple[float, float]:
-    """(accuracy, mean loss) on `data`, from the cached val features when there are some."""
+) -> tuple[float, float, torch.Tensor]:
+    """(accuracy, mean loss, per-example correctness) on `data`, from the cached val features
+    when there are some."""
     net.eval()
     loss_sum = torch.zeros((), device=data.y.device)
-    correct = torch.zeros((), device=data.y.device, dtype=torch.long)
+    correct = []
     for i in range(0, len(data), bs):
         x, ctx = data.batch(slice(i, i + bs))
         y = data.y[i : i + bs]
@@ -381,9 +384,11 @@ def val_scores(
             else:
                 logits = net(pre(x, False, None), ctx)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
-        correct += (logits.argmax(1) == y).sum()
+        correct.append(logits.argmax(1) == y)
     n = max(1, len(data))
-    return float(correct) / n, float(loss_sum) / n  # one host sync per evaluation
+    right = torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)
+    # one host sync per evaluation
+    return float(right.sum()) / n, float(loss_sum) / n, right
 
 
 @torch.no_grad()

@@ -6,10 +6,9 @@ regularisation picked on val. That head is loaded before any block thaws (linear
 then fine-tuning, LP-FT: Kumar et al., ICLR 2022): a random head's large early gradients
 would otherwise distort the pretrained features. Its val score is also the floor: an epoch
 of fine-tuning is kept only if it beats the probe on val by more than the val split's noise
-(``finetune.beat_probe_by`` standard errors, :func:`accuracy_noise`), so the probe itself is
-the model when nothing does. Without that margin the best of a run's epochs beat the probe on
-val by luck alone: on the unseen clip-art case the kept epochs scored 1.6 test points under
-the probe over three seeds (bench/RESULTS.md).
+(``finetune.beat_probe_by`` standard errors of the paired per-example difference, as the
+source ranking compares candidates), so the probe itself is the model when nothing does.
+Without a margin the best of a run's epochs beats the probe on val by luck alone.
 """
 
 from __future__ import annotations
@@ -33,7 +32,8 @@ log = logging.getLogger(__name__)
 def accuracy_noise(p: float, n: int, z: float = 1.0) -> float:
     """`z` standard errors of a difference of two accuracies near `p` on `n` examples,
     z * sqrt(2 p (1 - p) / n): by how much one model must beat another on a split of `n`
-    before it is more than that split's noise (the search's pruner and the probe floor)."""
+    before it is more than that split's noise, unpaired (the search's pruner compares
+    trials that share no predictions)."""
     n = max(1, n)
     p = min(max(p, 1.0 / n), 1.0 - 1.0 / n)
     return z * math.sqrt(2.0 * p * (1.0 - p) / n)
@@ -56,6 +56,7 @@ class ProbeFit:
     C: float
     val_accuracy: float
     val_loss: float
+    val_correct: torch.Tensor | None = None  # per val example: the probe floor is paired
 
 
 def log_losses(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -103,6 +104,7 @@ def fit_probe(
             c,
             acc,
             float(log_losses(logits, yva).mean()),
+            torch.from_numpy(logits.argmax(1) == yva),
         )
         if best is None or (-fit.val_loss, acc) > best[0]:
             best = ((-fit.val_loss, acc), fit)
