@@ -294,9 +294,8 @@ class FinetuneConfig(_Section):
     beat_probe_by: Annotated[float, Field(ge=0)] = Field(
         1.0,
         description="head_init probe: an epoch replaces the exact probe only when its val "
-        "accuracy beats the probe's by this many standard errors of a difference of two "
-        "accuracies on val (1: the noise of the val split; 0: by anything); otherwise the "
-        "model is the exact probe and says so",
+        "accuracy beats the probe's by this many standard errors of the paired per-example "
+        "difference (0: by anything); otherwise the model is the exact probe and says so",
     )
     class_weight: Literal["auto", "balanced", "none"] = Field(
         "auto",
