@@ -75,9 +75,10 @@ def source_features(cfg: Config, split: str = "train") -> tuple[np.ndarray, np.n
     """Pooled features of the frozen pretrained source on a prepared split, labels, keys
     (computed once per process for the same source weights and split file)."""
     weights = read_json(Path(cfg.source.out) / "manifest.json").get("sha256")
-    stat = (Path(cfg.data.out) / f"{split}.safetensors").stat()
-    key = (weights, str(Path(cfg.data.out).resolve()), split, stat.st_mtime_ns, stat.st_size)
-    key += (cfg.finetune.max_length,)
+    out = Path(cfg.data.out)
+    files = [out / f"{split}{ext}" for ext in (".safetensors", ".jsonl")]  # images, texts
+    state = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.exists())
+    key = (weights, str(out.resolve()), split, state, cfg.finetune.max_length)
     if key not in _FEATURES:
         size = read_manifest(cfg.data.out).get("image_size") or None
         data = load_prepared(cfg.data.out, split)  # type: ignore[arg-type]
