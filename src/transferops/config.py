@@ -292,10 +292,11 @@ class FinetuneConfig(_Section):
         "it beats it on val (LP-FT); random: a fresh head (from-scratch baselines)",
     )
     beat_probe_by: Annotated[float, Field(ge=0)] = Field(
-        1.0,
+        0.0,
         description="head_init probe: an epoch replaces the exact probe only when its val "
         "accuracy beats the probe's by this many standard errors of the paired per-example "
-        "difference (0: by anything); otherwise the model is the exact probe and says so",
+        "difference (0: by anything; 1 cost 0.7 test points of the transfer mean on a "
+        "benchmark, bench/RESULTS.md); otherwise the model is the exact probe and says so",
     )
     class_weight: Literal["auto", "balanced", "none"] = Field(
         "auto",

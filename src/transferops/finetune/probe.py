@@ -5,10 +5,9 @@ cache); a multinomial logistic regression is fitted on them exactly (L-BFGS), wi
 regularisation picked on val. That head is loaded before any block thaws (linear probing
 then fine-tuning, LP-FT: Kumar et al., ICLR 2022): a random head's large early gradients
 would otherwise distort the pretrained features. Its val score is also the floor: an epoch
-of fine-tuning is kept only if it beats the probe on val by more than the val split's noise
-(``finetune.beat_probe_by`` standard errors of the paired per-example difference, as the
-source ranking compares candidates), so the probe itself is the model when nothing does.
-Without a margin the best of a run's epochs beats the probe on val by luck alone.
+of fine-tuning is kept only if it beats the probe on val (by more than
+``finetune.beat_probe_by`` standard errors of the paired per-example difference, 0 by
+default), so the probe itself is the model when nothing does.
 """
 
 from __future__ import annotations
