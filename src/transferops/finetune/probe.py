@@ -13,7 +13,6 @@ default), so the probe itself is the model when nothing does.
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from dataclasses import dataclass
 
@@ -26,16 +25,6 @@ from transferops.model.blocks import StagedNet
 from transferops.model.inputs import Inputs, Preprocess
 
 log = logging.getLogger(__name__)
-
-
-def accuracy_noise(p: float, n: int, z: float = 1.0) -> float:
-    """`z` standard errors of a difference of two accuracies near `p` on `n` examples,
-    z * sqrt(2 p (1 - p) / n): by how much one model must beat another on a split of `n`
-    before it is more than that split's noise, unpaired (the search's pruner compares
-    trials that share no predictions)."""
-    n = max(1, n)
-    p = min(max(p, 1.0 / n), 1.0 - 1.0 / n)
-    return z * math.sqrt(2.0 * p * (1.0 - p) / n)
 
 
 # Inverse regularisation strengths tried (sklearn's C). Val log-loss picks one: a proper score,

@@ -52,7 +52,6 @@ from transferops.data.prepared import read_manifest
 from transferops.errors import ConfigError
 from transferops.finetune.engine import TrainResult
 from transferops.finetune.plan import total_epochs
-from transferops.finetune.probe import accuracy_noise
 from transferops.finetune.train import BEST_MODEL, save_finetuned, train_model
 from transferops.model.folder import SPEC_FILE
 from transferops.runtime.artifacts import atomic_dir, sha256_json, write_json_atomic
@@ -172,8 +171,9 @@ class NoisyMedianPruner(optuna.pruners.BasePruner):
         self.z = z
 
     def margin(self, median: float) -> float:
-        """Validation noise at accuracy `median` (:func:`accuracy_noise`)."""
-        return accuracy_noise(median, self.val_size, self.z)
+        """Validation noise at accuracy `median`: z * sqrt(2 p (1 - p) / n)."""
+        p = min(max(median, 1.0 / self.val_size), 1.0 - 1.0 / self.val_size)
+        return self.z * math.sqrt(2.0 * p * (1.0 - p) / self.val_size)
 
     def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
         step = trial.last_step
