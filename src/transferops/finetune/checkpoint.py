@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from transferops.finetune.probe import paired_se
 from transferops.model.blocks import StagedNet
 
 log = logging.getLogger(__name__)
@@ -51,10 +52,9 @@ class RunState:
         ``beat_by`` standard errors of the paired difference (any gain, or a tie, with 0)."""
         if self.probe_correct is None or correct is None:
             return True
-        d = correct.float().cpu() - self.probe_correct.float()
+        d = (correct.cpu().double() - self.probe_correct.double()).numpy()
         gain = float(d.mean())
-        se = float(d.std()) / math.sqrt(len(d)) if len(d) > 1 else 0.0
-        return gain >= self.beat_by * se and (self.beat_by == 0 or gain > 0)
+        return gain >= self.beat_by * paired_se(d) and (self.beat_by == 0 or gain > 0)
 
     def improve(
         self,

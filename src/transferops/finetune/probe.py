@@ -47,6 +47,13 @@ class ProbeFit:
     val_correct: torch.Tensor | None = None  # per val example: the probe floor is paired
 
 
+def paired_se(d: np.ndarray) -> float:
+    """One standard error of the mean of paired per-example differences `d` (0 for fewer than
+    two): how far apart two models scored on the same examples may be by noise alone (the
+    source ranking's log-losses, the probe floor's correctness)."""
+    return float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
+
+
 def log_losses(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Per-example log-loss of `logits` on labels `y` (a stable log-softmax)."""
     z = logits - logits.max(1, keepdims=True)

@@ -20,7 +20,6 @@ model folders, the report and the model card carry it.
 from __future__ import annotations
 
 import logging
-import math
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -33,7 +32,7 @@ from transferops.config import Config, with_overrides
 from transferops.data.prepared import PreparedData, load_prepared, read_manifest
 from transferops.errors import ConfigError, SourceError
 from transferops.finetune.features import frozen_features
-from transferops.finetune.probe import fit_probe, log_losses
+from transferops.finetune.probe import fit_probe, log_losses, paired_se
 from transferops.model.inputs import pick_device
 from transferops.runtime.artifacts import read_json, sha256_json
 from transferops.sources.efficientnet_lite import PACKAGED
@@ -112,7 +111,7 @@ def choose(ranked: list[Ranked]) -> tuple[Ranked, str]:
         if r is best:
             return r, f"lowest val log-loss ({r.val_loss:.4f})"
         d = r.losses - best.losses
-        se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else 0.0
+        se = paired_se(d)
         if float(d.mean()) <= se:
             return r, (
                 f"val log-loss {r.val_loss:.4f} is within noise of the lowest ({best.name}: "
