@@ -152,13 +152,14 @@ def adapt(cfg: Config) -> dict[str, Any]:
         write_json_atomic(Path(ac.report), report)
         return report
     found, adapted_spec, source_view = _adapt_model(net, spec, data, feats, pre, amp, bs, cfg)
+    val_before = predict_probs(before, spec, data["val"], device)  # read twice below
     report = {
         "shift": shift,
         "methods": [m for m in ORDER if m in ac.methods],
         "found": found,
         "unlabelled": domains[UNLABELLED],
         "source_val_accuracy": {  # the adapted model on the old domain: what it costs there
-            "before": float(_score(before, spec, data["val"], device).mean()),
+            "before": float((val_before.argmax(1) == data["val"].y.cpu().numpy()).mean()),
             "after": float(_score(net, adapted_spec, data["val"], device).mean()),
         },
         "proxy_domain_auc": {  # a linear domain classifier on the model's features
@@ -166,7 +167,9 @@ def adapt(cfg: Config) -> dict[str, Any]:
             "after": round(domain_weights(feats["train"], feats["target"])[1], 4),
         },
     }
-    report["proxy_atc"] = _proxy_atc(before, spec, source_view, net, adapted_spec, data, device)
+    report["proxy_atc"] = _proxy_atc(
+        val_before, before, spec, source_view, net, adapted_spec, data, device
+    )
     target_test = load_domain(cfg.data.out, TARGET_TEST)
     report |= _target_decision(before, spec, net, adapted_spec, target_test, device, cfg)
     report["seconds"] = {
@@ -293,6 +296,7 @@ def _save(net: StagedNet, spec: dict, adapted: dict, report: dict, cfg: Config) 
 
 
 def _proxy_atc(
+    val_before: np.ndarray,
     before: StagedNet,
     spec: dict,
     source_view: StagedNet,
@@ -307,11 +311,10 @@ def _proxy_atc(
     accuracy (down where AdaBN gained 12 points, up where it lost 8; bench/RESULTS.md): a
     pseudo-labelled head is confident on the very images it trained on, and AdaBN moves
     source and target confidence apart. Each model's threshold comes from source val as that
-    model sees it (the source's own BatchNorm statistics, the model's head and temperature)."""
+    model sees it (the source's own BatchNorm statistics, the model's head and temperature);
+    `val_before`: the unadapted model's val probabilities."""
     val, target, y = data["val"], data["target"], data["val"].y.cpu().numpy()
-    b = atc_accuracy(
-        predict_probs(before, spec, val, device), y, predict_probs(before, spec, target, device)
-    )
+    b = atc_accuracy(val_before, y, predict_probs(before, spec, target, device))
     a = atc_accuracy(
         predict_probs(source_view, adapted_spec, val, device),
         y,
