@@ -27,7 +27,9 @@ from .conftest import fortunes_minilm, tiny_digits
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, lite0_source) -> tuple[dict, Path]:
-    """A fine-tuned Lite0 on the tiny digits (two stages: head, then one block)."""
+    """A fine-tuned Lite0 on the tiny digits (two stages: head, then one block): the
+    ensemble of two seeds `train` writes by default (random heads: two different networks;
+    from the probe, both would end as the same exact probe on 6 val images)."""
     root = tmp_path_factory.mktemp("export")
     raw = {
         "data": tiny_digits(root),
@@ -35,6 +37,7 @@ def trained(tmp_path_factory, lite0_source) -> tuple[dict, Path]:
         "finetune": {
             "unfreeze_depth": 1,
             "epochs_per_stage": [1, 1],
+            "head_init": "random",
             "batch_size": 8,
             "out": str(root / "ft"),
             "metrics": str(root / "train.json"),
@@ -42,7 +45,7 @@ def trained(tmp_path_factory, lite0_source) -> tuple[dict, Path]:
         },
         "search": {"out": str(root / "search")},
         "export": {"out": str(root / "export")},
-        "registry": {"out": str(root / "registry.json")},
+        "registry": {"out": str(root / "registry.json"), "classical_candidate": False},
         "tracking": {"uri": f"sqlite:///{root}/mlflow.db", "experiment": "e"},
     }
     cfg = validate_config(raw)
@@ -55,6 +58,7 @@ def test_image_model_onnx_matches_pytorch_at_any_batch(trained, tmp_path):
     _, root = trained
     to_onnx(root / "ft", tmp_path / "m.onnx", 17)
     spec = json.loads((root / "ft" / "model.json").read_text())
+    assert spec["candidate"] == "ensemble" and len(spec["members"]) == 2  # both in the graph
     inputs = make_inputs(load_prepared(root / "prep", "test"), root / "ft", spec["source"], 64)
     p = parity(root / "ft", tmp_path / "m.onnx", inputs)
     assert p.examples == 6 and p.max_abs < 1e-4 and p.label_agreement == 1.0

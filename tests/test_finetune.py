@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from contextlib import nullcontext
 from pathlib import Path
 from unittest.mock import patch
@@ -20,6 +21,7 @@ from transferops.finetune.engine import finetune
 from transferops.finetune.plan import stage_depths
 from transferops.finetune.thaw import make_trainable, set_train_mode
 from transferops.finetune.train import build_net, train_from_config
+from transferops.model.blocks import AvgPool, Ensemble, StagedNet, Wrap
 from transferops.model.families import build_staged
 from transferops.model.folder import load_finetuned
 from transferops.model.inputs import Inputs, Preprocess, fit_width
@@ -461,7 +463,7 @@ def test_train_writes_a_reloadable_model_and_never_reads_test(
     )
     cfg = _cfg(tmp_path, digits_prepared, lite0_source, unfreeze_depth=1, epochs_per_stage=[2, 1])
     res = train_from_config(cfg)
-    assert sorted(read) == ["train", "val"]
+    assert set(read) == {"train", "val"}
     net, spec = load_finetuned(tmp_path / "ft")
     assert spec["class_names"] == ["one", "two", "zero"] and len(spec["data_hash"]) == 64
     val = load_prepared(digits_prepared, "val")
@@ -723,3 +725,68 @@ def test_fine_tuning_loss_is_weighted_by_class(digits_prepared, lite0_source):
     assert seen and all(w is not None for w in seen)
     counts = torch.bincount(tr.y, minlength=len(seen[0])).float()
     assert torch.allclose(seen[0] * counts, torch.full_like(counts, len(tr.y) / len(counts)))
+
+
+def test_ensemble_output_is_the_log_of_the_members_mean_probabilities():
+    torch.manual_seed(0)
+    nets = [StagedNet([("b", Wrap(nn.Linear(4, 4)))], AvgPool(), 4, 3) for _ in range(3)]
+    x = torch.randn(5, 4)
+    got = torch.softmax(Ensemble(nets)(x), 1)
+    want = torch.stack([torch.softmax(n(x), 1) for n in nets]).mean(0)
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_train_writes_an_ensemble_of_seeds_and_the_baseline_reuses_its_members(
+    tmp_path, digits_prepared, lite0_source
+):
+    from transferops.config import with_overrides
+    from transferops.evaluation.baseline import _already_trained
+    from transferops.finetune.train import member_of, reuse_model, same_run
+
+    # a random head: no probe floor, so the two seeds are two different networks
+    cfg = _cfg(
+        tmp_path,
+        digits_prepared,
+        lite0_source,
+        unfreeze_depth=1,
+        epochs_per_stage=[2, 1],
+        head_init="random",
+        ensemble=2,
+    )
+    res = train_from_config(cfg)
+    net, spec = load_finetuned(tmp_path / "ft")
+    assert isinstance(net, Ensemble) and res.candidate == "ensemble"
+    assert [m["finetune"]["seed"] for m in spec["members"]] == [0, 1]
+    kept = sorted(p.name for p in (tmp_path / "ck" / "members").glob("s?"))
+    assert kept == ["s0", "s1"]  # for the baseline's runs of these seeds, whatever train wrote
+
+    val = load_prepared(digits_prepared, "val")
+    x = (val.images.float() / 255 - 0.5) / 0.5
+    data_hash, sha = spec["data_hash"], spec["source"]["sha256"]
+    probs = []
+    for seed in (0, 1):
+        rcfg = with_overrides(cfg, {"finetune.seed": seed})
+        assert member_of(tmp_path / "ft", rcfg, data_hash, sha) == seed
+        assert not same_run(tmp_path / "ft", rcfg, data_hash, sha)  # an ensemble is not a run
+        assert _already_trained(cfg, rcfg, "transfer", data_hash, sha) == (
+            tmp_path / "ck" / "members" / f"s{seed}",
+            None,
+        )
+        one, labels = tmp_path / f"s{seed}", {"seed": seed}
+        reused, history = reuse_model(tmp_path / "ft", one, labels, member=seed)
+        assert reused["finetune"]["seed"] == seed and history == spec["members"][seed]["history"]
+        assert same_run(one, rcfg, data_hash, sha)  # exactly the run baseline would train
+        member, _ = load_finetuned(one)
+        with torch.no_grad():
+            probs.append(torch.softmax(member(x), 1))
+    assert not torch.allclose(probs[0], probs[1], atol=1e-3)  # two seeds, two models
+    with torch.no_grad():
+        averaged = torch.softmax(net(x), 1)
+    assert torch.allclose(averaged, (probs[0] + probs[1]) / 2, atol=1e-5)
+    acc = (averaged.argmax(1) == val.labels).float().mean().item()
+    assert acc == pytest.approx(res.val_accuracy)
+    shutil.rmtree(tmp_path / "ck")  # a clean machine with finetune.out from the DVC cache
+    rcfg = with_overrides(cfg, {"finetune.seed": 1})
+    assert _already_trained(cfg, rcfg, "transfer", data_hash, sha) == (tmp_path / "ft", 1)
+    other = with_overrides(cfg, {"finetune.seed": 2})
+    assert member_of(tmp_path / "ft", other, data_hash, sha) is None

@@ -315,6 +315,12 @@ class FinetuneConfig(_Section):
         description="the weights averaged over the plan's last N epochs (a uniform stochastic "
         "weight average) replace the best epoch's when they score better on val; 0 = off",
     )
+    ensemble: Annotated[int, Field(ge=1, le=16)] = Field(
+        2,
+        description="the model `train` writes: the ensemble of this many runs, seeds seed, "
+        "seed+1, ... (the average of their probabilities); 1 = one run. The baseline's "
+        "transfer runs of the same seeds are its members, not trained again",
+    )
     max_length: Annotated[int, Field(ge=8, le=512)] = 64
     adapter: Literal["none", "lora"] = Field(
         "none",
@@ -354,9 +360,10 @@ class FinetuneConfig(_Section):
 
     @classmethod
     def trajectory_fields(cls) -> list[str]:
-        """The params that decide the training trajectory (not output paths, not the device):
-        what checkpoint fingerprints, search study names and the train step are keyed on."""
-        return [k for k in cls.model_fields if k not in cls.OUTPUT_FIELDS | {"device"}]
+        """The params that decide the training trajectory (not output paths, not the device,
+        not how many runs the ensemble joins): what checkpoint fingerprints and search study
+        names are keyed on."""
+        return [k for k in cls.model_fields if k not in cls.OUTPUT_FIELDS | {"device", "ensemble"}]
 
     def trajectory_params(self) -> dict[str, Any]:
         """Values of :meth:`trajectory_fields`."""
@@ -928,7 +935,7 @@ STEP_INPUTS: dict[str, StepInputs] = {
     "search": StepInputs(("search", "finetune", "preset"), ("data.out", "source.out")),
     "train": StepInputs(
         (
-            *(f"finetune.{k}" for k in [*FinetuneConfig.trajectory_fields(), "device"]),
+            *(f"finetune.{k}" for k in [*FinetuneConfig.trajectory_fields(), "ensemble", "device"]),
             "registry.classical_candidate",  # the classical model may be what train writes
         ),
         ("data.out", "source.out"),

@@ -49,9 +49,9 @@ from transferops.evaluation.stats import atc_accuracy, paired_bootstrap
 from transferops.finetune.cache import Autocast
 from transferops.finetune.engine import autocast_for
 from transferops.finetune.probe import ProbeFit, fit_probe
-from transferops.model.blocks import StagedNet
+from transferops.model.blocks import Ensemble, StagedNet
 from transferops.model.calibration import fit_temperature
-from transferops.model.folder import load_finetuned, save_model_folder
+from transferops.model.folder import load_finetuned, member_spec, save_model_folder
 from transferops.model.inputs import Inputs, Preprocess, make_preprocess, pick_device
 from transferops.model.predict import predict_probs
 from transferops.runtime.artifacts import write_json_atomic
@@ -137,13 +137,14 @@ def adapt(cfg: Config) -> dict[str, Any]:
         report = {"kept": False, "decision": "nothing to adapt: data.unlabelled is not set"}
         write_json_atomic(Path(ac.report), report)
         return report
-    net, spec, data, domains = _load(cfg)
+    before, spec, data, domains = _load(cfg)
+    net, net_spec = _to_adapt(before, spec)
     t0, c0 = time.perf_counter(), time.process_time()
     device = pick_device(cfg.finetune.device)
     pre = make_preprocess(spec["source"], device, spec["modality"])
+    pre.place(before, device)
     pre.place(net, device)
     amp, bs = autocast_for(device), cfg.finetune.batch_size * 2
-    before = copy.deepcopy(net)
     feats = {s: pooled_features(net, d, pre, bs, amp) for s, d in data.items()}
     target_before = feats["target"]
     shift = _shift(cfg)
@@ -151,7 +152,7 @@ def adapt(cfg: Config) -> dict[str, Any]:
         report = {"kept": False, "shift": shift, "decision": shift["why"]}
         write_json_atomic(Path(ac.report), report)
         return report
-    found, adapted_spec, source_view = _adapt_model(net, spec, data, feats, pre, amp, bs, cfg)
+    found, adapted_spec, source_view = _adapt_model(net, net_spec, data, feats, pre, amp, bs, cfg)
     val_before = predict_probs(before, spec, data["val"], device)  # read twice below
     report = {
         "shift": shift,
@@ -183,7 +184,22 @@ def adapt(cfg: Config) -> dict[str, Any]:
     return report
 
 
-def _load(cfg: Config) -> tuple[StagedNet, dict, dict[str, Inputs], dict]:
+def _to_adapt(model: StagedNet | Ensemble, spec: dict) -> tuple[StagedNet, dict]:
+    """The network to adapt and its spec: a copy of the model, or of an ensemble's first
+    member (the methods change one network; the adapted model is that network, judged
+    against the whole ensemble it would replace)."""
+    if not isinstance(model, Ensemble):
+        return copy.deepcopy(model), spec
+    log.info(
+        "adapt: finetune.out is an ensemble of %d; its first member (seed %s) is adapted and "
+        "compared with the whole ensemble",
+        len(model.members),
+        spec["members"][0]["finetune"]["seed"],
+    )
+    return copy.deepcopy(model.members[0]), member_spec(spec, 0)
+
+
+def _load(cfg: Config) -> tuple[StagedNet | Ensemble, dict, dict[str, Inputs], dict]:
     """The model to adapt, its spec, the data it adapts with (train, val, the unlabelled
     target, the auxiliary domain when given) and the manifest's domains; clear errors first."""
     out = Path(cfg.data.out)

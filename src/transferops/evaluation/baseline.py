@@ -29,6 +29,8 @@ from transferops.data.prepared import read_manifest
 from transferops.finetune.plan import total_epochs
 from transferops.finetune.train import (
     BEST_MODEL,
+    member_dir,
+    member_of,
     reuse_model,
     same_run,
     save_finetuned,
@@ -112,17 +114,20 @@ def _train_one(
         "source_sha256": source["sha256"],
     }
     trained = _already_trained(cfg, rcfg, role, manifest["data_hash"], source["sha256"])
-    same = trained is not None
     with start_run(mlflow, run_name=name, tags=tags) as run:
         dataset = Path(cfg.data.path).name + (f"-k{per_class}" if per_class else "")
         log_data(mlflow, data_out, dataset, manifest["data_hash"], "training")
         mlflow.log_params(rcfg.finetune.run_params())
         labels = {"role": role, "seed": seed, "per_class": per_class}
-        if same:
-            mlflow.set_tag("reused_from", str(trained))
-            spec, _ = reuse_model(trained, out / name, labels | {"mlflow_run_id": run.info.run_id})
+        if trained is not None:
+            folder, member = trained
+            where = str(folder) + ("" if member is None else f" (member {member})")
+            mlflow.set_tag("reused_from", where)
+            spec, _ = reuse_model(
+                folder, out / name, labels | {"mlflow_run_id": run.info.run_id}, member
+            )
             val_accuracy = float(spec["val_accuracy"])
-            how = f"reused {trained}"
+            how = f"reused {where}"
         else:
             with labelled(name):
                 res, spec = train_model(
@@ -154,14 +159,27 @@ def _train_one(
 
 def _already_trained(
     cfg: Config, rcfg: Config, role: str, data_hash: str, source_sha: str
-) -> Path | None:
+) -> tuple[Path, int | None] | None:
     """The model folder `train`, the search or the scratch search left that is exactly this
-    run (no second training); the search's copy serves when train wrote the classical model."""
+    run (no second training), with the member's index when it is only inside the ensemble
+    `train` wrote (its own folder gone); the search's copy and the members' folders serve
+    when train wrote the classical model."""
     kept = {
-        "transfer": [Path(rcfg.finetune.out), Path(cfg.search.out) / BEST_MODEL],
+        "transfer": [
+            Path(rcfg.finetune.out),
+            Path(cfg.search.out) / BEST_MODEL,
+            member_dir(cfg, rcfg.finetune.seed),
+        ],
         "scratch": [cfg.baseline.scratch_search / BEST_MODEL],
     }
-    return next((f for f in kept.get(role, []) if same_run(f, rcfg, data_hash, source_sha)), None)
+    found = next((f for f in kept.get(role, []) if same_run(f, rcfg, data_hash, source_sha)), None)
+    if found is not None:
+        return found, None
+    if role == "transfer":
+        member = member_of(Path(rcfg.finetune.out), rcfg, data_hash, source_sha)
+        if member is not None:
+            return Path(rcfg.finetune.out), member
+    return None
 
 
 def scratch_lr(cfg: Config, num_blocks: int) -> float:

@@ -16,17 +16,19 @@ from typing import Any
 
 import torch
 
-from transferops.config import Config, FinetuneConfig, check_depth
+from transferops.config import Config, FinetuneConfig, check_depth, with_overrides
 from transferops.data.prepared import load_prepared, read_manifest
 from transferops.errors import ConfigError
 from transferops.finetune.adapters import ADAPTER_FILE, adapter_weights, add_lora, merge_adapters
 from transferops.finetune.calibrate import calibrate
 from transferops.finetune.classical import fit_classical, pixel_net, pixel_source, val_score
 from transferops.finetune.engine import EpochHook, TrainResult, finetune
-from transferops.model.blocks import StagedNet
+from transferops.model.blocks import Ensemble, StagedNet
+from transferops.model.calibration import nll
 from transferops.model.families import build_staged
-from transferops.model.folder import SPEC_FILE, save_model_folder
+from transferops.model.folder import SPEC_FILE, load_finetuned, save_member, save_model_folder
 from transferops.model.inputs import make_inputs, make_preprocess, pick_device
+from transferops.model.predict import predict_probs
 from transferops.runtime.artifacts import atomic_dir, read_json, sha256_json, write_json_atomic
 from transferops.runtime.tracking import log_data, log_epoch, log_outcome, setup_tracking, start_run
 from transferops.sources.manifest import read_source_manifest
@@ -147,7 +149,13 @@ CANDIDATE_NOTES = {
     "val by more than the val split's noise (finetune.beat_probe_by)",
     "classical": "the classical model, not a fine-tuned network: fine-tuning did not beat it "
     "on val (registry.classical_candidate)",
+    "ensemble": "an ensemble of fine-tuning runs that differ only in their seed (finetune."
+    "ensemble): it predicts the average of their probabilities, so no one seed's luck is the "
+    "model",
 }
+
+# What an ensemble's spec keeps of each member (the rest is the ensemble's own)
+MEMBER_KEYS = ("finetune", "val_accuracy", "val_loss", "weight_average", "candidate")
 
 
 @dataclass(frozen=True)
@@ -173,6 +181,23 @@ def same_run(folder: Path, cfg: Config, data_hash: str, source_sha: str) -> bool
     if not (folder / SPEC_FILE).exists():
         return False
     spec = read_json(folder / SPEC_FILE)
+    return not spec.get("members") and _same(spec, cfg, data_hash, source_sha)
+
+
+def member_of(folder: Path, cfg: Config, data_hash: str, source_sha: str) -> int | None:
+    """The index of the member of the ensemble in `folder` trained exactly as `cfg` says
+    (its seed included), or None."""
+    if not (folder / SPEC_FILE).exists():
+        return None
+    spec = read_json(folder / SPEC_FILE)
+    top = {k: v for k, v in spec.items() if k not in MEMBER_KEYS}
+    for i, member in enumerate(spec.get("members") or []):
+        if _same(top | member, cfg, data_hash, source_sha):
+            return i
+    return None
+
+
+def _same(spec: dict[str, Any], cfg: Config, data_hash: str, source_sha: str) -> bool:
     trained = {k: spec["finetune"].get(k) for k in FinetuneConfig.trajectory_fields()}
     return (
         spec["data_hash"] == data_hash
@@ -181,13 +206,19 @@ def same_run(folder: Path, cfg: Config, data_hash: str, source_sha: str) -> bool
     )
 
 
-def reuse_model(folder: Path, dst: Path, labels: dict[str, Any]) -> tuple[dict, list[dict]]:
-    """Copy a trained model folder to `dst` (`labels` added to its spec) and replay its
-    per-epoch curves into the active MLflow run, as if trained there; (spec, history)."""
-    spec = read_json(folder / SPEC_FILE) | labels
-    history = read_json(folder / "history.json")
+def reuse_model(
+    folder: Path, dst: Path, labels: dict[str, Any], member: int | None = None
+) -> tuple[dict, list[dict]]:
+    """Copy a trained model folder (or member `member` of an ensemble's) to `dst` (`labels`
+    added to its spec) and replay its per-epoch curves into the active MLflow run, as if
+    trained there; (spec, history)."""
     with atomic_dir(dst) as tmp:
-        shutil.copytree(folder, tmp, dirs_exist_ok=True)
+        if member is None:
+            shutil.copytree(folder, tmp, dirs_exist_ok=True)
+        else:
+            save_member(folder, member, tmp, folder)
+        spec = read_json(tmp / SPEC_FILE) | labels
+        history = read_json(tmp / "history.json")
         write_json_atomic(tmp / SPEC_FILE, spec)
     for rec in history:
         log_epoch(int(rec["epoch"]), rec)
@@ -197,7 +228,9 @@ def reuse_model(folder: Path, dst: Path, labels: dict[str, Any]) -> tuple[dict, 
 def train_from_config(cfg: Config, resume: bool = True) -> Trained:
     """`transferops train`: fine-tune with fixed params into finetune.out, as an MLflow run
     (role ``train``, its per-epoch curves), and finetune.metrics. When the search's best
-    trial was this very run (search.out/best_model), its model is copied, not retrained."""
+    trial was this very run (search.out/best_model), its model is copied, not retrained.
+    With ``finetune.ensemble`` > 1 the seeds finetune.seed, +1, ... are each trained (a
+    nested run each) and finetune.out is their ensemble."""
     fc = cfg.finetune
     manifest, source = read_manifest(cfg.data.out), read_source_manifest(cfg.source.out)
     check_trainable(cfg, manifest, source)
@@ -207,12 +240,10 @@ def train_from_config(cfg: Config, resume: bool = True) -> Trained:
     with start_run(mlflow, run_name="train", tags=tags | {"source_sha256": source["sha256"]}) as r:
         log_data(mlflow, cfg.data.out, Path(cfg.data.path).name, data_hash, "training")
         mlflow.log_params(fc.run_params())
-        trial = Path(cfg.search.out) / BEST_MODEL
-        if same_run(trial, cfg, data_hash, source["sha256"]):
-            done = _copy_trial(trial, cfg, r.info.run_id)
-            mlflow.set_tag("reused_from", str(trial))
+        if fc.ensemble == 1:
+            done = _train_one(cfg, mlflow, r.info.run_id, resume, data_hash, source["sha256"])
         else:
-            done = _train(cfg, r.info.run_id, resume)
+            done = _train_ensemble(cfg, mlflow, r.info.run_id, resume, tags)
         log_outcome(mlflow, done.val_accuracy, done.weight_average)
         done = keep_best_candidate(cfg, done, r.info.run_id)
         mlflow.set_tag("candidate", done.candidate)
@@ -220,11 +251,125 @@ def train_from_config(cfg: Config, resume: bool = True) -> Trained:
     write_json_atomic(
         Path(fc.metrics), {k: v for k, v in asdict(done).items() if k != "reused_from"}
     )
-    how = f"copied from {trial}" if done.reused_from else f"{done.epochs} epochs"
+    how = f"copied from {done.reused_from}" if done.reused_from else f"{done.epochs} epochs"
     log.info(
         "fine-tuned model written to %s (val accuracy %.4f, %s)", fc.out, done.val_accuracy, how
     )
     return done
+
+
+def _train_one(
+    cfg: Config, mlflow: Any, run_id: str, resume: bool, data_hash: str, source_sha: str
+) -> Trained:
+    """One fine-tuning run into finetune.out: the search's best trial copied when it was this
+    very run, else trained (resuming its checkpoint)."""
+    trial = Path(cfg.search.out) / BEST_MODEL
+    if same_run(trial, cfg, data_hash, source_sha):
+        mlflow.set_tag("reused_from", str(trial))
+        return _copy_trial(trial, cfg, run_id)
+    return _train(cfg, run_id, resume)
+
+
+def _train_ensemble(
+    cfg: Config, mlflow: Any, run_id: str, resume: bool, tags: dict[str, str]
+) -> Trained:
+    """Train the ensemble's members one by one (each a model folder under
+    :func:`member_dir`, so a crash loses at most the member in training), then write their
+    ensemble."""
+    fc = cfg.finetune
+    data_hash, source_sha = tags["data_hash"], read_source_manifest(cfg.source.out)["sha256"]
+    folders, runs = [], []
+    for seed in range(fc.seed, fc.seed + fc.ensemble):
+        folder = member_dir(cfg, seed)
+        mcfg = with_overrides(
+            cfg,
+            {
+                "finetune.seed": seed,
+                "finetune.ensemble": 1,
+                "finetune.out": str(folder),
+                "finetune.checkpoint_dir": str(folder.with_suffix(".checkpoint")),
+            },
+        )
+        run_tags = tags | {"role": "train-member", "seed": str(seed)}
+        with start_run(
+            mlflow, run_name=f"train-s{seed}", tags=run_tags, nested=True, parent_run_id=run_id
+        ) as m:
+            if resume and same_run(folder, mcfg, data_hash, source_sha):
+                runs.append(_member_done(folder))  # trained before a crash: kept
+            else:
+                runs.append(_train_one(mcfg, mlflow, m.info.run_id, resume, data_hash, source_sha))
+            log_outcome(mlflow, runs[-1].val_accuracy, runs[-1].weight_average)
+        folders.append(folder)
+    # The member folders stay: the baseline's transfer runs of these seeds reuse them, also
+    # when the classical candidate takes finetune.out's place
+    return _assemble(cfg, folders, runs, run_id)
+
+
+def member_dir(cfg: Config, seed: int) -> Path:
+    """Where `train` keeps the ensemble's member of `seed` (a model folder)."""
+    return Path(cfg.finetune.checkpoint_dir) / "members" / f"s{seed}"
+
+
+def _member_done(folder: Path) -> Trained:
+    spec, history = read_json(folder / SPEC_FILE), read_json(folder / "history.json")
+    return Trained(
+        spec["val_accuracy"],
+        spec["val_loss"],
+        spec["finetune"]["unfreeze_depth"],
+        len(history),
+        0.0,
+        weight_average=spec.get("weight_average"),
+        candidate=spec.get("candidate", "finetuned"),
+    )
+
+
+def _assemble(cfg: Config, folders: list[Path], runs: list[Trained], run_id: str) -> Trained:
+    """finetune.out := the ensemble of the member folders, scored on val. When every member
+    ended as the exact probe they are one model: that probe is written alone."""
+    fc = cfg.finetune
+    loaded = [load_finetuned(f) for f in folders]
+    specs = [s for _, s in loaded]
+    if all(s.get("candidate") == "probe" for s in specs):
+        log.info("every member of the ensemble is the exact probe: it is the model, once")
+        reuse_model(folders[0], Path(fc.out), {"mlflow_run_id": run_id})
+        return replace(runs[0], seconds=round(sum(r.seconds for r in runs), 2))
+    net = Ensemble([n for n, _ in loaded])
+    val = load_prepared(cfg.data.out, "val")
+    spec0 = specs[0]
+    inputs = make_inputs(val, folders[0], spec0["source"], spec0.get("max_length", 64))
+    probs = predict_probs(net, spec0 | {"temperature": 1.0}, inputs, pick_device(fc.device))
+    y = val.labels.numpy()
+    acc, loss = float((probs.argmax(1) == y).mean()), nll(probs, y)
+    members = [
+        {k: s.get(k) for k in MEMBER_KEYS} | {"history": read_json(f / "history.json")}
+        for f, s in zip(folders, specs, strict=True)
+    ]
+    drop = {*MEMBER_KEYS, "weights_sha256", "temperature", "calibration", "mlflow_run_id"}
+    spec = {k: v for k, v in spec0.items() if k not in drop} | {
+        "finetune": fc.model_dump(mode="json"),
+        "members": members,
+        "candidate": "ensemble",
+        "val_accuracy": acc,
+        "val_loss": loss,
+        "weight_average": None,
+        "mlflow_run_id": run_id,
+    }
+    save_model_folder(net, spec, [], Path(fc.out), Path(cfg.source.out))
+    log.info(
+        "ensemble of %d seeds: val accuracy %.4f (members %s), log-loss %.4f",
+        len(runs),
+        acc,
+        ", ".join(f"{r.val_accuracy:.4f}" for r in runs),
+        loss,
+    )
+    return Trained(
+        acc,
+        loss,
+        fc.unfreeze_depth,
+        sum(r.epochs for r in runs),
+        round(sum(r.seconds for r in runs), 2),
+        candidate="ensemble",
+    )
 
 
 def keep_best_candidate(cfg: Config, done: Trained, run_id: str) -> Trained:

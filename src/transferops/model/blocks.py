@@ -12,6 +12,7 @@ splitter is in the family table (:mod:`transferops.model.families`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -199,6 +200,21 @@ class StagedNet(nn.Module):
     def forward(self, x: torch.Tensor, ctx: Any = None) -> torch.Tensor:
         # encode(x, 0) is x itself, or the pooled x when there are no blocks (pixel model)
         return self.decode(self.encode(x, 0, ctx), 0, ctx)
+
+
+class Ensemble(nn.Module):
+    """Several fine-tuned StagedNets of one architecture as one model: the average of their
+    predicted probabilities. Its output is ``log(mean_k softmax(z_k))``, so a softmax of it
+    gives those averaged probabilities exactly, and temperature scaling, ONNX export and
+    serving treat it like any network's logits."""
+
+    def __init__(self, members: Sequence[StagedNet]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor, ctx: Any = None) -> torch.Tensor:
+        logp = torch.stack([torch.log_softmax(m(x, ctx).float(), 1) for m in self.members])
+        return torch.logsumexp(logp, 0) - math.log(len(self.members))
 
 
 # ---------------------------------------------------------------- splitters

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from transferops.errors import IntegrityError
-from transferops.model.blocks import StagedNet
+from transferops.model.blocks import Ensemble, StagedNet
 from transferops.model.families import build_architecture, build_staged
 from transferops.runtime.artifacts import (
     atomic_dir,
@@ -92,17 +92,30 @@ def verify_weights(
     return sha
 
 
-def rebuild_finetuned(path: Path | str) -> tuple[nn.Module, StagedNet, dict[str, Any]]:
-    """The source architecture, the StagedNet around it and the spec of a model folder,
-    its weights verified first (:func:`verify_weights`).
+def rebuild_finetuned(path: Path | str) -> tuple[nn.Module, StagedNet | Ensemble, dict[str, Any]]:
+    """The source architecture, the StagedNet around it (or the :class:`Ensemble` of them
+    when the spec lists ``members``) and the spec of a model folder, its weights verified
+    first (:func:`verify_weights`).
 
     The fine-tuned weights are loaded into the StagedNet, whose blocks are the architecture's
     own modules, so the architecture then holds the fine-tuned backbone (its original
-    classifier, which the StagedNet replaced, keeps its initialisation).
+    classifier, which the StagedNet replaced, keeps its initialisation); of an ensemble, the
+    first member's.
     """
     path = Path(path)
     spec = read_json(path / SPEC_FILE)
     verify_weights(path)
+    models, nets = [], []
+    for _ in spec.get("members") or [None]:
+        model, net = _architecture(path, spec)
+        models.append(model)
+        nets.append(net)
+    net: StagedNet | Ensemble = Ensemble(nets) if spec.get("members") else nets[0]
+    net.load_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=True)
+    return models[0], net, spec
+
+
+def _architecture(path: Path, spec: dict[str, Any]) -> tuple[nn.Module, StagedNet]:
     src = spec["source"]
     if src["kind"] == "hf":
         from transformers import AutoConfig, AutoModel
@@ -117,11 +130,28 @@ def rebuild_finetuned(path: Path | str) -> tuple[nn.Module, StagedNet, dict[str,
         image_size=spec.get("image_size") or 32,
         user_blocks=src.get("user_blocks"),
     )
-    net.load_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=True)
-    return model, net, spec
+    return model, net
 
 
-def load_finetuned(path: Path | str) -> tuple[StagedNet, dict[str, Any]]:
+def save_member(ensemble_dir: Path | str, index: int, dst: Path, source_dir: Path) -> None:
+    """Write member `index` of an ensemble's model folder as a model folder of its own (its
+    spec, weights and history, as when it was trained alone): what a baseline run of the same
+    seed reuses instead of training it again."""
+    _, net, spec = rebuild_finetuned(ensemble_dir)
+    assert isinstance(net, Ensemble)
+    history = spec["members"][index].get("history", [])
+    save_model_folder(net.members[index], member_spec(spec, index), history, dst, source_dir)
+
+
+def member_spec(spec: dict[str, Any], index: int) -> dict[str, Any]:
+    """The spec of member `index` of an ensemble's spec, as when it was trained alone (no
+    temperature: the ensemble's was fitted to the average, not to it)."""
+    member = {k: v for k, v in spec["members"][index].items() if k != "history"}
+    drop = ("members", "temperature", "calibration", "weights_sha256")
+    return {k: v for k, v in spec.items() if k not in drop} | member
+
+
+def load_finetuned(path: Path | str) -> tuple[StagedNet | Ensemble, dict[str, Any]]:
     """Rebuild a fine-tuned model from its folder, in eval mode (no source download needed);
     its weights verified first."""
     _, net, spec = rebuild_finetuned(path)

@@ -41,6 +41,12 @@ def load(cfg: SourceConfig, workdir: Path, reg: dict[str, Any]) -> Pulled:
             "model folder in its artifacts); kind mlflow takes models registered by "
             "`transferops register`"
         )
+    if read_json(model_dir / SPEC_FILE).get("members"):
+        raise SourceError(
+            f"source.name: {cfg.name} ({label}) is an ensemble of fine-tuned networks "
+            "(finetune.ensemble): a source is one backbone; register a single network "
+            "(finetune.ensemble: 1) to fine-tune from it"
+        )
     if read_json(model_dir / SPEC_FILE).get("candidate") == "classical":
         raise SourceError(
             f"source.name: {cfg.name} ({label}) is the classical model (logistic regression on "
