@@ -66,6 +66,18 @@ def shifted_project(tmp_path_factory, lite0_source) -> dict:
     return raw
 
 
+def _one_network(raw: dict) -> tuple:
+    """The trained model, or its first member when `train` wrote an ensemble (the default):
+    the methods change one network."""
+    from transferops.model.blocks import Ensemble
+    from transferops.model.folder import load_finetuned, member_spec
+
+    net, spec = load_finetuned(raw["finetune"]["out"])
+    if isinstance(net, Ensemble):
+        return net.members[0], member_spec(spec, 0)
+    return net, spec
+
+
 def _cfg(raw: dict, **adapt) -> object:
     raw = copy.deepcopy(raw)
     raw["adapt"] |= adapt
@@ -88,12 +100,11 @@ def test_adabn_changes_only_batchnorm_statistics_and_helps_on_a_shift(shifted_pr
     from transferops.adapt.methods import adabn
     from transferops.data.prepared import load_prepared
     from transferops.finetune.engine import autocast_for
-    from transferops.model.folder import load_finetuned
     from transferops.model.inputs import Inputs, make_preprocess
     from transferops.model.predict import predict_probs
 
     cpu = torch.device("cpu")
-    net, spec = load_finetuned(shifted_project["finetune"]["out"])
+    net, spec = _one_network(shifted_project)
     before = copy.deepcopy(net.state_dict())
     pre = make_preprocess(spec["source"], cpu, "image")
     target = load_domain(shifted_project["data"]["out"], "unlabelled")
@@ -119,11 +130,10 @@ def test_align_trains_only_the_top_and_pulls_the_domains_together(shifted_projec
     from transferops.adapt.methods import adabn, align
     from transferops.data.prepared import load_prepared
     from transferops.finetune.engine import autocast_for
-    from transferops.model.folder import load_finetuned
     from transferops.model.inputs import Inputs, make_preprocess
 
     cpu, amp = torch.device("cpu"), autocast_for(torch.device("cpu"))
-    net, spec = load_finetuned(shifted_project["finetune"]["out"])
+    net, spec = _one_network(shifted_project)
     pre = make_preprocess(spec["source"], cpu, "image")
     source_view = copy.deepcopy(net)
     train = load_prepared(shifted_project["data"]["out"], "train")
@@ -169,11 +179,23 @@ def test_pseudo_labels_never_come_from_the_target_test_sample(shifted_project, t
     (other images, other labels) changes only the score."""
     from safetensors.torch import load_file, save_file
 
-    from transferops.adapt.adapt import adapt
+    from transferops.adapt.adapt import adapt, load_domain
+    from transferops.model.blocks import Ensemble, StagedNet
+    from transferops.model.folder import load_finetuned
+    from transferops.model.predict import predict_probs
 
     cfg = _cfg(shifted_project, methods=["adabn", "pseudo_label"], pseudo_threshold=0.5)
     first = adapt(cfg)
     assert first["found"]["pseudo_label"]["taken_per_round"][0] > 0
+    # judged against the model it would replace (the ensemble `train` wrote by default);
+    # what it writes is the one network it changed
+    trained, spec = load_finetuned(cfg.finetune.out)
+    assert isinstance(trained, Ensemble)
+    target = load_domain(cfg.data.out, "target_test")
+    probs = predict_probs(trained, spec, target, torch.device("cpu"))
+    before = (probs.argmax(1) == target.y.numpy()).mean()
+    assert first["target_accuracy"]["before"] == pytest.approx(before)
+    assert isinstance(load_finetuned(cfg.adapt.out)[0], StagedNet)
     assert first["found"]["auxiliary"]["images"] == 24  # the related domain's labelled images
     w1 = load_file(str(Path(cfg.adapt.out) / "model.safetensors"))
     tt = Path(cfg.data.out) / "target_test.safetensors"
