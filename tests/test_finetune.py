@@ -741,7 +741,8 @@ def test_train_writes_an_ensemble_of_seeds_and_the_baseline_reuses_its_members(
 ):
     from transferops.config import with_overrides
     from transferops.evaluation.baseline import _already_trained
-    from transferops.finetune.train import member_of, reuse_model, same_run
+    from transferops.evaluation.evaluate import _score_finetuned
+    from transferops.finetune.train import candidate_note, member_of, reuse_model, same_run
 
     # a random head: no probe floor, so the two seeds are two different networks
     cfg = _cfg(
@@ -785,6 +786,12 @@ def test_train_writes_an_ensemble_of_seeds_and_the_baseline_reuses_its_members(
     assert torch.allclose(averaged, (probs[0] + probs[1]) / 2, atol=1e-5)
     acc = (averaged.argmax(1) == val.labels).float().mean().item()
     assert acc == pytest.approx(res.val_accuracy)
+    # the report and the model card name the members (evaluate reads them from the spec)
+    scored = _score_finetuned(cfg, load_prepared(digits_prepared, "test"), CPU, data_hash, {})
+    assert [m["seed"] for m in scored["members"]] == [0, 1]
+    note = candidate_note(scored["candidate"], scored["members"])
+    assert "ensemble" in note and "seed 0 (val" in note and "seed 1 (val" in note
+
     shutil.rmtree(tmp_path / "ck")  # a clean machine with finetune.out from the DVC cache
     rcfg = with_overrides(cfg, {"finetune.seed": 1})
     assert _already_trained(cfg, rcfg, "transfer", data_hash, sha) == (tmp_path / "ft", 1)

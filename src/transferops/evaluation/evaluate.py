@@ -328,6 +328,14 @@ def _score_finetuned(
         "dir": str(model_dir),
         # "classical" when fine-tuning did not beat the classical model on val (train.py)
         "candidate": spec.get("candidate", "finetuned"),
+        "members": [  # an ensemble's (finetune.ensemble)
+            {
+                "seed": m["finetune"]["seed"],
+                "val_accuracy": m["val_accuracy"],
+                "candidate": m.get("candidate", "finetuned"),
+            }
+            for m in spec.get("members") or []
+        ],
         "minus": {
             role: paired_bootstrap(probs.argmax(1) == y, c, conf) for role, c in baselines.items()
         },

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from transferops.finetune.train import CANDIDATE_NOTES
+from transferops.finetune.train import candidate_note
 from transferops.runtime.artifacts import read_json
 
 
@@ -307,8 +307,8 @@ def report_markdown(metrics: dict, per_class: dict, classical: str | None) -> st
             lines.index("| --- | --- | --- | --- | --- |") + 1,
             f"| **model to register** (`{f['dir']}`"
             + (
-                f": {CANDIDATE_NOTES[f['candidate']]}"
-                if f.get("candidate") in CANDIDATE_NOTES
+                f": {note}"
+                if (note := candidate_note(f.get("candidate", ""), f.get("members")))
                 else ""
             )
             + f") | {f['accuracy']:.3f} | {f['balanced_accuracy']:.3f} | "

@@ -154,6 +154,21 @@ CANDIDATE_NOTES = {
     "model",
 }
 
+
+def candidate_note(candidate: str, members: list[dict[str, Any]] | None = None) -> str | None:
+    """What the model to register is, in words, when not one fine-tuned network (None
+    then); an ensemble's members with their seeds and val accuracies."""
+    note = CANDIDATE_NOTES.get(candidate)
+    if note and members:
+        each = ", ".join(
+            f"seed {m['seed']} (val {m['val_accuracy']:.3f}"
+            + (", the exact probe)" if m.get("candidate") == "probe" else ")")
+            for m in members
+        )
+        note += f"; members: {each}"
+    return note
+
+
 # What an ensemble's spec keeps of each member (the rest is the ensemble's own)
 MEMBER_KEYS = ("finetune", "val_accuracy", "val_loss", "weight_average", "candidate")
 

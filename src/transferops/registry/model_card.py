@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from transferops.finetune.train import CANDIDATE_NOTES
+from transferops.finetune.train import candidate_note
 from transferops.registry.client import CHAMPION
 
 
@@ -94,8 +94,9 @@ def model_card(name: str, version: str, tags: dict[str, str], spec: dict, metric
 def _caveats(tags: dict[str, str], metrics: dict[str, Any]) -> list[str]:
     """The model card's warnings: what this model is, and what beats it."""
     lines = []
-    if tags["candidate"] in CANDIDATE_NOTES:
-        lines.append(f"This is {CANDIDATE_NOTES[tags['candidate']]}.")
+    note = candidate_note(tags["candidate"], metrics["finetuned"].get("members"))
+    if note:
+        lines.append(f"This is {note}.")
     dropped = metrics["finetuned"].get("dropped_classes")
     if dropped:
         lines.append(
