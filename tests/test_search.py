@@ -11,9 +11,11 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 import yaml
 
 from transferops.config import SearchConfig, validate_config
+from transferops.data.prepared import load_prepared
 from transferops.errors import ConfigError
 from transferops.runtime.study_storage import make_storage
 from transferops.search.study import cpu_seconds, make_sampler, run_search, study_name, suggest
@@ -401,3 +403,29 @@ def test_a_search_without_headroom_over_the_probe_stops_and_says_so(
     summary = json.loads((tmp_path / "search" / "summary.json").read_text())
     assert summary["stopped_early"].startswith("no headroom: in 2 complete trials")
     assert "the probe is the model" in caplog.text
+
+
+def test_trials_are_compared_by_the_registry_metric(tmp_path, digits_prepared, lite0_source):
+    """With registry.metric macro_f1 a trial's value is its model's val macro-F1 (what the
+    gates will decide on), not its val accuracy; the run's accuracy is kept beside it."""
+    from sklearn.metrics import f1_score
+
+    from transferops.finetune.train import train_model
+    from transferops.search.study import _value
+
+    raw = _raw(tmp_path, digits_prepared, lite0_source)
+    # a random head barely trained: a weak model, whose macro-F1 and accuracy differ
+    raw["finetune"] |= {"head_init": "random", "epochs_per_stage": [1], "lr": 1e-5}
+    raw["finetune"]["unfreeze_depth"] = 0
+    raw["registry"] = {"metric": "macro_f1"}
+    cfg = validate_config(raw)
+    res, spec = train_model(cfg)
+    val = load_prepared(digits_prepared, "val")
+    with torch.no_grad():
+        pred = res.net.eval()((val.images.float() / 255 - 0.5) / 0.5).argmax(1).numpy()
+    y = val.labels.numpy()
+    f1 = f1_score(y, pred, labels=[0, 1, 2], average="macro", zero_division=0)
+    assert f1 != pytest.approx((pred == y).mean())  # the two metrics disagree here
+    assert _value(cfg, res, spec) == pytest.approx(f1)
+    plain = validate_config(raw | {"registry": {"metric": "accuracy"}})
+    assert _value(plain, res, spec) == res.best_val_accuracy

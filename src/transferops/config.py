@@ -932,11 +932,15 @@ STEP_INPUTS: dict[str, StepInputs] = {
     # ranking source.candidates reads the prepared train/val data (and finetune.max_length)
     # `preset` sets keys of pull, search, baseline and evaluate: dvc must see it change
     "pull": StepInputs(("source", "finetune.max_length", "preset"), ("data.out",)),
-    "search": StepInputs(("search", "finetune", "preset"), ("data.out", "source.out")),
+    # trials are compared by registry.metric, the metric the gates decide on
+    "search": StepInputs(
+        ("search", "finetune", "registry.metric", "preset"), ("data.out", "source.out")
+    ),
     "train": StepInputs(
         (
             *(f"finetune.{k}" for k in [*FinetuneConfig.trajectory_fields(), "ensemble", "device"]),
             "registry.classical_candidate",  # the classical model may be what train writes
+            "registry.metric",  # ... when it beats fine-tuning on val by this metric
         ),
         ("data.out", "source.out"),
     ),

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from transferops.config import Config
 from transferops.data.prepared import PreparedData, load_prepared, read_manifest
@@ -47,6 +47,7 @@ from transferops.evaluation.stats import (
     verdict,
 )
 from transferops.finetune.classical import fit_classical
+from transferops.finetune.selection import balanced_accuracy, macro_f1
 from transferops.model.calibration import nll, scaled
 from transferops.model.folder import SPEC_FILE, WEIGHTS_FILE, load_finetuned
 from transferops.model.inputs import make_inputs, pick_device
@@ -68,11 +69,10 @@ def classification_metrics(
     pred = probs.argmax(1)
     labels = list(range(len(class_names)))
     p, r, _, _ = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
-    present = np.isin(labels, y)
     return {
         "accuracy": float((pred == y).mean()),
-        "balanced_accuracy": float(r[present].mean()) if present.any() else 0.0,
-        "macro_f1": float(f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
+        "balanced_accuracy": balanced_accuracy(y, pred, len(labels)),
+        "macro_f1": macro_f1(y, pred, len(labels)),
         "ece": ece(probs, y, bins),
         "per_class": {
             c: {"precision": float(p[i]), "recall": float(r[i])} for i, c in enumerate(class_names)

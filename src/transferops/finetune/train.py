@@ -23,6 +23,7 @@ from transferops.finetune.adapters import ADAPTER_FILE, adapter_weights, add_lor
 from transferops.finetune.calibrate import calibrate
 from transferops.finetune.classical import fit_classical, pixel_net, pixel_source, val_score
 from transferops.finetune.engine import EpochHook, TrainResult, finetune
+from transferops.finetune.selection import metric_value, val_metric
 from transferops.model.blocks import Ensemble, StagedNet
 from transferops.model.calibration import nll
 from transferops.model.families import build_staged
@@ -389,15 +390,24 @@ def _assemble(cfg: Config, folders: list[Path], runs: list[Trained], run_id: str
 
 def keep_best_candidate(cfg: Config, done: Trained, run_id: str) -> Trained:
     """Put the classical pixel model in finetune.out instead when fine-tuning does not beat
-    it on val (accuracy, then log-loss): the expensive model must earn its place, as every
-    epoch must beat the exact probe. Image data with registry.classical_candidate only."""
+    it on val (registry.metric, then log-loss): the expensive model must earn its place, as
+    every epoch must beat the exact probe. Image data with registry.classical_candidate
+    only."""
     fc = cfg.finetune
     if not cfg.registry.classical_candidate or read_manifest(cfg.data.out)["modality"] != "image":
         return done
     fit = fit_classical(load_prepared(cfg.data.out, "train"))
-    acc, loss = val_score(fit, load_prepared(cfg.data.out, "val"))
+    val = load_prepared(cfg.data.out, "val")
+    acc, loss = val_score(fit, val)
     done = replace(done, classical_val_accuracy=acc)
-    if (done.val_accuracy, -done.val_loss) > (acc, -loss):
+    metric = cfg.registry.metric
+    ours, theirs = done.val_accuracy, acc
+    if metric != "accuracy":  # compared as the gates will compare them
+        net, spec = load_finetuned(fc.out)
+        ours = val_metric(metric, net, spec | {"temperature": 1.0}, cfg.data.out, cfg.source.out)
+        y, k = val.labels.numpy(), len(val.class_names)
+        theirs = metric_value(metric, y, fit.probs(val).argmax(1), k)
+    if (ours, -done.val_loss) > (theirs, -loss):
         return done
     tuned = read_json(Path(fc.out) / SPEC_FILE)
     keep = ("format_version", "class_names", "modality", "image_size", "image_resize", "data_hash")
@@ -416,12 +426,13 @@ def keep_best_candidate(cfg: Config, done: Trained, run_id: str) -> Trained:
     net = pixel_net(fit, tuned["image_size"] or 32)
     save_model_folder(net, spec, [], Path(fc.out), Path(cfg.source.out))
     log.info(
-        "%s: val %.4f (log-loss %.3f) against fine-tuning's %.4f (%.3f): fine-tuning does not "
-        "beat it, so it is the candidate in %s (registry.classical_candidate)",
+        "%s: val %s %.4f (log-loss %.3f) against fine-tuning's %.4f (%.3f): fine-tuning does "
+        "not beat it, so it is the candidate in %s (registry.classical_candidate)",
         fit.name,
-        acc,
+        metric,
+        theirs,
         loss,
-        done.val_accuracy,
+        ours,
         done.val_loss,
         fc.out,
     )

@@ -52,6 +52,7 @@ from transferops.data.prepared import read_manifest
 from transferops.errors import ConfigError
 from transferops.finetune.engine import TrainResult
 from transferops.finetune.plan import total_epochs
+from transferops.finetune.selection import val_metric
 from transferops.finetune.train import BEST_MODEL, save_finetuned, train_model
 from transferops.model.folder import SPEC_FILE
 from transferops.runtime.artifacts import atomic_dir, sha256_json, write_json_atomic
@@ -301,11 +302,15 @@ def _objective(cfg: Config, parent_run_id: str | None, store: dict, task: str | 
                 mlflow.set_tag("state", "complete")
                 if res.probe is not None:  # what the trial had to beat (no_headroom)
                     trial.set_user_attr("probe_val_accuracy", res.probe.val_accuracy)
+                    trial.set_user_attr("val_accuracy", res.best_val_accuracy)
                 log_outcome(mlflow, res.best_val_accuracy, spec.get("weight_average"))
-                _keep_if_best(cfg, trial, res, spec)
+                value = _value(cfg, res, spec)
+                if cfg.registry.metric != "accuracy":
+                    mlflow.log_metric(f"val_{cfg.registry.metric}", value)
+                _keep_if_best(cfg, trial, res, spec, value)
         if pruned is not None:
             raise pruned
-        return res.best_val_accuracy
+        return value
 
     return objective
 
@@ -316,11 +321,22 @@ def _kept(cfg: Config, study: str) -> Path:
     return out.with_name(f".{out.name}-trials") / study
 
 
-def _keep_if_best(cfg: Config, trial: optuna.Trial, res: TrainResult, spec: dict) -> None:
+def _value(cfg: Config, res: TrainResult, spec: dict) -> float:
+    """A complete trial's objective: its model's val score by registry.metric (the metric
+    the gates decide on; accuracy is the run's own best val accuracy, no extra pass)."""
+    if cfg.registry.metric == "accuracy":
+        return res.best_val_accuracy
+    device = cfg.finetune.device
+    return val_metric(cfg.registry.metric, res.net, spec, cfg.data.out, cfg.source.out, device)
+
+
+def _keep_if_best(
+    cfg: Config, trial: optuna.Trial, res: TrainResult, spec: dict, value: float
+) -> None:
     """A complete trial at least as good as every finished one keeps its model: `train` then
     copies the best one instead of training it a second time."""
     done = trial.study.get_trials(deepcopy=False, states=(TS.COMPLETE,))
-    if all(t.value is None or res.best_val_accuracy >= t.value for t in done):
+    if all(t.value is None or value >= t.value for t in done):
         folder = _kept(cfg, trial.study.study_name) / str(trial.number)
         save_finetuned(res, spec | {"trial": trial.number}, folder, Path(cfg.source.out))
 
@@ -403,7 +419,11 @@ def no_headroom(study: optuna.Study, sc: SearchConfig) -> str | None:
         for t in study.get_trials(deepcopy=False, states=(TS.COMPLETE,))
         if "probe_val_accuracy" in t.user_attrs
     ]
-    if not k or len(done) < k or any(t.value > t.user_attrs["probe_val_accuracy"] for t in done):
+    # accuracies both (the trial's value is by registry.metric; its accuracy is kept beside)
+    beat = any(
+        t.user_attrs.get("val_accuracy", t.value) > t.user_attrs["probe_val_accuracy"] for t in done
+    )
+    if not k or len(done) < k or beat:
         return None
     probe = done[0].user_attrs["probe_val_accuracy"]
     return (

@@ -1,0 +1,63 @@
+"""How two models are compared on val: by ``registry.metric``, the metric the promotion gates
+decide on (accuracy | balanced_accuracy | macro_f1), so what the search keeps, what `train`
+writes and what promotion accepts are judged alike. `evaluate` computes its test metrics
+with the same functions.
+
+Within one run the epochs are still chosen by val accuracy (and the exact probe floor is a
+paired accuracy test): the per-epoch curves and the pruner's noise margin are accuracies.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import f1_score, precision_recall_fscore_support
+
+from transferops.data.prepared import load_prepared
+from transferops.model.blocks import Ensemble, StagedNet
+from transferops.model.inputs import make_inputs, pick_device
+from transferops.model.predict import predict_probs
+
+__all__ = ["balanced_accuracy", "macro_f1", "metric_value", "val_metric"]
+
+
+def balanced_accuracy(y: np.ndarray, pred: np.ndarray, num_classes: int) -> float:
+    """The mean recall over the classes present in `y`."""
+    labels = list(range(num_classes))
+    _, recall, _, _ = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    present = np.isin(labels, y)
+    return float(recall[present].mean()) if present.any() else 0.0
+
+
+def macro_f1(y: np.ndarray, pred: np.ndarray, num_classes: int) -> float:
+    """F1 averaged over all classes (a class never predicted nor present scores 0)."""
+    labels = list(range(num_classes))
+    return float(f1_score(y, pred, labels=labels, average="macro", zero_division=0))
+
+
+def metric_value(metric: str, y: np.ndarray, pred: np.ndarray, num_classes: int) -> float:
+    """`metric` (registry.metric) of predicted labels `pred` against `y`."""
+    if metric == "accuracy":
+        return float((pred == y).mean())
+    if metric == "balanced_accuracy":
+        return balanced_accuracy(y, pred, num_classes)
+    return macro_f1(y, pred, num_classes)
+
+
+def val_metric(
+    metric: str,
+    net: StagedNet | Ensemble,
+    spec: dict,
+    data_out: Path | str,
+    inputs_dir: Path | str,
+    device: str = "auto",
+) -> float:
+    """`net`'s `metric` on the val split in `data_out` (`inputs_dir`: the folder holding the
+    tokenizer for text, a source's or a model's)."""
+    val = load_prepared(data_out, "val")
+    inputs = make_inputs(val, Path(inputs_dir), spec["source"], spec.get("max_length", 64))
+    with torch.no_grad():
+        probs = predict_probs(net.eval(), spec, inputs, pick_device(device))
+    return metric_value(metric, val.labels.numpy(), probs.argmax(1), len(val.class_names))
