@@ -241,7 +241,9 @@ def main() -> None:
     print("| --- " * 12 + "|")
     for case in args.cases.split(","):
         with in_case_folder(args.out, case, {}) as folder:  # its data: write_case below
-            overrides = write_case(case, folder)
+            # one network per training seed: the methods' figures in RESULTS.md are of one
+            # (with the default ensemble, adapt adapts its first member)
+            overrides = write_case(case, folder) | {"finetune.ensemble": 1}
             for seed in [int(s) for s in args.seeds.split(",")]:
                 cfg = load_config(Path("params.yaml"), overrides | {"finetune.seed": seed})
                 prepare(cfg)
