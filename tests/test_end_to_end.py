@@ -45,7 +45,8 @@ def test_run_pipeline_on_tiny_images(tmp_path, monkeypatch):
     assert 0.0 <= summary["val_accuracy"] <= 1.0
     assert (tmp_path / "mlflow.db").exists() and (tmp_path / "optuna.db").exists()
     net, spec = load_finetuned(tmp_path / "models" / "finetuned")
-    assert spec["data_hash"] == summary["data_hash"] and net.num_blocks == 9
+    one = net.members[0] if spec.get("members") else net  # an ensemble of seeds by default
+    assert spec["data_hash"] == summary["data_hash"] and one.num_blocks == 9
     metrics = json.loads((tmp_path / "metrics" / "train.json").read_text())
     assert metrics["val_accuracy"] == pytest.approx(summary["val_accuracy"], abs=1e-4)
     # MLflow: one parent run per invocation, every step's runs nested under it; the curve

@@ -135,16 +135,23 @@ def test_pipeline_reads_test_only_in_evaluate_and_writes_the_report(
     assert json.loads((kept / "model.json").read_text())["trial"] == found.best_trial
     assert not (tmp_path / ".search-trials").exists()  # the other candidates are gone
     # `train` with the best params is the best trial: copied, not trained again ...
+    # (the first member of the ensemble `train` writes by default; the second is seed 1)
     done = train_from_config(best)
-    assert done.reused_from == str(kept) and done.val_accuracy == found.best_value
+    first = tmp_path / "ck" / "members" / "s0"
+    assert done.candidate == "ensemble" and done.reused_from == str(kept)
+    assert json.loads((first / "model.json").read_text())["val_accuracy"] == found.best_value
+    assert sha256_file(first / "model.safetensors") == sha256_file(kept / "model.safetensors")
     weights = sha256_file(tmp_path / "ft" / "model.safetensors")
-    assert weights == sha256_file(kept / "model.safetensors")
     # ... because training it again gives exactly those weights
-    elsewhere = {"finetune.out": str(tmp_path / "ft2"), "search.out": str(tmp_path / "none")}
+    elsewhere = {
+        "finetune.out": str(tmp_path / "ft2"),
+        "finetune.checkpoint_dir": str(tmp_path / "ck2"),  # the members kept there: not these
+        "search.out": str(tmp_path / "none"),
+    }
     again = with_overrides(best, elsewhere)
     assert train_from_config(again).reused_from is None
     assert sha256_file(tmp_path / "ft2" / "model.safetensors") == weights
-    assert not (tmp_path / "ck" / "last.pt").exists()  # the model is saved: its checkpoint goes
+    assert not list((tmp_path / "ck").rglob("last.pt"))  # models saved: checkpoints go
     cfg = best
     trained = []  # (role seed, pretrained) of every baseline run actually trained
     real_train = baseline_module.train_model
@@ -157,13 +164,13 @@ def test_pipeline_reads_test_only_in_evaluate_and_writes_the_report(
     )
     runs = run_baselines(cfg)
     assert not list((tmp_path / "base" / ".checkpoints").glob("*/last.pt"))
-    # transfer-s0 is the model `train` wrote, scratch-s0 the scratch search's best trial
-    # (same seed and params): copied, not retrained
-    assert len(trained) == len(runs) - 2 and (0, "pretrained") in trained  # probe-s0 trains
+    # transfer-s0 and -s1 are the members of the ensemble `train` wrote, scratch-s0 the
+    # scratch search's best trial (same seeds and params): copied, not retrained
+    assert len(trained) == len(runs) - 3 and trained.count((1, "pretrained")) == 1  # probe-s1
     assert trained.count((0, "random")) == 1 and (1, "random") in trained  # 1 = scratch-k2
     by_name = {r["name"]: r for r in runs}
     assert sha256_file(Path(by_name["transfer-s0"]["dir"]) / "model.safetensors") == sha256_file(
-        tmp_path / "ft" / "model.safetensors"
+        first / "model.safetensors"
     )
     searched = json.loads((tmp_path / "base" / "scratch_search" / "summary.json").read_text())
     scratch = json.loads((Path(by_name["scratch-s1"]["dir"]) / "model.json").read_text())

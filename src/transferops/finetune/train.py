@@ -384,6 +384,7 @@ def _assemble(cfg: Config, folders: list[Path], runs: list[Trained], run_id: str
         fc.unfreeze_depth,
         sum(r.epochs for r in runs),
         round(sum(r.seconds for r in runs), 2),
+        reused_from=runs[0].reused_from,  # the first member: the search's best trial
         candidate="ensemble",
     )
 

@@ -9,6 +9,7 @@ on every pull (:func:`resolve`), so a moved alias is pulled again.
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from transferops.runtime.artifacts import read_json
 from transferops.runtime.redact import mask
 from transferops.runtime.tracking import absolute_uri
 from transferops.sources.manifest import Pulled, torch_weights
+
+log = logging.getLogger(__name__)
 
 
 def resolve(cfg: SourceConfig, registry_uri: str | None) -> dict[str, Any]:
@@ -41,11 +44,14 @@ def load(cfg: SourceConfig, workdir: Path, reg: dict[str, Any]) -> Pulled:
             "model folder in its artifacts); kind mlflow takes models registered by "
             "`transferops register`"
         )
-    if read_json(model_dir / SPEC_FILE).get("members"):
-        raise SourceError(
-            f"source.name: {cfg.name} ({label}) is an ensemble of fine-tuned networks "
-            "(finetune.ensemble): a source is one backbone; register a single network "
-            "(finetune.ensemble: 1) to fine-tune from it"
+    members = read_json(model_dir / SPEC_FILE).get("members")
+    if members:
+        log.info(
+            "%s is an ensemble of %d fine-tuned networks (finetune.ensemble): a source is one "
+            "backbone, its first member's (seed %s, the search's best trial)",
+            label,
+            len(members),
+            members[0]["finetune"]["seed"],
         )
     if read_json(model_dir / SPEC_FILE).get("candidate") == "classical":
         raise SourceError(
