@@ -71,19 +71,31 @@ def test_run_pipeline_on_tiny_images(tmp_path, monkeypatch):
     assert summary["promotion"] in note  # the decision in full, not a cut tag
     promotion = client.download_artifacts(parent.info.run_id, "promotion.md", str(tmp_path))
     assert summary["promotion"] in Path(promotion).read_text()
-    steps = [r for r in runs if r.data.tags.get("role") not in ("pipeline", "trial")]
+    inner = ("pipeline", "trial", "train-member")  # trials, members: under their own parent
+    steps = [r for r in runs if r.data.tags.get("role") not in inner]
     roles = {r.data.tags["role"] for r in steps}
     assert roles >= {"search", "train", "transfer", "scratch", "evaluation"}
-    # the registered model's own run: its curves (copied from the best trial, not retrained)
+    # the registered model's own run (the ensemble of seeds 0 and 1, the default), its
+    # members' runs nested in it, each with its curves; the first copied from the best trial
     (train,) = [r for r in steps if r.data.tags["role"] == "train"]
+    assert spec["candidate"] == "ensemble" and train.data.metrics["best_val_accuracy"] > 0
     assert train.data.tags.get("reused_from", "").endswith("best_model")
-    curve = client.get_metric_history(train.info.run_id, "val_accuracy")
-    assert len(curve) == summary["epochs"] and train.data.metrics["best_val_accuracy"] > 0
-    # the mean of the last epochs' weights was scored too; the run says which weights won
-    avg = spec["weight_average"]
-    assert train.data.metrics["averaged_val_accuracy"] == pytest.approx(avg["val_accuracy"])
-    won = f"mean of the last {avg['epochs']} epochs" if avg["kept"] else "best epoch"
-    assert train.data.tags["weights"] == won
+    members = sorted(
+        (r for r in runs if r.data.tags.get("role") == "train-member"),
+        key=lambda r: r.data.tags["seed"],
+    )
+    assert [m.data.tags["seed"] for m in members] == ["0", "1"]
+    assert all(m.data.tags["mlflow.parentRunId"] == train.info.run_id for m in members)
+    assert members[0].data.tags.get("reused_from", "").endswith("best_model")
+    for run, member in zip(members, spec["members"], strict=True):
+        curve = client.get_metric_history(run.info.run_id, "val_accuracy")
+        assert len(curve) == len(member["history"]) > 0
+        # the mean of the last epochs' weights was scored too; the run says which weights won
+        avg = member["weight_average"]
+        assert run.data.metrics["averaged_val_accuracy"] == pytest.approx(avg["val_accuracy"])
+        won = f"mean of the last {avg['epochs']} epochs" if avg["kept"] else "best epoch"
+        assert run.data.tags["weights"] == won
+    assert summary["epochs"] == sum(len(m["history"]) for m in spec["members"])
     assert all(r.data.tags.get("mlflow.parentRunId") == parent.info.run_id for r in steps)
     # every training and evaluation run names its data (MLflow's Datasets column)
     for r in steps:
@@ -100,8 +112,9 @@ def test_run_pipeline_on_tiny_images(tmp_path, monkeypatch):
     cheap_beats = any(
         report["finetuned"]["minus"][r]["ci_high"] < 0 for r in ("probe", "classical")
     )
-    gates = report["transfer_beats_scratch"] and not cheap_beats
-    assert summary["champion"] == ("1" if gates else None)
+    dropped = report["finetuned"]["dropped_classes"]  # the dropped-class gate's reason
+    gates = report["transfer_beats_scratch"] and not cheap_beats and not dropped
+    assert summary["champion"] == ("1" if gates else None), summary["promotion"]
     # ...and exported: ONNX checked against PyTorch, on the model version in MLflow
     receipt = json.loads((tmp_path / "models" / "export" / "export.json").read_text())
     assert summary["onnx"] == "models/export/model.onnx" and receipt["onnx_parity_max_abs"] < 1e-4
@@ -131,12 +144,14 @@ def test_run_pipeline_on_tiny_images(tmp_path, monkeypatch):
     assert "step 1/11 prepare (0:00 elapsed)" in r.output and "step 11/11 export" in r.output
     # Without --json: a summary a person reads, ending the output
     r = runner.invoke(app, ["run", "--no-prefect"])
-    tail = r.output.splitlines()[-9:]
+    dropped = ["dropped"] if summary.get("dropped_classes") else []  # a row when one is
+    tail = r.output.splitlines()[-9 - len(dropped) :]
     assert [line.split()[0] for line in tail] == [
         "data",
         "source",
         "search",
         "test",
+        *dropped,
         "verdict",
         "registered",
         "promotion",

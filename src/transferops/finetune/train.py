@@ -260,6 +260,8 @@ def train_from_config(cfg: Config, resume: bool = True) -> Trained:
             done = _train_one(cfg, mlflow, r.info.run_id, resume, data_hash, source["sha256"])
         else:
             done = _train_ensemble(cfg, mlflow, r.info.run_id, resume, tags)
+            if done.reused_from:  # its first member is the search's best trial
+                mlflow.set_tag("reused_from", done.reused_from)
         log_outcome(mlflow, done.val_accuracy, done.weight_average)
         done = keep_best_candidate(cfg, done, r.info.run_id)
         mlflow.set_tag("candidate", done.candidate)
