@@ -743,6 +743,7 @@ def test_train_writes_an_ensemble_of_seeds_and_the_baseline_reuses_its_members(
     from transferops.evaluation.baseline import _already_trained
     from transferops.evaluation.evaluate import _score_finetuned
     from transferops.finetune.train import candidate_note, member_of, reuse_model, same_run
+    from transferops.runtime.tracking import setup_tracking, start_run
 
     # a random head: no probe floor, so the two seeds are two different networks
     cfg = _cfg(
@@ -764,6 +765,7 @@ def test_train_writes_an_ensemble_of_seeds_and_the_baseline_reuses_its_members(
     val = load_prepared(digits_prepared, "val")
     x = (val.images.float() / 255 - 0.5) / 0.5
     data_hash, sha = spec["data_hash"], spec["source"]["sha256"]
+    mlflow = setup_tracking(cfg.tracking)
     probs = []
     for seed in (0, 1):
         rcfg = with_overrides(cfg, {"finetune.seed": seed})
@@ -774,7 +776,8 @@ def test_train_writes_an_ensemble_of_seeds_and_the_baseline_reuses_its_members(
             None,
         )
         one, labels = tmp_path / f"s{seed}", {"seed": seed}
-        reused, history = reuse_model(tmp_path / "ft", one, labels, member=seed)
+        with start_run(mlflow, run_name=f"reuse-s{seed}"):  # it replays the member's curves
+            reused, history = reuse_model(tmp_path / "ft", one, labels, member=seed)
         assert reused["finetune"]["seed"] == seed and history == spec["members"][seed]["history"]
         assert same_run(one, rcfg, data_hash, sha)  # exactly the run baseline would train
         member, _ = load_finetuned(one)
