@@ -107,6 +107,8 @@ def study_name(cfg: Config) -> str:
         "seed": cfg.search.seed,
         "finetune": cfg.finetune.trajectory_params(),
     }
+    if cfg.registry.metric != "accuracy":  # trials' values are that metric: another study
+        key["metric"] = cfg.registry.metric
     # the arm and the data's name first: optuna-dashboard lists studies by name, the
     # transfer and scratch searches of the same data side by side
     data = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(cfg.data.path).stem).strip("-.")[:24] or "data"
