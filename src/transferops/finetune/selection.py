@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 from sklearn.metrics import f1_score, precision_recall_fscore_support
 
 from transferops.data.prepared import load_prepared
@@ -58,6 +57,5 @@ def val_metric(
     tokenizer for text, a source's or a model's)."""
     val = load_prepared(data_out, "val")
     inputs = make_inputs(val, Path(inputs_dir), spec["source"], spec.get("max_length", 64))
-    with torch.no_grad():
-        probs = predict_probs(net.eval(), spec, inputs, pick_device(device))
+    probs = predict_probs(net, spec, inputs, pick_device(device))  # eval mode, no grad
     return metric_value(metric, val.labels.numpy(), probs.argmax(1), len(val.class_names))

@@ -27,7 +27,13 @@ from transferops.finetune.selection import metric_value, val_metric
 from transferops.model.blocks import Ensemble, StagedNet
 from transferops.model.calibration import nll
 from transferops.model.families import build_staged
-from transferops.model.folder import SPEC_FILE, load_finetuned, save_member, save_model_folder
+from transferops.model.folder import (
+    SPEC_FILE,
+    load_finetuned,
+    member_spec,
+    save_member,
+    save_model_folder,
+)
 from transferops.model.inputs import make_inputs, make_preprocess, pick_device
 from transferops.model.predict import predict_probs
 from transferops.runtime.artifacts import atomic_dir, read_json, sha256_json, write_json_atomic
@@ -206,9 +212,8 @@ def member_of(folder: Path, cfg: Config, data_hash: str, source_sha: str) -> int
     if not (folder / SPEC_FILE).exists():
         return None
     spec = read_json(folder / SPEC_FILE)
-    top = {k: v for k, v in spec.items() if k not in MEMBER_KEYS}
-    for i, member in enumerate(spec.get("members") or []):
-        if _same(top | member, cfg, data_hash, source_sha):
+    for i in range(len(spec.get("members") or [])):
+        if _same(member_spec(spec, i), cfg, data_hash, source_sha):
             return i
     return None
 
@@ -329,13 +334,18 @@ def member_dir(cfg: Config, seed: int) -> Path:
 
 
 def _member_done(folder: Path) -> Trained:
-    spec, history = read_json(folder / SPEC_FILE), read_json(folder / "history.json")
+    return _trained(read_json(folder / SPEC_FILE), read_json(folder / "history.json"))
+
+
+def _trained(spec: dict[str, Any], history: list[dict], reused_from: str | None = None) -> Trained:
+    """What a finished run's folder (its spec and history) says it did; no training time."""
     return Trained(
         spec["val_accuracy"],
         spec["val_loss"],
         spec["finetune"]["unfreeze_depth"],
         len(history),
         0.0,
+        reused_from,
         weight_average=spec.get("weight_average"),
         candidate=spec.get("candidate", "finetuned"),
     )
@@ -463,13 +473,4 @@ def _train(cfg: Config, run_id: str, resume: bool) -> Trained:
 
 def _copy_trial(trial: Path, cfg: Config, run_id: str) -> Trained:
     spec, history = reuse_model(trial, Path(cfg.finetune.out), {"mlflow_run_id": run_id})
-    return Trained(
-        spec["val_accuracy"],
-        spec["val_loss"],
-        cfg.finetune.unfreeze_depth,
-        len(history),
-        0.0,
-        str(trial),
-        weight_average=spec.get("weight_average"),
-        candidate=spec.get("candidate", "finetuned"),
-    )
+    return _trained(spec, history, str(trial))
