@@ -127,3 +127,46 @@ def test_an_export_that_differs_from_pytorch_is_refused(trained, monkeypatch):
     monkeypatch.setattr(export_module.Probabilities, "forward", honest)
     done = export(validate_config(raw))  # the honest graph passes and is published
     assert done["onnx_sha256"] == sha256_file(root / "export" / "model.onnx") and published
+
+
+def test_a_model_that_upsamples_its_input_trains_serves_and_exports_at_that_side(tmp_path):
+    """A source pulled with a ranked input size (16-px images shown at 32): the network is
+    built for 32 and sees 32x32 in training and in `predict` (the resize is the model's own),
+    and the ONNX graph takes the 16-px images and returns what PyTorch returns."""
+    from transferops.config import SourceConfig
+    from transferops.model.folder import load_finetuned
+    from transferops.model.predict import predict_probs
+    from transferops.sources.pull import pull
+
+    src = pull(SourceConfig(out=tmp_path / "src"), ranking={"input_size": 32})
+    assert src.manifest["input"]["size"] == 32
+    raw = {
+        "data": tiny_digits(tmp_path),
+        "source": {"out": str(tmp_path / "src")},
+        "finetune": {
+            "unfreeze_depth": 1,
+            "epochs_per_stage": [1, 1],
+            "ensemble": 1,
+            "batch_size": 8,
+            "out": str(tmp_path / "ft"),
+            "metrics": str(tmp_path / "train.json"),
+            "checkpoint_dir": str(tmp_path / "ck"),
+        },
+        "registry": {"classical_candidate": False},
+        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "e"},
+    }
+    cfg = validate_config(raw)
+    prepare(cfg)
+    train_from_config(cfg)
+    net, spec = load_finetuned(tmp_path / "ft")
+    assert spec["image_size"] == 16 and spec["source"]["input"]["size"] == 32
+    seen = []
+    net.blocks[0].register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape[-2:])))
+    prepared = load_prepared(tmp_path / "prep", "test")
+    test = make_inputs(prepared, tmp_path / "ft", spec["source"], 64)
+    assert tuple(test.x.shape[-2:]) == (16, 16)
+    probs = predict_probs(net, spec, test, torch.device("cpu"))
+    assert seen and set(seen) == {(32, 32)} and np.allclose(probs.sum(1), 1, atol=1e-5)
+    to_onnx(tmp_path / "ft", tmp_path / "m.onnx", 17)
+    p = parity(tmp_path / "ft", tmp_path / "m.onnx", test)
+    assert p.max_abs < 1e-4 and p.label_agreement == 1.0

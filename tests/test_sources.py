@@ -10,7 +10,7 @@ import torch
 import torchvision
 
 from transferops.config import SourceConfig
-from transferops.errors import SourceError
+from transferops.errors import ConfigError, SourceError
 from transferops.runtime.artifacts import read_json
 from transferops.sources.pull import load_source, pull
 
@@ -165,13 +165,13 @@ def test_unknown_architecture_needs_blocks(tmp_path):
         )
 
 
-def _ranked(name: str, losses, cpu_s: float):
+def _ranked(name: str, losses, cpu_s: float, gflops: float | None = None):
     import numpy as np
 
     from transferops.search.sources import Ranked
 
     losses = np.asarray(losses, dtype=float)
-    return Ranked(name, float(losses.mean()), 0.5, 1.0, 8, cpu_s, cpu_s, losses, cpu_s)
+    return Ranked(name, 16, float(losses.mean()), 0.5, 1.0, 8, cpu_s, cpu_s, losses, cpu_s, gflops)
 
 
 def test_choose_takes_the_best_probe_loss_unless_a_cheaper_one_is_within_noise():
@@ -193,6 +193,12 @@ def test_choose_takes_the_best_probe_loss_unless_a_cheaper_one_is_within_noise()
     assert picked is close and "within noise" in why and "big" in why
     # the same gap without the noise is a real difference: the best one again
     assert choose([_ranked("close", base + 0.005, cpu_s=1.0), big])[0] is big
+    # counted GFLOPs order the cost before the weights' size: the same network at twice the
+    # side (4x the GFLOPs, same weights) within noise of it loses to it
+    at16 = _ranked("lite0", base + noise - noise.mean() + 0.005, cpu_s=1.0, gflops=0.05)
+    at32 = _ranked("lite0", base, cpu_s=1.0, gflops=0.2)
+    picked, why = choose([at32, at16])
+    assert picked is at16 and "0.05 GFLOPs per image against 0.20" in why
 
 
 def test_pull_ranks_candidates_on_the_prepared_data_and_pulls_the_best(tmp_path, digits_prepared):
@@ -224,3 +230,57 @@ def test_pull_ranks_candidates_on_the_prepared_data_and_pulls_the_best(tmp_path,
     assert candidate_names(auto) == [f"efficientnet-lite{i}" for i in range(3)]
     text = validate_config({"source": {"kind": "hf", "name": "x/y", "candidates": "auto"}})
     assert candidate_names(text) == ["x/y"]
+
+
+def test_sizes_are_ranked_for_the_winner_and_the_chosen_one_is_pulled(tmp_path, digits_prepared):
+    """source.sizes: the source is scored again at each larger side (upsampled by the model),
+    its cost counted in GFLOPs; the pulled manifest says the side the
+    model resizes to exactly when the ranking chose one above the prepared images'."""
+    from transferops.config import validate_config
+    from transferops.search.sources import candidate_sizes, pull_best
+    from transferops.sources.manifest import source_id
+
+    raw = {"data": {"out": str(digits_prepared)}, "source": {"out": str(tmp_path / "src")}}
+    cfg = validate_config(raw | {"source": raw["source"] | {"sizes": [32]}})
+    assert candidate_sizes(cfg) == [16, 32]  # the prepared side is always a candidate
+    res = pull_best(cfg)
+    ranking = res.manifest["ranking"]
+    rows = {r["size"]: r for r in ranking["candidates"]}
+    assert set(rows) == {16, 32} and {r["name"] for r in rows.values()} == {"efficientnet-lite0"}
+    # dearer per image (not 4x at these sides: the last blocks run at 1x1 either way)
+    assert rows[32]["gflops"] > 1.5 * rows[16]["gflops"]
+    chosen_size = ranking["input_size"]  # None: the prepared side won
+    best = min(rows.values(), key=lambda r: r["val_loss"])
+    assert chosen_size in (None, 32) and (
+        (chosen_size or 16) == best["size"] or "within noise" in ranking["why"]
+    )
+    assert res.manifest["input"].get("size") == chosen_size
+    assert source_id(res.manifest).endswith("@32px") == (chosen_size == 32)
+    # the model only upsamples: a side below the prepared one is refused, naming the fix
+    low = validate_config(raw | {"source": raw["source"] | {"sizes": [8, 32]}})
+    with pytest.raises(ConfigError, match=r"source.sizes: \[8\].*data.image.size: 8"):
+        candidate_sizes(low)
+    # auto: the prepared side and data.image.auto_max (the decode's own CPU cap)
+    auto = validate_config(raw | {"source": raw["source"] | {"sizes": "auto"}})
+    assert candidate_sizes(auto) == [16, 128]
+
+
+def test_the_report_bolds_the_chosen_source_and_size_and_says_the_model_upsamples():
+    from transferops.evaluation.report import source_lines
+
+    row = {"val_accuracy": 0.8, "weights_mb": 18.5, "cpu_s": 1.0}
+    ranking = {
+        "chosen": "lite0",
+        "input_size": 128,
+        "why": "lowest val log-loss (0.3000)",
+        "criterion": "c",
+        "candidates": [
+            row | {"name": "lite0", "size": 128, "val_loss": 0.3, "gflops": 0.2},
+            row | {"name": "lite0", "size": 64, "val_loss": 0.4, "gflops": 0.05},
+            row | {"name": "lite1", "size": 64, "val_loss": 0.5, "gflops": 0.07},
+        ],
+    }
+    text = "\n".join(source_lines(ranking))
+    assert "**lite0** at 128 px (the model upsamples the prepared 64-px images to it)" in text
+    bold = [line for line in text.splitlines() if line.startswith("| **")]
+    assert bold == ["| **lite0** | 128 | 0.3000 | 0.800 | 0.2 | 18.5 | 1.0 |"]

@@ -214,6 +214,13 @@ class SourceConfig(_Section):
         "packaged ones of the kind (efficientnet-lite0..2 with weights: packaged); null: "
         "source.name alone",
     )
+    sizes: Literal["auto"] | list[Annotated[int, Field(ge=8, le=1024)]] | None = Field(
+        None,
+        description="image sides the model may upsample the prepared images to, ranked like "
+        "the candidates (for the source that won at the prepared size; the cheapest in "
+        "GFLOPs within noise of the best wins); auto: the prepared size and "
+        "data.image.auto_max; null: the prepared size only",
+    )
 
     @model_validator(mode="after")
     def _mlflow_uri(self) -> SourceConfig:
@@ -667,6 +674,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "baseline.scratch_trials": 0,
         "baseline.efficiency_per_class": [None],
         "source.candidates": None,
+        "source.sizes": None,
     },
     "balanced": {  # the shipped params.yaml
         "search.n_trials": 8,
@@ -674,6 +682,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "baseline.scratch_trials": 3,
         "baseline.efficiency_per_class": [5, None],
         "source.candidates": "auto",
+        "source.sizes": "auto",
     },
     "best": {  # a longer search, three seeds (a seed spread worth reading), a longer curve
         "search.n_trials": 16,
@@ -681,6 +690,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "baseline.scratch_trials": 4,
         "baseline.efficiency_per_class": [5, 10, None],
         "source.candidates": "auto",
+        "source.sizes": "auto",
     },
 }
 

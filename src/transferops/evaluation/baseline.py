@@ -48,7 +48,7 @@ from transferops.runtime.cluster import (
 from transferops.runtime.progress import labelled
 from transferops.runtime.tracking import log_data, log_epoch, log_outcome, setup_tracking, start_run
 from transferops.search.study import run_search
-from transferops.sources.manifest import read_source_manifest
+from transferops.sources.manifest import read_source_manifest, source_id
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def _train_one(
         "source": source["origin"],
         "source_sha256": source["sha256"],
     }
-    trained = _already_trained(cfg, rcfg, role, manifest["data_hash"], source["sha256"])
+    trained = _already_trained(cfg, rcfg, role, manifest["data_hash"], source_id(source))
     with start_run(mlflow, run_name=name, tags=tags) as run:
         dataset = Path(cfg.data.path).name + (f"-k{per_class}" if per_class else "")
         log_data(mlflow, data_out, dataset, manifest["data_hash"], "training")

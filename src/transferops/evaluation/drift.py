@@ -34,6 +34,7 @@ from transferops.config import Config
 from transferops.data.prepared import load_prepared, read_manifest
 from transferops.finetune.features import frozen_features
 from transferops.runtime.artifacts import publish_modes, read_json
+from transferops.sources.manifest import source_id
 
 log = logging.getLogger(__name__)
 MAX_SAMPLE = 400  # per side: the test's cost grows with its square
@@ -74,7 +75,7 @@ _FEATURES: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 def source_features(cfg: Config, split: str = "train") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pooled features of the frozen pretrained source on a prepared split, labels, keys
     (computed once per process for the same source weights and split file)."""
-    weights = read_json(Path(cfg.source.out) / "manifest.json").get("sha256")
+    weights = source_id(read_json(Path(cfg.source.out) / "manifest.json"))
     out = Path(cfg.data.out)
     files = [out / f"{split}{ext}" for ext in (".safetensors", ".jsonl")]  # images, texts
     state = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.exists())

@@ -173,26 +173,38 @@ def efficiency_lines(efficiency: list[dict[str, Any]]) -> list[str]:
 
 
 def source_lines(ranking: dict[str, Any] | None) -> list[str]:
-    """The source candidates as ranked before training, the chosen one first in bold."""
+    """The source candidates (and input sizes) as ranked before training, the chosen one in
+    bold."""
     if not ranking:
         return []
+    rows = ranking["candidates"]
+    prepared = min((r["size"] for r in rows if r.get("size")), default=None)
+    side = ranking.get("input_size")
+    at = (
+        f" at {side} px (the model upsamples the prepared {prepared}-px images to it)"
+        if side
+        else ""
+    )
     lines = [
         "",
         "## Source (chosen before training)",
         "",
-        f"Chosen: **{ranking['chosen']}**: {ranking['why']}. Criterion: {ranking['criterion']} "
-        "(val split; the exact probe on each candidate's frozen features). Only the chosen "
-        "source is fine-tuned: how the ranking matches each candidate's test probe is "
-        "measured in bench/sources.py, not here.",
+        f"Chosen: **{ranking['chosen']}**{at}: {ranking['why']}. Criterion: "
+        f"{ranking['criterion']} (val split; the exact probe on each candidate's frozen "
+        "features). Only the chosen source is fine-tuned: how the ranking matches each "
+        "candidate's test probe is measured in bench/sources.py, not here.",
         "",
-        "| source | probe val log-loss | probe val accuracy | weights MB | feature CPU s |",
-        "| --- | --- | --- | --- | --- |",
+        "| source | input px | probe val log-loss | probe val accuracy | GFLOPs per image "
+        "| weights MB | feature CPU s |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for r in ranking["candidates"]:
-        name = f"**{r['name']}**" if r["name"] == ranking["chosen"] else r["name"]
+    for r in rows:
+        won = r["name"] == ranking["chosen"] and r.get("size") in (side or prepared, None)
+        gflops = f"{r['gflops']:.3g}" if r.get("gflops") is not None else "-"
+        name = f"**{r['name']}**" if won else r["name"]
         lines.append(
-            f"| {name} | {r['val_loss']:.4f} | {r['val_accuracy']:.3f} | "
-            f"{r.get('weights_mb', float('nan')):.1f} | {r['cpu_s']:.1f} |"
+            f"| {name} | {r.get('size') or '-'} | {r['val_loss']:.4f} | {r['val_accuracy']:.3f} | "
+            f"{gflops} | {r.get('weights_mb', float('nan')):.1f} | {r['cpu_s']:.1f} |"
         )
     return lines
 

@@ -34,11 +34,11 @@ from transferops.model.folder import (
     save_member,
     save_model_folder,
 )
-from transferops.model.inputs import make_inputs, make_preprocess, pick_device
+from transferops.model.inputs import input_side, make_inputs, make_preprocess, pick_device
 from transferops.model.predict import predict_probs
 from transferops.runtime.artifacts import atomic_dir, read_json, sha256_json, write_json_atomic
 from transferops.runtime.tracking import log_data, log_epoch, log_outcome, setup_tracking, start_run
-from transferops.sources.manifest import read_source_manifest
+from transferops.sources.manifest import read_source_manifest, source_id
 from transferops.sources.pull import SourceModel, load_source, random_init
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,9 @@ def train_model(
     device = pick_device(cfg.finetune.device)
     train = load_prepared(cfg.data.out, "train")
     val = load_prepared(cfg.data.out, "val")
-    net = build_net(source, len(train.class_names), cfg.finetune, image_size or 32)
+    net = build_net(
+        source, len(train.class_names), cfg.finetune, input_side(source.manifest, image_size) or 32
+    )
     pre = make_preprocess(source.manifest, device, train.modality, cfg.finetune.augment)
     spec = {
         "format_version": 1,
@@ -115,7 +117,7 @@ def train_model(
     # only a run with the same fingerprint.
     fingerprint = sha256_json(
         {
-            "source": source.manifest["sha256"],
+            "source": source_id(source.manifest),
             "data_hash": spec["data_hash"],
             "finetune": cfg.finetune.trajectory_params(),
         }
@@ -222,7 +224,7 @@ def _same(spec: dict[str, Any], cfg: Config, data_hash: str, source_sha: str) ->
     trained = {k: spec["finetune"].get(k) for k in FinetuneConfig.trajectory_fields()}
     return (
         spec["data_hash"] == data_hash
-        and spec["source"]["sha256"] == source_sha
+        and source_id(spec["source"]) == source_sha
         and trained == cfg.finetune.trajectory_params()
     )
 
@@ -262,7 +264,7 @@ def train_from_config(cfg: Config, resume: bool = True) -> Trained:
         log_data(mlflow, cfg.data.out, Path(cfg.data.path).name, data_hash, "training")
         mlflow.log_params(fc.run_params())
         if fc.ensemble == 1:
-            done = _train_one(cfg, mlflow, r.info.run_id, resume, data_hash, source["sha256"])
+            done = _train_one(cfg, mlflow, r.info.run_id, resume, data_hash, source_id(source))
         else:
             done = _train_ensemble(cfg, mlflow, r.info.run_id, resume, tags)
             if done.reused_from:  # its first member is the search's best trial
@@ -300,7 +302,7 @@ def _train_ensemble(
     :func:`member_dir`, so a crash loses at most the member in training), then write their
     ensemble."""
     fc = cfg.finetune
-    data_hash, source_sha = tags["data_hash"], read_source_manifest(cfg.source.out)["sha256"]
+    data_hash, source_sha = tags["data_hash"], source_id(read_source_manifest(cfg.source.out))
     folders, runs = [], []
     for seed in range(fc.seed, fc.seed + fc.ensemble):
         folder = member_dir(cfg, seed)

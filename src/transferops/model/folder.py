@@ -22,6 +22,7 @@ from torch import nn
 from transferops.errors import IntegrityError
 from transferops.model.blocks import Ensemble, StagedNet
 from transferops.model.families import build_architecture, build_staged
+from transferops.model.inputs import input_side
 from transferops.runtime.artifacts import (
     atomic_dir,
     read_json,
@@ -117,17 +118,18 @@ def rebuild_finetuned(path: Path | str) -> tuple[nn.Module, StagedNet | Ensemble
 
 def _architecture(path: Path, spec: dict[str, Any]) -> tuple[nn.Module, StagedNet]:
     src = spec["source"]
+    side = input_side(src, spec.get("image_size"))
     if src["kind"] == "hf":
         from transformers import AutoConfig, AutoModel
 
         model = AutoModel.from_config(AutoConfig.from_pretrained(path / HF_DIR))
     else:
-        model, _ = build_architecture(src["kind"], src["name"], spec.get("image_size"))
+        model, _ = build_architecture(src["kind"], src["name"], side)
     net = build_staged(
         model,
         src["family"],
         len(spec["class_names"]),
-        image_size=spec.get("image_size") or 32,
+        image_size=side or 32,
         user_blocks=src.get("user_blocks"),
     )
     return model, net

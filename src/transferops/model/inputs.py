@@ -137,6 +137,9 @@ class Preprocess:
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
     augment: str = "none"
     channels_last: bool = False
+    size: int | None = None  # the network's input side, when the ranking chose one above the
+    # prepared images' (:func:`input_side`): images are upsampled to it here, so training,
+    # `predict`, the pyfunc and ONNX all resize the same way
 
     def __call__(self, x: torch.Tensor, train: bool, gen: torch.Generator | None) -> torch.Tensor:
         if self.modality != "image":
@@ -144,6 +147,10 @@ class Preprocess:
         x = x.float().div_(255.0)
         if train and self.augment != "none":
             x = flip_crop(x, gen, flip=self.augment == "flip_crop")
+        if self.size and x.shape[-1] != self.size:
+            # upsampling only (the ranking never picks a side below the prepared one): no
+            # antialias needed, and ONNX opset 17 exports bilinear without it
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
         mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
         x = (x - mean) / std
@@ -188,7 +195,16 @@ def make_preprocess(
         std=tuple(inp.get("std", (0.5, 0.5, 0.5))),
         augment=augment,
         channels_last=modality == "image" and family(manifest["family"]).channels_last,
+        size=inp.get("size") if modality == "image" else None,
     )
+
+
+def input_side(source: dict[str, Any], image_size: int | None) -> int | None:
+    """The side of the images the network sees: the input size the source ranking chose
+    (``input.size`` in the pulled source's manifest; :class:`Preprocess` upsamples to it), else
+    the prepared images' own ``image_size``. What an architecture is built for (EfficientNet-
+    Lite's "same" padding is computed from it)."""
+    return (source.get("input") or {}).get("size") or image_size
 
 
 def tokenize(

@@ -48,6 +48,7 @@ from transferops.runtime.services import check_services
 from transferops.runtime.tracking import close_runs, log_dataset, log_run_params, pipeline_run
 from transferops.search.sources import pull_best
 from transferops.search.study import run_search
+from transferops.sources.manifest import source_id
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ def step_pull(cfg: Config) -> dict[str, Any]:
     return {
         "origin": res.manifest["origin"],
         "sha256": res.manifest["sha256"],
+        "source_id": source_id(res.manifest),  # + the input size the model resizes to
         "skipped": res.skipped,
         **({"chosen": res.manifest["ranking"]["why"]} if "ranking" in res.manifest else {}),
     }
@@ -404,7 +406,7 @@ def _run_steps(cfg: Config, run_step: StepRunner) -> dict[str, Any]:
             "drift": gate["drift"],
             **({"adapted": adapted["decision"]} if adapted else {}),
         }
-    up = {"data_hash": prep["data_hash"], "source_sha256": src["sha256"]}
+    up = {"data_hash": prep["data_hash"], "source": src["source_id"]}
     found = cached("search", cfg, up, step_search)
     best = with_overrides(cfg, found["best_params"])
     trained = cached("train", best, up, step_train)

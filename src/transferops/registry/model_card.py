@@ -78,7 +78,13 @@ def model_card(name: str, version: str, tags: dict[str, str], spec: dict, metric
         "Inputs are "
         + (
             f"image bytes or paths, decoded and fitted to {spec.get('image_size')} px "
-            f"({spec.get('image_resize', 'crop')}) like the training data."
+            f"({spec.get('image_resize', 'crop')}) like the training data"
+            + (
+                f", then upsampled to {side} px by the model itself (the input size the "
+                "source ranking chose)."
+                if (side := (spec["source"].get("input") or {}).get("size"))
+                else "."
+            )
             if spec["modality"] == "image"
             else f"texts, truncated to {spec.get('max_length')} tokens."
         ),

@@ -71,7 +71,7 @@ from transferops.runtime.services import check_scheduler
 from transferops.runtime.study_storage import make_storage
 from transferops.runtime.tracking import log_data, log_epoch, log_outcome, setup_tracking, start_run
 from transferops.search.plots import log_search_plots
-from transferops.sources.manifest import read_source_manifest
+from transferops.sources.manifest import read_source_manifest, source_id
 
 log = logging.getLogger(__name__)
 TS = optuna.trial.TrialState
@@ -98,7 +98,7 @@ class SearchResult:
 def study_name(cfg: Config) -> str:
     """Stable name from data hash + source sha256 + what the trials run (so reruns resume)."""
     data_hash = read_manifest(cfg.data.out)["data_hash"]
-    source_sha = read_source_manifest(cfg.source.out)["sha256"]
+    source_sha = source_id(read_source_manifest(cfg.source.out))
     key = {
         "data": data_hash,
         "source": source_sha,

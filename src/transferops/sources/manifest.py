@@ -78,6 +78,14 @@ def write_source(out: Path, pulled: Pulled, spec_hash: str) -> dict[str, Any]:
     return manifest
 
 
+def source_id(manifest: dict[str, Any]) -> str:
+    """What a model trained on this pulled source depends on: its weights' sha256, and the
+    input size the ranking chose when the model resizes its images to one (the same weights
+    at another size train another model). Reuse, resume and study names compare this."""
+    size = (manifest.get("input") or {}).get("size")
+    return f"{manifest['sha256']}@{size}px" if size else str(manifest["sha256"])
+
+
 def read_source_manifest(path: Path | str) -> dict[str, Any]:
     """The manifest of a pulled source, with a clear error when missing."""
     p = Path(path) / MANIFEST

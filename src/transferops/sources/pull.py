@@ -22,6 +22,7 @@ from torch import nn
 from transferops.config import Config, SourceConfig
 from transferops.model.families import build_architecture
 from transferops.model.folder import HF_DIR
+from transferops.model.inputs import input_side
 from transferops.runtime.artifacts import read_json, sha256_json
 from transferops.runtime.redact import mask
 from transferops.sources import efficientnet_lite, hf, local, mlflow, torchvision
@@ -121,6 +122,8 @@ def pull(
             pulled = LOADERS[cfg.kind](cfg, Path(work))
         if ranking is not None:
             pulled.extra["ranking"] = ranking
+            if ranking.get("input_size"):  # the model upsamples its images to this side
+                pulled.input = {**pulled.input, "size": ranking["input_size"]}
         manifest = write_source(out, pulled, spec_hash)
     log.info("pulled %s into %s (%d blocks)", manifest["origin"], out, manifest["num_blocks"])
     return PullResult(out, manifest, False)
@@ -137,12 +140,13 @@ def random_init(source: SourceModel, image_size: int | None = None) -> SourceMod
 
         model = AutoModel.from_config(source.model.config)
     else:
-        model, _ = build_architecture(m["kind"], m["name"], image_size)
+        model, _ = build_architecture(m["kind"], m["name"], input_side(m, image_size))
     return SourceModel(model, {**m, "origin": f"random init of {m['origin']}"}, source.path)
 
 
 def load_source(path: Path | str, image_size: int | None = None) -> SourceModel:
-    """Load a pulled source model after verifying its checksum (safetensors only)."""
+    """Load a pulled source model after verifying its checksum (safetensors only), built for
+    the input side it will see (:func:`input_side`: the ranked size, else `image_size`)."""
     path = Path(path)
     manifest = read_source_manifest(path)
     verify(path, manifest)
@@ -151,6 +155,7 @@ def load_source(path: Path | str, image_size: int | None = None) -> SourceModel:
 
         model = AutoModel.from_pretrained(path / HF_DIR, local_files_only=True)
     else:
-        model, _ = build_architecture(manifest["kind"], manifest["name"], image_size)
+        side = input_side(manifest, image_size)
+        model, _ = build_architecture(manifest["kind"], manifest["name"], side)
         model.load_state_dict(load_file(str(path / manifest["weights_file"])), strict=True)
     return SourceModel(model, manifest, path)
