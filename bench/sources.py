@@ -8,7 +8,13 @@ accuracy, test accuracy of that probe, feature CPU / wall seconds (train + val),
 candidate the pipeline's rule (:func:`choose`: cheapest within 1 SE of the lowest val loss)
 picks at each size and over all sizes. Test is read here only to judge the ranking.
 
+``--upsample`` measures what the pipeline does with ``source.sizes``: the data prepared once
+(its own ``data.image.size``), each source pulled at every larger side (the model upsamples
+its input), and the pick of the full source x size grid beside the pipeline's greedy one
+(sources at the prepared side, then the winner's larger sides).
+
     .venv/bin/python bench/sources.py [--cases clipart-10-k20,folder-9x1300] [--sizes 64,128]
+    .venv/bin/python bench/sources.py --upsample --cases digits-k20-auto --sizes 128
 """
 
 from __future__ import annotations
@@ -30,24 +36,31 @@ from transferops.config import load_config, with_overrides
 from transferops.data.prepare import prepare
 from transferops.data.prepared import load_prepared, read_manifest
 from transferops.finetune.cache import encode_prefix
+from transferops.finetune.features import image_gflops
 from transferops.finetune.probe import fit_probe, log_losses
 from transferops.model.families import build_staged
-from transferops.model.inputs import make_inputs, make_preprocess
+from transferops.model.inputs import input_side, make_inputs, make_preprocess
 from transferops.search.sources import Ranked, choose
 from transferops.sources.pull import load_source, pull
 
 IMAGE = ["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"]
 
 
-def score(cfg, name: str, splits: dict, work: Path) -> tuple[Ranked, float]:
-    """(the candidate's ranking record, its probe's test accuracy)."""
-    sub = cfg.source.model_copy(update={"name": name, "out": work / name, "candidates": None})
-    pull(sub)
+def score(
+    cfg, name: str, splits: dict, work: Path, input_size: int | None = None
+) -> tuple[Ranked, float]:
+    """(the candidate's ranking record, its probe's test accuracy); `input_size`: pulled as
+    the pipeline pulls a ranked size (the model upsamples the prepared images to it)."""
+    sub = cfg.source.model_copy(
+        update={"name": name, "out": work / f"{name}@{input_size}", "candidates": None}
+    )
+    pull(sub, ranking={"input_size": input_size} if input_size else None)
     size = read_manifest(cfg.data.out).get("image_size") or None
     src = load_source(sub.out, size)
     torch.manual_seed(0)
+    side = input_side(src.manifest, size)
     net = build_staged(
-        src.model, src.family, len(splits["train"].class_names), image_size=size or 32
+        src.model, src.family, len(splits["train"].class_names), image_size=side or 32
     )
     pre = make_preprocess(src.manifest, torch.device("cpu"), splits["train"].modality)
     pre.place(net, torch.device("cpu"))
@@ -66,9 +79,55 @@ def score(cfg, name: str, splits: dict, work: Path) -> tuple[Ranked, float]:
     w, b = fit.weight.double().numpy(), fit.bias.double().numpy()
     test_acc = float(((feats["test"] @ w.T + b).argmax(1) == y["test"]).mean())
     losses = log_losses(feats["val"] @ w.T + b, y["val"])
-    return Ranked(
-        name, fit.val_loss, fit.val_accuracy, fit.C, w.shape[1], cpu, wall, losses
-    ), test_acc
+    gflops = image_gflops(sub.out, size) if size else None
+    r = Ranked(name, side, fit.val_loss, fit.val_accuracy, fit.C, w.shape[1], cpu, wall, losses)
+    r.gflops = gflops
+    return r, test_acc
+
+
+def _print(case: str, size, r: Ranked, t: float, mark: str) -> None:
+    print(
+        f"| {case} | {size or '-'} | {r.name} | {r.val_loss:.4f} | {r.val_accuracy:.3f} "
+        f"| {t:.3f} | {r.gflops or 0:.3f} | {r.cpu_s:.1f} | {r.wall_s:.1f} | {mark} |",
+        flush=True,
+    )
+
+
+def _summary(case: str, every: list[tuple[int, Ranked, float]], greedy: Ranked | None) -> None:
+    best_test = max(every, key=lambda e: e[2])
+    # over sizes: the same rule, the val losses are on the same val images
+    overall, _ = choose([r for _, r, _ in every])
+    o = next(e for e in every if e[1] is overall)
+    also = ""
+    if greedy is not None:
+        g = next(e for e in every if e[1] is greedy)
+        also = f"; the pipeline's greedy order picks {g[1].name} @ {g[0]} (test {g[2]:.3f})"
+    print(
+        f"| {case} | all | grid rule picks {o[1].name} @ {o[0]} (test {o[2]:.3f}){also}; "
+        f"best test {best_test[1].name} @ {best_test[0]} ({best_test[2]:.3f}) "
+        "| | | | | | | |",
+        flush=True,
+    )
+
+
+def upsampled(case: str, cfg, sizes: list[int]) -> None:
+    """The pipeline's way: prepared once (data.image.size as configured), every source at
+    every side >= the prepared one, upsampled by the model; the grid's pick beside the
+    greedy one (sources at the prepared side, then the winner's sides)."""
+    prepare(cfg)
+    splits = {s: load_prepared(cfg.data.out, s) for s in ("train", "val", "test")}
+    p = read_manifest(cfg.data.out)["image_size"]
+    every = []
+    for side in sorted({p, *[s for s in sizes if s > p]}):
+        rows = [score(cfg, n, splits, Path("work"), side if side != p else None) for n in IMAGE]
+        picked, _ = choose([r for r, _ in rows])
+        for r, t in rows:
+            every.append((side, r, t))
+            _print(case, side, r, t, "yes" if r is picked else "")
+    first = [r for s, r, _ in every if s == p]
+    lead, _ = choose(first)
+    greedy, _ = choose(first + [r for s, r, _ in every if s != p and r.name == lead.name])
+    _summary(case, every, greedy)
 
 
 def main() -> None:
@@ -79,17 +138,27 @@ def main() -> None:
         "--cases", default="digits-k20-auto,folder-9x1300,clipart-10-k20,clipart-10-all"
     )
     ap.add_argument("--sizes", default="64,128")
+    ap.add_argument(
+        "--upsample",
+        action="store_true",
+        help="the pipeline's way: prepare once, the model upsamples to each larger side",
+    )
     ap.add_argument("--out", type=Path, default=Path("/tmp/transferops-sources"))
     args = ap.parse_args()
     print(
-        "| case | size | source | val loss | val acc | test acc (probe) | CPU s | wall s | picked |"
+        "| case | size | source | val loss | val acc | test acc (probe) | GFLOPs | CPU s | wall s "
+        "| picked |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for case in args.cases.split(","):
         overrides = CASES[case]
         every: list[tuple[int, Ranked, float]] = []
         with in_case_folder(args.out, case, overrides):
             text = overrides.get("source.kind") == "hf"
+            if args.upsample and not text:
+                cfg = with_overrides(load_config(Path("params.yaml")), overrides)
+                upsampled(case, cfg, [int(s) for s in args.sizes.split(",")])
+                continue
             for size in [None] if text else [int(s) for s in args.sizes.split(",")]:
                 extra = (
                     {} if text else {"data.image.size": size, "data.out": f"data/prepared-{size}"}
@@ -102,24 +171,9 @@ def main() -> None:
                 picked, _ = choose([r for r, _ in rows])
                 for r, t in rows:
                     every.append((size, r, t))
-                    mark = "yes" if r is picked else ""
-                    print(
-                        f"| {case} | {size or '-'} | {r.name} | {r.val_loss:.4f} "
-                        f"| {r.val_accuracy:.3f} | {t:.3f} | {r.cpu_s:.1f} | {r.wall_s:.1f} "
-                        f"| {mark} |",
-                        flush=True,
-                    )
+                    _print(case, size, r, t, "yes" if r is picked else "")
             if len(every) > 1:
-                best_test = max(every, key=lambda e: e[2])
-                # over sizes: the same rule, the val losses are on the same val images
-                overall, _ = choose([r for _, r, _ in every])
-                o = next(e for e in every if e[1] is overall)
-                print(
-                    f"| {case} | all | rule picks {o[1].name} @ {o[0]} (test {o[2]:.3f}); "
-                    f"best test {best_test[1].name} @ {best_test[0]} ({best_test[2]:.3f}) "
-                    "| | | | | | |",
-                    flush=True,
-                )
+                _summary(case, every, None)
 
 
 if __name__ == "__main__":

@@ -75,19 +75,7 @@ def model_card(name: str, version: str, tags: dict[str, str], spec: dict, metric
         ),
         "```",
         "",
-        "Inputs are "
-        + (
-            f"image bytes or paths, decoded and fitted to {spec.get('image_size')} px "
-            f"({spec.get('image_resize', 'crop')}) like the training data"
-            + (
-                f", then upsampled to {side} px by the model itself (the input size the "
-                "source ranking chose)."
-                if (side := (spec["source"].get("input") or {}).get("size"))
-                else "."
-            )
-            if spec["modality"] == "image"
-            else f"texts, truncated to {spec.get('max_length')} tokens."
-        ),
+        _inputs(spec),
         "",
         "## Limits",
         "",
@@ -95,6 +83,23 @@ def model_card(name: str, version: str, tags: dict[str, str], spec: dict, metric
         "that differs from it.",
     ]
     return "\n".join(lines + _caveats(tags, metrics)) + "\n"
+
+
+def _inputs(spec: dict[str, Any]) -> str:
+    """What the served model takes, and what it does to it before the network."""
+    if spec["modality"] != "image":
+        return f"Inputs are texts, truncated to {spec.get('max_length')} tokens."
+    side = (spec["source"].get("input") or {}).get("size")
+    return (
+        f"Inputs are image bytes or paths, decoded and fitted to {spec.get('image_size')} px "
+        f"({spec.get('image_resize', 'crop')}) like the training data"
+        + (
+            f", then upsampled to {side} px by the model itself (the input size the source "
+            "ranking chose)."
+            if side
+            else "."
+        )
+    )
 
 
 def _caveats(tags: dict[str, str], metrics: dict[str, Any]) -> list[str]:
