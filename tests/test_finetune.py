@@ -99,6 +99,8 @@ def test_cpu_inference_batches_keep_image_activations_in_cache():
     labels = torch.zeros(4, dtype=torch.long)
     sizes = {s: Inputs(torch.zeros(4, 3, s, s, dtype=torch.uint8), labels) for s in (32, 64, 128)}
     assert {s: d.inference_batch(128) for s, d in sizes.items()} == {32: 128, 64: 64, 128: 32}
+    # a model that upsamples 64-px images to 128 batches for the side its network sees
+    assert sizes[64].inference_batch(128, side=128) == 32
     text = Inputs(torch.ones(4, 8, dtype=torch.long), labels, torch.ones(4, 8, dtype=torch.long))
     assert text.inference_batch(128) == 128  # texts: the caller's batch
 

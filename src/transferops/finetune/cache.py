@@ -108,7 +108,7 @@ def stage_features(
     ):
         return None
     store = store if store is not None else {}
-    bs = train.inference_batch(cfg.batch_size * 2)
+    bs = train.inference_batch(cfg.batch_size * 2, pre.size)
     views = []
     for v in range(n_views):
         key = ("train", frozen, pre.augment, cfg.seed if aug else None, v)

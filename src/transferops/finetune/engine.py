@@ -227,7 +227,7 @@ def start(
         return restore(net, ck), None  # the checkpoint already holds the probed head
     probe = None
     if cfg.head_init == "probe":
-        bs = train.inference_batch(cfg.batch_size * 2)
+        bs = train.inference_batch(cfg.batch_size * 2, pre.size)
         probe = probe_head(net, train, val, pre, bs, store, amp, weight)
     run = RunState.fresh(net)
     if probe is not None:
@@ -318,7 +318,7 @@ def validate(
     if cfg.bn_mode == "train" and cfg.bn_recalibrate and stage.depth > 0:
         cached = feats.train_views[0] if feats else None
         recalibrate_bn(net, stage.depth, loop.train, cached, pre, cfg.batch_size * 2, amp)
-    bs = val.inference_batch(cfg.batch_size * 2)
+    bs = val.inference_batch(cfg.batch_size * 2, pre.size)
     return val_scores(net, val, feats, stage.frozen, pre, bs, amp)
 
 

@@ -47,13 +47,15 @@ class Inputs:
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
-    def inference_batch(self, default: int) -> int:
+    def inference_batch(self, default: int, side: int | None = None) -> int:
         """Examples per no-grad forward pass. Images on the CPU: about 4096 / side (64 at 64
         px, 32 at 128 px), whose activations stay in cache: 1.1-1.2x (64 px) and 1.7-2.1x
-        (128 px) faster than batches of 128 (bench/eval_batch.py). Texts, GPUs: `default`."""
+        (128 px) faster than batches of 128 (bench/eval_batch.py); `side` = the side the
+        network sees when the model upsamples (:attr:`Preprocess.size`). Texts, GPUs:
+        `default`."""
         if self.ctx is not None or self.x.device.type != "cpu" or self.x.dim() != 4:
             return default
-        return max(8, CPU_BATCH_SIDE // int(self.x.shape[-1]))
+        return max(8, CPU_BATCH_SIDE // int(side or self.x.shape[-1]))
 
     def to(self, device: torch.device) -> Inputs:
         ctx = self.ctx.to(device) if self.ctx is not None else None

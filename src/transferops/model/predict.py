@@ -35,7 +35,7 @@ def predict_probs(
     pre.place(net, device).eval()
     order = inputs.inference_order()  # texts by length: little padding per batch
     out = []
-    batch_size = batch_size or inputs.inference_batch(256)
+    batch_size = batch_size or inputs.inference_batch(256, pre.size)
     for i in range(0, len(inputs), batch_size):
         x, ctx = inputs.batch(order[i : i + batch_size])
         ctx = ctx.to(device) if ctx is not None else None
