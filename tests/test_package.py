@@ -90,6 +90,7 @@ def test_a_wheel_holds_the_flow_and_resolves_it_outside_the_checkout(tmp_path):
 
 TINY = [
     "data.image.size=16",
+    "source.sizes=null",  # no 32-px candidate: the tiny run stays tiny
     "finetune.unfreeze_depth=1",
     "finetune.epochs_per_stage=[1, 1]",
     "finetune.batch_size=8",

@@ -236,7 +236,7 @@ def test_sizes_are_ranked_for_the_winner_and_the_chosen_one_is_pulled(tmp_path, 
     """source.sizes: the source is scored again at each larger side (upsampled by the model),
     its cost counted in GFLOPs; the pulled manifest says the side the
     model resizes to exactly when the ranking chose one above the prepared images'."""
-    from transferops.config import validate_config
+    from transferops.config import validate_config, with_overrides
     from transferops.search.sources import candidate_sizes, pull_best
     from transferops.sources.manifest import source_id
 
@@ -260,9 +260,17 @@ def test_sizes_are_ranked_for_the_winner_and_the_chosen_one_is_pulled(tmp_path, 
     low = validate_config(raw | {"source": raw["source"] | {"sizes": [8, 32]}})
     with pytest.raises(ConfigError, match=r"source.sizes: \[8\].*data.image.size: 8"):
         candidate_sizes(low)
-    # auto: the prepared side and data.image.auto_max (the decode's own CPU cap)
+    # auto: the prepared side and twice it, up to data.image.auto_max (the decode's CPU cap)
     auto = validate_config(raw | {"source": raw["source"] | {"sizes": "auto"}})
-    assert candidate_sizes(auto) == [16, 128]
+    assert candidate_sizes(auto) == [16, 32]
+    assert candidate_sizes(with_overrides(auto, {"source.sizes": None})) == [16]
+    # ... capped by auto_max: images prepared at 64 px rank 96, not 128, under auto_max 96
+    (tmp_path / "p64").mkdir()
+    (tmp_path / "p64" / "manifest.json").write_text('{"image_size": 64}')
+    at64 = with_overrides(auto, {"data.out": str(tmp_path / "p64")})
+    assert candidate_sizes(at64) == [64, 128]
+    assert candidate_sizes(with_overrides(at64, {"data.image.auto_max": 96})) == [64, 96]
+    assert candidate_sizes(with_overrides(at64, {"data.image.auto_max": 64})) == [64]
 
 
 def test_the_report_bolds_the_chosen_source_and_size_and_says_the_model_upsamples():

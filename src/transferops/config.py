@@ -218,8 +218,8 @@ class SourceConfig(_Section):
         None,
         description="image sides the model may upsample the prepared images to, ranked like "
         "the candidates (for the source that won at the prepared size; the cheapest in "
-        "GFLOPs within noise of the best wins); auto: the prepared size and "
-        "data.image.auto_max; null: the prepared size only",
+        "GFLOPs within noise of the best wins); auto: the prepared size and twice it, up "
+        "to data.image.auto_max; null: the prepared size only",
     )
 
     @model_validator(mode="after")

@@ -171,9 +171,10 @@ def candidate_names(cfg: Config) -> list[str]:
 
 def candidate_sizes(cfg: Config) -> list[int | None]:
     """``source.sizes`` resolved against the prepared images' side `p` (``[None]`` for text):
-    ``auto`` = p, and ``data.image.auto_max`` when p is below it (the same CPU budget that
-    caps the decoded size). The model only upsamples (a smaller side is decoded smaller,
-    by ``data.image.size``), so a size below p is refused."""
+    ``auto`` = p, and twice p up to ``data.image.auto_max`` (the CPU budget that caps the
+    decoded size; one doubling at most: 4x the cost of every epoch). The model only upsamples
+    (a smaller side is decoded smaller, by ``data.image.size``), so a size below p is
+    refused."""
     p = read_manifest(cfg.data.out).get("image_size")
     wanted = cfg.source.sizes
     if not p:
@@ -181,7 +182,7 @@ def candidate_sizes(cfg: Config) -> list[int | None]:
     if wanted is None or cfg.source.kind == "mlflow":  # a registered model keeps its own
         return [p]
     if wanted == "auto":
-        return sorted({p, max(p, cfg.data.image.auto_max)})
+        return sorted({p, max(p, min(2 * p, cfg.data.image.auto_max))})
     low = [s for s in wanted if s < p]
     if low:
         raise ConfigError(
