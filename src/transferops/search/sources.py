@@ -10,9 +10,10 @@ examples (the same criterion picks the probe's regularisation).
 
 Sizes (``source.sizes``): the prepared images can be shown to the network upsampled (the
 model resizes its input, :class:`transferops.model.inputs.Preprocess`, so serving does the
-same). Small images gain from it: an ImageNet backbone sees its objects at the scale it was
-trained on (a 64-px folder: probe +4.1 test points at 128 px, bench/RESULTS.md). Sizes are
-ranked for the source that won at the prepared size (one feature pass per extra size, not
+same). Frozen features of small images gain from it: an ImageNet backbone sees their objects
+nearer the scale it was trained on (a 64-px folder: exact probe +3.6 test points at 128 px;
+fine-tuning, which adapts to the small scale, gained nothing there: bench/RESULTS.md). Sizes
+are ranked for the source that won at the prepared size (one feature pass per extra size, not
 one per source and size: on the four benchmark cases the greedy order picked what the full
 grid picked).
 
