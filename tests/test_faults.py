@@ -288,6 +288,8 @@ def mlflow_url(tmp_path) -> Iterator[str]:
         yield url
 
 
+@pytest.mark.slow  # 45 s; CI runs the same checks in test_scale's pipeline against the MLflow
+# server on PostgreSQL: this one is for machines without PostgreSQL (an sqlite-backed server)
 def test_a_password_in_the_tracking_uri_is_written_nowhere(tmp_path, monkeypatch, mlflow_url):
     """The whole pipeline against a real MLflow server whose URI carries a password: not in
     any file under the project, not in any MLflow param, tag or metric name."""

@@ -22,6 +22,8 @@ from transferops.search.study import run_search
 from .conftest import PG_PASSWORD, mlflow_server, write_image_folder
 from .test_search import _raw
 
+TRACKING_PASSWORD = "Hunter2-mlflow"  # in the tracking URI: must leak nowhere
+
 TS = optuna.trial.TrialState
 
 
@@ -94,11 +96,13 @@ def mlflow_on_postgres(tmp_path, postgres_url) -> Iterator[str]:
 
 
 def test_pipeline_against_an_mlflow_server_on_postgresql(tmp_path, monkeypatch, mlflow_on_postgres):
-    """The pipeline with `tracking.uri: http://...` and the experiment's artifacts on the
-    server (proxied): the version, its aliases and the decision are there through the
-    REST API; a second registration of the same weights makes no second version."""
+    """The pipeline with `tracking.uri: http://user:password@...` and the experiment's
+    artifacts on the server (proxied): the version, its aliases and the decision are there
+    through the REST API; a second registration of the same weights makes no second version;
+    the password is in no file under the project and in no MLflow param, tag or metric name."""
     from mlflow import MlflowClient
 
+    uri = mlflow_on_postgres.replace("http://", f"http://bob:{TRACKING_PASSWORD}@")
     project = tmp_path / "project"
     write_image_folder(project / "raw", per_class=12)
     (project / "params.yaml").write_text(
@@ -107,12 +111,12 @@ def test_pipeline_against_an_mlflow_server_on_postgresql(tmp_path, monkeypatch, 
         "search:\n  n_trials: 2\n  space:\n    unfreeze_depth: {low: 0, high: 1}\n"
         "baseline:\n  seeds: [0, 1]\n  scratch_trials: 2\n  efficiency_per_class: [null]\n"
         "registry:\n  baseline_gate: mean\n  cheap_gate: false\n"
-        f"tracking:\n  uri: {mlflow_on_postgres}\n"  # artifact_location left at its default
+        f"tracking:\n  uri: {uri}\n"  # artifact_location left at its default
     )
     monkeypatch.chdir(project)
-    r = CliRunner().invoke(app, ["run", "--no-prefect", "--json"])
-    assert r.exit_code == 0, r.output
-    summary = json.loads(r.output[r.output.rindex("\n{\n") :])
+    run = CliRunner().invoke(app, ["run", "--no-prefect", "--json"])
+    assert run.exit_code == 0, run.output
+    summary = json.loads(run.output[run.output.rindex("\n{\n") :])
     client = MlflowClient(tracking_uri=mlflow_on_postgres)
     versions = client.search_model_versions("name='transferops-raw'")
     assert [str(v.version) for v in versions] == ["1"] and summary["registered"].endswith("v1")
@@ -126,6 +130,21 @@ def test_pipeline_against_an_mlflow_server_on_postgresql(tmp_path, monkeypatch, 
     r = CliRunner().invoke(app, ["register"])
     assert r.exit_code == 0 and "already registered" in r.output
     assert len(client.search_model_versions("name='transferops-raw'")) == 1
+    _password_written_nowhere(project, client, run.output + r.output)
+
+
+def _password_written_nowhere(project, client, output: str) -> None:
+    assert TRACKING_PASSWORD not in output
+    written = [p for p in project.rglob("*") if p.is_file() and p.name != "params.yaml"]
+    assert len(written) > 30  # data, models, reports, stamps...
+    assert not [p for p in written if TRACKING_PASSWORD.encode() in p.read_bytes()]
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) > 5
+    for run in runs:
+        fields = json.dumps([run.data.params, run.data.tags, list(run.data.metrics)])
+        assert TRACKING_PASSWORD not in fields, run.info.run_name
+    for mv in client.search_model_versions():
+        assert TRACKING_PASSWORD not in json.dumps([mv.tags, mv.source, mv.description])
 
 
 def test_dask_tasks_keep_tensors_off_the_mmap_path(tmp_path, monkeypatch):
