@@ -35,13 +35,12 @@ from quality import CASES, in_case_folder
 from transferops.config import load_config, with_overrides
 from transferops.data.prepare import prepare
 from transferops.data.prepared import load_prepared, read_manifest
-from transferops.finetune.cache import encode_prefix
-from transferops.finetune.features import image_gflops
+from transferops.finetune.features import frozen_features, image_gflops
 from transferops.finetune.probe import fit_probe, log_losses
-from transferops.model.families import build_staged
-from transferops.model.inputs import input_side, make_inputs, make_preprocess
+from transferops.model.inputs import input_side
+from transferops.runtime.artifacts import read_json
 from transferops.search.sources import Ranked, choose
-from transferops.sources.pull import load_source, pull
+from transferops.sources.pull import pull
 
 IMAGE = ["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"]
 
@@ -56,22 +55,19 @@ def score(
     )
     pull(sub, ranking={"input_size": input_size} if input_size else None)
     size = read_manifest(cfg.data.out).get("image_size") or None
-    src = load_source(sub.out, size)
-    torch.manual_seed(0)
-    side = input_side(src.manifest, size)
-    net = build_staged(
-        src.model, src.family, len(splits["train"].class_names), image_size=side or 32
-    )
-    pre = make_preprocess(src.manifest, torch.device("cpu"), splits["train"].modality)
-    pre.place(net, torch.device("cpu"))
-    feats, cpu, wall = {}, 0.0, 0.0
-    with torch.no_grad():
-        for s, data in splits.items():
-            c0, w0 = time.process_time(), time.perf_counter()
-            inputs = make_inputs(data, sub.out, src.manifest, cfg.finetune.max_length)
-            feats[s] = encode_prefix(net, inputs, net.num_blocks, pre, 128).double().numpy()
-            if s != "test":  # the pipeline computes train + val only
-                cpu, wall = cpu + time.process_time() - c0, wall + time.perf_counter() - w0
+    side = input_side(read_json(sub.out / "manifest.json"), size)
+    cpu = torch.device("cpu")
+
+    def features(names: tuple[str, ...]) -> dict:
+        got = frozen_features(
+            sub.out, {s: splits[s] for s in names}, size, cfg.finetune.max_length, cpu, 128
+        )
+        return {s: f.double().numpy() for s, f in got.items()}
+
+    c0, w0 = time.process_time(), time.perf_counter()
+    feats = features(("train", "val"))  # what the pipeline computes (and times)
+    cpu_s, wall = time.process_time() - c0, time.perf_counter() - w0
+    feats |= features(("test",))  # read here only to judge the ranking
     y = {s: d.labels.numpy() for s, d in splits.items()}
     fit = fit_probe(
         feats["train"], y["train"], feats["val"], y["val"], len(splits["train"].class_names)
@@ -80,7 +76,7 @@ def score(
     test_acc = float(((feats["test"] @ w.T + b).argmax(1) == y["test"]).mean())
     losses = log_losses(feats["val"] @ w.T + b, y["val"])
     gflops = image_gflops(sub.out, size) if size else None
-    r = Ranked(name, side, fit.val_loss, fit.val_accuracy, fit.C, w.shape[1], cpu, wall, losses)
+    r = Ranked(name, side, fit.val_loss, fit.val_accuracy, fit.C, w.shape[1], cpu_s, wall, losses)
     r.gflops = gflops
     return r, test_acc
 

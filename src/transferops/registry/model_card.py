@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from transferops.finetune.train import candidate_note
+from transferops.model.inputs import input_side
 from transferops.registry.client import CHAMPION
 
 
@@ -89,7 +90,7 @@ def _inputs(spec: dict[str, Any]) -> str:
     """What the served model takes, and what it does to it before the network."""
     if spec["modality"] != "image":
         return f"Inputs are texts, truncated to {spec.get('max_length')} tokens."
-    side = (spec["source"].get("input") or {}).get("size")
+    side = input_side(spec["source"], None)  # set only when the model upsamples
     return (
         f"Inputs are image bytes or paths, decoded and fitted to {spec.get('image_size')} px "
         f"({spec.get('image_resize', 'crop')}) like the training data"

@@ -17,6 +17,7 @@ from torch import nn
 
 from transferops.errors import SourceError
 from transferops.model.families import discover
+from transferops.model.inputs import input_side
 from transferops.runtime.artifacts import (
     atomic_dir,
     read_json,
@@ -82,7 +83,7 @@ def source_id(manifest: dict[str, Any]) -> str:
     """What a model trained on this pulled source depends on: its weights' sha256, and the
     input size the ranking chose when the model resizes its images to one (the same weights
     at another size train another model). Reuse, resume and study names compare this."""
-    size = (manifest.get("input") or {}).get("size")
+    size = input_side(manifest, None)
     return f"{manifest['sha256']}@{size}px" if size else str(manifest["sha256"])
 
 
