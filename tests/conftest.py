@@ -244,3 +244,22 @@ def prefect_server(home: Path) -> Iterator[dict[str, str]]:
     cmd = [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     with _serve(cmd, env["PREFECT_API_URL"] + "/health", "prefect server", env):
         yield env
+
+
+def assert_written_nowhere(secret: str, project: Path, client, output: str, min_files: int) -> None:
+    """`secret` (a password in the tracking URI) is in no command output, no file under the
+    project (there are at least `min_files` of them) and no MLflow param, tag, metric name or
+    model version of the `client`'s server."""
+    import json
+
+    assert secret not in output
+    written = [p for p in project.rglob("*") if p.is_file() and p.name != "params.yaml"]
+    assert len(written) > min_files
+    assert not [p for p in written if secret.encode() in p.read_bytes()]
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) > 5
+    for run in runs:
+        fields = json.dumps([run.data.params, run.data.tags, list(run.data.metrics)])
+        assert secret not in fields, run.info.run_name
+    for mv in client.search_model_versions():
+        assert secret not in json.dumps([mv.tags, mv.source, mv.description])
