@@ -19,7 +19,7 @@ from transferops.data.prepared import load_prepared
 from transferops.errors import ConfigError
 from transferops.finetune.engine import finetune
 from transferops.finetune.plan import stage_depths
-from transferops.finetune.thaw import batchnorms, make_trainable, set_train_mode
+from transferops.finetune.thaw import make_trainable, set_train_mode
 from transferops.finetune.train import build_net, train_from_config
 from transferops.model.blocks import AvgPool, Ensemble, StagedNet, Wrap
 from transferops.model.families import build_staged
@@ -522,47 +522,6 @@ def test_precise_bn_statistics_are_the_train_average():
     assert bn.momentum == pytest.approx(0.1)  # restored
     frozen_bn = net.blocks[3].mods[0][0].bn1
     assert torch.equal(frozen_bn.running_mean, torch.zeros_like(frozen_bn.running_mean))
-
-
-def test_epoch_bn_statistics_are_precise_bn_without_its_extra_pass(digits_prepared, lite0_source):
-    """bn_recalibrate epoch: the thawed blocks' BN statistics are the average over the epoch's
-    own training batches (with still weights: the train split's mean, what precise BN's pass
-    measures) and no validation runs a pass over train, but the weight average still does."""
-    from transferops.finetune import engine
-
-    real, calls = engine.recalibrate_bn, []
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    means, passes = {}, {}
-    for mode in ("pass", "epoch"):
-        net, tr, va, cfg, pre = _setup(
-            digits_prepared,
-            lite0_source,
-            unfreeze_depth=2,
-            blocks_per_stage=2,
-            epochs_per_stage=[1, 2],
-            batch_size=6,  # 36 train images: equal batches here and in the pass (12)
-            bn_mode="train",
-            bn_recalibrate=mode,
-            feature_cache=False,
-            head_init="random",
-            lr=1e-12,  # weights stand still: the epoch's statistics are the data's
-            average_epochs=2,
-            early_stopping_patience=None,
-        )
-        calls.clear()
-        with patch.object(engine, "recalibrate_bn", counted):
-            finetune(net, tr, va, cfg, pre, CPU)
-        passes[mode] = len(calls)
-        bn = batchnorms(net.blocks[7])[0]  # a thawed block's first
-        means[mode] = bn.running_mean.clone()
-        assert bn.momentum == pytest.approx(0.1)  # the configured momentum is back
-    assert passes == {"pass": 3, "epoch": 1}  # 2 epochs at depth 2 + the average; the average
-    assert torch.allclose(means["epoch"], means["pass"], atol=1e-5)
-    assert validate_config({"finetune": {"bn_recalibrate": True}}).finetune.bn_recalibrate == "pass"
 
 
 # ------------------------------------------------------- the plan and the family table

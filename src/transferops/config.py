@@ -270,13 +270,11 @@ class FinetuneConfig(_Section):
         description="BatchNorm in thawed blocks: train (batch statistics) or frozen (running "
         "statistics kept, affine params still learn). Frozen blocks always keep theirs.",
     )
-    bn_recalibrate: Literal["pass", "epoch", "off"] = Field(
-        "pass",
-        description="with bn_mode: train, the learned BatchNorm statistics a validation uses: "
-        "pass = the average of per-batch statistics over one extra pass of the train split "
-        "before each validation (precise BN); epoch = the average over the epoch's own "
-        "training batches (no extra pass; averaged weights still get one); off = the running "
-        "averages, which lag behind in short or few-shot runs (true / false: pass / off)",
+    bn_recalibrate: bool = Field(
+        True,
+        description="with bn_mode: train, recompute the learned BatchNorm statistics as the "
+        "average of per-batch statistics over the train split before each validation (precise "
+        "BN); without it short or few-shot runs are judged with statistics that lag behind",
     )
     bn_momentum: Annotated[float, Field(gt=0, le=1)] | None = Field(
         0.1,
@@ -354,12 +352,6 @@ class FinetuneConfig(_Section):
         description="a checkpoint at the end of the first epoch this many seconds after the "
         "last one (0 = every epoch): a crash loses at most this much training",
     )
-
-    @field_validator("bn_recalibrate", mode="before")
-    @classmethod
-    def _bn_bool(cls, v: object) -> object:
-        # params files from before the enum said true / false
-        return ("pass" if v else "off") if isinstance(v, bool) else v
 
     @field_validator("epochs_per_stage")
     @classmethod

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from transferops.config import FinetuneConfig
 from transferops.finetune.balance import class_weights, imbalance
@@ -37,11 +36,11 @@ from transferops.finetune.checkpoint import (
 from transferops.finetune.plan import Stage, lr_factor, stage_plan
 from transferops.finetune.probe import ProbeFit, probe_head
 from transferops.finetune.thaw import (
+    batchnorms,
     make_optimizer,
     set_bn_momentum,
     set_train_mode,
     thaw,
-    thawed_batchnorms,
 )
 from transferops.model.blocks import StagedNet
 from transferops.model.inputs import Inputs, Preprocess, fit_width
@@ -296,7 +295,7 @@ def keep_average(loop: Loop, last: Stage, feats: StageFeatures | None) -> None:
     live = copy.deepcopy(net.state_dict())  # the trainer's weights: the checkpoint keeps them
     net.load_state_dict(run.avg_state)
     # precise BN too: the mean of the epochs' statistics is not the mean weights' statistics
-    acc, loss, correct = validate(loop, last, feats, averaged=True)
+    acc, loss, correct = validate(loop, last, feats)
     best = run.best[0]
     kept = run.improve(net, acc, loss, correct)
     net.load_state_dict(live)
@@ -310,15 +309,13 @@ def keep_average(loop: Loop, last: Stage, feats: StageFeatures | None) -> None:
 
 
 def validate(
-    loop: Loop, stage: Stage, feats: StageFeatures | None, averaged: bool = False
+    loop: Loop, stage: Stage, feats: StageFeatures | None
 ) -> tuple[float, float, torch.Tensor]:
-    """(accuracy, loss, per-example correctness) on val of the weights in the net. Where
-    thawed blocks learn BatchNorm statistics they are first recomputed over train: before
-    every validation (bn_recalibrate pass), or only for `averaged` weights (epoch: the
-    epoch's own batches gave the others theirs; an average of weights has seen none)."""
+    """(accuracy, loss, per-example correctness) on val of the weights in the net, with
+    thawed blocks' BatchNorm statistics first recomputed over train where they are learned
+    (bn_recalibrate)."""
     net, cfg, pre, amp, val = loop.net, loop.cfg, loop.pre, loop.amp, loop.val
-    recompute = cfg.bn_recalibrate == "pass" or (cfg.bn_recalibrate == "epoch" and averaged)
-    if cfg.bn_mode == "train" and recompute and stage.depth > 0:
+    if cfg.bn_mode == "train" and cfg.bn_recalibrate and stage.depth > 0:
         cached = feats.train_views[0] if feats else None
         recalibrate_bn(net, stage.depth, loop.train, cached, pre, cfg.batch_size * 2, amp)
     bs = val.inference_batch(cfg.batch_size * 2, pre.size)
@@ -335,7 +332,6 @@ def train_epoch(
     """One pass over train in a seeded order; returns the mean training loss."""
     net, opt, train, pre, cfg, amp = loop.net, loop.opt, loop.train, loop.pre, loop.cfg, loop.amp
     set_train_mode(net, stage.depth, cfg.bn_mode)
-    epoch_bns = epoch_statistics(net, stage.depth) if bn_from_epoch(cfg, stage) else []
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + stage.index * 1009 + epoch)
     # CPU indices: batch() cuts text widths to the batch's longest, with no host sync
     perm = train.train_order(torch.randperm(len(train), generator=gen), cfg.batch_size)
@@ -361,26 +357,7 @@ def train_epoch(
         opt.step()
         loss_sum += loss.detach() * len(idx)
         on_step()
-    for m, momentum in epoch_bns:
-        m.momentum = momentum
     return float(loss_sum) / len(train)
-
-
-def bn_from_epoch(cfg: FinetuneConfig, stage: Stage) -> bool:
-    """Whether the epoch's training batches give the thawed blocks their BN statistics."""
-    return cfg.bn_mode == "train" and cfg.bn_recalibrate == "epoch" and stage.depth > 0
-
-
-def epoch_statistics(net: StagedNet, depth: int) -> list[tuple[nn.Module, float | None]]:
-    """Thawed BatchNorm layers set to average this epoch's batch statistics (cumulative,
-    from zero): what precise BN's extra pass over train measures, for free, from weights
-    that move during the epoch (the last epochs, where the model is chosen, move least).
-    Returns each layer with the momentum to give back when the epoch ends."""
-    bns = [(m, m.momentum) for m in thawed_batchnorms(net, depth)]
-    for m, _ in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    return bns
 
 
 @torch.no_grad()
@@ -427,7 +404,7 @@ def recalibrate_bn(
     """Precise BN: thawed blocks' BatchNorm statistics = the average of per-batch statistics
     over one pass of `data` (exactly the data mean when batches are equal in size)."""
     frozen = net.num_blocks - depth
-    bns = thawed_batchnorms(net, depth)
+    bns = [m for b in net.blocks[frozen:] for m in batchnorms(b)]
     if not bns:
         return
     net.eval()

@@ -38,11 +38,6 @@ def make_trainable(net: StagedNet, depth: int, adapter: str = "none") -> None:
     net.head.requires_grad_(True)
 
 
-def thawed_batchnorms(net: StagedNet, depth: int) -> list[nn.Module]:
-    """BatchNorm layers of the top `depth` blocks."""
-    return [m for b in net.blocks[net.num_blocks - depth :] for m in batchnorms(b)]
-
-
 def set_train_mode(net: StagedNet, depth: int, bn_mode: str = "train") -> None:
     """Train mode for the thawed top and head; frozen blocks stay in eval (BN frozen).
 
