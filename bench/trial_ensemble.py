@@ -41,7 +41,7 @@ CPU = torch.device("cpu")
 
 
 def keep_every_trial(dest: Path):
-    """Replaces the search's keep-if-best: every complete trial keeps its model."""
+    """Replaces the search's keep-if-top: every complete trial keeps its model."""
 
     def keep(cfg, trial, res, spec, value) -> None:
         save_finetuned(
@@ -80,7 +80,7 @@ def train_and_search(project: Path, work: Path) -> tuple[dict[str, Path], list[s
     )
     seconds = {}
     t, c = time.perf_counter(), time.process_time()
-    with patch.object(study_mod, "_keep_if_best", keep_every_trial(work / "trials")):
+    with patch.object(study_mod, "_keep_if_top", keep_every_trial(work / "trials")):
         found = run_search(cfg)
     seconds["search"] = (time.perf_counter() - t, time.process_time() - c)
     t, c = time.perf_counter(), time.process_time()

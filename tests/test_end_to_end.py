@@ -80,11 +80,18 @@ def test_run_pipeline_on_tiny_images(tmp_path, monkeypatch):
     (train,) = [r for r in steps if r.data.tags["role"] == "train"]
     assert spec["candidate"] == "ensemble" and train.data.metrics["best_val_accuracy"] > 0
     assert train.data.tags.get("reused_from", "").endswith("best_model")
+    # (the seeds first, then the search's runner-up trials, as in the spec)
     members = sorted(
         (r for r in runs if r.data.tags.get("role") == "train-member"),
-        key=lambda r: r.data.tags["seed"],
+        key=lambda r: ("trial" in r.data.tags, r.data.tags["seed"]),
     )
-    assert [m.data.tags["seed"] for m in members] == ["0", "1"]
+    runners = json.loads((tmp_path / "models" / "search" / "runners_up" / "order.json").read_text())
+    assert [m.data.tags["seed"] for m in members[:2]] == ["0", "1"]
+    assert [m.data.tags["trial"] for m in members[2:]] == [
+        str(m["trial"]) for m in spec["members"][2:]
+    ]
+    # ... those of them that raised the seeds' val score (greedy selection; the log says)
+    assert len(runners) == 1 and [m.get("trial") for m in spec["members"][2:]] in ([], runners)
     assert all(m.data.tags["mlflow.parentRunId"] == train.info.run_id for m in members)
     assert members[0].data.tags.get("reused_from", "").endswith("best_model")
     for run, member in zip(members, spec["members"], strict=True):

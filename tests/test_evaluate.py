@@ -12,12 +12,17 @@ import torch
 
 from transferops.config import validate_config, with_overrides
 from transferops.data.prepare import prepare
-from transferops.data.prepared import SPLIT_READS
+from transferops.data.prepared import SPLIT_READS, load_prepared
 from transferops.evaluation import baseline as baseline_module
 from transferops.evaluation.baseline import role_overrides, run_baselines, transfer_epochs
 from transferops.evaluation.evaluate import evaluate
 from transferops.evaluation.stats import ece, mean_ci, paired_bootstrap, verdict
+from transferops.finetune.selection import greedy_join
 from transferops.finetune.train import train_from_config
+from transferops.model.calibration import nll
+from transferops.model.folder import load_finetuned
+from transferops.model.inputs import make_inputs
+from transferops.model.predict import predict_probs
 from transferops.runtime.artifacts import sha256_file
 from transferops.search.study import run_search
 
@@ -134,14 +139,39 @@ def test_pipeline_reads_test_only_in_evaluate_and_writes_the_report(
     kept = tmp_path / "search" / "best_model"
     assert json.loads((kept / "model.json").read_text())["trial"] == found.best_trial
     assert not (tmp_path / ".search-trials").exists()  # the other candidates are gone
+    # ... but the next-best trial's model stays: an ensemble member (ensemble_trials 2)
+    up = tmp_path / "search" / "runners_up"
+    (runner,) = json.loads((up / "order.json").read_text())
+    other = json.loads((up / str(runner) / "model.json").read_text())
+    assert runner != found.best_trial and other["trial"] == runner
+    assert other["val_accuracy"] <= found.best_value
     # `train` with the best params is the best trial: copied, not trained again ...
-    # (the first member of the ensemble `train` writes by default; the second is seed 1)
+    # (the first member of the ensemble `train` writes by default; the second is seed 1,
+    # the third the search's runner-up, copied too)
     done = train_from_config(best)
     first = tmp_path / "ck" / "members" / "s0"
     assert done.candidate == "ensemble" and done.reused_from == str(kept)
+    members = json.loads((tmp_path / "ft" / "model.json").read_text())["members"]
+    seeds = [first, tmp_path / "ck" / "members" / "s1"]
+    assert [(m["finetune"]["seed"], m["trial"]) for m in members[:2]] == [
+        (0, found.best_trial),
+        (1, None),
+    ]
+    # the runner-up joined exactly when it raised the seeds' val score (greedy selection)
+    ((_, before, after),) = greedy_join("accuracy", seeds, [up / str(runner)], tmp_path / "prep")
+    assert [m["trial"] for m in members[2:]] == ([runner] if after > before else [])
+    val, pool = load_prepared(tmp_path / "prep", "val"), []
+    for f in seeds:
+        net, spec = load_finetuned(f)
+        inputs = make_inputs(val, f, spec["source"], 64)
+        pool.append(predict_probs(net, spec | {"temperature": 1.0}, inputs, torch.device("cpu")))
+    mean, y = np.mean(pool, axis=0), val.labels.numpy()
+    assert before == pytest.approx(((mean.argmax(1) == y).mean(), -nll(mean, y)))
+    # a copy of the one member adds nothing (the same average), so it does not join
+    ((_, before, after),) = greedy_join("accuracy", [first], [first], tmp_path / "prep")
+    assert after == pytest.approx(before) and not after > before
     assert json.loads((first / "model.json").read_text())["val_accuracy"] == found.best_value
     assert sha256_file(first / "model.safetensors") == sha256_file(kept / "model.safetensors")
-    weights = sha256_file(tmp_path / "ft" / "model.safetensors")
     # ... because training it again gives exactly those weights
     elsewhere = {
         "finetune.out": str(tmp_path / "ft2"),
@@ -149,8 +179,10 @@ def test_pipeline_reads_test_only_in_evaluate_and_writes_the_report(
         "search.out": str(tmp_path / "none"),
     }
     again = with_overrides(best, elsewhere)
-    assert train_from_config(again).reused_from is None
-    assert sha256_file(tmp_path / "ft2" / "model.safetensors") == weights
+    assert train_from_config(again).reused_from is None  # no search there: no runner-up
+    assert len(json.loads((tmp_path / "ft2" / "model.json").read_text())["members"]) == 2
+    redone = tmp_path / "ck2" / "members" / "s0" / "model.safetensors"
+    assert sha256_file(redone) == sha256_file(first / "model.safetensors")
     assert not list((tmp_path / "ck").rglob("last.pt"))  # models saved: checkpoints go
     cfg = best
     trained = []  # (role seed, pretrained) of every baseline run actually trained

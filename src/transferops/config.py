@@ -328,6 +328,12 @@ class FinetuneConfig(_Section):
         "seed+1, ... (the average of their probabilities); 1 = one run. The baseline's "
         "transfer runs of the same seeds are its members, not trained again",
     )
+    ensemble_trials: Annotated[int, Field(ge=1, le=16)] = Field(
+        2,
+        description="the search's best trials that join that ensemble, the best included: "
+        "trials that ran other configurations (lr, depth), already trained, so they cost no "
+        "training, only inference; 1 = the best trial only (its seeds, per ensemble)",
+    )
     max_length: Annotated[int, Field(ge=8, le=512)] = 64
     adapter: Literal["none", "lora"] = Field(
         "none",
@@ -370,7 +376,8 @@ class FinetuneConfig(_Section):
         """The params that decide the training trajectory (not output paths, not the device,
         not how many runs the ensemble joins): what checkpoint fingerprints and search study
         names are keyed on."""
-        return [k for k in cls.model_fields if k not in cls.OUTPUT_FIELDS | {"device", "ensemble"}]
+        members = {"ensemble", "ensemble_trials"}
+        return [k for k in cls.model_fields if k not in cls.OUTPUT_FIELDS | {"device"} | members]
 
     def trajectory_params(self) -> dict[str, Any]:
         """Values of :meth:`trajectory_fields`."""
@@ -948,7 +955,11 @@ STEP_INPUTS: dict[str, StepInputs] = {
     ),
     "train": StepInputs(
         (
-            *(f"finetune.{k}" for k in [*FinetuneConfig.trajectory_fields(), "ensemble", "device"]),
+            *(
+                f"finetune.{k}"
+                for k in [*FinetuneConfig.trajectory_fields(), "ensemble", "ensemble_trials"]
+            ),
+            "finetune.device",
             "registry.classical_candidate",  # the classical model may be what train writes
             "registry.metric",  # ... when it beats fine-tuning on val by this metric
         ),

@@ -328,9 +328,10 @@ def _score_finetuned(
         "dir": str(model_dir),
         # "classical" when fine-tuning did not beat the classical model on val (train.py)
         "candidate": spec.get("candidate", "finetuned"),
-        "members": [  # an ensemble's (finetune.ensemble)
+        "members": [  # an ensemble's (finetune.ensemble, finetune.ensemble_trials)
             {
-                "seed": m["finetune"]["seed"],
+                "trial": m.get("trial"),
+                **{k: m["finetune"][k] for k in ("lr", "unfreeze_depth", "seed")},
                 "val_accuracy": m["val_accuracy"],
                 "candidate": m.get("candidate", "finetuned"),
             }

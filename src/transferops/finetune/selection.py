@@ -16,6 +16,8 @@ from sklearn.metrics import f1_score, precision_recall_fscore_support
 
 from transferops.data.prepared import load_prepared
 from transferops.model.blocks import Ensemble, StagedNet
+from transferops.model.calibration import nll
+from transferops.model.folder import load_finetuned
 from transferops.model.inputs import make_inputs, pick_device
 from transferops.model.predict import predict_probs
 
@@ -59,3 +61,39 @@ def val_metric(
     inputs = make_inputs(val, Path(inputs_dir), spec["source"], spec.get("max_length", 64))
     probs = predict_probs(net, spec, inputs, pick_device(device))  # eval mode, no grad
     return metric_value(metric, val.labels.numpy(), probs.argmax(1), len(val.class_names))
+
+
+def greedy_join(
+    metric: str,
+    members: list[Path],
+    candidates: list[Path],
+    data_out: Path | str,
+    device: str = "auto",
+) -> list[tuple[Path, tuple[float, float], tuple[float, float]]]:
+    """Greedy ensemble selection (Caruana et al. 2004), one pass: each of `candidates` (model
+    folders, best first) joins the average of `members`' probabilities only if that average
+    scores better on val with it than without (`metric`, then log-loss). Returns each
+    candidate's (folder, score without, score with), joined or not: the caller keeps those
+    whose score rose. On five benchmark cases val let the search's runner-up trial into the
+    seeds' ensemble on three (test +1.5, +3.6, 0.0 points) and kept it out of the two where
+    it would have cost 1.5 and 1.9 (bench/RESULTS.md)."""
+    val = load_prepared(data_out, "val")
+    y, k = val.labels.numpy(), len(val.class_names)
+
+    def probs(folder: Path) -> np.ndarray:
+        net, spec = load_finetuned(folder)
+        inputs = make_inputs(val, folder, spec["source"], spec.get("max_length", 64))
+        return predict_probs(net, spec | {"temperature": 1.0}, inputs, pick_device(device))
+
+    def score(pool: list[np.ndarray]) -> tuple[float, float]:
+        p = np.mean(pool, axis=0)
+        return metric_value(metric, y, p.argmax(1), k), -nll(p, y)
+
+    pool, out = [probs(f) for f in members], []
+    for folder in candidates:
+        p = probs(folder)
+        before, after = score(pool), score([*pool, p])
+        if after > before:
+            pool.append(p)
+        out.append((folder, before, after))
+    return out

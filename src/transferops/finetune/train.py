@@ -23,7 +23,7 @@ from transferops.finetune.adapters import ADAPTER_FILE, adapter_weights, add_lor
 from transferops.finetune.calibrate import calibrate
 from transferops.finetune.classical import fit_classical, pixel_net, pixel_source, val_score
 from transferops.finetune.engine import EpochHook, TrainResult, finetune
-from transferops.finetune.selection import metric_value, val_metric
+from transferops.finetune.selection import greedy_join, metric_value, val_metric
 from transferops.model.blocks import Ensemble, StagedNet
 from transferops.model.calibration import nll
 from transferops.model.families import build_staged
@@ -44,6 +44,7 @@ from transferops.sources.pull import SourceModel, load_source, random_init
 log = logging.getLogger(__name__)
 
 BEST_MODEL = "best_model"  # in search.out: the best trial's model, for `train` to reuse
+RUNNERS_UP = "runners_up"  # in search.out: the next-best trials' models, ensemble members
 
 
 def build_net(
@@ -158,28 +159,35 @@ CANDIDATE_NOTES = {
     "val by more than the val split's noise (finetune.beat_probe_by)",
     "classical": "the classical model, not a fine-tuned network: fine-tuning did not beat it "
     "on val (registry.classical_candidate)",
-    "ensemble": "an ensemble of fine-tuning runs that differ only in their seed (finetune."
-    "ensemble): it predicts the average of their probabilities, so no one seed's luck is the "
-    "model",
+    "ensemble": "an ensemble of fine-tuning runs: the best configuration's seeds (finetune."
+    "ensemble) and the search's next-best trials (finetune.ensemble_trials); it predicts the "
+    "average of their probabilities, so no one run's luck is the model",
 }
 
 
 def candidate_note(candidate: str, members: list[dict[str, Any]] | None = None) -> str | None:
     """What the model to register is, in words, when not one fine-tuned network (None
-    then); an ensemble's members with their seeds and val accuracies."""
+    then); an ensemble's members with their configurations and val accuracies."""
     note = CANDIDATE_NOTES.get(candidate)
     if note and members:
-        each = ", ".join(
-            f"seed {m['seed']} (val {m['val_accuracy']:.3f}"
-            + (", the exact probe)" if m.get("candidate") == "probe" else ")")
-            for m in members
-        )
-        note += f"; members: {each}"
+        note += "; members: " + "; ".join(member_label(m) for m in members)
     return note
 
 
+def member_label(m: dict[str, Any]) -> str:
+    """One ensemble member in words: the search trial it is (if one), its lr, depth and seed,
+    its val accuracy. Reads a member spec's `finetune` or evaluate's flat record."""
+    ft = m.get("finetune") or m
+    parts = [f"trial #{m['trial']}" if m.get("trial") is not None else None]
+    parts += [f"lr {ft['lr']:.2g}" if "lr" in ft else None]  # not in records from before
+    parts += [f"depth {ft['unfreeze_depth']}" if "unfreeze_depth" in ft else None]
+    parts += [f"seed {ft['seed']}"]
+    probe = ", the exact probe" if m.get("candidate") == "probe" else ""
+    return ", ".join(p for p in parts if p) + f" (val {m['val_accuracy']:.3f}{probe})"
+
+
 # What an ensemble's spec keeps of each member (the rest is the ensemble's own)
-MEMBER_KEYS = ("finetune", "val_accuracy", "val_loss", "weight_average", "candidate")
+MEMBER_KEYS = ("finetune", "val_accuracy", "val_loss", "weight_average", "candidate", "trial")
 
 
 @dataclass(frozen=True)
@@ -220,13 +228,13 @@ def member_of(folder: Path, cfg: Config, data_hash: str, source_sha: str) -> int
     return None
 
 
+def _same_data(spec: dict[str, Any], data_hash: str, source_sha: str) -> bool:
+    return spec["data_hash"] == data_hash and source_id(spec["source"]) == source_sha
+
+
 def _same(spec: dict[str, Any], cfg: Config, data_hash: str, source_sha: str) -> bool:
     trained = {k: spec["finetune"].get(k) for k in FinetuneConfig.trajectory_fields()}
-    return (
-        spec["data_hash"] == data_hash
-        and source_id(spec["source"]) == source_sha
-        and trained == cfg.finetune.trajectory_params()
-    )
+    return _same_data(spec, data_hash, source_sha) and trained == cfg.finetune.trajectory_params()
 
 
 def reuse_model(
@@ -263,10 +271,11 @@ def train_from_config(cfg: Config, resume: bool = True) -> Trained:
     with start_run(mlflow, run_name="train", tags=tags | {"source_sha256": source["sha256"]}) as r:
         log_data(mlflow, cfg.data.out, Path(cfg.data.path).name, data_hash, "training")
         mlflow.log_params(fc.run_params())
-        if fc.ensemble == 1:
+        runners = runner_up_models(cfg, data_hash, source_id(source))
+        if fc.ensemble == 1 and not runners:
             done = _train_one(cfg, mlflow, r.info.run_id, resume, data_hash, source_id(source))
         else:
-            done = _train_ensemble(cfg, mlflow, r.info.run_id, resume, tags)
+            done = _train_ensemble(cfg, mlflow, r.info.run_id, resume, tags, runners)
             if done.reused_from:  # its first member is the search's best trial
                 mlflow.set_tag("reused_from", done.reused_from)
         log_outcome(mlflow, done.val_accuracy, done.weight_average)
@@ -295,12 +304,30 @@ def _train_one(
     return _train(cfg, run_id, resume)
 
 
+def runner_up_models(cfg: Config, data_hash: str, source_sha: str) -> list[Path]:
+    """The search's next-best trials that join the ensemble (finetune.ensemble_trials - 1 at
+    most, best first): only when its best trial is this very configuration (train runs the
+    search's pick), and only trials trained on this data and source."""
+    root = Path(cfg.search.out)
+    order = root / RUNNERS_UP / "order.json"
+    k = cfg.finetune.ensemble_trials - 1
+    if k < 1 or not order.exists() or not same_run(root / BEST_MODEL, cfg, data_hash, source_sha):
+        return []
+    folders = [root / RUNNERS_UP / str(n) for n in read_json(order)[:k]]
+    return [f for f in folders if _same_data(read_json(f / SPEC_FILE), data_hash, source_sha)]
+
+
 def _train_ensemble(
-    cfg: Config, mlflow: Any, run_id: str, resume: bool, tags: dict[str, str]
+    cfg: Config,
+    mlflow: Any,
+    run_id: str,
+    resume: bool,
+    tags: dict[str, str],
+    runners: list[Path],
 ) -> Trained:
-    """Train the ensemble's members one by one (each a model folder under
+    """Train the ensemble's seed members one by one (each a model folder under
     :func:`member_dir`, so a crash loses at most the member in training), then write their
-    ensemble."""
+    ensemble with the search's `runners` up (trained already)."""
     fc = cfg.finetune
     data_hash, source_sha = tags["data_hash"], source_id(read_source_manifest(cfg.source.out))
     folders, runs = [], []
@@ -325,9 +352,48 @@ def _train_ensemble(
                 runs.append(_train_one(mcfg, mlflow, m.info.run_id, resume, data_hash, source_sha))
             log_outcome(mlflow, runs[-1].val_accuracy, runs[-1].weight_average)
         folders.append(folder)
+    for folder in _joining(cfg, folders, runners):  # trained by the search: curves replayed
+        spec, history = read_json(folder / SPEC_FILE), read_json(folder / "history.json")
+        run_tags = tags | {"role": "train-member", "seed": str(spec["finetune"]["seed"])}
+        run_tags |= {"trial": str(spec["trial"]), "reused_from": str(folder)}
+        with start_run(
+            mlflow,
+            run_name=f"train-trial{spec['trial']}",
+            tags=run_tags,
+            nested=True,
+            parent_run_id=run_id,
+        ):
+            for rec in history:
+                log_epoch(int(rec["epoch"]), rec)
+            runs.append(_trained(spec, history, str(folder)))
+            log_outcome(mlflow, runs[-1].val_accuracy, runs[-1].weight_average)
+        folders.append(folder)
     # The member folders stay: the baseline's transfer runs of these seeds reuse them, also
     # when the classical candidate takes finetune.out's place
     return _assemble(cfg, folders, runs, run_id)
+
+
+def _joining(cfg: Config, seeds: list[Path], runners: list[Path]) -> list[Path]:
+    """The search's runners-up that join the seeds' ensemble: those that raise its val score
+    (greedy ensemble selection, registry.metric then log-loss), each said in the log."""
+    joined = []
+    for folder, before, after in greedy_join(
+        cfg.registry.metric, seeds, runners, cfg.data.out, cfg.finetune.device
+    ):
+        spec = read_json(folder / SPEC_FILE)
+        joins = after > before
+        log.info(
+            "search %s %s the ensemble: val %s %.4f -> %.4f, log-loss %.4f -> %.4f",
+            member_label(spec),
+            "joins" if joins else "does not join",
+            cfg.registry.metric,
+            before[0],
+            after[0],
+            -before[1],
+            -after[1],
+        )
+        joined += [folder] if joins else []
+    return joined
 
 
 def member_dir(cfg: Config, seed: int) -> Path:
@@ -354,13 +420,15 @@ def _trained(spec: dict[str, Any], history: list[dict], reused_from: str | None 
 
 
 def _assemble(cfg: Config, folders: list[Path], runs: list[Trained], run_id: str) -> Trained:
-    """finetune.out := the ensemble of the member folders, scored on val. When every member
-    ended as the exact probe they are one model: that probe is written alone."""
+    """finetune.out := the ensemble of the member folders, scored on val. One member (one
+    seed, no runner-up joined), or members that all ended as the exact probe (one model),
+    is written alone."""
     fc = cfg.finetune
     loaded = [load_finetuned(f) for f in folders]
     specs = [s for _, s in loaded]
-    if all(s.get("candidate") == "probe" for s in specs):
-        log.info("every member of the ensemble is the exact probe: it is the model, once")
+    if len(folders) == 1 or all(s.get("candidate") == "probe" for s in specs):
+        if len(folders) > 1:
+            log.info("every member of the ensemble is the exact probe: it is the model, once")
         reuse_model(folders[0], Path(fc.out), {"mlflow_run_id": run_id})
         return replace(runs[0], seconds=round(sum(r.seconds for r in runs), 2))
     net = Ensemble([n for n, _ in loaded])
@@ -386,10 +454,10 @@ def _assemble(cfg: Config, folders: list[Path], runs: list[Trained], run_id: str
     }
     save_model_folder(net, spec, [], Path(fc.out), Path(cfg.source.out))
     log.info(
-        "ensemble of %d seeds: val accuracy %.4f (members %s), log-loss %.4f",
+        "ensemble of %d runs: val accuracy %.4f (members %s), log-loss %.4f",
         len(runs),
         acc,
-        ", ".join(f"{r.val_accuracy:.4f}" for r in runs),
+        "; ".join(member_label(m) for m in members),
         loss,
     )
     return Trained(

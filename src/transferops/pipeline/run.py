@@ -115,6 +115,7 @@ def step_search(cfg: Config) -> dict[str, Any]:
         "best_params": res.best_params,
         "best_value": res.best_value,
         "best_trial": res.best_trial,
+        "runners_up": summary.get("runners_up", []),  # their models join train's ensemble
         "trials": {k: v for k, v in res.counts.items() if v},
         "mlflow_run_id": summary["mlflow_run_id"],
     }
@@ -409,7 +410,8 @@ def _run_steps(cfg: Config, run_step: StepRunner) -> dict[str, Any]:
     up = {"data_hash": prep["data_hash"], "source": src["source_id"]}
     found = cached("search", cfg, up, step_search)
     best = with_overrides(cfg, found["best_params"])
-    trained = cached("train", best, up, step_train)
+    # the search's next-best trials are ensemble members: another set, another model
+    trained = cached("train", best, up | {"runners_up": found.get("runners_up")}, step_train)
     baselines = cached(
         "baseline", best, up | {"model_sha256": trained["model_sha256"]}, step_baseline
     )

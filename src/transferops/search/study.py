@@ -53,7 +53,7 @@ from transferops.errors import ConfigError
 from transferops.finetune.engine import TrainResult
 from transferops.finetune.plan import total_epochs
 from transferops.finetune.selection import val_metric
-from transferops.finetune.train import BEST_MODEL, save_finetuned, train_model
+from transferops.finetune.train import BEST_MODEL, RUNNERS_UP, save_finetuned, train_model
 from transferops.model.folder import SPEC_FILE
 from transferops.runtime.artifacts import atomic_dir, sha256_json, write_json_atomic
 from transferops.runtime.cluster import (
@@ -309,7 +309,7 @@ def _objective(cfg: Config, parent_run_id: str | None, store: dict, task: str | 
                 value = _value(cfg, res, spec)
                 if cfg.registry.metric != "accuracy":
                     mlflow.log_metric(f"val_{cfg.registry.metric}", value)
-                _keep_if_best(cfg, trial, res, spec, value)
+                _keep_if_top(cfg, trial, res, spec, value)
         if pruned is not None:
             raise pruned
         return value
@@ -332,15 +332,27 @@ def _value(cfg: Config, res: TrainResult, spec: dict) -> float:
     return val_metric(cfg.registry.metric, res.net, spec, cfg.data.out, cfg.source.out, device)
 
 
-def _keep_if_best(
+def _keep_if_top(
     cfg: Config, trial: optuna.Trial, res: TrainResult, spec: dict, value: float
 ) -> None:
-    """A complete trial at least as good as every finished one keeps its model: `train` then
-    copies the best one instead of training it a second time."""
+    """A complete trial among the best ``finetune.ensemble_trials`` finished so far keeps its
+    model: `train` copies the best instead of training it a second time, and averages the
+    next ones into its ensemble."""
     done = trial.study.get_trials(deepcopy=False, states=(TS.COMPLETE,))
-    if all(t.value is None or value >= t.value for t in done):
+    better = sum(t.value is not None and t.value > value for t in done)
+    if better < cfg.finetune.ensemble_trials:
         folder = _kept(cfg, trial.study.study_name) / str(trial.number)
         save_finetuned(res, spec | {"trial": trial.number}, folder, Path(cfg.source.out))
+
+
+def runners_up(study: optuna.Study, best: optuna.trial.FrozenTrial, k: int) -> list[int]:
+    """The next `k` complete trials after `best`, by val score (then the earlier first)."""
+    done = study.get_trials(deepcopy=False, states=(TS.COMPLETE,))
+    ranked = sorted(
+        (t for t in done if t.number != best.number and t.value is not None),
+        key=lambda t: (-t.value, t.number),
+    )
+    return [t.number for t in ranked[:k]]
 
 
 def _log_trial(study: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
@@ -590,14 +602,23 @@ def _write_summary(
     counts: dict[str, int],
     run_id: str,
     stopped: str | None = None,
+    runners: list[int] | None = None,
 ) -> Path:
-    """search.out: best_params.json (what train takes) and summary.json (the password in
-    the storage URL masked: it is a DVC output users commit)."""
+    """search.out: best_params.json (what train takes), the models of the best trial and of
+    its `runners` up (what train copies and averages; runners_up/order.json lists those
+    kept, best first) and summary.json (the password in the storage URL masked: it is a DVC
+    output users commit)."""
     out, kept = Path(cfg.search.out), _kept(cfg, name)
     with atomic_dir(out) as tmp:
         write_json_atomic(tmp / "best_params.json", best_params)
         if (kept / str(best.number) / SPEC_FILE).exists():  # what `train` copies
             shutil.copytree(kept / str(best.number), tmp / BEST_MODEL)
+        # every trial of the final top was kept when it completed; a search resumed after
+        # an earlier summary cleared the kept models may lack some: those are left out
+        on_disk = [n for n in runners or [] if (kept / str(n) / SPEC_FILE).exists()]
+        for n in on_disk:
+            shutil.copytree(kept / str(n), tmp / RUNNERS_UP / str(n))
+        write_json_atomic(tmp / RUNNERS_UP / "order.json", on_disk)
         write_json_atomic(
             tmp / "summary.json",
             {
@@ -605,6 +626,7 @@ def _write_summary(
                 "storage": mask(cfg.search.storage),
                 "best_value": best.value,
                 "best_trial": best.number,
+                "runners_up": on_disk,  # the next-best trials train averages in
                 "best_params": best_params,
                 "counts": counts,
                 "fully_evaluated": counts.get("complete", 0),  # configurations run to the end
@@ -724,7 +746,8 @@ def run_search(cfg: Config) -> SearchResult:
         if stopped:
             mlflow.set_tag("stopped_early", stopped)
         log_search_plots(mlflow, study)
-    out = _write_summary(cfg, name, best, best_params, counts, parent.info.run_id, stopped)
+    runners = runners_up(study, best, cfg.finetune.ensemble_trials - 1)
+    out = _write_summary(cfg, name, best, best_params, counts, parent.info.run_id, stopped, runners)
     log.info("best trial #%d: val accuracy %.4f with %s", best.number, best.value, best_params)
     _say_evaluated(counts)
     return SearchResult(
