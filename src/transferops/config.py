@@ -322,12 +322,6 @@ class FinetuneConfig(_Section):
         description="the weights averaged over the plan's last N epochs (a uniform stochastic "
         "weight average) replace the best epoch's when they score better on val; 0 = off",
     )
-    ema_halflife: Annotated[float, Field(ge=0)] = Field(
-        0.0,
-        description="epochs: > 0 keeps an exponential moving average of the weights (this "
-        "half-life, in epochs of optimizer steps), scored on val when training ends; it "
-        "replaces the best state when better, like average_epochs; 0 = off",
-    )
     ensemble: Annotated[int, Field(ge=1, le=16)] = Field(
         2,
         description="the model `train` writes: the ensemble of this many runs, seeds seed, "

@@ -36,8 +36,6 @@ class RunState:
     avg_state: dict[str, torch.Tensor] | None = None  # mean weights of the averaged epochs
     avg_count: int = 0
     average: dict[str, Any] | None = None  # the average's val score, once the last stage ended
-    ema_state: dict[str, torch.Tensor] | None = None  # moving average of the weights (ema)
-    ema: dict[str, Any] | None = None  # its val score, once the last stage ended
     # the exact probe's per-example val correctness: an epoch is kept only if it beats it
     # by `beat_by` paired standard errors; whether the best state is still that probe
     probe_correct: torch.Tensor | None = None
@@ -106,8 +104,6 @@ def save_checkpoint(
         "avg_state": state.avg_state,
         "avg_count": state.avg_count,
         "average": state.average,
-        "ema_state": state.ema_state,
-        "ema": state.ema,
         "probe_correct": state.probe_correct,
         "beat_by": state.beat_by,
         "from_probe": state.from_probe,
@@ -148,8 +144,6 @@ def restore(net: StagedNet, ck: dict[str, Any]) -> RunState:
         avg_state=ck.get("avg_state"),
         avg_count=ck.get("avg_count", 0),
         average=ck.get("average"),
-        ema_state=ck.get("ema_state"),
-        ema=ck.get("ema"),
         probe_correct=ck.get("probe_correct"),
         beat_by=ck.get("beat_by", 0.0),
         from_probe=ck.get("from_probe", False),

@@ -20,7 +20,6 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +69,6 @@ class TrainResult:
     optimizer_steps: dict[str, int] = field(default_factory=dict)
     probe: ProbeFit | None = None  # the exact probe the head started from (head_init probe)
     average: WeightAverage | None = None  # the averaged weights' val score (average_epochs)
-    ema: dict[str, Any] | None = None  # the moving average's val score (ema_halflife)
     from_probe: bool = False  # no epoch beat the probe beyond noise: the net is the probe
 
 
@@ -98,7 +96,6 @@ class Loop:
     amp: Autocast
     run: RunState
     class_weight: torch.Tensor | None = None  # per-class loss weights (finetune.class_weight)
-    ema_decay: float = 0.0  # per optimizer step (ema_halflife); 0 = no moving average
 
 
 def autocast_for(device: torch.device) -> Autocast:
@@ -136,11 +133,7 @@ def finetune(
     store = feature_store if feature_store is not None else {}
     weight = loss_weights(train, net.head[-1].out_features, cfg, device)
     run, probe = start(net, train, val, pre, cfg, store, amp, ck, weight)
-    steps = math.ceil(len(train) / cfg.batch_size)
-    decay = 0.5 ** (1 / (cfg.ema_halflife * steps)) if cfg.ema_halflife > 0 else 0.0
-    if decay and run.ema_state is None:
-        run.ema_state = copy.deepcopy(net.state_dict())  # from the probed head on
-    loop = Loop(net, opt, train, val, pre, cfg, amp, run, weight, decay)
+    loop = Loop(net, opt, train, val, pre, cfg, amp, run, weight)
 
     saved_at = time.perf_counter()
 
@@ -188,7 +181,6 @@ def finetune(
         optimizer_steps={g["name"]: _steps(opt, g) for g in opt.param_groups},
         probe=probe,
         average=WeightAverage(**run.average) if run.average else None,
-        ema=run.ema,
         from_probe=run.from_probe,
     )
 
@@ -287,7 +279,6 @@ def run_stage(
             run.stage_done = epoch == stage.epochs - 1 or (patience is not None and bad >= patience)
             if run.stage_done and stage.last:
                 keep_average(loop, stage, feats)
-                keep_ema(loop, stage, feats)
             end_epoch(rec)  # checkpoint + hooks; may raise (Optuna pruning the trial)
             if run.stage_done:
                 break
@@ -313,39 +304,6 @@ def keep_average(loop: Loop, last: Stage, feats: StageFeatures | None) -> None:
         run_label(
             f"weights averaged over the last {run.avg_count} epochs: val {acc:.4f} "
             f"(best so far {best:.4f}): {'kept' if kept else 'not kept'}"
-        )
-    )
-
-
-@torch.no_grad()
-def update_ema(ema: dict[str, torch.Tensor], net: StagedNet, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * the net's weights (float tensors; others copied)."""
-    live = net.state_dict()
-    floats = [k for k, v in ema.items() if v.is_floating_point()]
-    torch._foreach_lerp_([ema[k] for k in floats], [live[k] for k in floats], 1.0 - decay)
-    for k, v in ema.items():
-        if not v.is_floating_point():
-            v.copy_(live[k])
-
-
-def keep_ema(loop: Loop, last: Stage, feats: StageFeatures | None) -> None:
-    """Score the moving average of the weights on val when the last stage ends (BN statistics
-    recomputed where learned); it becomes the best state if it beats everything so far."""
-    net, run = loop.net, loop.run
-    if not loop.ema_decay or run.ema_state is None:
-        return
-    live = copy.deepcopy(net.state_dict())
-    net.load_state_dict(run.ema_state)
-    acc, loss, correct = validate(loop, last, feats)
-    best = run.best[0]
-    kept = run.improve(net, acc, loss, correct)
-    net.load_state_dict(live)
-    run.ema = {"halflife": loop.cfg.ema_halflife, "val_accuracy": acc, "val_loss": loss}
-    run.ema["kept"] = kept
-    log.info(
-        run_label(
-            f"moving average of the weights (half-life {loop.cfg.ema_halflife:g} epochs): val "
-            f"{acc:.4f} (best so far {best:.4f}): {'kept' if kept else 'not kept'}"
         )
     )
 
@@ -397,8 +355,6 @@ def train_epoch(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if loop.ema_decay:
-            update_ema(loop.run.ema_state, net, loop.ema_decay)
         loss_sum += loss.detach() * len(idx)
         on_step()
     return float(loss_sum) / len(train)
