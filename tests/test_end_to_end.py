@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from transferops.cli import app
+from transferops.cli import app, human_summary
 from transferops.config import load_config, registered_model_name
 from transferops.model.folder import load_finetuned, rebuild_finetuned
 from transferops.sources.pull import load_source
@@ -103,6 +103,12 @@ def test_run_pipeline_on_tiny_images(tmp_path, monkeypatch):
         won = f"mean of the last {avg['epochs']} epochs" if avg["kept"] else "best epoch"
         assert run.data.tags["weights"] == won
     assert summary["epochs"] == sum(len(m["history"]) for m in spec["members"])
+    # the summary a person reads names the ensemble's members, the search's best trial first
+    assert len(summary["members"]) == len(spec["members"])
+    assert summary["members"][0].startswith(f"trial #{spec['members'][0]['trial']},")
+    shown = human_summary(summary)
+    assert f"registered model (ensemble of {len(spec['members'])})" in shown
+    assert "members  " + "; ".join(summary["members"]) in shown
     assert all(r.data.tags.get("mlflow.parentRunId") == parent.info.run_id for r in steps)
     # every training and evaluation run names its data (MLflow's Datasets column)
     for r in steps:
@@ -152,12 +158,14 @@ def test_run_pipeline_on_tiny_images(tmp_path, monkeypatch):
     # Without --json: a summary a person reads, ending the output
     r = runner.invoke(app, ["run", "--no-prefect"])
     dropped = ["dropped"] if summary.get("dropped_classes") else []  # a row when one is
-    tail = r.output.splitlines()[-9 - len(dropped) :]
+    members = ["members"] if summary["candidate"] == "ensemble" else []  # the ensemble's
+    tail = r.output.splitlines()[-9 - len(dropped) - len(members) :]
     assert [line.split()[0] for line in tail] == [
         "data",
         "source",
         "search",
         "test",
+        *members,
         *dropped,
         "verdict",
         "registered",
@@ -165,7 +173,8 @@ def test_run_pipeline_on_tiny_images(tmp_path, monkeypatch):
         "report",
         "onnx",
     ]
-    kind = "" if summary["candidate"] == "finetuned" else f" ({summary['candidate']})"
+    kind = "" if summary["candidate"] == "finetuned" else f" ({summary['candidate']}"
+    kind += f" of {len(summary['members'])})" if members else (")" if kind else "")
     assert (
         summary["verdict"] in r.output
         and f"registered model{kind} {summary['test_accuracy']['finetuned']:.3f}" in r.output

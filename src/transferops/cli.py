@@ -539,6 +539,8 @@ def human_summary(s: dict[str, Any]) -> str:
     best = ", ".join(f"{k.split('.')[-1]} {v:.4g}" for k, v in s["best_params"].items())
     order = ["finetuned", *(k for k in acc if k != "finetuned")]  # the registered model first
     kind = s.get("candidate", "finetuned")
+    members = (s.get("members") or []) if kind == "ensemble" else []
+    kind += f" of {len(members)}" if members else ""
     registered = "registered model" + (f" ({kind})" if kind != "finetuned" else "")
     scores = " | ".join(
         f"{registered if k == 'finetuned' else k} {acc[k]:.3f}"
@@ -550,6 +552,7 @@ def human_summary(s: dict[str, Any]) -> str:
         ("source", s["source"]),
         ("search", f"{trials}; best {best} (val {s['best_value']:.4f})"),
         ("test accuracy", scores),
+        *([("members", "; ".join(members))] if members else []),
         *(
             [("dropped", f"class {', '.join(s['dropped_classes'])}: recall 0 on test")]
             if s.get("dropped_classes")

@@ -32,8 +32,8 @@ from transferops.data.prepare import prepare
 from transferops.evaluation.baseline import run_baselines
 from transferops.evaluation.drift import decide_retrain, save_reference
 from transferops.evaluation.evaluate import evaluate
-from transferops.finetune.train import train_from_config
-from transferops.model.folder import WEIGHTS_FILE
+from transferops.finetune.train import member_label, train_from_config
+from transferops.model.folder import SPEC_FILE, WEIGHTS_FILE
 from transferops.pipeline.dvc_lock import record_run
 from transferops.registry.adapted import register_adapted
 from transferops.registry.export import export
@@ -125,8 +125,11 @@ def step_train(cfg: Config) -> dict[str, Any]:
     """Fine-tune with the best params (cfg already carries them)."""
 
     done = train_from_config(cfg)
+    spec = read_json(Path(cfg.finetune.out) / SPEC_FILE)
     return {
         "model": str(cfg.finetune.out),
+        # an ensemble's members in words (seeds, the search's runners-up that joined)
+        "members": [member_label(m) for m in spec.get("members") or []],
         "model_sha256": sha256_file(Path(cfg.finetune.out) / WEIGHTS_FILE),
         "unfreeze_depth": done.unfreeze_depth,
         "val_accuracy": round(done.val_accuracy, 4),
@@ -443,6 +446,7 @@ def _run_steps(cfg: Config, run_step: StepRunner) -> dict[str, Any]:
         "trials": found["trials"],
         **{k: trained[k] for k in ("unfreeze_depth", "val_accuracy", "epochs", "model")},
         "candidate": trained.get("candidate", "finetuned"),  # cached steps may predate it
+        "members": trained.get("members", []),
         **{k: evaluated[k] for k in ("test_accuracy", "verdict", "report")},
         "dropped_classes": evaluated.get("dropped_classes", []),
         "registered": f"{registered['model_name']} v{registered['version']}",
