@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pytest
 import torch
 
@@ -92,6 +93,17 @@ def test_scratch_gets_the_same_budget():
     assert o["finetune.epochs_per_stage"] == [1, 6] and o["finetune.unfreeze_depth"] == 9
     assert o["finetune.bn_mode"] == "train" and o["finetune.seed"] == 5
     assert role_overrides(cfg, "probe", 1, 9)["finetune.epochs_per_stage"] == [7]
+
+
+def test_scratch_lrs_spread_over_the_range_middle_first():
+    from transferops.config import FloatRange
+    from transferops.evaluation.baseline import spread
+
+    got = spread(FloatRange(low=3e-4, high=3e-2, log=True), 3)
+    assert got == pytest.approx([3e-3, 3e-3 * 10 ** (2 / 3), 3e-3 / 10 ** (2 / 3)])
+    assert spread(FloatRange(low=0.0, high=1.0, log=False), 4) == pytest.approx(
+        [0.625, 0.375, 0.875, 0.125]
+    )
 
 
 def test_pipeline_reads_test_only_in_evaluate_and_writes_the_report(
@@ -209,6 +221,11 @@ def test_pipeline_reads_test_only_in_evaluate_and_writes_the_report(
     # scratch is tuned: every scratch run uses the lr its own search found
     assert scratch["finetune"]["lr"] == searched["best_params"]["finetune.lr"]
     assert scratch["finetune"]["init"] == "random" and searched["counts"]["complete"] >= 1
+    # ... over lrs spread across the range (centres of its log-bins, the middle first), not
+    # the sampler's seeded draws, which are the same on every dataset
+    study = optuna.load_study(study_name=searched["study_name"], storage=cfg.search.storage)
+    tried = [t.params["lr"] for t in sorted(study.trials, key=lambda t: t.number)]
+    assert tried == pytest.approx([0.003 * 10 ** (1 / 2), 0.003 / 10 ** (1 / 2)])
     assert reads["test"] == 0 and reads["train"] > 0 and reads["val"] > 0
     assert {r["name"] for r in runs} == {
         "transfer-s0",

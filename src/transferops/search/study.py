@@ -95,8 +95,9 @@ class SearchResult:
 # ------------------------------------------------------------------ the study
 
 
-def study_name(cfg: Config) -> str:
-    """Stable name from data hash + source sha256 + what the trials run (so reruns resume)."""
+def study_name(cfg: Config, start: list[dict[str, Any]] | None = None) -> str:
+    """Stable name from data hash + source sha256 + what the trials run and the points it
+    starts from (so reruns resume)."""
     data_hash = read_manifest(cfg.data.out)["data_hash"]
     source_sha = source_id(read_source_manifest(cfg.source.out))
     key = {
@@ -109,6 +110,8 @@ def study_name(cfg: Config) -> str:
     }
     if cfg.registry.metric != "accuracy":  # trials' values are that metric: another study
         key["metric"] = cfg.registry.metric
+    if start:
+        key["start"] = start
     # the arm and the data's name first: optuna-dashboard lists studies by name, the
     # transfer and scratch searches of the same data side by side
     data = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(cfg.data.path).stem).strip("-.")[:24] or "data"
@@ -690,18 +693,23 @@ def _say_evaluated(counts: dict[str, int]) -> None:
     )
 
 
-def run_search(cfg: Config) -> SearchResult:
+def run_search(cfg: Config, start: list[dict[str, Any]] | None = None) -> SearchResult:
     """Run (or resume) the study; write best params; log everything to MLflow. A config
-    with ``finetune.init: random`` is the from-scratch arm's search (see baseline.py)."""
+    with ``finetune.init: random`` is the from-scratch arm's search (see baseline.py).
+    `start`: points (Optuna param names) the study's first trials run, before its sampler
+    draws any."""
     arm = _arm(cfg)
     num_blocks = read_source_manifest(cfg.source.out)["num_blocks"]
     check_depth(cfg, num_blocks)  # before any trial runs
     check_scheduler(cfg.compute.cluster)  # and before the study and MLflow runs open
     cfg = resolve_depth_range(cfg, num_blocks)  # the default depth range: 0..block count
     sc = cfg.search
-    name = study_name(cfg)
+    name = study_name(cfg, start)
     storage = make_storage(sc)
     study = _open_study(cfg, name, storage, arm)
+    if start and not study.get_trials(deepcopy=False):
+        for point in start:
+            study.enqueue_trial(point)
     before = len([t for t in study.get_trials(deepcopy=False) if t.state in FINISHED])
     log.info(
         "study %s in %s: %d finished trial(s), target %d",
