@@ -217,6 +217,7 @@ def test_pipeline_reads_test_only_in_evaluate_and_writes_the_report(
         first / "model.safetensors"
     )
     searched = json.loads((tmp_path / "base" / "scratch_search" / "summary.json").read_text())
+    assert searched["runners_up"] == []  # no ensemble there: no runner-up's model copied
     scratch = json.loads((Path(by_name["scratch-s1"]["dir"]) / "model.json").read_text())
     # scratch is tuned: every scratch run uses the lr its own search found
     assert scratch["finetune"]["lr"] == searched["best_params"]["finetune.lr"]

@@ -212,6 +212,8 @@ def scratch_lr(cfg: Config, num_blocks: int) -> float:
             "search.n_trials": bc.scratch_trials,
             "search.space": space,
             "search.out": str(bc.scratch_search),
+            # the scratch arm is no ensemble: its search keeps its best trial's model only
+            "finetune.ensemble_trials": 1,
         },
     )
     found = run_search(scfg, start=[{"lr": v} for v in spread(lr, bc.scratch_trials)])
