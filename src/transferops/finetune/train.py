@@ -251,9 +251,14 @@ def reuse_model(
         spec = read_json(tmp / SPEC_FILE) | labels
         history = read_json(tmp / "history.json")
         write_json_atomic(tmp / SPEC_FILE, spec)
+    replay_curves(history)
+    return spec, history
+
+
+def replay_curves(history: list[dict]) -> None:
+    """A finished run's per-epoch records into the active MLflow run, as if trained there."""
     for rec in history:
         log_epoch(int(rec["epoch"]), rec)
-    return spec, history
 
 
 def train_from_config(cfg: Config, resume: bool = True) -> Trained:
@@ -363,8 +368,7 @@ def _train_ensemble(
             nested=True,
             parent_run_id=run_id,
         ):
-            for rec in history:
-                log_epoch(int(rec["epoch"]), rec)
+            replay_curves(history)
             runs.append(_trained(spec, history, str(folder)))
             log_outcome(mlflow, runs[-1].val_accuracy, runs[-1].weight_average)
         folders.append(folder)
