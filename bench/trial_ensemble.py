@@ -65,7 +65,9 @@ def nll(p: np.ndarray, y: np.ndarray) -> float:
     return float(-np.log(p[np.arange(len(y)), y] + 1e-12).mean())
 
 
-def train_and_search(project: Path, work: Path) -> tuple[dict[str, Path], list[str], dict]:
+def train_and_search(
+    project: Path, work: Path, search_seed: int | None = None
+) -> tuple[dict[str, Path], list[str], dict]:
     """The search again (every complete trial kept) and the seed-1 run of its best config."""
     cfg = load_config(project / "params.yaml")
     cfg = with_overrides(
@@ -76,7 +78,8 @@ def train_and_search(project: Path, work: Path) -> tuple[dict[str, Path], list[s
             "tracking.uri": f"sqlite:///{work}/mlflow.db",
             "tracking.artifact_location": str(work / "mlartifacts"),
             "compute.n_workers": 1,
-        },
+        }
+        | ({"search.seed": search_seed} if search_seed is not None else {}),
     )
     seconds = {}
     t, c = time.perf_counter(), time.process_time()
@@ -104,15 +107,15 @@ def train_and_search(project: Path, work: Path) -> tuple[dict[str, Path], list[s
     return trials | {"seed 1": work / "seed1"}, ranked, {"found": found, "seconds": seconds}
 
 
-def score_case(project: Path, out: Path) -> list[dict]:
-    """A row per ensemble for one case."""
+def score_case(project: Path, out: Path, search_seed: int | None = None) -> list[dict]:
+    """A row per ensemble for one case (the search drawn with `search_seed`, if given)."""
     project = project.resolve()
-    work = (out / project.name).resolve()
+    work = (out / f"{project.name}{'' if search_seed is None else f'-s{search_seed}'}").resolve()
     work.mkdir(parents=True, exist_ok=True)
     here = Path.cwd()
     os.chdir(project)  # the case's params.yaml holds paths relative to it
     try:
-        members, ranked, info = train_and_search(project, work)
+        members, ranked, info = train_and_search(project, work, search_seed)
         cfg = load_config("params.yaml")
         splits = {s: load_prepared(Path(cfg.data.out), s) for s in ("val", "test")}
     finally:
@@ -152,13 +155,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("projects", nargs="+", type=Path)
     ap.add_argument("--out", type=Path, default=Path("/tmp/trial-ensemble"))
+    ap.add_argument("--search-seed", type=int, default=None, help="search.seed (a new draw)")
     args = ap.parse_args()
     tensor_sized_malloc()
     print(f"# {os.uname().machine}, {os.cpu_count()} cores, torch {torch.__version__}")
     print("| case | model | members | val acc | test acc | test NLL |")
     print("| --- | --- | --- | --- | --- | --- |")
     for project in args.projects:
-        rows = score_case(project, args.out)
+        rows = score_case(project, args.out, args.search_seed)
         for r in rows:
             print(
                 f"| {r['case']} | {r['model']} | {r['members']} | {r['val']:.3f} | "
