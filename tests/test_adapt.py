@@ -111,7 +111,7 @@ def test_adabn_changes_only_batchnorm_statistics_and_helps_on_a_shift(shifted_pr
     tt = load_domain(shifted_project["data"]["out"], "target_test")
     acc0 = (predict_probs(net, spec, tt, cpu).argmax(1) == tt.y.numpy()).mean()
     train = load_prepared(shifted_project["data"]["out"], "train")
-    n = adabn(net, Inputs(train.images, train.labels), target, pre, autocast_for(cpu))
+    n = adabn(net, Inputs(train.images, train.labels), target, pre, autocast_for(cpu, False))
     after = net.state_dict()
     assert n > 0
     stats = {k for k in after if k.endswith(("running_mean", "running_var"))}
@@ -132,7 +132,7 @@ def test_align_trains_only_the_top_and_pulls_the_domains_together(shifted_projec
     from transferops.finetune.engine import autocast_for
     from transferops.model.inputs import Inputs, make_preprocess
 
-    cpu, amp = torch.device("cpu"), autocast_for(torch.device("cpu"))
+    cpu, amp = torch.device("cpu"), autocast_for(torch.device("cpu"), False)
     net, spec = _one_network(shifted_project)
     pre = make_preprocess(spec["source"], cpu, "image")
     source_view = copy.deepcopy(net)

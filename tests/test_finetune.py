@@ -583,6 +583,70 @@ def test_family_table_decides_names_and_channels_last():
     assert not make_preprocess({"family": "hf_text", "input": {}}, cpu, "text").channels_last
 
 
+def test_precision_resolves_by_device_family_and_cpu():
+    """finetune.precision: auto = bf16 on a GPU, and on a CPU with AMX only for the families
+    the table says gain (text encoders: matmuls); fp32 / bf16 are what they say everywhere."""
+    from transferops.model.families import FAMILIES
+    from transferops.model.inputs import make_preprocess
+
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+
+    def bf16(fam: str, device: torch.device, precision: str) -> bool:
+        manifest = {"family": fam, "input": {}}
+        return make_preprocess(manifest, device, "image", precision=precision).bf16
+
+    for amx in (True, False):
+        caps = {"amx_bf16": True} if amx else {"avx512_bf16": True}
+        with patch.object(torch.cpu, "get_capabilities", lambda caps=caps: caps):
+            auto_cpu = {f for f in FAMILIES if bf16(f, cpu, "auto")}
+            assert auto_cpu == ({"hf_text"} if amx else set())
+            assert all(bf16(f, gpu, "auto") for f in FAMILIES)
+            for device in (gpu, cpu):
+                assert not any(bf16(f, device, "fp32") for f in FAMILIES)
+                assert all(bf16(f, device, "bf16") for f in FAMILIES)
+    # serving builds its preprocessing without a precision: float32
+    assert not make_preprocess({"family": "hf_text", "input": {}}, gpu, "text").bf16
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_bf16_training_autocasts_matmuls_and_keeps_float32_weights(bf16):
+    """With Preprocess.bf16 the thawed blocks' matmuls run in bf16 in training and in the
+    val passes (the feature cache's prefix too); weights, head and the result stay float32."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    bert = BertModel(
+        BertConfig(
+            vocab_size=50,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+        )
+    )
+    net = build_staged(bert, "hf_text", num_classes=2)
+    mask = torch.ones(24, 6, dtype=torch.long)
+    ids = torch.randint(1, 50, (24, 6))
+    y = (ids[:, 0] > 25).long()
+    tr, va = Inputs(ids[:16], y[:16], mask[:16]), Inputs(ids[16:], y[16:], mask[16:])
+    cfg = FinetuneConfig(
+        epochs_per_stage=[1, 1], unfreeze_depth=1, blocks_per_stage=1, batch_size=8, seed=0
+    )
+    seen: dict[str, set] = {"prefix": set(), "thawed": set()}
+
+    def record(where: str):
+        return lambda _m, _i, out: seen[where].add(out.dtype)
+
+    for where, block in (("prefix", net.blocks[1]), ("thawed", net.blocks[2])):
+        linear = next(m for m in block.modules() if isinstance(m, nn.Linear))
+        linear.register_forward_hook(record(where))
+    res = finetune(net, tr, va, cfg, Preprocess("text", bf16=bf16), CPU)
+    want = {torch.bfloat16} if bf16 else {torch.float32}
+    assert seen == {"prefix": want, "thawed": want}
+    assert {p.dtype for p in res.net.parameters()} == {torch.float32}
+    assert 0.0 <= res.best_val_accuracy <= 1.0
+
+
 # ----------------------------------------------------------- the exact probe (LP-FT)
 
 

@@ -348,6 +348,12 @@ class FinetuneConfig(_Section):
     )
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="autocast of training's matmuls: auto = bf16 on a GPU, and on a CPU with "
+        "AMX for text encoders (1.9x per training step, bench/precision.py); fp32 = float32 "
+        "everywhere (the same numbers on every CPU); weights and serving stay float32",
+    )
     out: FsPath = Path("models/finetuned")
     metrics: FsPath = Path("metrics/train.json")
     checkpoint_dir: FsPath = Field(
@@ -946,9 +952,12 @@ STEP_INPUTS: dict[str, StepInputs] = {
         tuple(f"data.{k}" for k in DataConfig.model_fields if k not in ("out", "demo")),
         ("data.path",),
     ),
-    # ranking source.candidates reads the prepared train/val data (and finetune.max_length)
+    # ranking source.candidates reads the prepared train/val data (and finetune.max_length,
+    # finetune.precision: text features are computed as training will compute them)
     # `preset` sets keys of pull, search, baseline and evaluate: dvc must see it change
-    "pull": StepInputs(("source", "finetune.max_length", "preset"), ("data.out",)),
+    "pull": StepInputs(
+        ("source", "finetune.max_length", "finetune.precision", "preset"), ("data.out",)
+    ),
     # trials are compared by registry.metric, the metric the gates decide on
     "search": StepInputs(
         ("search", "finetune", "registry.metric", "preset"), ("data.out", "source.out")
@@ -985,6 +994,7 @@ STEP_INPUTS: dict[str, StepInputs] = {
             "data.auxiliary",
             "finetune.batch_size",  # align trains with it
             "finetune.seed",
+            "finetune.precision",
             "evaluate.confidence",
             "schedule.drift_alpha",
             "registry.model_name",

@@ -141,10 +141,12 @@ def adapt(cfg: Config) -> dict[str, Any]:
     net, net_spec = _to_adapt(before, spec)
     t0, c0 = time.perf_counter(), time.process_time()
     device = pick_device(cfg.finetune.device)
-    pre = make_preprocess(spec["source"], device, spec["modality"])
+    pre = make_preprocess(
+        spec["source"], device, spec["modality"], precision=cfg.finetune.precision
+    )
     pre.place(before, device)
     pre.place(net, device)
-    amp, bs = autocast_for(device), cfg.finetune.batch_size * 2
+    amp, bs = autocast_for(device, pre.bf16), cfg.finetune.batch_size * 2
     feats = {s: pooled_features(net, d, pre, bs, amp) for s, d in data.items()}
     target_before = feats["target"]
     shift = _shift(cfg)

@@ -79,10 +79,12 @@ def _fits(
     pre: Preprocess,
     n_views: int,
     cfg: FinetuneConfig,
+    amp: Autocast,
 ) -> bool:
-    """Whether `n_views` train views + val of this prefix fit feature_cache_max_mb."""
+    """Whether `n_views` train views + val of this prefix fit feature_cache_max_mb (stored as
+    float32 whatever the autocast: measured on two examples)."""
     two = Inputs(train.x[:2], train.y[:2], train.ctx[:2] if train.ctx is not None else None)
-    per_example = encode_prefix(net, two, prefix, pre, 2)[0].numel() * 4
+    per_example = encode_prefix(net, two, prefix, pre, 2, amp=amp)[0].numel() * 4
     n_examples = len(train) * n_views + len(val)
     return per_example * n_examples <= cfg.feature_cache_max_mb * 2**20
 
@@ -104,7 +106,7 @@ def stage_features(
     if (
         not cfg.feature_cache
         or frozen == 0
-        or not _fits(net, train, val, frozen, pre, n_views, cfg)
+        or not _fits(net, train, val, frozen, pre, n_views, cfg, amp)
     ):
         return None
     store = store if store is not None else {}

@@ -98,10 +98,11 @@ class Loop:
     class_weight: torch.Tensor | None = None  # per-class loss weights (finetune.class_weight)
 
 
-def autocast_for(device: torch.device) -> Autocast:
-    """bf16 autocast on a GPU; full precision on the CPU."""
-    if device.type == "cuda":
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+def autocast_for(device: torch.device, bf16: bool) -> Autocast:
+    """bf16 autocast on `device` when `bf16` (`Preprocess.bf16`: finetune.precision resolved
+    for the device and the family); full precision otherwise."""
+    if bf16:
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext
 
 
@@ -127,7 +128,7 @@ def finetune(
     pre.place(net, device)
     set_bn_momentum(net, cfg.bn_momentum)  # matters only where statistics are learned
     train, val = train.to(device), val.to(device)
-    amp = autocast_for(device)
+    amp = autocast_for(device, pre.bf16)
     opt = make_optimizer(net, cfg)
     ck = load_checkpoint(checkpoint, fingerprint) if checkpoint else None
     store = feature_store if feature_store is not None else {}

@@ -20,10 +20,16 @@ __all__ = ["frozen_features", "image_gflops"]
 
 
 def _frozen_net(
-    source_dir: Path | str, image_size: int | None, num_classes: int, modality: str, device
+    source_dir: Path | str,
+    image_size: int | None,
+    num_classes: int,
+    modality: str,
+    device: torch.device,
+    precision: str = "fp32",
 ) -> tuple[SourceModel, StagedNet, Preprocess]:
     """The pulled source (weights verified) as blocks in eval mode, placed on `device` in the
-    memory format its inputs come in, and its input normalisation."""
+    memory format its inputs come in, and its input normalisation (with `precision`
+    resolved as training resolves it)."""
     src = load_source(source_dir, image_size)
     torch.manual_seed(0)  # the (unused) head's init: nothing depends on it
     net = build_staged(
@@ -33,7 +39,7 @@ def _frozen_net(
         image_size=input_side(src.manifest, image_size) or 32,
         user_blocks=src.manifest.get("user_blocks"),
     ).eval()
-    pre = make_preprocess(src.manifest, device, modality)
+    pre = make_preprocess(src.manifest, device, modality, precision=precision)
     pre.place(net, device)
     return src, net, pre
 
@@ -46,17 +52,19 @@ def frozen_features(
     max_length: int,
     device: torch.device,
     batch_size: int = 128,
+    precision: str = "fp32",
 ) -> dict[str, torch.Tensor]:
     """The pulled source's pooled features (float32, on the CPU) for each prepared split,
-    its weights verified on load."""
+    its weights verified on load; computed in bf16 where `precision` (finetune.precision)
+    says training's are, so a ranking's probe sees the features training's probe will."""
     first = next(iter(splits.values()))
     src, net, pre = _frozen_net(
-        source_dir, image_size, len(first.class_names), first.modality, device
+        source_dir, image_size, len(first.class_names), first.modality, device, precision
     )
-    out = {}
+    out, amp = {}, autocast_for(device, pre.bf16)
     for name, data in splits.items():
         inputs = make_inputs(data, Path(source_dir), src.manifest, max_length).to(device)
-        h = encode_prefix(net, inputs, net.num_blocks, pre, batch_size, amp=autocast_for(device))
+        h = encode_prefix(net, inputs, net.num_blocks, pre, batch_size, amp=amp)
         out[name] = h.flatten(1).float().cpu()
     return out
 

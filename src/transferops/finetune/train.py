@@ -100,7 +100,10 @@ def train_model(
     net = build_net(
         source, len(train.class_names), cfg.finetune, input_side(source.manifest, image_size) or 32
     )
-    pre = make_preprocess(source.manifest, device, train.modality, cfg.finetune.augment)
+    pre = make_preprocess(
+        source.manifest, device, train.modality, cfg.finetune.augment, cfg.finetune.precision
+    )
+    _say_precision(pre.bf16, device, cfg.finetune.precision)
     spec = {
         "format_version": 1,
         "source": source.manifest,
@@ -112,6 +115,8 @@ def train_model(
         "input": source.manifest["input"],
         "max_length": cfg.finetune.max_length,
         "finetune": cfg.finetune.model_dump(mode="json"),
+        # what finetune.precision resolved to on this machine (auto differs by device/CPU)
+        "precision": "bf16" if pre.bf16 else "fp32",
         "data_hash": data_manifest["data_hash"],
     }
     # What determines the training trajectory (output paths do not): a checkpoint resumes
@@ -140,6 +145,22 @@ def train_model(
     spec["weight_average"] = asdict(res.average) if res.average else None
     spec["candidate"] = "probe" if res.from_probe else "finetuned"
     return res, spec
+
+
+_SAID: set[tuple[bool, str, str]] = set()
+
+
+def _say_precision(bf16: bool, device: torch.device, precision: str) -> None:
+    """Once per process: that training autocasts to bf16 on this CPU (the same params give
+    float32 numbers on a CPU without AMX)."""
+    key = (bf16, device.type, precision)
+    if bf16 and device.type == "cpu" and key not in _SAID:
+        _SAID.add(key)
+        log.info(
+            "finetune.precision %s: bf16 autocast on this CPU (AMX); weights and serving stay "
+            "float32 (finetune.precision: fp32 gives the same numbers on every CPU)",
+            precision,
+        )
 
 
 def save_finetuned(res: TrainResult, spec: dict[str, Any], out: Path, source_dir: Path) -> None:

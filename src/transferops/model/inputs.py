@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 from torch import nn
 
 from transferops.errors import ConfigError
-from transferops.model.families import family
+from transferops.model.families import family, runs_bf16
 
 GROUP_BATCHES = 16  # batches per length-sorted chunk of a text training epoch
 CPU_BATCH_SIDE = 4096  # images per CPU inference batch x image side (Inputs.inference_batch)
@@ -142,6 +142,7 @@ class Preprocess:
     size: int | None = None  # the network's input side, when the ranking chose one above the
     # prepared images' (:func:`input_side`): images are upsampled to it here, so training,
     # `predict`, the pyfunc and ONNX all resize the same way
+    bf16: bool = False  # training and its feature passes autocast to bf16 (runs_bf16)
 
     def __call__(self, x: torch.Tensor, train: bool, gen: torch.Generator | None) -> torch.Tensor:
         if self.modality != "image":
@@ -185,19 +186,26 @@ def flip_crop(x: torch.Tensor, gen: torch.Generator | None, flip: bool = True) -
 
 
 def make_preprocess(
-    manifest: dict[str, Any], device: torch.device, modality: str, augment: str = "none"
+    manifest: dict[str, Any],
+    device: torch.device,
+    modality: str,
+    augment: str = "none",
+    precision: str = "fp32",
 ) -> Preprocess:
     """The source's input normalisation (from its manifest); channels_last for the families
     whose convolutions run faster so, on the GPU and on the CPU alike (oneDNN: 1.4-1.6x per
-    training run, bench/memory_format.py)."""
+    training run, bench/memory_format.py); bf16 autocast where `precision`
+    (finetune.precision) resolves to it on `device` for the family (:func:`runs_bf16`)."""
     inp = manifest["input"]
+    fam = family(manifest["family"])
     return Preprocess(
         modality=modality,
         mean=tuple(inp.get("mean", (0.5, 0.5, 0.5))),
         std=tuple(inp.get("std", (0.5, 0.5, 0.5))),
         augment=augment,
-        channels_last=modality == "image" and family(manifest["family"]).channels_last,
+        channels_last=modality == "image" and fam.channels_last,
         size=inp.get("size") if modality == "image" else None,
+        bf16=runs_bf16(precision, device, fam),
     )
 
 

@@ -114,6 +114,7 @@ def score_candidate(
             cfg.finetune.max_length,
             device,
             cfg.finetune.batch_size * 2,
+            cfg.finetune.precision,
         ).items()
     }
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
