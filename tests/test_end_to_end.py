@@ -102,6 +102,8 @@ def test_run_pipeline_on_tiny_images(tmp_path, monkeypatch):
         assert run.data.metrics["averaged_val_accuracy"] == pytest.approx(avg["val_accuracy"])
         won = f"mean of the last {avg['epochs']} epochs" if avg["kept"] else "best epoch"
         assert run.data.tags["weights"] == won
+        assert run.data.tags["precision"] == "fp32"  # images never autocast on a CPU
+    assert spec["precision"] == train.data.tags["precision"] == "fp32"
     assert summary["epochs"] == sum(len(m["history"]) for m in spec["members"])
     # the summary a person reads names the ensemble's members, the search's best trial first
     assert len(summary["members"]) == len(spec["members"])
@@ -206,6 +208,23 @@ def test_text_source_fine_tunes_minilm(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     _, spec = load_finetuned(tmp_path / "models" / "finetuned")
     assert spec["modality"] == "text" and spec["class_names"] == ["computers", "food", "pets"]
+    # finetune.precision auto: a text encoder autocasts to bf16 on a CPU with AMX; the model
+    # folder and every training run in MLflow say which it was
+    from mlflow import MlflowClient
+
+    from transferops.model.families import cpu_has_amx_bf16
+
+    want = "bf16" if cpu_has_amx_bf16() else "fp32"
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("transferops").experiment_id])
+    trained = [
+        r
+        for r in runs
+        if r.data.tags.get("role") in ("train", "transfer", "scratch")
+        or r.data.tags.get("state") == "complete"  # search trials run to the end
+    ]
+    assert spec["precision"] == want and trained
+    assert {r.data.tags.get("precision") for r in trained} == {want}
     assert (tmp_path / "models" / "finetuned" / "hf" / "tokenizer.json").exists()
     assert not list((tmp_path / "models" / "finetuned" / "hf").glob("*.safetensors"))
     metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())

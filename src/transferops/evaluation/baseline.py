@@ -143,7 +143,7 @@ def _train_one(
             shutil.rmtree(rcfg.finetune.checkpoint_dir, ignore_errors=True)
             val_accuracy = res.best_val_accuracy
             how = f"{res.epochs_run} epochs, {res.seconds:.1f}s"
-        log_outcome(mlflow, val_accuracy, spec.get("weight_average"))
+        log_outcome(mlflow, val_accuracy, spec.get("weight_average"), spec.get("precision"))
     log.info("%s: val accuracy %.4f (%s)", name, val_accuracy, how)
     return {
         "name": name,

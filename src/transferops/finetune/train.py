@@ -226,6 +226,7 @@ class Trained:
     # "classical": neither beat the classical model on val (keep_best_candidate)
     candidate: str = "finetuned"
     classical_val_accuracy: float | None = None
+    precision: str | None = None  # what finetune.precision resolved to (the spec's)
 
 
 def same_run(folder: Path, cfg: Config, data_hash: str, source_sha: str) -> bool:
@@ -304,7 +305,7 @@ def train_from_config(cfg: Config, resume: bool = True) -> Trained:
             done = _train_ensemble(cfg, mlflow, r.info.run_id, resume, tags, runners)
             if done.reused_from:  # its first member is the search's best trial
                 mlflow.set_tag("reused_from", done.reused_from)
-        log_outcome(mlflow, done.val_accuracy, done.weight_average)
+        log_outcome(mlflow, done.val_accuracy, done.weight_average, done.precision)
         done = keep_best_candidate(cfg, done, r.info.run_id)
         mlflow.set_tag("candidate", done.candidate)
         mlflow.log_metrics({k: v for k, v in calibrate(cfg).items()})
@@ -376,7 +377,7 @@ def _train_ensemble(
                 runs.append(_member_done(folder))  # trained before a crash: kept
             else:
                 runs.append(_train_one(mcfg, mlflow, m.info.run_id, resume, data_hash, source_sha))
-            log_outcome(mlflow, runs[-1].val_accuracy, runs[-1].weight_average)
+            log_outcome(mlflow, runs[-1].val_accuracy, runs[-1].weight_average, runs[-1].precision)
         folders.append(folder)
     for folder in _joining(cfg, folders, runners):  # trained by the search: curves replayed
         spec, history = read_json(folder / SPEC_FILE), read_json(folder / "history.json")
@@ -391,7 +392,7 @@ def _train_ensemble(
         ):
             replay_curves(history)
             runs.append(_trained(spec, history, str(folder)))
-            log_outcome(mlflow, runs[-1].val_accuracy, runs[-1].weight_average)
+            log_outcome(mlflow, runs[-1].val_accuracy, runs[-1].weight_average, runs[-1].precision)
         folders.append(folder)
     # The member folders stay: the baseline's transfer runs of these seeds reuse them, also
     # when the classical candidate takes finetune.out's place
@@ -441,6 +442,7 @@ def _trained(spec: dict[str, Any], history: list[dict], reused_from: str | None 
         reused_from,
         weight_average=spec.get("weight_average"),
         candidate=spec.get("candidate", "finetuned"),
+        precision=spec.get("precision"),
     )
 
 
@@ -493,6 +495,7 @@ def _assemble(cfg: Config, folders: list[Path], runs: list[Trained], run_id: str
         round(sum(r.seconds for r in runs), 2),
         reused_from=runs[0].reused_from,  # the first member: the search's best trial
         candidate="ensemble",
+        precision="+".join(sorted({r.precision or "fp32" for r in runs})),
     )
 
 
@@ -563,6 +566,7 @@ def _train(cfg: Config, run_id: str, resume: bool) -> Trained:
         round(res.seconds, 2),
         weight_average=spec["weight_average"],
         candidate=spec["candidate"],
+        precision=spec["precision"],
     )
 
 

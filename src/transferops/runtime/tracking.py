@@ -332,11 +332,17 @@ def log_run_params(client: Any, run_id: str, params: dict[str, Any]) -> None:
         client.log_batch(run_id, params=items[i : i + 100])
 
 
-def log_outcome(mlflow: Any, val_accuracy: float, avg: dict[str, Any] | None) -> None:
+def log_outcome(
+    mlflow: Any, val_accuracy: float, avg: dict[str, Any] | None, precision: str | None = None
+) -> None:
     """A finished training run's score, and whether its weights are the mean of the last
     epochs' (``finetune.average_epochs``, the model spec's ``weight_average``): then the score
-    is above every point of the run's val curve, and the run says why."""
+    is above every point of the run's val curve, and the run says why. `precision` (the
+    spec's): what finetune.precision resolved to on the machine that trained it (the param
+    logged is the setting, e.g. auto)."""
     mlflow.log_metric("best_val_accuracy", val_accuracy)
+    if precision:
+        mlflow.set_tag("precision", precision)
     if avg:
         mlflow.log_metric("averaged_val_accuracy", avg["val_accuracy"])
         mlflow.set_tag(

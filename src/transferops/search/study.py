@@ -308,7 +308,9 @@ def _objective(cfg: Config, parent_run_id: str | None, store: dict, task: str | 
                 if res.probe is not None:  # what the trial had to beat (no_headroom)
                     trial.set_user_attr("probe_val_accuracy", res.probe.val_accuracy)
                     trial.set_user_attr("val_accuracy", res.best_val_accuracy)
-                log_outcome(mlflow, res.best_val_accuracy, spec.get("weight_average"))
+                log_outcome(
+                    mlflow, res.best_val_accuracy, spec.get("weight_average"), spec["precision"]
+                )
                 value = _value(cfg, res, spec)
                 if cfg.registry.metric != "accuracy":
                     mlflow.log_metric(f"val_{cfg.registry.metric}", value)
