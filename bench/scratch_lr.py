@@ -35,8 +35,9 @@ from transferops.runtime.memory import tensor_sized_malloc
 from transferops.sources.manifest import read_source_manifest
 
 
-def run_one(project: Path, how: str) -> dict:
-    """The scratch search of `project`, started `how` ("seeded draws" or "spread")."""
+def run_one(project: Path, how: str, seed: int = 0) -> dict:
+    """The scratch search of `project`, started `how` ("seeded draws" or "spread"), its runs
+    seeded `seed` (and the sampler too: another draw of both arms)."""
     cfg = load_config(project / "params.yaml")
     best = json.loads((project / "models" / "search" / "best_params.json").read_text())
     with tempfile.TemporaryDirectory() as tmp:
@@ -49,6 +50,8 @@ def run_one(project: Path, how: str) -> dict:
                 "tracking.uri": f"sqlite:///{tmp}/mlflow.db",
                 "tracking.artifact_location": f"{tmp}/art",
                 "finetune.checkpoint_dir": f"{tmp}/ck",
+                "baseline.seeds": [seed, seed + 1],
+                "search.seed": seed,
             },
         )
         blocks = read_source_manifest(cfg.source.out)["num_blocks"]
@@ -77,6 +80,7 @@ def run_one(project: Path, how: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("projects", nargs="+", type=Path)
+    ap.add_argument("--seed", type=int, default=0, help="training and sampler seed (a draw)")
     args = ap.parse_args()
     tensor_sized_malloc()
     print(f"# {os.uname().machine}, {os.cpu_count()} cores, torch {torch.__version__}")
@@ -88,7 +92,7 @@ def main() -> None:
         os.chdir(project)  # the case's params.yaml holds paths relative to it
         try:
             for how in ("seeded draws", "spread"):
-                r = run_one(project, how)
+                r = run_one(project, how, args.seed)
                 print(
                     f"| {project.name} | {how} | {', '.join(r['tried'])} | {r['lr']:.2g} | "
                     f"{r['val']:.3f} | {r['test']:.3f} | {r['s'][0]:.0f} / {r['s'][1]:.0f} |",
