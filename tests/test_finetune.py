@@ -644,7 +644,6 @@ def test_bf16_training_autocasts_matmuls_and_keeps_float32_weights(bf16):
     want = {torch.bfloat16} if bf16 else {torch.float32}
     assert seen == {"prefix": want, "thawed": want}
     assert {p.dtype for p in res.net.parameters()} == {torch.float32}
-    assert 0.0 <= res.best_val_accuracy <= 1.0
 
 
 # ----------------------------------------------------------- the exact probe (LP-FT)
