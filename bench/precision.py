@@ -17,7 +17,6 @@ float32 as `predict` serves it (test read only to report), wall and CPU seconds.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -26,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _workspace import chosen_config
 
-from transferops.config import load_config, with_overrides
+from transferops.config import load_config
 from transferops.data.prepared import load_prepared, read_manifest
 from transferops.finetune.features import frozen_features
 from transferops.finetune.probe import fit_probe
@@ -117,18 +117,8 @@ def _score(folder: Path, test) -> tuple[float, float]:
 
 def train_case(project: Path, precision: str, seed: int) -> dict:
     """The project's chosen configuration trained once with `precision` and `seed`."""
-    cfg = load_config(project / "params.yaml")
-    best = json.loads((project / "models" / "search" / "best_params.json").read_text())
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = with_overrides(
-            cfg,
-            best
-            | {
-                "finetune.precision": precision,
-                "finetune.seed": seed,
-                "finetune.checkpoint_dir": f"{tmp}/ck",
-            },
-        )
+        cfg = chosen_config(project, tmp, {"finetune.precision": precision, "finetune.seed": seed})
         t = _clock()
         res, spec = train_model(cfg)
         wall, cpu = _since(t)

@@ -15,7 +15,6 @@ report), with wall and CPU seconds.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -24,9 +23,9 @@ from unittest.mock import patch
 
 import optuna
 import torch
+from _workspace import chosen_config
 
 import transferops.evaluation.baseline as baseline
-from transferops.config import load_config, with_overrides
 from transferops.data.prepared import load_prepared
 from transferops.model.folder import load_finetuned
 from transferops.model.inputs import make_inputs
@@ -38,22 +37,8 @@ from transferops.sources.manifest import read_source_manifest
 def run_one(project: Path, how: str, seed: int = 0) -> dict:
     """The scratch search of `project`, started `how` ("seeded draws" or "spread"), its runs
     seeded `seed` (and the sampler too: another draw of both arms)."""
-    cfg = load_config(project / "params.yaml")
-    best = json.loads((project / "models" / "search" / "best_params.json").read_text())
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = with_overrides(
-            cfg,
-            best
-            | {
-                "search.storage": f"sqlite:///{tmp}/optuna.db",
-                "baseline.out": f"{tmp}/baseline",
-                "tracking.uri": f"sqlite:///{tmp}/mlflow.db",
-                "tracking.artifact_location": f"{tmp}/art",
-                "finetune.checkpoint_dir": f"{tmp}/ck",
-                "baseline.seeds": [seed, seed + 1],
-                "search.seed": seed,
-            },
-        )
+        cfg = chosen_config(project, tmp, {"baseline.seeds": [seed, seed + 1], "search.seed": seed})
         blocks = read_source_manifest(cfg.source.out)["num_blocks"]
         t, c = time.perf_counter(), time.process_time()
         if how == "spread":
