@@ -30,6 +30,21 @@ from transferops.sources.pull import load_source
 CPU = torch.device("cpu")
 
 
+def _tiny_bert(layers: int) -> nn.Module:
+    """A randomly initialised BERT small enough to train in a test (draws from torch's RNG)."""
+    from transformers import BertConfig, BertModel
+
+    return BertModel(
+        BertConfig(
+            vocab_size=50,
+            hidden_size=16,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            intermediate_size=32,
+        )
+    )
+
+
 # ---------------------------------------------------------------- discovery
 
 
@@ -72,18 +87,8 @@ def test_torchvision_vit_blocks_reproduce_the_model():
 
 
 def test_hf_bert_blocks_reproduce_the_model():
-    from transformers import BertConfig, BertModel
-
     torch.manual_seed(0)
-    m = BertModel(
-        BertConfig(
-            vocab_size=50,
-            hidden_size=16,
-            num_hidden_layers=3,
-            num_attention_heads=2,
-            intermediate_size=32,
-        )
-    ).eval()
+    m = _tiny_bert(3).eval()
     net = build_staged(m, "hf_text", num_classes=2).eval()
     assert net.block_names == ["embeddings"] + [f"encoder.layer.{i}" for i in range(3)]
     ids = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]])
@@ -108,20 +113,11 @@ def test_cpu_inference_batches_keep_image_activations_in_cache():
 def test_texts_are_padded_per_batch_with_the_same_outputs():
     """Batches are cut to their longest text and inference runs in length order; outputs are
     those of padding every text to the split's longest."""
-    from transformers import BertConfig, BertModel
-
     from transferops.finetune.cache import encode_prefix
     from transferops.model.predict import predict_probs
 
     torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=50,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-    )
-    net = build_staged(BertModel(cfg).eval(), "hf_text", num_classes=3).eval()
+    net = build_staged(_tiny_bert(2).eval(), "hf_text", num_classes=3).eval()
     lengths = torch.tensor([2, 12, 3, 2, 7, 4])
     mask = (torch.arange(12)[None] < lengths[:, None]).long()
     ids = torch.randint(1, 50, (6, 12)) * mask
@@ -612,19 +608,8 @@ def test_precision_resolves_by_device_family_and_cpu():
 def test_bf16_training_autocasts_matmuls_and_keeps_float32_weights(bf16):
     """With Preprocess.bf16 the thawed blocks' matmuls run in bf16 in training and in the
     val passes (the feature cache's prefix too); weights, head and the result stay float32."""
-    from transformers import BertConfig, BertModel
-
     torch.manual_seed(0)
-    bert = BertModel(
-        BertConfig(
-            vocab_size=50,
-            hidden_size=16,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=32,
-        )
-    )
-    net = build_staged(bert, "hf_text", num_classes=2)
+    net = build_staged(_tiny_bert(2), "hf_text", num_classes=2)
     mask = torch.ones(24, 6, dtype=torch.long)
     ids = torch.randint(1, 50, (24, 6))
     y = (ids[:, 0] > 25).long()
