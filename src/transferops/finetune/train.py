@@ -8,6 +8,7 @@ and ``finetune.metrics`` (JSON) for DVC.
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 from dataclasses import asdict, dataclass, replace
@@ -103,7 +104,8 @@ def train_model(
     pre = make_preprocess(
         source.manifest, device, train.modality, cfg.finetune.augment, cfg.finetune.precision
     )
-    _say_precision(pre.bf16, device, cfg.finetune.precision)
+    if pre.bf16 and device.type == "cpu":
+        _say_bf16_on_cpu(cfg.finetune.precision)
     spec = {
         "format_version": 1,
         "source": source.manifest,
@@ -147,20 +149,15 @@ def train_model(
     return res, spec
 
 
-_SAID: set[tuple[bool, str, str]] = set()
-
-
-def _say_precision(bf16: bool, device: torch.device, precision: str) -> None:
+@functools.cache
+def _say_bf16_on_cpu(precision: str) -> None:
     """Once per process: that training autocasts to bf16 on this CPU (the same params give
     float32 numbers on a CPU without AMX)."""
-    key = (bf16, device.type, precision)
-    if bf16 and device.type == "cpu" and key not in _SAID:
-        _SAID.add(key)
-        log.info(
-            "finetune.precision %s: bf16 autocast on this CPU (AMX); weights and serving stay "
-            "float32 (finetune.precision: fp32 gives the same numbers on every CPU)",
-            precision,
-        )
+    log.info(
+        "finetune.precision %s: bf16 autocast on this CPU (AMX); weights and serving stay "
+        "float32 (finetune.precision: fp32 gives the same numbers on every CPU)",
+        precision,
+    )
 
 
 def save_finetuned(res: TrainResult, spec: dict[str, Any], out: Path, source_dir: Path) -> None:
