@@ -97,7 +97,7 @@ def test_scratch_gets_the_same_budget():
 
 def test_scratch_lrs_spread_over_the_range_middle_first():
     from transferops.config import FloatRange
-    from transferops.evaluation.baseline import spread
+    from transferops.search.start import spread
 
     got = spread(FloatRange(low=3e-4, high=3e-2, log=True), 3)
     assert got == pytest.approx([3e-3, 3e-3 * 10 ** (2 / 3), 3e-3 / 10 ** (2 / 3)])

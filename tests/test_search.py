@@ -18,6 +18,7 @@ from transferops.config import SearchConfig, validate_config
 from transferops.data.prepared import load_prepared
 from transferops.errors import ConfigError
 from transferops.runtime.study_storage import make_storage
+from transferops.search.start import start_points
 from transferops.search.study import cpu_seconds, make_sampler, run_search, study_name, suggest
 
 TS = optuna.trial.TrialState
@@ -330,6 +331,40 @@ def test_each_worker_and_resumed_process_draws_its_own_sequence():
     assert len({json.dumps(first(o), sort_keys=True) for o in (0, 1, 10_007, 10_008)}) == 4
 
 
+def test_the_first_trials_are_spread_over_the_space_and_the_same_on_every_seed():
+    """search.start: spread: no two start trials share an lr bin or a depth bin, the first
+    is the middle of the space and the next its far sides (so the 3 trials the no-headroom
+    stop reads cover it), depth 0 (the probe every trial starts from) left to the sampler;
+    the seed does not move them. `sampler` and the grid sampler start from nothing."""
+    from transferops.search.start import spread
+
+    space = {
+        "lr": {"low": 3e-4, "high": 3e-2, "log": True},
+        "unfreeze_depth": {"low": 0, "high": 7},
+    }
+    points = start_points(SearchConfig(space=space))
+    assert len(points) == 5  # TPE's start-up trials, replaced
+    lrs = [p["lr"] for p in points]
+    centres = [3e-4 * 100 ** ((i + 0.5) / 5) for i in range(5)]  # the centres of 5 log-bins
+    assert lrs[0] == pytest.approx(centres[2]) and sorted(lrs) == pytest.approx(centres)
+    depths = [p["unfreeze_depth"] for p in points]
+    assert depths[0] == 4 and len(set(depths)) == 5 and 0 not in depths
+    first3 = sorted(depths[:3])
+    assert first3[0] <= 2 and first3[-1] >= 6  # the shallow and the deep side, early
+    assert start_points(SearchConfig(space=space, seed=7)) == points
+    assert start_points(SearchConfig(space=space, start="sampler")) == []
+    assert start_points(SearchConfig(space=space, sampler="grid")) == []
+    assert len(start_points(SearchConfig(space=space, n_trials=2))) == 2
+    # one dimension (the scratch arm's lr): the centres of its bins, the middle first
+    lr_only = SearchConfig(space={"lr": space["lr"], "unfreeze_depth": None}, n_trials=3)
+    assert [p["lr"] for p in start_points(lr_only)] == spread(lr_only.space.lr, 3)
+    # a coarse dimension alone: each value once, no repeats (0 only when it is all there is)
+    two = SearchConfig(space={"lr": None, "unfreeze_depth": {"choices": [0, 2, 1]}})
+    assert sorted(p["unfreeze_depth"] for p in start_points(two)) == [1, 2]
+    probe_only = SearchConfig(space={"lr": space["lr"], "unfreeze_depth": {"choices": [0]}})
+    assert {p["unfreeze_depth"] for p in start_points(probe_only)} == {0}
+
+
 def test_a_search_cut_short_by_its_timeout_says_so(tmp_path, digits_prepared, lite0_source, caplog):
     raw = _raw(tmp_path, digits_prepared, lite0_source, n_trials=5, timeout_s=0.5)
     res = run_search(validate_config(raw))
@@ -346,7 +381,9 @@ def test_a_search_stops_when_its_cpu_budget_is_spent(
     res = run_search(validate_config(raw))
     assert res.counts["complete"] + res.counts["pruned"] == 1  # the first spent it
     study = optuna.load_study(study_name=res.study_name, storage=f"sqlite:///{tmp_path}/optuna.db")
-    (t,) = study.trials
+    # the design's first point ran; its other start trials wait (a longer budget runs them)
+    (t,) = [t for t in study.trials if t.state != TS.WAITING]
+    assert t.params == start_points(validate_config(raw).search)[0]
     wall = (t.datetime_complete - t.datetime_start).total_seconds()
     assert cpu_seconds(study) == pytest.approx(wall * t.user_attrs["threads"])
     assert "of the 4 trials asked for: search.budget_s (0.01 CPU s) is spent" in caplog.text
@@ -403,6 +440,9 @@ def test_a_search_without_headroom_over_the_probe_stops_and_says_so(
     summary = json.loads((tmp_path / "search" / "summary.json").read_text())
     assert summary["stopped_early"].startswith("no headroom: in 2 complete trials")
     assert "the probe is the model" in caplog.text
+    # the step run again stays stopped: no trial past the stop, though the design's
+    # other start trials wait in the study
+    assert run_search(validate_config(raw)).counts["complete"] == 2
 
 
 def test_trials_are_compared_by_the_registry_metric(tmp_path, digits_prepared, lite0_source):

@@ -501,6 +501,11 @@ class SearchConfig(_Section):
         "probe on val (the probe is then the model; more trials would not pay); 0 = never",
     )
     sampler: Literal["tpe", "random", "grid"] = "tpe"
+    start: Literal["spread", "sampler"] = Field(
+        "spread",
+        description="the first trials (up to 5, TPE's start-up): spread = evenly over the "
+        "space, the same on every seed (search/start.py); sampler = the sampler's seeded draws",
+    )
     pruner: Literal["median", "hyperband", "none"] = "median"
     storage: str = "sqlite:///optuna.db"
     heartbeat_s: Annotated[int, Field(ge=1)] = Field(
@@ -976,8 +981,21 @@ STEP_INPUTS: dict[str, StepInputs] = {
     ),
     # the few-shot subsets are re-prepared from the raw data with data.*
     # the transfer run of finetune.seed is the model `train` wrote (copied, not retrained)
+    # the from-scratch arm's lr search: over search.space.lr, started, drawn, pruned and
+    # compared as the transfer search is
     "baseline": StepInputs(
-        ("baseline", "finetune", "data", "preset"),
+        (
+            "baseline",
+            "finetune",
+            "data",
+            "search.space.lr",
+            "search.start",
+            "search.sampler",
+            "search.seed",
+            "search.pruner",
+            "registry.metric",
+            "preset",
+        ),
         ("data.out", "data.path", "source.out", "finetune.out"),
     ),
     "evaluate": StepInputs(

@@ -19,7 +19,6 @@ the UI compares them side by side; ``baseline.out/index.json`` lists them for `e
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -183,17 +182,6 @@ def _already_trained(
     return None
 
 
-def spread(r: FloatRange, n: int) -> list[float]:
-    """`n` values covering the range `r`: the centres of n equal (log-)bins, the middle one
-    first, then outwards (higher first). A seeded sampler's first draws are the same on
-    every dataset and may cluster: the scratch search's three sat within a factor of 2.1 of
-    a 100x range (bench/RESULTS.md)."""
-    lo, hi = (math.log(r.low), math.log(r.high)) if r.log else (r.low, r.high)
-    centres = [lo + (i + 0.5) * (hi - lo) / n for i in range(n)]
-    order = sorted(range(n), key=lambda i: (abs(i - (n - 1) / 2), -i))
-    return [math.exp(centres[i]) if r.log else centres[i] for i in order]
-
-
 def scratch_lr(cfg: Config, num_blocks: int) -> float:
     """The from-scratch arm's own lr: an Optuna search of ``baseline.scratch_trials`` trials
     over search.space.lr on the first seed (every block trainable, pruned like the transfer
@@ -216,7 +204,7 @@ def scratch_lr(cfg: Config, num_blocks: int) -> float:
             "finetune.ensemble_trials": 1,
         },
     )
-    found = run_search(scfg, start=[{"lr": v} for v in spread(lr, bc.scratch_trials)])
+    found = run_search(scfg)  # its lrs spread over the range, the middle first (start.py)
     lr = found.best_params["finetune.lr"]
     log.info(
         "scratch lr %.2g (best of %d trials, val %.4f)", lr, bc.scratch_trials, found.best_value

@@ -71,6 +71,7 @@ from transferops.runtime.services import check_scheduler
 from transferops.runtime.study_storage import make_storage
 from transferops.runtime.tracking import log_data, log_epoch, log_outcome, setup_tracking, start_run
 from transferops.search.plots import log_search_plots
+from transferops.search.start import START_TRIALS, start_points
 from transferops.sources.manifest import read_source_manifest, source_id
 
 log = logging.getLogger(__name__)
@@ -95,11 +96,13 @@ class SearchResult:
 # ------------------------------------------------------------------ the study
 
 
-def study_name(cfg: Config, start: list[dict[str, Any]] | None = None) -> str:
+def study_name(cfg: Config) -> str:
     """Stable name from data hash + source sha256 + what the trials run and the points it
     starts from (so reruns resume)."""
     data_hash = read_manifest(cfg.data.out)["data_hash"]
-    source_sha = source_id(read_source_manifest(cfg.source.out))
+    source = read_source_manifest(cfg.source.out)
+    source_sha = source_id(source)
+    start = start_points(resolve_depth_range(cfg, source["num_blocks"]).search)
     key = {
         "data": data_hash,
         "source": source_sha,
@@ -155,7 +158,7 @@ def make_sampler(sc: SearchConfig, offset: int = 0) -> optuna.samplers.BaseSampl
     with warnings.catch_warnings():  # constant_liar is "experimental" in Optuna 4
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.samplers.TPESampler(
-            seed=seed, n_startup_trials=min(5, sc.n_trials), constant_liar=True
+            seed=seed, n_startup_trials=min(START_TRIALS, sc.n_trials), constant_liar=True
         )
 
 
@@ -390,7 +393,8 @@ def _run_here(cfg: Config, name: str, parent_run_id: str) -> None:
     for _ in range(3):
         left = cfg.search.n_trials - _count(study, lambda t: t.state in FINISHED)
         repeats = _count(study, lambda t: "duplicate_of" in t.user_attrs)
-        if left <= 0 or _over_budget(study, cfg.search):
+        # a study stopped without headroom stays stopped when the step runs again
+        if left <= 0 or _over_budget(study, cfg.search) or no_headroom(study, cfg.search):
             return
         _optimize(cfg, study, left, parent_run_id, store)
         if _count(study, lambda t: "duplicate_of" in t.user_attrs) == repeats:
@@ -695,22 +699,22 @@ def _say_evaluated(counts: dict[str, int]) -> None:
     )
 
 
-def run_search(cfg: Config, start: list[dict[str, Any]] | None = None) -> SearchResult:
+def run_search(cfg: Config) -> SearchResult:
     """Run (or resume) the study; write best params; log everything to MLflow. A config
-    with ``finetune.init: random`` is the from-scratch arm's search (see baseline.py).
-    `start`: points (Optuna param names) the study's first trials run, before its sampler
-    draws any."""
+    with ``finetune.init: random`` is the from-scratch arm's search (see baseline.py). A
+    new study's first trials are :func:`start_points` (spread over the space), then the
+    sampler draws."""
     arm = _arm(cfg)
     num_blocks = read_source_manifest(cfg.source.out)["num_blocks"]
     check_depth(cfg, num_blocks)  # before any trial runs
     check_scheduler(cfg.compute.cluster)  # and before the study and MLflow runs open
     cfg = resolve_depth_range(cfg, num_blocks)  # the default depth range: 0..block count
     sc = cfg.search
-    name = study_name(cfg, start)
+    name = study_name(cfg)
     storage = make_storage(sc)
     study = _open_study(cfg, name, storage, arm)
-    if start and not study.get_trials(deepcopy=False):
-        for point in start:
+    if not study.get_trials(deepcopy=False):
+        for point in start_points(sc):
             study.enqueue_trial(point)
     before = len([t for t in study.get_trials(deepcopy=False) if t.state in FINISHED])
     log.info(
