@@ -2,7 +2,7 @@
 
 Part 1, speed: one training step (forward, backward, AdamW step; a batch of 64) and one
 inference pass of each family's packaged source, float32 against bf16 autocast, on this
-CPU (bf16 pays only where the CPU multiplies bf16 natively: Intel AMX).
+CPU (bf16 pays only where the CPU multiplies bf16 natively: Intel AMX, AVX512-BF16).
 
 Part 2, quality: for each finished quality-benchmark project (a text case, e.g.
 ``bench/quality.py --cases fortunes-k40``) the configuration its search chose is trained
@@ -32,7 +32,7 @@ from transferops.data.prepared import load_prepared, read_manifest
 from transferops.finetune.features import frozen_features
 from transferops.finetune.probe import fit_probe
 from transferops.finetune.train import save_finetuned, train_model
-from transferops.model.families import build_architecture, cpu_has_amx_bf16
+from transferops.model.families import build_architecture
 from transferops.model.folder import load_finetuned
 from transferops.model.inputs import make_inputs
 from transferops.model.predict import predict_probs
@@ -158,9 +158,10 @@ def main() -> None:
     args = ap.parse_args()
     tensor_sized_malloc()
     torch.manual_seed(0)
+    caps = torch.cpu.get_capabilities()
     print(
         f"# {os.uname().machine}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"AMX bf16: {cpu_has_amx_bf16()}"
+        f"AMX bf16: {caps.get('amx_bf16', False)}, AVX512-BF16: {caps.get('avx512_bf16', False)}"
     )
     if not args.no_speed:
         print("| family | what | fp32 ms wall / CPU | bf16 ms wall / CPU | speed-up |")

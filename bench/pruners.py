@@ -88,7 +88,9 @@ def main() -> None:
                 folder = args.out / f"{case}-{name}-{pruner}"
                 p = subprocess.run(
                     [sys.executable, __file__, "--one", case, pruner, str(folder)],
-                    env=env, capture_output=True, text=True,
+                    env=env,
+                    capture_output=True,
+                    text=True,
                 )
                 if p.returncode != 0:
                     why = p.stderr[-300:]

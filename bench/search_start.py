@@ -107,8 +107,10 @@ def main() -> None:
     args = ap.parse_args()
     tensor_sized_malloc()
     print(f"# {os.uname().machine}, {os.cpu_count()} cores, torch {torch.__version__}")
-    print("| case | start | search seed | pick | val | test (the pick alone) | configs fully "
-          "evaluated | stopped without headroom | search wall / CPU s |")
+    print(
+        "| case | start | search seed | pick | val | test (the pick alone) | configs fully "
+        "evaluated | stopped without headroom | search wall / CPU s |"
+    )
     print("| --- " * 9 + "|")
     for name in args.cases.split(","):
         project = ready(name, args.out.resolve())

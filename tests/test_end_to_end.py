@@ -208,13 +208,13 @@ def test_text_source_fine_tunes_minilm(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     _, spec = load_finetuned(tmp_path / "models" / "finetuned")
     assert spec["modality"] == "text" and spec["class_names"] == ["computers", "food", "pets"]
-    # finetune.precision auto: a text encoder autocasts to bf16 on a CPU with AMX; the model
+    # finetune.precision auto: a text encoder autocasts to bf16 on a CPU with native bf16; the model
     # folder and every training run in MLflow say which it was
     from mlflow import MlflowClient
 
-    from transferops.model.families import cpu_has_amx_bf16
+    from transferops.model.families import cpu_has_native_bf16
 
-    want = "bf16" if cpu_has_amx_bf16() else "fp32"
+    want = "bf16" if cpu_has_native_bf16() else "fp32"
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("transferops").experiment_id])
     trained = [

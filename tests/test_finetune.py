@@ -580,8 +580,9 @@ def test_family_table_decides_names_and_channels_last():
 
 
 def test_precision_resolves_by_device_family_and_cpu():
-    """finetune.precision: auto = bf16 on a GPU, and on a CPU with AMX only for the families
-    the table says gain (text encoders: matmuls); fp32 / bf16 are what they say everywhere."""
+    """finetune.precision: auto = bf16 on a GPU, and on a CPU with native bf16 (AMX or
+    AVX512-BF16) only for the families the table says gain (text encoders: matmuls); fp32 /
+    bf16 are what they say everywhere."""
     from transferops.model.families import FAMILIES
     from transferops.model.inputs import make_preprocess
 
@@ -591,11 +592,11 @@ def test_precision_resolves_by_device_family_and_cpu():
         manifest = {"family": fam, "input": {}}
         return make_preprocess(manifest, device, "image", precision=precision).bf16
 
-    for amx in (True, False):
-        caps = {"amx_bf16": True} if amx else {"avx512_bf16": True}
+    for caps in ({"amx_bf16": True}, {"avx512_bf16": True}, {"avx512_f": True}, {}):
+        native = bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
         with patch.object(torch.cpu, "get_capabilities", lambda caps=caps: caps):
             auto_cpu = {f for f in FAMILIES if bf16(f, cpu, "auto")}
-            assert auto_cpu == ({"hf_text"} if amx else set())
+            assert auto_cpu == ({"hf_text"} if native else set())
             assert all(bf16(f, gpu, "auto") for f in FAMILIES)
             for device in (gpu, cpu):
                 assert not any(bf16(f, device, "fp32") for f in FAMILIES)

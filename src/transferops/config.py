@@ -351,7 +351,8 @@ class FinetuneConfig(_Section):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
         description="autocast of training's matmuls: auto = bf16 on a GPU, and on a CPU with "
-        "AMX for text encoders (1.9x per training step, bench/precision.py); fp32 = float32 "
+        "native bf16 (Intel AMX, AVX512-BF16) for text encoders (1.9-2.25x per training "
+        "step, bench/precision.py); fp32 = float32 "
         "everywhere (the same numbers on every CPU); weights and serving stay float32",
     )
     out: FsPath = Path("models/finetuned")

@@ -152,9 +152,9 @@ def train_model(
 @functools.cache
 def _say_bf16_on_cpu(precision: str) -> None:
     """Once per process: that training autocasts to bf16 on this CPU (the same params give
-    float32 numbers on a CPU without AMX)."""
+    float32 numbers on a CPU without native bf16)."""
     log.info(
-        "finetune.precision %s: bf16 autocast on this CPU (AMX); weights and serving stay "
+        "finetune.precision %s: bf16 autocast on this CPU (native bf16); weights and serving stay "
         "float32 (finetune.precision: fp32 gives the same numbers on every CPU)",
         precision,
     )

@@ -55,9 +55,10 @@ class Family:
     channels_last: bool  # faster for convolutions (GPU and CPU); a no-op for attention
     requirement: str  # the pip package that builds the architecture at inference time
     prefixes: tuple[str, ...] = ()  # torchvision model names of this family
-    # bf16 autocast pays on a CPU with AMX (finetune.precision auto): time in large matmuls.
-    # Measured (bench/precision.py): MiniLM 1.9x per training step, 3x per inference pass;
-    # EfficientNet-Lite0's depthwise convolutions train 1.6x *slower* in bf16
+    # bf16 autocast pays on a CPU with native bf16 (finetune.precision auto): time in large
+    # matmuls. Measured (bench/precision.py): MiniLM 1.9x per training step with Intel AMX,
+    # 2.25x with AVX512-BF16 (AMD EPYC), 3x per inference pass on both; EfficientNet-Lite0's
+    # depthwise convolutions train 1.6-1.7x *slower* in bf16 on both
     cpu_bf16: bool = False
 
 
@@ -91,23 +92,24 @@ def family(name: str) -> Family:
         raise SourceError(f"unknown model family {name!r}; known: {', '.join(FAMILIES)}") from None
 
 
-def cpu_has_amx_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices natively (Intel AMX). Without it bf16 is
-    emulated and slower than float32; CPUs with only AVX512-BF16 were not measured."""
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively: Intel AMX or AVX512-BF16 (both measured
+    faster for text encoders, bench/precision.py). Without either bf16 is emulated and
+    slower than float32."""
     caps = getattr(torch.cpu, "get_capabilities", dict)()
-    return bool(caps.get("amx_bf16"))
+    return bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
 
 
 def runs_bf16(precision: str, device: torch.device, fam: Family) -> bool:
     """Whether training on `device` autocasts to bf16 (finetune.precision): always for
-    ``bf16``, never for ``fp32``; for ``auto`` on a GPU, and on a CPU with AMX for the
+    ``bf16``, never for ``fp32``; for ``auto`` on a GPU, and on a CPU with native bf16 for the
     families whose time is in matmuls (`Family.cpu_bf16`). Weights, optimizer state and the
     loss stay float32; serving (predict, the pyfunc, ONNX) is float32 everywhere."""
     if precision != "auto":
         return precision == "bf16"
     if device.type == "cuda":
         return True
-    return device.type == "cpu" and fam.cpu_bf16 and cpu_has_amx_bf16()
+    return device.type == "cpu" and fam.cpu_bf16 and cpu_has_native_bf16()
 
 
 def torchvision_family(name: str) -> str:
