@@ -96,14 +96,18 @@ def test_scratch_gets_the_same_budget():
 
 
 def test_scratch_lrs_spread_over_the_range_middle_first():
-    from transferops.config import FloatRange
-    from transferops.search.start import spread
+    """The scratch arm's lr search starts at the centres of the range's equal (log-)bins,
+    the middle first, then outwards (higher first), on every seed."""
+    from transferops.config import SearchConfig
+    from transferops.search.start import start_points
 
-    got = spread(FloatRange(low=3e-4, high=3e-2, log=True), 3)
+    def lrs(lr: dict, n: int) -> list[float]:
+        sc = SearchConfig(space={"lr": lr, "unfreeze_depth": None}, n_trials=n, seed=n)
+        return [p["lr"] for p in start_points(sc)]
+
+    got = lrs({"low": 3e-4, "high": 3e-2, "log": True}, 3)
     assert got == pytest.approx([3e-3, 3e-3 * 10 ** (2 / 3), 3e-3 / 10 ** (2 / 3)])
-    assert spread(FloatRange(low=0.0, high=1.0, log=False), 4) == pytest.approx(
-        [0.625, 0.375, 0.875, 0.125]
-    )
+    assert lrs({"low": 0.1, "high": 1.1}, 4) == pytest.approx([0.725, 0.475, 0.975, 0.225])
 
 
 def test_pipeline_reads_test_only_in_evaluate_and_writes_the_report(

@@ -336,8 +336,6 @@ def test_the_first_trials_are_spread_over_the_space_and_the_same_on_every_seed()
     is the middle of the space and the next its far sides (so the 3 trials the no-headroom
     stop reads cover it), depth 0 (the probe every trial starts from) left to the sampler;
     the seed does not move them. `sampler` and the grid sampler start from nothing."""
-    from transferops.search.start import spread
-
     space = {
         "lr": {"low": 3e-4, "high": 3e-2, "log": True},
         "unfreeze_depth": {"low": 0, "high": 7},
@@ -355,9 +353,6 @@ def test_the_first_trials_are_spread_over_the_space_and_the_same_on_every_seed()
     assert start_points(SearchConfig(space=space, start="sampler")) == []
     assert start_points(SearchConfig(space=space, sampler="grid")) == []
     assert len(start_points(SearchConfig(space=space, n_trials=2))) == 2
-    # one dimension (the scratch arm's lr): the centres of its bins, the middle first
-    lr_only = SearchConfig(space={"lr": space["lr"], "unfreeze_depth": None}, n_trials=3)
-    assert [p["lr"] for p in start_points(lr_only)] == spread(lr_only.space.lr, 3)
     # a coarse dimension alone: each value once, no repeats (0 only when it is all there is)
     two = SearchConfig(space={"lr": None, "unfreeze_depth": {"choices": [0, 2, 1]}})
     assert sorted(p["unfreeze_depth"] for p in start_points(two)) == [1, 2]

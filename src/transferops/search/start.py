@@ -3,14 +3,14 @@
 A seeded sampler's first draws are a lottery: the scratch arm's three lrs once sat within a
 factor of 2.1 of a 100x range, and on the text benchmark one draw's first three transfer
 trials all missed the configurations that beat the probe, so the search stopped "without
-headroom" where other draws found 1-6 points (bench/RESULTS.md). The first trials
-decide that stop and seed TPE's model of the space, so they are a design, not a draw: a Latin
-hypercube over the bin centres of every dimension (no two trials share an lr bin or a depth
-bin), the first dimension's bins in the order middle, then outwards (higher first), and each
-other dimension's bin chosen so the new point is as far as it can be from the ones before
-it. Every prefix is spread: the first trial is the middle of the space, the next ones its
-far sides. Depth 0 (the linear probe) is left to the sampler when the space has other
-depths. After these trials the sampler (TPE) draws as usual.
+headroom" where other draws registered models 2-6 test points above it (bench/RESULTS.md).
+The first trials decide that stop and seed TPE's model of the space, so they are a design,
+not a draw: a Latin hypercube over the bin centres of every dimension (no two trials share
+an lr bin or a depth bin), the first dimension's bins in the order middle, then outwards
+(higher first), and each other dimension's bin chosen so the new point is as far as it can
+be from the ones before it. Every prefix is spread: the first trial is the middle of the
+space, the next ones its far sides. Depth 0 (the linear probe) is left to the sampler when
+the space has other depths. After these trials the sampler (TPE) draws as usual.
 
 One dimension (the scratch arm's lr) gives exactly the bin centres, middle first.
 """
@@ -23,7 +23,7 @@ from typing import Any
 
 from transferops.config import FloatRange, IntRange, SearchConfig
 
-__all__ = ["START_TRIALS", "spread", "start_points"]
+__all__ = ["START_TRIALS", "start_points"]
 
 START_TRIALS = 5  # TPE's random start-up trials: the design replaces them
 
@@ -73,13 +73,6 @@ def _design(n: int, d: int) -> list[list[float]]:
             gaps = [min((math.dist([*p, centre[i]], e) for e in earlier), default=0) for i in free]
             p.append(centre[free.pop(gaps.index(max(gaps)))])  # the first of equals
     return points
-
-
-def spread(r: FloatRange, n: int) -> list[float]:
-    """`n` values covering the range `r`: the centres of n equal (log-)bins, the middle one
-    first, then outwards (higher first)."""
-    f = _to_float(r)
-    return [f(p[0]) for p in _design(n, 1)]
 
 
 def start_points(sc: SearchConfig) -> list[dict[str, Any]]:
