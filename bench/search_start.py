@@ -8,7 +8,8 @@ depth. This script prepares each case (``bench/quality.py``'s cases, default par
 the case's overrides; prepare and the source ranking only), then runs the transfer search
 both ways for each search seed, side by side in one process: the search's pick, its val
 accuracy, its model's test accuracy (test is read only here, to report), how many
-configurations were fully evaluated, whether it stopped without headroom, and its wall and
+configurations were fully evaluated, whether it stopped without headroom, how many complete
+configurations val cannot tell from the pick (``search.study.within_noise``), and its wall and
 CPU seconds. The registered model (the pick's seed ensemble) is not trained here.
 
     .venv/bin/python bench/search_start.py --cases digits-k20-auto,fortunes-k40 \
@@ -23,6 +24,7 @@ import os
 import time
 from pathlib import Path
 
+import optuna
 import torch
 from quality import CASES, in_case_folder
 
@@ -35,7 +37,7 @@ from transferops.model.inputs import make_inputs
 from transferops.model.predict import predict_probs
 from transferops.runtime.memory import tensor_sized_malloc
 from transferops.search.sources import pull_best
-from transferops.search.study import run_search
+from transferops.search.study import run_search, within_noise
 
 CPU = torch.device("cpu")
 
@@ -84,6 +86,11 @@ def search_once(project: Path, start: str, seed: int, work: Path) -> dict:
         found = run_search(cfg)
         wall, cpu = time.perf_counter() - w, time.process_time() - c
         summary = json.loads((work / "search" / "summary.json").read_text())
+        study = optuna.load_study(study_name=found.study_name, storage=cfg.search.storage)
+        val_size = sum(
+            json.loads((Path(cfg.data.out) / "manifest.json").read_text())["counts"]["val"].values()
+        )
+        noise = within_noise(study, val_size)
         test = test_accuracy(work / "search" / BEST_MODEL, cfg)
     finally:
         os.chdir(here)
@@ -95,6 +102,7 @@ def search_once(project: Path, start: str, seed: int, work: Path) -> dict:
         "evaluated": f"{found.counts.get('complete', 0)} of "
         f"{found.counts.get('complete', 0) + found.counts.get('pruned', 0)}",
         "stopped": "yes" if summary.get("stopped_early") else "no",
+        "tied": f"{len(noise['trials'])} (±{100 * noise['margin']:.1f})",
         "seconds": f"{wall:.0f} / {cpu:.0f}",
     }
 
@@ -109,9 +117,10 @@ def main() -> None:
     print(f"# {os.uname().machine}, {os.cpu_count()} cores, torch {torch.__version__}")
     print(
         "| case | start | search seed | pick | val | test (the pick alone) | configs fully "
-        "evaluated | stopped without headroom | search wall / CPU s |"
+        "evaluated | stopped without headroom | within val noise of the pick (±points) | "
+        "search wall / CPU s |"
     )
-    print("| --- " * 9 + "|")
+    print("| --- " * 10 + "|")
     for name in args.cases.split(","):
         project = ready(name, args.out.resolve())
         for seed in (int(s) for s in args.seeds.split(",")):
@@ -121,7 +130,8 @@ def main() -> None:
                 r = search_once(project, start, seed, work)
                 print(
                     f"| {name} | {start} | {seed} | {r['pick']} | {r['val']:.3f} | "
-                    f"{r['test']:.3f} | {r['evaluated']} | {r['stopped']} | {r['seconds']} |",
+                    f"{r['test']:.3f} | {r['evaluated']} | {r['stopped']} | {r['tied']} | "
+                    f"{r['seconds']} |",
                     flush=True,
                 )
 

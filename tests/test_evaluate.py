@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -301,6 +302,18 @@ def test_pipeline_reads_test_only_in_evaluate_and_writes_the_report(
     # each arm's tuning is stated: scratch got a search of its own
     assert saved["tuning"]["scratch"]["trials"] == searched["counts"]
     assert "- scratch: an Optuna search (" in report and "- transfer: an Optuna search (" in report
+    # ... and how many configurations val could not tell from the best (one SE of a
+    # difference of two accuracies on the 6 val examples): the pick among those is noise
+    noise = json.loads((tmp_path / "search" / "summary.json").read_text())["within_noise"]
+    study = optuna.load_study(study_name=found.study_name, storage=cfg.search.storage)
+    done = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    p = min(max(found.best_value, 1 / 6), 5 / 6)  # an accuracy of 0 or 1 has noise too
+    margin = math.sqrt(2 * p * (1 - p) / 6)
+    assert noise["margin"] == pytest.approx(margin) and noise["of"] == len(done)
+    assert noise["trials"] == [t.number for t in done if p - t.value <= margin]
+    assert f"{len(noise['trials'])} of {len(done)} complete configurations within val noise" in (
+        report
+    )
     # the report names its data: path, counts per split, image size (not only a hash)
     assert f"Data `{tmp_path / 'raw'}`, 36 train / 6 val / 6 test, images 16 px" in report
     assert "plots/confusion_scratch.png" in report  # both matrices shown, not one

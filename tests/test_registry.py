@@ -327,6 +327,8 @@ def test_lineage_tags_and_model_card(in_pipeline_dir):
     assert t["git_commit"] == "not a git repository"  # the project is a temp folder
     assert t["best_trial"] == f"{summary['study_name']}#{summary['best_trial']}"
     assert json.loads(t["best_params"]) == summary["best_params"]
+    noise = summary["within_noise"]  # how many configurations val could not tell apart
+    assert t["search_within_noise"] == f"{len(noise['trials'])} of {noise['of']}"
     assert json.loads(t["params"])["unfreeze_depth"] == summary["best_params"].get(
         "finetune.unfreeze_depth", cfg.finetune.unfreeze_depth
     )
@@ -357,6 +359,7 @@ def test_lineage_tags_and_model_card(in_pipeline_dir):
     text = Path(card).read_text()
     assert t["data_hash"][:12] in text and metrics["verdict"] in text
     assert f"models:/{registered_model_name(cfg)}@champion" in text
+    assert f"({t['search_within_noise']} complete configurations within val noise" in text
 
 
 def test_pyfunc_predicts_on_raw_images_like_the_trained_model(in_pipeline_dir, tmp_path):

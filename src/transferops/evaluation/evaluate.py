@@ -406,7 +406,11 @@ def _tuning(cfg: Config, main: list[dict[str, Any]]) -> dict[str, Any]:
         summary = Path(folder) / "summary.json"
         if summary.exists():
             s = read_json(summary)
-            out[arm] = {"trials": s["counts"], "best_params": s["best_params"]}
+            out[arm] = {
+                "trials": s["counts"],
+                "best_params": s["best_params"],
+                "within_noise": s.get("within_noise"),  # summaries before it lack it
+            }
     scratch = [r for r in main if r["role"] == "scratch"]
     rising = 0
     for r in scratch:

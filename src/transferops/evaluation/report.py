@@ -209,6 +209,19 @@ def source_lines(ranking: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def _tied(t: dict[str, Any]) -> str:
+    """How many complete configurations val could not tell from the best."""
+    noise = t.get("within_noise")
+    if not noise:
+        return ""
+    k = len(noise["trials"])
+    head = (
+        f"; {k} of {noise['of']} complete configurations within val noise of the best "
+        f"(±{100 * noise['margin']:.1f} points on {noise['val_size']} val examples)"
+    )
+    return head + (": which of them was picked is noise, not a finding" if k > 1 else "")
+
+
 def tuning_lines(tuning: dict[str, Any]) -> list[str]:
     """How much tuning each arm got: a comparison of a tuned arm with an untuned one
     flatters the tuned one."""
@@ -220,7 +233,7 @@ def tuning_lines(tuning: dict[str, Any]) -> list[str]:
         if "trials" in t:
             done = ", ".join(f"{n} {state}" for state, n in t["trials"].items() if n)
             best = ", ".join(_param(k, v) for k, v in t["best_params"].items())
-            lines.append(f"- {arm}: an Optuna search ({done}); best {best}")
+            lines.append(f"- {arm}: an Optuna search ({done}); best {best}{_tied(t)}")
         elif arm == "scratch":
             lines.append("- scratch: no search (baseline.lr; baseline.scratch_trials is 0)")
     rising = tuning.get("scratch", {}).get("still_improving")

@@ -84,6 +84,9 @@ def lineage_tags(
             "best_params": json.dumps(search["best_params"], sort_keys=True),
             "search_run_id": search.get("mlflow_run_id"),
         }
+        noise = search.get("within_noise")
+        if noise:  # how many configurations val could not tell from the best
+            tags["search_within_noise"] = f"{len(noise['trials'])} of {noise['of']}"
     return {k: _tag(v) for k, v in tags.items() if v is not None}
 
 

@@ -52,7 +52,11 @@ def model_card(name: str, version: str, tags: dict[str, str], spec: dict, metric
         f"- weights sha256: `{tags['model_sha256'][:16]}`",
     ]
     if "best_trial" in tags:
-        lines.append(f"- search: best trial {tags['best_trial']}, params {tags['best_params']}")
+        tied = tags.get("search_within_noise")
+        lines.append(
+            f"- search: best trial {tags['best_trial']}, params {tags['best_params']}"
+            + (f" ({tied} complete configurations within val noise of it)" if tied else "")
+        )
     lines += [
         f"- fine-tuning params: `{tags['params']}`",
         "",

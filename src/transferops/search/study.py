@@ -372,6 +372,43 @@ def _log_trial(study: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
     log.info("%s: val accuracy %s, %s", what, shown, t.params)
 
 
+def _val_size(cfg: Config) -> int:
+    return sum(read_manifest(cfg.data.out)["counts"]["val"].values())
+
+
+def within_noise(study: optuna.Study, val_size: int) -> dict[str, Any]:
+    """The complete trials val cannot tell from the best: within validation noise of its
+    score (one standard error of a difference of two accuracies on `val_size` examples, the
+    pruner's margin; for macro-F1 or balanced accuracy the same figure, an approximation).
+    When several are, which of them the search picked is noise, not a finding."""
+    best = study.best_trial
+    margin = NoisyMedianPruner(val_size).margin(float(best.value))
+    complete = study.get_trials(deepcopy=False, states=(TS.COMPLETE,))
+    tied = [t.number for t in complete if float(best.value) - float(t.value) <= margin]
+    return {"trials": tied, "of": len(complete), "margin": margin, "val_size": val_size}
+
+
+def _say_within_noise(noise: dict[str, Any]) -> None:
+    others = len(noise["trials"]) - 1
+    if others:
+        log.info(
+            "val cannot tell the best trial from %d other complete configuration(s) of %d "
+            "(within %.1f points, one standard error on %d val examples): which of them "
+            "the search picked is noise, not a finding",
+            others,
+            noise["of"],
+            100 * noise["margin"],
+            noise["val_size"],
+        )
+    else:
+        log.info(
+            "the best trial beats every other complete configuration by more than val noise "
+            "(%.1f points on %d val examples)",
+            100 * noise["margin"],
+            noise["val_size"],
+        )
+
+
 def _load_for_worker(cfg: Config, name: str, slot: int) -> optuna.Study:
     """The shared study with this worker's sampler and the pruner."""
     num_blocks = read_source_manifest(cfg.source.out)["num_blocks"]
@@ -380,8 +417,7 @@ def _load_for_worker(cfg: Config, name: str, slot: int) -> optuna.Study:
     # other slots and resumed processes shift it, so none replays another's draws.
     offset = slot * 10_007 + len(study.get_trials(deepcopy=False))
     study.sampler = make_sampler(cfg.search, offset)
-    val_size = sum(read_manifest(cfg.data.out)["counts"]["val"].values())
-    study.pruner = make_pruner(cfg.search, _max_epochs(cfg, num_blocks), val_size)
+    study.pruner = make_pruner(cfg.search, _max_epochs(cfg, num_blocks), _val_size(cfg))
     quiet("optuna")
     return study
 
@@ -612,6 +648,7 @@ def _write_summary(
     run_id: str,
     stopped: str | None = None,
     runners: list[int] | None = None,
+    noise: dict[str, Any] | None = None,
 ) -> Path:
     """search.out: best_params.json (what train takes), the models of the best trial and of
     its `runners` up (what train copies and averages; runners_up/order.json lists those
@@ -640,6 +677,7 @@ def _write_summary(
                 "counts": counts,
                 "fully_evaluated": counts.get("complete", 0),  # configurations run to the end
                 "stopped_early": stopped,  # why the study holds fewer trials than asked
+                "within_noise": noise,  # the complete trials val cannot tell from the best
                 "data_hash": read_manifest(cfg.data.out)["data_hash"],
                 "source_sha256": read_source_manifest(cfg.source.out)["sha256"],
                 "mlflow_run_id": run_id,
@@ -746,12 +784,14 @@ def run_search(cfg: Config) -> SearchResult:
         study = optuna.load_study(study_name=name, storage=storage)
         _say_if_short(study, sc)
         best, counts = _best_trial(study)
+        noise = within_noise(study, _val_size(cfg))
         best_params = suggest_to_overrides(best.params)
         mlflow.log_params({f"best.{k}": v for k, v in best_params.items()})
         mlflow.log_metrics(
             {
                 "best_val_accuracy": float(best.value or 0.0),
                 "fully_evaluated": counts.get("complete", 0),
+                "within_val_noise_of_best": len(noise["trials"]),  # the best included
                 **{f"trials_{k}": v for k, v in counts.items()},
             }
         )
@@ -761,9 +801,12 @@ def run_search(cfg: Config) -> SearchResult:
             mlflow.set_tag("stopped_early", stopped)
         log_search_plots(mlflow, study)
     runners = runners_up(study, best, cfg.finetune.ensemble_trials - 1)
-    out = _write_summary(cfg, name, best, best_params, counts, parent.info.run_id, stopped, runners)
+    out = _write_summary(
+        cfg, name, best, best_params, counts, parent.info.run_id, stopped, runners, noise
+    )
     log.info("best trial #%d: val accuracy %.4f with %s", best.number, best.value, best_params)
     _say_evaluated(counts)
+    _say_within_noise(noise)
     return SearchResult(
         name, mask(sc.storage), best_params, float(best.value or 0.0), best.number, counts, out
     )
