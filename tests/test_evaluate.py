@@ -462,3 +462,22 @@ def test_balanced_accuracy_is_the_mean_recall_and_a_gate_metric():
     assert m["balanced_accuracy"] == 0.75  # (1.0 + 0.5) / 2: absent classes do not count
     cfg = validate_config({"registry": {"metric": "balanced_accuracy"}})
     assert cfg.registry.metric == "balanced_accuracy"
+
+
+def test_the_tuning_lines_say_what_the_search_ran_and_what_val_could_not_tell_apart():
+    """A search stopped without headroom leaves its other start trials waiting: the report
+    says "not run"; a pick among configurations within val noise is called noise."""
+    from transferops.evaluation.report import tuning_lines
+
+    noise = {"trials": [3, 0], "of": 3, "margin": 0.028, "val_size": 511}
+    transfer = {
+        "trials": {"complete": 3, "pruned": 0, "waiting": 2},
+        "best_params": {"finetune.lr": 0.003, "finetune.unfreeze_depth": 4},
+        "within_noise": noise,
+    }
+    text = "\n".join(tuning_lines({"transfer": transfer, "scratch": {}}))
+    assert "an Optuna search (3 complete, 2 not run); best lr=0.003, unfreeze_depth=4" in text
+    assert "2 of 3 complete configurations within val noise of the best (±2.8 points on 511" in text
+    assert "which of them was picked is noise" in text
+    alone = tuning_lines({"transfer": transfer | {"within_noise": noise | {"trials": [3]}}})
+    assert not any("noise, not a finding" in line for line in alone)  # one: a real winner

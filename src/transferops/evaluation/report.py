@@ -231,7 +231,12 @@ def tuning_lines(tuning: dict[str, Any]) -> list[str]:
     for arm in ("transfer", "scratch"):
         t = tuning.get(arm, {})
         if "trials" in t:
-            done = ", ".join(f"{n} {state}" for state, n in t["trials"].items() if n)
+            # "waiting": start trials a search that stopped early never ran
+            done = ", ".join(
+                f"{n} {'not run' if state == 'waiting' else state}"
+                for state, n in t["trials"].items()
+                if n
+            )
             best = ", ".join(_param(k, v) for k, v in t["best_params"].items())
             lines.append(f"- {arm}: an Optuna search ({done}); best {best}{_tied(t)}")
         elif arm == "scratch":
