@@ -43,8 +43,9 @@ def _to_choice(values: list[Any]) -> Callable[[float], Any]:
 
 
 def _dimensions(sc: SearchConfig) -> list[tuple[str, Callable[[float], Any]]]:
-    """(Optuna param name, map from [0, 1) to a value) of every searched dimension, in the
-    order `suggest` draws them. An open unfreeze_depth high must be resolved first."""
+    """(Optuna param name, map from [0, 1) to a value) of every searched dimension: lr first
+    (its bins middle-out), then the depth, then the rest. An open unfreeze_depth high must
+    be resolved first."""
     sp = sc.space
     dims: list[tuple[str, Callable[[float], Any]]] = []
     for name in ("lr", "layer_decay", "weight_decay"):
