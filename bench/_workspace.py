@@ -1,6 +1,7 @@
 """What the benchmarks share: the packaged digits demo prepared at one size and
 EfficientNet-Lite0 (its packaged weights) pulled, in a fresh temporary folder; a finished
-quality-benchmark project's chosen configuration, its outputs redirected."""
+quality-benchmark project's chosen configuration, its outputs redirected; a saved model's
+probabilities on prepared splits."""
 
 from __future__ import annotations
 
@@ -9,10 +10,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from transferops.config import Config, load_config, validate_config, with_overrides
 from transferops.data.prepare import prepare
-from transferops.data.prepared import load_prepared
-from transferops.model.inputs import Inputs
+from transferops.data.prepared import PreparedData, load_prepared
+from transferops.model.folder import load_finetuned
+from transferops.model.inputs import Inputs, make_inputs
+from transferops.model.predict import predict_probs
 from transferops.sources.pull import pull
 
 
@@ -57,3 +63,14 @@ def chosen_config(project: Path, work: Path | str, overrides: dict[str, Any]) ->
         }
         | overrides,
     )
+
+
+def folder_probs(folder: Path, splits: dict[str, PreparedData]) -> dict[str, np.ndarray]:
+    """The model folder's class probabilities on each prepared split, on the CPU as
+    `predict` serves them, at temperature 1 (the models compared, not their calibration)."""
+    net, spec = load_finetuned(folder)
+    out = {}
+    for name, data in splits.items():
+        inputs = make_inputs(data, folder, spec["source"], spec.get("max_length", 64))
+        out[name] = predict_probs(net, spec | {"temperature": 1.0}, inputs, torch.device("cpu"))
+    return out

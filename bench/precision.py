@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _workspace import chosen_config
+from _workspace import chosen_config, folder_probs
 
 from transferops.config import load_config
 from transferops.data.prepared import load_prepared, read_manifest
@@ -33,9 +33,6 @@ from transferops.finetune.features import frozen_features
 from transferops.finetune.probe import fit_probe
 from transferops.finetune.train import save_finetuned, train_model
 from transferops.model.families import build_architecture
-from transferops.model.folder import load_finetuned
-from transferops.model.inputs import make_inputs
-from transferops.model.predict import predict_probs
 from transferops.runtime.memory import tensor_sized_malloc
 
 CPU = torch.device("cpu")
@@ -108,9 +105,7 @@ def step_times(name: str, model: torch.nn.Module, x: object, reps: int = 5) -> l
 
 
 def _score(folder: Path, test) -> tuple[float, float]:
-    net, spec = load_finetuned(folder)
-    inputs = make_inputs(test, folder, spec["source"], spec.get("max_length", 64))
-    p = predict_probs(net, spec | {"temperature": 1.0}, inputs, CPU)
+    p = folder_probs(folder, {"test": test})["test"]
     y = test.labels.numpy()
     return float((p.argmax(1) == y).mean()), float(-np.log(p[np.arange(len(y)), y] + 1e-12).mean())
 

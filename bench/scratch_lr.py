@@ -23,13 +23,10 @@ from unittest.mock import patch
 
 import optuna
 import torch
-from _workspace import chosen_config
+from _workspace import chosen_config, folder_probs
 
 import transferops.evaluation.baseline as baseline
 from transferops.data.prepared import load_prepared
-from transferops.model.folder import load_finetuned
-from transferops.model.inputs import make_inputs
-from transferops.model.predict import predict_probs
 from transferops.runtime.memory import tensor_sized_malloc
 from transferops.sources.manifest import read_source_manifest
 
@@ -54,10 +51,8 @@ def run_one(project: Path, how: str, seed: int = 0) -> dict:
             for t in study.trials
         ]
         folder = Path(tmp) / "baseline" / "scratch_search" / "best_model"
-        net, spec = load_finetuned(folder)
         test = load_prepared(Path(cfg.data.out), "test")
-        inputs = make_inputs(test, folder, spec["source"], spec.get("max_length", 64))
-        probs = predict_probs(net, spec | {"temperature": 1.0}, inputs, torch.device("cpu"))
+        probs = folder_probs(folder, {"test": test})["test"]
         acc = float((probs.argmax(1) == test.labels.numpy()).mean())
     return {"lr": lr, "val": study.best_value, "test": acc, "tried": tried, "s": (wall, cpu)}
 

@@ -9,7 +9,7 @@ the case's overrides; prepare and the source ranking only), then runs the transf
 both ways for each search seed, side by side in one process: the search's pick, its val
 accuracy, its model's test accuracy (test is read only here, to report), how many
 configurations were fully evaluated, whether it stopped without headroom, how many complete
-configurations val cannot tell from the pick (``search.study.within_noise``), and its wall and
+configurations val cannot tell from the pick (the summary's ``within_noise``), and its wall and
 CPU seconds. The registered model (the pick's seed ensemble) is not trained here.
 
     .venv/bin/python bench/search_start.py --cases digits-k20-auto,fortunes-k40 \
@@ -24,22 +24,17 @@ import os
 import time
 from pathlib import Path
 
-import optuna
 import torch
+from _workspace import folder_probs
 from quality import CASES, in_case_folder
 
 from transferops.config import Config, load_config, with_overrides
 from transferops.data.prepare import prepare
 from transferops.data.prepared import load_prepared
 from transferops.finetune.train import BEST_MODEL
-from transferops.model.folder import load_finetuned
-from transferops.model.inputs import make_inputs
-from transferops.model.predict import predict_probs
 from transferops.runtime.memory import tensor_sized_malloc
 from transferops.search.sources import pull_best
-from transferops.search.study import run_search, within_noise
-
-CPU = torch.device("cpu")
+from transferops.search.study import run_search
 
 
 def ready(name: str, out: Path) -> Path:
@@ -57,10 +52,8 @@ def ready(name: str, out: Path) -> Path:
 
 def test_accuracy(folder: Path, cfg: Config) -> float:
     """Test accuracy of the model folder (served as predict does, temperature 1)."""
-    net, spec = load_finetuned(folder)
     test = load_prepared(Path(cfg.data.out), "test")
-    inputs = make_inputs(test, folder, spec["source"], spec.get("max_length", 64))
-    p = predict_probs(net.eval(), spec | {"temperature": 1.0}, inputs, CPU)
+    p = folder_probs(folder, {"test": test})["test"]
     return float((p.argmax(1) == test.labels.numpy()).mean())
 
 
@@ -86,11 +79,7 @@ def search_once(project: Path, start: str, seed: int, work: Path) -> dict:
         found = run_search(cfg)
         wall, cpu = time.perf_counter() - w, time.process_time() - c
         summary = json.loads((work / "search" / "summary.json").read_text())
-        study = optuna.load_study(study_name=found.study_name, storage=cfg.search.storage)
-        val_size = sum(
-            json.loads((Path(cfg.data.out) / "manifest.json").read_text())["counts"]["val"].values()
-        )
-        noise = within_noise(study, val_size)
+        noise = summary["within_noise"]  # what the search itself found
         test = test_accuracy(work / "search" / BEST_MODEL, cfg)
     finally:
         os.chdir(here)

@@ -26,18 +26,14 @@ from unittest.mock import patch
 
 import numpy as np
 import torch
+from _workspace import folder_probs
 
 import transferops.search.study as study_mod
 from transferops.config import load_config, with_overrides
 from transferops.data.prepared import load_prepared
 from transferops.finetune.train import save_finetuned, train_model
-from transferops.model.folder import load_finetuned
-from transferops.model.inputs import make_inputs
-from transferops.model.predict import predict_probs
 from transferops.runtime.memory import tensor_sized_malloc
 from transferops.search.study import run_search
-
-CPU = torch.device("cpu")
 
 
 def keep_every_trial(dest: Path):
@@ -49,15 +45,6 @@ def keep_every_trial(dest: Path):
         )
 
     return keep
-
-
-def probs_of(folder: Path, splits: dict) -> dict[str, np.ndarray]:
-    net, spec = load_finetuned(folder)
-    out = {}
-    for name, data in splits.items():
-        inputs = make_inputs(data, folder, spec["source"], spec.get("max_length", 64))
-        out[name] = predict_probs(net.eval(), spec | {"temperature": 1.0}, inputs, CPU)
-    return out
 
 
 def nll(p: np.ndarray, y: np.ndarray) -> float:
@@ -121,7 +108,7 @@ def score_case(project: Path, out: Path, search_seed: int | None = None) -> list
     finally:
         os.chdir(here)
     y = {s: d.labels.numpy() for s, d in splits.items()}
-    probs = {name: probs_of(folder, splits) for name, folder in members.items()}
+    probs = {name: folder_probs(folder, splits) for name, folder in members.items()}
     best = f"trial {info['found'].best_trial}"  # the search's pick: what train copies
     ranked = [best] + [n for n in ranked if n != best]
     choices = {
