@@ -19,7 +19,7 @@ from transferops.evaluation import baseline as baseline_module
 from transferops.evaluation.baseline import role_overrides, run_baselines, transfer_epochs
 from transferops.evaluation.evaluate import evaluate
 from transferops.evaluation.stats import ece, mean_ci, paired_bootstrap, verdict
-from transferops.finetune.selection import greedy_join
+from transferops.finetune.selection import ValProbs, greedy_join
 from transferops.finetune.train import train_from_config
 from transferops.model.calibration import nll
 from transferops.model.folder import load_finetuned
@@ -175,7 +175,8 @@ def test_pipeline_reads_test_only_in_evaluate_and_writes_the_report(
         (1, None),
     ]
     # the runner-up joined exactly when it raised the seeds' val score (greedy selection)
-    ((_, before, after),) = greedy_join("accuracy", seeds, [up / str(runner)], tmp_path / "prep")
+    val_probs = ValProbs(tmp_path / "prep")
+    ((_, before, after),) = greedy_join("accuracy", seeds, [up / str(runner)], val_probs)
     assert [m["trial"] for m in members[2:]] == ([runner] if after > before else [])
     val, pool = load_prepared(tmp_path / "prep", "val"), []
     for f in seeds:
@@ -184,8 +185,21 @@ def test_pipeline_reads_test_only_in_evaluate_and_writes_the_report(
         pool.append(predict_probs(net, spec | {"temperature": 1.0}, inputs, torch.device("cpu")))
     mean, y = np.mean(pool, axis=0), val.labels.numpy()
     assert before == pytest.approx(((mean.argmax(1) == y).mean(), -nll(mean, y)))
+    # the ensemble's recorded val score and pre-calibration NLL are its network's own
+    # (train averages the val passes of its members instead of running them again)
+    net, spec = load_finetuned(tmp_path / "ft")
+    inputs = make_inputs(val, tmp_path / "ft", spec["source"], 64)
+    raw = predict_probs(net, spec | {"temperature": 1.0}, inputs, torch.device("cpu"))
+    assert spec["val_accuracy"] == pytest.approx((raw.argmax(1) == y).mean())
+    assert spec["val_loss"] == pytest.approx(nll(raw, y), rel=1e-4)
+    assert spec["calibration"]["val_nll_before"] == pytest.approx(nll(raw, y), abs=2e-4)
+    # val passes are kept by the weights' sha256: a copy shares them, other weights do not
+    uniform = np.full_like(mean, 1 / mean.shape[1])
+    val_probs.remember(first, uniform)
+    assert val_probs(first) is uniform and val_probs(kept) is uniform
+    assert not np.allclose(val_probs(seeds[1]), uniform)
     # a copy of the one member adds nothing (the same average), so it does not join
-    ((_, before, after),) = greedy_join("accuracy", [first], [first], tmp_path / "prep")
+    ((_, before, after),) = greedy_join("accuracy", [first], [first], val_probs)
     assert after == pytest.approx(before) and not after > before
     assert json.loads((first / "model.json").read_text())["val_accuracy"] == found.best_value
     assert sha256_file(first / "model.safetensors") == sha256_file(kept / "model.safetensors")

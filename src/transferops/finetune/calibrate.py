@@ -12,26 +12,22 @@ from pathlib import Path
 from typing import Any
 
 from transferops.config import Config
-from transferops.data.prepared import load_prepared
+from transferops.finetune.selection import ValProbs
 from transferops.model.calibration import fit_temperature, nll, scaled
-from transferops.model.folder import SPEC_FILE, load_finetuned
-from transferops.model.inputs import make_inputs, pick_device
-from transferops.model.predict import predict_probs
+from transferops.model.folder import SPEC_FILE
 from transferops.runtime.artifacts import read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 
-def calibrate(cfg: Config) -> dict[str, Any]:
+def calibrate(cfg: Config, val_probs: ValProbs | None = None) -> dict[str, Any]:
     """Fit finetune.out's temperature on the val split and record it in its spec; the
-    record (temperature, val NLL before / after)."""
+    record (temperature, val NLL before / after). `val_probs`: the val probabilities
+    `train` already computed (its ensemble's), else computed here."""
     folder = Path(cfg.finetune.out)
-    net, spec = load_finetuned(folder)
-    val = load_prepared(cfg.data.out, "val")
-    inputs = make_inputs(val, folder, spec["source"], spec.get("max_length", 64))
-    raw = spec | {"temperature": 1.0}  # the uncalibrated probabilities, whatever it held
-    probs = predict_probs(net, raw, inputs, pick_device(cfg.finetune.device))
-    y = val.labels.numpy()
+    val_probs = val_probs or ValProbs(cfg.data.out, cfg.finetune.device)
+    probs = val_probs(folder)  # at temperature 1, whatever the folder held
+    y = val_probs.labels
     t = fit_temperature(probs, y)
     record = {
         "temperature": round(t, 4),

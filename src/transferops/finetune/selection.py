@@ -17,11 +17,12 @@ from sklearn.metrics import f1_score, precision_recall_fscore_support
 from transferops.data.prepared import load_prepared
 from transferops.model.blocks import Ensemble, StagedNet
 from transferops.model.calibration import nll
-from transferops.model.folder import load_finetuned
+from transferops.model.folder import SPEC_FILE, load_finetuned
 from transferops.model.inputs import make_inputs, pick_device
 from transferops.model.predict import predict_probs
+from transferops.runtime.artifacts import read_json
 
-__all__ = ["balanced_accuracy", "macro_f1", "metric_value", "val_metric"]
+__all__ = ["ValProbs", "balanced_accuracy", "greedy_join", "macro_f1", "metric_value", "val_metric"]
 
 
 def balanced_accuracy(y: np.ndarray, pred: np.ndarray, num_classes: int) -> float:
@@ -63,12 +64,42 @@ def val_metric(
     return metric_value(metric, val.labels.numpy(), probs.argmax(1), len(val.class_names))
 
 
+class ValProbs:
+    """The val split's class probabilities at temperature 1 of saved model folders, each
+    model's computed once: `train` reads every member's for the greedy join, then the
+    ensemble's (the mean of its members') for its val score and for its temperature; on the
+    text case each MiniLM val pass was seconds of CPU, six of nine of them repeats. Keyed by
+    what the probabilities depend on (the weights' sha256 the spec recorded, the input
+    width), so a folder rewritten in between (the classical candidate) is computed anew."""
+
+    def __init__(self, data_out: Path | str, device: str = "auto") -> None:
+        self.val = load_prepared(data_out, "val")
+        self.labels = self.val.labels.numpy()
+        self.device = device
+        self._memo: dict[tuple, np.ndarray] = {}
+
+    @staticmethod
+    def _key(folder: Path) -> tuple:
+        spec = read_json(Path(folder) / SPEC_FILE)
+        return spec["weights_sha256"], spec.get("max_length"), spec.get("image_size")
+
+    def __call__(self, folder: Path) -> np.ndarray:
+        key = self._key(folder)
+        if key not in self._memo:
+            net, spec = load_finetuned(folder)  # its weights verified against that sha256
+            inputs = make_inputs(self.val, folder, spec["source"], spec.get("max_length", 64))
+            device = pick_device(self.device)
+            self._memo[key] = predict_probs(net, spec | {"temperature": 1.0}, inputs, device)
+        return self._memo[key]
+
+    def remember(self, folder: Path, probs: np.ndarray) -> None:
+        """Record `folder`'s probabilities computed another way (an ensemble's: the mean of
+        its members', which is exactly what its network outputs)."""
+        self._memo[self._key(folder)] = probs
+
+
 def greedy_join(
-    metric: str,
-    members: list[Path],
-    candidates: list[Path],
-    data_out: Path | str,
-    device: str = "auto",
+    metric: str, members: list[Path], candidates: list[Path], val_probs: ValProbs
 ) -> list[tuple[Path, tuple[float, float], tuple[float, float]]]:
     """Greedy ensemble selection (Caruana et al. 2004), one pass: each of `candidates` (model
     folders, best first) joins the average of `members`' probabilities only if that average
@@ -77,21 +108,15 @@ def greedy_join(
     whose score rose. On five benchmark cases val let the search's runner-up trial into the
     seeds' ensemble on three (test +1.5, +3.6, 0.0 points) and kept it out of the two where
     it would have cost 1.5 and 1.9 (bench/RESULTS.md)."""
-    val = load_prepared(data_out, "val")
-    y, k = val.labels.numpy(), len(val.class_names)
-
-    def probs(folder: Path) -> np.ndarray:
-        net, spec = load_finetuned(folder)
-        inputs = make_inputs(val, folder, spec["source"], spec.get("max_length", 64))
-        return predict_probs(net, spec | {"temperature": 1.0}, inputs, pick_device(device))
+    y, k = val_probs.labels, len(val_probs.val.class_names)
 
     def score(pool: list[np.ndarray]) -> tuple[float, float]:
         p = np.mean(pool, axis=0)
         return metric_value(metric, y, p.argmax(1), k), -nll(p, y)
 
-    pool, out = [probs(f) for f in members], []
+    pool, out = [val_probs(f) for f in members], []
     for folder in candidates:
-        p = probs(folder)
+        p = val_probs(folder)
         before, after = score(pool), score([*pool, p])
         if after > before:
             pool.append(p)

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from transferops.config import Config, FinetuneConfig, check_depth, with_overrides
@@ -24,7 +25,7 @@ from transferops.finetune.adapters import ADAPTER_FILE, adapter_weights, add_lor
 from transferops.finetune.calibrate import calibrate
 from transferops.finetune.classical import fit_classical, pixel_net, pixel_source, val_score
 from transferops.finetune.engine import EpochHook, TrainResult, finetune
-from transferops.finetune.selection import greedy_join, metric_value, val_metric
+from transferops.finetune.selection import ValProbs, greedy_join, metric_value
 from transferops.model.blocks import Ensemble, StagedNet
 from transferops.model.calibration import nll
 from transferops.model.families import build_staged
@@ -36,7 +37,6 @@ from transferops.model.folder import (
     save_model_folder,
 )
 from transferops.model.inputs import input_side, make_inputs, make_preprocess, pick_device
-from transferops.model.predict import predict_probs
 from transferops.runtime.artifacts import atomic_dir, read_json, sha256_json, write_json_atomic
 from transferops.runtime.tracking import log_data, log_epoch, log_outcome, setup_tracking, start_run
 from transferops.sources.manifest import read_source_manifest, source_id
@@ -296,16 +296,17 @@ def train_from_config(cfg: Config, resume: bool = True) -> Trained:
         log_data(mlflow, cfg.data.out, Path(cfg.data.path).name, data_hash, "training")
         mlflow.log_params(fc.run_params())
         runners = runner_up_models(cfg, data_hash, source_id(source))
+        val_probs = ValProbs(cfg.data.out, fc.device)  # each model's val pass once
         if fc.ensemble == 1 and not runners:
             done = _train_one(cfg, mlflow, r.info.run_id, resume, data_hash, source_id(source))
         else:
-            done = _train_ensemble(cfg, mlflow, r.info.run_id, resume, tags, runners)
+            done = _train_ensemble(cfg, mlflow, r.info.run_id, resume, tags, runners, val_probs)
             if done.reused_from:  # its first member is the search's best trial
                 mlflow.set_tag("reused_from", done.reused_from)
         log_outcome(mlflow, done.val_accuracy, done.weight_average, done.precision)
-        done = keep_best_candidate(cfg, done, r.info.run_id)
+        done = keep_best_candidate(cfg, done, r.info.run_id, val_probs)
         mlflow.set_tag("candidate", done.candidate)
-        mlflow.log_metrics({k: v for k, v in calibrate(cfg).items()})
+        mlflow.log_metrics({k: v for k, v in calibrate(cfg, val_probs).items()})
     write_json_atomic(
         Path(fc.metrics), {k: v for k, v in asdict(done).items() if k != "reused_from"}
     )
@@ -348,6 +349,7 @@ def _train_ensemble(
     resume: bool,
     tags: dict[str, str],
     runners: list[Path],
+    val_probs: ValProbs,
 ) -> Trained:
     """Train the ensemble's seed members one by one (each a model folder under
     :func:`member_dir`, so a crash loses at most the member in training), then write their
@@ -376,7 +378,7 @@ def _train_ensemble(
                 runs.append(_train_one(mcfg, mlflow, m.info.run_id, resume, data_hash, source_sha))
             log_outcome(mlflow, runs[-1].val_accuracy, runs[-1].weight_average, runs[-1].precision)
         folders.append(folder)
-    for folder in _joining(cfg, folders, runners):  # trained by the search: curves replayed
+    for folder in _joining(cfg, folders, runners, val_probs):  # trained by the search
         spec, history = read_json(folder / SPEC_FILE), read_json(folder / "history.json")
         run_tags = tags | {"role": "train-member", "seed": str(spec["finetune"]["seed"])}
         run_tags |= {"trial": str(spec["trial"]), "reused_from": str(folder)}
@@ -393,16 +395,16 @@ def _train_ensemble(
         folders.append(folder)
     # The member folders stay: the baseline's transfer runs of these seeds reuse them, also
     # when the classical candidate takes finetune.out's place
-    return _assemble(cfg, folders, runs, run_id)
+    return _assemble(cfg, folders, runs, run_id, val_probs)
 
 
-def _joining(cfg: Config, seeds: list[Path], runners: list[Path]) -> list[Path]:
+def _joining(
+    cfg: Config, seeds: list[Path], runners: list[Path], val_probs: ValProbs
+) -> list[Path]:
     """The search's runners-up that join the seeds' ensemble: those that raise its val score
     (greedy ensemble selection, registry.metric then log-loss), each said in the log."""
     joined = []
-    for folder, before, after in greedy_join(
-        cfg.registry.metric, seeds, runners, cfg.data.out, cfg.finetune.device
-    ):
+    for folder, before, after in greedy_join(cfg.registry.metric, seeds, runners, val_probs):
         spec = read_json(folder / SPEC_FILE)
         joins = after > before
         log.info(
@@ -443,10 +445,13 @@ def _trained(spec: dict[str, Any], history: list[dict], reused_from: str | None 
     )
 
 
-def _assemble(cfg: Config, folders: list[Path], runs: list[Trained], run_id: str) -> Trained:
-    """finetune.out := the ensemble of the member folders, scored on val. One member (one
-    seed, no runner-up joined), or members that all ended as the exact probe (one model),
-    is written alone."""
+def _assemble(
+    cfg: Config, folders: list[Path], runs: list[Trained], run_id: str, val_probs: ValProbs
+) -> Trained:
+    """finetune.out := the ensemble of the member folders, scored on val (the mean of the
+    members' val probabilities: what the ensemble's network outputs). One member (one seed,
+    no runner-up joined), or members that all ended as the exact probe (one model), is
+    written alone."""
     fc = cfg.finetune
     loaded = [load_finetuned(f) for f in folders]
     specs = [s for _, s in loaded]
@@ -456,11 +461,9 @@ def _assemble(cfg: Config, folders: list[Path], runs: list[Trained], run_id: str
         reuse_model(folders[0], Path(fc.out), {"mlflow_run_id": run_id})
         return replace(runs[0], seconds=round(sum(r.seconds for r in runs), 2))
     net = Ensemble([n for n, _ in loaded])
-    val = load_prepared(cfg.data.out, "val")
     spec0 = specs[0]
-    inputs = make_inputs(val, folders[0], spec0["source"], spec0.get("max_length", 64))
-    probs = predict_probs(net, spec0 | {"temperature": 1.0}, inputs, pick_device(fc.device))
-    y = val.labels.numpy()
+    probs = np.mean([val_probs(f) for f in folders], axis=0)
+    y = val_probs.labels
     acc, loss = float((probs.argmax(1) == y).mean()), nll(probs, y)
     members = [
         {k: s.get(k) for k in MEMBER_KEYS} | {"history": read_json(f / "history.json")}
@@ -477,6 +480,7 @@ def _assemble(cfg: Config, folders: list[Path], runs: list[Trained], run_id: str
         "mlflow_run_id": run_id,
     }
     save_model_folder(net, spec, [], Path(fc.out), Path(cfg.source.out))
+    val_probs.remember(Path(fc.out), probs)
     log.info(
         "ensemble of %d runs: val accuracy %.4f (members %s), log-loss %.4f",
         len(runs),
@@ -496,7 +500,9 @@ def _assemble(cfg: Config, folders: list[Path], runs: list[Trained], run_id: str
     )
 
 
-def keep_best_candidate(cfg: Config, done: Trained, run_id: str) -> Trained:
+def keep_best_candidate(
+    cfg: Config, done: Trained, run_id: str, val_probs: ValProbs | None = None
+) -> Trained:
     """Put the classical pixel model in finetune.out instead when fine-tuning does not beat
     it on val (registry.metric, then log-loss): the expensive model must earn its place, as
     every epoch must beat the exact probe. Image data with registry.classical_candidate
@@ -511,9 +517,9 @@ def keep_best_candidate(cfg: Config, done: Trained, run_id: str) -> Trained:
     metric = cfg.registry.metric
     ours, theirs = done.val_accuracy, acc
     if metric != "accuracy":  # compared as the gates will compare them
-        net, spec = load_finetuned(fc.out)
-        ours = val_metric(metric, net, spec | {"temperature": 1.0}, cfg.data.out, cfg.source.out)
+        val_probs = val_probs or ValProbs(cfg.data.out, fc.device)
         y, k = val.labels.numpy(), len(val.class_names)
+        ours = metric_value(metric, y, val_probs(Path(fc.out)).argmax(1), k)
         theirs = metric_value(metric, y, fit.probs(val).argmax(1), k)
     if (ours, -done.val_loss) > (theirs, -loss):
         return done
