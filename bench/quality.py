@@ -84,6 +84,28 @@ CASES |= {  # drawn images, 10 categories, not digits or faces (apt-get install 
     "clipart-10-k20": CLIPART | {"data.limit_per_class": 20},
     "clipart-10-all": CLIPART | {"data.limit_per_class": None},
 }
+DEBIAN = TEXT | {  # a table with its own column names, read through data.table
+    "data.demo": None,
+    "data.path": "data/raw/debian-packages.csv",
+    "data.table.text_column": "description",
+    "data.table.label_column": "section",
+}
+DEBIAN_LISTS = Path("/var/lib/apt/lists")  # apt's package index (lz4, after `apt-get update`)
+DEBIAN_SECTIONS = (
+    "database",
+    "editors",
+    "fonts",
+    "games",
+    "graphics",
+    "mail",
+    "net",
+    "science",
+    "sound",
+    "video",
+)
+CASES |= {  # text nobody on the project tuned on: a package's description -> its section
+    "debian-10-k40": DEBIAN | {"data.limit_per_class": 40},
+}
 QUICK = {"search.n_trials": 4, "baseline.seeds": [0, 1]}
 
 
@@ -150,12 +172,54 @@ def write_clipart(folder: Path) -> dict[str, int]:
     return kept
 
 
+def write_debian(path: Path, per_section: int = 170) -> dict[str, int]:
+    """Debian's package index as a text table: a package's description (its summary line,
+    and the first paragraph of its long description where the index has it: the main
+    index has only the summary) and its section, for the sections of
+    DEBIAN_SECTIONS; each description once (``-dev`` / ``-doc`` siblings often share one), at
+    most `per_section` per section, drawn with a fixed seed. Returns the rows per section."""
+    import csv
+    import random
+    import subprocess
+
+    (index,) = sorted(DEBIAN_LISTS.glob("*_main_binary-amd64_Packages.lz4"))[-1:]
+    raw = subprocess.run(["lz4", "-dc", str(index)], capture_output=True, check=True).stdout
+    rows: dict[str, list[str]] = {s: [] for s in DEBIAN_SECTIONS}
+    seen: set[str] = set()
+    for stanza in raw.decode("utf-8", "replace").split("\n\n"):
+        fields, desc, key = {}, [], ""
+        for line in stanza.splitlines():
+            if line.startswith(" "):  # a continuation of `key` (Tag's debtags name the section)
+                if key == "Description" and line.strip() == ".":
+                    key = ""  # the first paragraph only
+                elif key == "Description":
+                    desc.append(line.strip())
+            elif ":" in line:
+                key, _, value = line.partition(":")
+                fields[key] = value.strip()
+        section = fields.get("Section", "").split("/")[-1]
+        text = " ".join([fields.get("Description", ""), *desc]).strip()
+        if section in rows and text and text not in seen:
+            seen.add(text)
+            rows[section].append(text)
+    rng = random.Random(0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["description", "section"])
+        for section, texts in rows.items():
+            for text in rng.sample(texts, min(per_section, len(texts))):
+                w.writerow([text, section])
+    return {s: min(per_section, len(t)) for s, t in rows.items()}
+
+
 def write_case_data(folder: Path, overrides: dict[str, Any]) -> None:
     """The case's data set written into its project folder (the demo sets need nothing)."""
     writers = {
         LFW["data.path"]: write_lfw,
         FOLDER["data.path"]: write_folder,
         CLIPART["data.path"]: write_clipart,
+        DEBIAN["data.path"]: write_debian,
     }
     writer = writers.get(overrides.get("data.path"))
     if writer is not None:
