@@ -103,8 +103,22 @@ DEBIAN_SECTIONS = (
     "sound",
     "video",
 )
+DEBIAN_B = DEBIAN | {"data.path": "data/raw/debian-packages-b.csv"}
+DEBIAN_SECTIONS_B = (  # a second draw of sections, fixed before its first run
+    "admin",
+    "doc",
+    "electronics",
+    "gnome",
+    "interpreters",
+    "kde",
+    "math",
+    "text",
+    "web",
+    "x11",
+)
 CASES |= {  # text nobody on the project tuned on: a package's description -> its section
     "debian-10-k40": DEBIAN | {"data.limit_per_class": 40},
+    "debian-b-10-k40": DEBIAN_B | {"data.limit_per_class": 40},
 }
 QUICK = {"search.n_trials": 4, "baseline.seeds": [0, 1]}
 
@@ -172,19 +186,21 @@ def write_clipart(folder: Path) -> dict[str, int]:
     return kept
 
 
-def write_debian(path: Path, per_section: int = 170) -> dict[str, int]:
+def write_debian(
+    path: Path, sections: tuple[str, ...] = DEBIAN_SECTIONS, per_section: int = 170
+) -> dict[str, int]:
     """Debian's package index as a text table: a package's description (its summary line,
     and the first paragraph of its long description where the index has it: the main
-    index has only the summary) and its section, for the sections of
-    DEBIAN_SECTIONS; each description once (``-dev`` / ``-doc`` siblings often share one), at
-    most `per_section` per section, drawn with a fixed seed. Returns the rows per section."""
+    index has only the summary) and its section, for `sections`; each description once
+    (``-dev`` / ``-doc`` siblings often share one), at most `per_section` per section,
+    drawn with a fixed seed. Returns the rows per section."""
     import csv
     import random
     import subprocess
 
     (index,) = sorted(DEBIAN_LISTS.glob("*_main_binary-amd64_Packages.lz4"))[-1:]
     raw = subprocess.run(["lz4", "-dc", str(index)], capture_output=True, check=True).stdout
-    rows: dict[str, list[str]] = {s: [] for s in DEBIAN_SECTIONS}
+    rows: dict[str, list[str]] = {s: [] for s in sections}
     seen: set[str] = set()
     for stanza in raw.decode("utf-8", "replace").split("\n\n"):
         fields, desc, key = {}, [], ""
@@ -220,6 +236,7 @@ def write_case_data(folder: Path, overrides: dict[str, Any]) -> None:
         FOLDER["data.path"]: write_folder,
         CLIPART["data.path"]: write_clipart,
         DEBIAN["data.path"]: write_debian,
+        DEBIAN_B["data.path"]: lambda path: write_debian(path, DEBIAN_SECTIONS_B),
     }
     writer = writers.get(overrides.get("data.path"))
     if writer is not None:
