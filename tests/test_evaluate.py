@@ -495,3 +495,39 @@ def test_the_tuning_lines_say_what_the_search_ran_and_what_val_could_not_tell_ap
     assert "which of them was picked is noise" in text
     alone = tuning_lines({"transfer": transfer | {"within_noise": noise | {"trials": [3]}}})
     assert not any("noise, not a finding" in line for line in alone)  # one: a real winner
+
+
+def test_fine_tuning_significantly_below_the_probe_is_said_in_the_report_and_model_card():
+    """The recipe's seeds below the exact probe on test (an unseen text case: -4.4 points
+    [-7.9, -1.0]) while val chose fine-tuning: the report, and the card of a fine-tuned
+    model, say so; a difference whose interval reaches 0 is not called worse."""
+    from transferops.evaluation.report import difference_lines
+    from transferops.registry.model_card import _caveats
+
+    def diff(mean: float, low: float, high: float) -> dict:
+        seeds = {"mean": mean, "ci_low": low - 0.2, "ci_high": high + 0.2, "n": 2}
+        return {"mean": mean, "ci_low": low, "ci_high": high, "n": 260} | {
+            "over_seeds": seeds | {"per_seed": [mean + 0.02, mean - 0.02]}
+        }
+
+    def metrics(probe: dict) -> dict:
+        return {
+            "models": {"transfer": {"accuracy": {"n": 2}}},
+            "transfer_minus_scratch": {"accuracy": diff(0.18, 0.13, 0.23)},
+            "transfer_minus_probe": {"accuracy": probe},
+            "finetuned": {"minus": {}},
+        }
+
+    below = metrics(diff(-0.044, -0.079, -0.010))
+    text = "\n".join(difference_lines(below, 95))
+    assert "transfer − probe: -0.044 [-0.079, -0.010]" in text
+    assert "fine-tuning is significantly worse than the probe" in text
+    assert "fine-tuning is significantly worse than the scratch" not in text
+    card = " ".join(_caveats({"candidate": "ensemble"}, below))
+    assert "significantly lower than the exact probe on the test split (-4.4 points" in card
+    assert "[-7.9, -1.0], mean of its 2 seeds" in card
+    # the classical model registered instead: the recipe's result is not this model's
+    assert "exact probe" not in " ".join(_caveats({"candidate": "classical"}, below))
+    level = metrics(diff(-0.02, -0.06, 0.015))  # the interval reaches 0: not worse
+    assert "significantly worse" not in "\n".join(difference_lines(level, 95))
+    assert "exact probe" not in " ".join(_caveats({"candidate": "ensemble"}, level))

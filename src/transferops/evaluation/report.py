@@ -261,6 +261,16 @@ def _param(key: str, value: Any) -> str:
     return f"{name}={value:.3g}" if isinstance(value, float) else f"{name}={value}"
 
 
+def worse_than(other: str) -> str:
+    """What it means when fine-tuning (the recipe, over its seeds) is significantly below a
+    baseline on test: val chose it, test does not bear it out."""
+    cheaper = " (the cheaper model)" if other == "probe" else ""
+    return (
+        f"**fine-tuning is significantly worse than the {other}{cheaper} on this data**: val "
+        "chose it, test does not bear that out (a pick among noisy val scores is partly luck)"
+    )
+
+
 def difference_lines(metrics: dict, conf: int) -> list[str]:
     """The paired differences in test accuracy (transfer vs the baselines, the model to
     register vs each), and a class the model to register drops."""
@@ -271,7 +281,9 @@ def difference_lines(metrics: dict, conf: int) -> list[str]:
             each = ", ".join(f"{x:+.3f}" for x in d["over_seeds"].get("per_seed", []))
             lines.append(
                 f"- transfer − {other}: {_fmt(d)} over test examples; "
-                f"{_fmt(d['over_seeds'])} over seeds" + (f" (each seed: {each})" if each else "")
+                f"{_fmt(d['over_seeds'])} over seeds"
+                + (f" (each seed: {each})" if each else "")
+                + (f" — {worse_than(other)}" if d["ci_high"] < 0 else "")
             )
     cal = metrics.get("finetuned", {}).get("calibration")
     if cal and cal["temperature"] != 1.0:

@@ -119,6 +119,14 @@ def _caveats(tags: dict[str, str], metrics: dict[str, Any]) -> list[str]:
             f"Class {', '.join(dropped)}: this model never gets it right on the test split "
             "(recall 0), where the exact linear probe recognises some of its examples."
         )
+    recipe = metrics.get("transfer_minus_probe", {}).get("accuracy")
+    if tags["candidate"] not in ("classical", "probe") and recipe and recipe["ci_high"] < 0:
+        lines.append(
+            f"Fine-tuning, the recipe behind this model, scores significantly lower than the "
+            f"exact probe on the test split ({100 * recipe['mean']:+.1f} points "
+            f"[{100 * recipe['ci_low']:+.1f}, {100 * recipe['ci_high']:+.1f}], mean of its "
+            f"{recipe['over_seeds']['n']} seeds): val chose it, test does not bear that out."
+        )
     better = [r for r, d in metrics["finetuned"].get("minus", {}).items() if d["ci_high"] < 0]
     if better:
         lines.append(
