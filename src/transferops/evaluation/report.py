@@ -267,7 +267,7 @@ def worse_than(other: str) -> str:
     cheaper = " (the cheaper model)" if other == "probe" else ""
     return (
         f"**fine-tuning is significantly worse than the {other}{cheaper} on this data**: val "
-        "chose it, test does not bear that out (a pick among noisy val scores is partly luck)"
+        "chose it, test does not bear that out"
     )
 
 

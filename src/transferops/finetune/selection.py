@@ -17,10 +17,10 @@ from sklearn.metrics import f1_score, precision_recall_fscore_support
 from transferops.data.prepared import load_prepared
 from transferops.model.blocks import Ensemble, StagedNet
 from transferops.model.calibration import nll
-from transferops.model.folder import SPEC_FILE, load_finetuned
+from transferops.model.folder import SPEC_FILE, WEIGHTS_FILE, load_finetuned
 from transferops.model.inputs import make_inputs, pick_device
 from transferops.model.predict import predict_probs
-from transferops.runtime.artifacts import read_json
+from transferops.runtime.artifacts import read_json, sha256_file
 
 __all__ = ["ValProbs", "balanced_accuracy", "greedy_join", "macro_f1", "metric_value", "val_metric"]
 
@@ -81,7 +81,8 @@ class ValProbs:
     @staticmethod
     def _key(folder: Path) -> tuple:
         spec = read_json(Path(folder) / SPEC_FILE)
-        return spec["weights_sha256"], spec.get("max_length"), spec.get("image_size")
+        sha = spec.get("weights_sha256") or sha256_file(Path(folder) / WEIGHTS_FILE)
+        return sha, spec.get("max_length"), spec.get("image_size")
 
     def __call__(self, folder: Path) -> np.ndarray:
         key = self._key(folder)
