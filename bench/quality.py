@@ -193,12 +193,16 @@ def write_debian(
     and the first paragraph of its long description where the index has it: the main
     index has only the summary) and its section, for `sections`; each description once
     (``-dev`` / ``-doc`` siblings often share one), at most `per_section` per section,
-    drawn with a fixed seed. Returns the rows per section."""
+    drawn with a fixed seed. The rows are those of the index `apt-get update` last fetched:
+    another day's index gives another draw. Returns the rows per section."""
     import csv
     import random
     import subprocess
 
-    (index,) = sorted(DEBIAN_LISTS.glob("*_main_binary-amd64_Packages.lz4"))[-1:]
+    found = sorted(DEBIAN_LISTS.glob("*_main_binary-amd64_Packages.lz4"))
+    if not found:
+        raise SystemExit(f"no Debian package index in {DEBIAN_LISTS}: run `apt-get update`")
+    index = found[-1]
     raw = subprocess.run(["lz4", "-dc", str(index)], capture_output=True, check=True).stdout
     rows: dict[str, list[str]] = {s: [] for s in sections}
     seen: set[str] = set()
