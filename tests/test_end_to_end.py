@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from transferops.cli import app, human_summary
 from transferops.config import load_config, registered_model_name
 from transferops.model.folder import load_finetuned, rebuild_finetuned
+from transferops.pipeline.run import run_description
 from transferops.sources.pull import load_source
 
 from .conftest import write_image_folder
@@ -110,6 +111,22 @@ def test_run_pipeline_on_tiny_images(tmp_path, monkeypatch):
     assert summary["members"][0].startswith(f"trial #{spec['members'][0]['trial']},")
     shown = human_summary(summary)
     assert f"registered model (ensemble of {len(spec['members'])})" in shown
+    # fine-tuning significantly below a baseline on test is in the summary (and its line)
+    report = json.loads((tmp_path / "reports" / "metrics.json").read_text())
+    below = {
+        k: report[f"transfer_minus_{k}"]["accuracy"]
+        for k in ("scratch", "probe")
+        if report[f"transfer_minus_{k}"]["accuracy"]["ci_high"] < 0
+    }
+    assert summary["recipe_below"].keys() == below.keys()
+    assert ("caution  fine-tuning" in shown) == bool(below)
+    worse = summary | {"recipe_below": {"probe": [-4.4, -7.9, -1.0]}}
+    assert "caution  fine-tuning -4.4 [-7.9, -1.0] points against the probe on test" in (
+        human_summary(worse)
+    )
+    assert "Caution: fine-tuning -4.4 [-7.9, -1.0] points against the probe" in (
+        run_description(worse)
+    )
     assert "members  " + "; ".join(summary["members"]) in shown
     assert all(r.data.tags.get("mlflow.parentRunId") == parent.info.run_id for r in steps)
     # every training and evaluation run names its data (MLflow's Datasets column)

@@ -558,6 +558,14 @@ def human_summary(s: dict[str, Any]) -> str:
             if s.get("dropped_classes")
             else []
         ),
+        *(
+            (
+                "caution",
+                f"fine-tuning {m:+.1f} [{lo:+.1f}, {hi:+.1f}] points against the {k} on "
+                "test: significantly below it (val chose fine-tuning; see the report)",
+            )
+            for k, (m, lo, hi) in (s.get("recipe_below") or {}).items()
+        ),
         ("verdict", s["verdict"]),
         (
             "registered",

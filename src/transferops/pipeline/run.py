@@ -160,12 +160,20 @@ def step_evaluate(cfg: Config) -> dict[str, Any]:
     }
     if "finetuned" in report:
         test_acc["finetuned"] = report["finetuned"]["accuracy"]
+    # baselines fine-tuning (the recipe, over its seeds) is significantly below on test:
+    # transfer minus each, in points [interval]
+    below = {
+        other: [round(100 * d[k], 1) for k in ("mean", "ci_low", "ci_high")]
+        for other in ("scratch", "probe")
+        if (d := report.get(f"transfer_minus_{other}", {}).get("accuracy")) and d["ci_high"] < 0
+    }
     return {
         "test_accuracy": {k: round(v, 4) for k, v in test_acc.items()},
         "verdict": report["verdict"],
         "transfer_beats_scratch": report["transfer_beats_scratch"],
         "report": str(Path(cfg.evaluate.out) / "evaluation.md"),
         "dropped_classes": report.get("finetuned", {}).get("dropped_classes", []),
+        "recipe_below": below,
     }
 
 
@@ -372,6 +380,12 @@ def run_description(summary: dict[str, Any]) -> str:
         lines += ["", f"Promotion: {summary['promotion']}"]
     if summary.get("verdict"):
         lines += ["", f"Verdict: {summary['verdict']}"]
+    for other, (m, lo, hi) in (summary.get("recipe_below") or {}).items():
+        lines += [
+            "",
+            f"Caution: fine-tuning {m:+.1f} [{lo:+.1f}, {hi:+.1f}] points against "
+            f"the {other} on test, significantly below it (val chose fine-tuning)",
+        ]
     if summary.get("retrain"):
         lines += ["", f"Retrain: {summary['retrain']}"]
     return "\n".join(lines) or "A pipeline run that stopped before registering a model."
@@ -449,6 +463,7 @@ def _run_steps(cfg: Config, run_step: StepRunner) -> dict[str, Any]:
         "members": trained.get("members", []),
         **{k: evaluated[k] for k in ("test_accuracy", "verdict", "report")},
         "dropped_classes": evaluated.get("dropped_classes", []),
+        "recipe_below": evaluated.get("recipe_below", {}),  # cached steps may predate it
         "registered": f"{registered['model_name']} v{registered['version']}",
         "champion": promoted["champion"],
         "promotion": promoted["decision"],
