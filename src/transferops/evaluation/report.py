@@ -261,6 +261,16 @@ def _param(key: str, value: Any) -> str:
     return f"{name}={value:.3g}" if isinstance(value, float) else f"{name}={value}"
 
 
+def recipe_below(metrics: dict) -> dict[str, dict]:
+    """The baselines fine-tuning (the recipe, over its seeds) is significantly below on
+    test: each one's paired difference transfer − baseline, its interval under 0."""
+    return {
+        other: d
+        for other in ("scratch", "probe")
+        if (d := metrics.get(f"transfer_minus_{other}", {}).get("accuracy")) and d["ci_high"] < 0
+    }
+
+
 def worse_than(other: str) -> str:
     """What it means when fine-tuning (the recipe, over its seeds) is significantly below a
     baseline on test: val chose it, test does not bear it out."""
@@ -275,6 +285,7 @@ def difference_lines(metrics: dict, conf: int) -> list[str]:
     """The paired differences in test accuracy (transfer vs the baselines, the model to
     register vs each), and a class the model to register drops."""
     lines = ["", f"Differences in test accuracy ({conf}% intervals):", ""]
+    below = recipe_below(metrics)
     for other in ("scratch", "probe"):
         if f"transfer_minus_{other}" in metrics:
             d = metrics[f"transfer_minus_{other}"]["accuracy"]
@@ -283,7 +294,7 @@ def difference_lines(metrics: dict, conf: int) -> list[str]:
                 f"- transfer − {other}: {_fmt(d)} over test examples; "
                 f"{_fmt(d['over_seeds'])} over seeds"
                 + (f" (each seed: {each})" if each else "")
-                + (f" — {worse_than(other)}" if d["ci_high"] < 0 else "")
+                + (f" — {worse_than(other)}" if other in below else "")
             )
     cal = metrics.get("finetuned", {}).get("calibration")
     if cal and cal["temperature"] != 1.0:

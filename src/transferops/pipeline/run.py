@@ -32,6 +32,7 @@ from transferops.data.prepare import prepare
 from transferops.evaluation.baseline import run_baselines
 from transferops.evaluation.drift import decide_retrain, save_reference
 from transferops.evaluation.evaluate import evaluate
+from transferops.evaluation.report import recipe_below
 from transferops.finetune.train import member_label, train_from_config
 from transferops.model.folder import SPEC_FILE, WEIGHTS_FILE
 from transferops.pipeline.dvc_lock import record_run
@@ -160,12 +161,9 @@ def step_evaluate(cfg: Config) -> dict[str, Any]:
     }
     if "finetuned" in report:
         test_acc["finetuned"] = report["finetuned"]["accuracy"]
-    # baselines fine-tuning (the recipe, over its seeds) is significantly below on test:
-    # transfer minus each, in points [interval]
-    below = {
+    below = {  # transfer − each baseline fine-tuning is significantly below, in points
         other: [round(100 * d[k], 1) for k in ("mean", "ci_low", "ci_high")]
-        for other in ("scratch", "probe")
-        if (d := report.get(f"transfer_minus_{other}", {}).get("accuracy")) and d["ci_high"] < 0
+        for other, d in recipe_below(report).items()
     }
     return {
         "test_accuracy": {k: round(v, 4) for k, v in test_acc.items()},

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from transferops.evaluation.report import recipe_below
 from transferops.finetune.train import candidate_note
 from transferops.model.inputs import input_side
 from transferops.registry.client import CHAMPION
@@ -119,8 +120,8 @@ def _caveats(tags: dict[str, str], metrics: dict[str, Any]) -> list[str]:
             f"Class {', '.join(dropped)}: this model never gets it right on the test split "
             "(recall 0), where the exact linear probe recognises some of its examples."
         )
-    recipe = metrics.get("transfer_minus_probe", {}).get("accuracy")
-    if tags["candidate"] not in ("classical", "probe") and recipe and recipe["ci_high"] < 0:
+    recipe = recipe_below(metrics).get("probe")
+    if tags["candidate"] not in ("classical", "probe") and recipe:
         lines.append(
             f"Fine-tuning, the recipe behind this model, scores significantly lower than the "
             f"exact probe on the test split ({100 * recipe['mean']:+.1f} points "
