@@ -526,6 +526,8 @@ def run(
 
 def human_summary(s: dict[str, Any]) -> str:
     """The run's summary as a person reads it (``--json`` gives every field)."""
+    from transferops.pipeline.run import cautions  # heavy: imported by the run already
+
     data = (
         f"{s['counts']['train']} train / {s['counts']['val']} val / "
         f"{s['counts']['test']} test (data {s['data_hash'][:12]})"
@@ -558,14 +560,7 @@ def human_summary(s: dict[str, Any]) -> str:
             if s.get("dropped_classes")
             else []
         ),
-        *(
-            (
-                "caution",
-                f"fine-tuning {m:+.1f} [{lo:+.1f}, {hi:+.1f}] points against the {k} on "
-                "test: significantly below it (val chose fine-tuning; see the report)",
-            )
-            for k, (m, lo, hi) in (s.get("recipe_below") or {}).items()
-        ),
+        *(("caution", caution) for caution in cautions(s)),
         ("verdict", s["verdict"]),
         (
             "registered",

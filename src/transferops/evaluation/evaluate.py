@@ -55,9 +55,9 @@ from transferops.evaluation.stats import (
 from transferops.finetune.classical import fit_classical
 from transferops.finetune.selection import balanced_accuracy, macro_f1
 from transferops.model.calibration import nll, scaled
-from transferops.model.folder import SPEC_FILE, WEIGHTS_FILE, load_finetuned
-from transferops.model.inputs import make_inputs, pick_device
-from transferops.model.predict import predict_probs
+from transferops.model.folder import SPEC_FILE, WEIGHTS_FILE
+from transferops.model.inputs import pick_device
+from transferops.model.predict import predict_split
 from transferops.runtime.artifacts import atomic_dir, read_json, sha256_file, write_json_atomic
 from transferops.runtime.tracking import log_data, setup_tracking, start_run
 
@@ -92,14 +92,13 @@ def classification_metrics(
 
 def predict(model_dir: Path, data: PreparedData, device: torch.device) -> np.ndarray:
     """Class probabilities of a saved model on a prepared split."""
-    net, spec = load_finetuned(model_dir)
-    if spec["class_names"] != data.class_names:
+    trained_on = read_json(model_dir / SPEC_FILE)["class_names"]
+    if trained_on != data.class_names:
         raise DataError(
-            f"{model_dir} was trained on classes {spec['class_names']}, the test "
+            f"{model_dir} was trained on classes {trained_on}, the test "
             f"split has {data.class_names}: re-run `transferops baseline`"
         )
-    inputs = make_inputs(data, model_dir, spec["source"], spec.get("max_length", 64))
-    return predict_probs(net, spec, inputs, device)
+    return predict_split(model_dir, data, device)
 
 
 # ---------------------------------------------------------------------- public

@@ -17,9 +17,9 @@ from sklearn.metrics import f1_score, precision_recall_fscore_support
 from transferops.data.prepared import load_prepared
 from transferops.model.blocks import Ensemble, StagedNet
 from transferops.model.calibration import nll
-from transferops.model.folder import SPEC_FILE, WEIGHTS_FILE, load_finetuned
+from transferops.model.folder import SPEC_FILE, WEIGHTS_FILE
 from transferops.model.inputs import make_inputs, pick_device
-from transferops.model.predict import predict_probs
+from transferops.model.predict import predict_probs, predict_split
 from transferops.runtime.artifacts import read_json, sha256_file
 
 __all__ = ["ValProbs", "balanced_accuracy", "greedy_join", "macro_f1", "metric_value", "val_metric"]
@@ -86,11 +86,9 @@ class ValProbs:
 
     def __call__(self, folder: Path) -> np.ndarray:
         key = self._key(folder)
-        if key not in self._memo:
-            net, spec = load_finetuned(folder)  # its weights verified against that sha256
-            inputs = make_inputs(self.val, folder, spec["source"], spec.get("max_length", 64))
+        if key not in self._memo:  # its weights are verified against that sha256 on load
             device = pick_device(self.device)
-            self._memo[key] = predict_probs(net, spec | {"temperature": 1.0}, inputs, device)
+            self._memo[key] = predict_split(folder, self.val, device, temperature=1.0)
         return self._memo[key]
 
     def remember(self, folder: Path, probs: np.ndarray) -> None:

@@ -17,7 +17,15 @@ from PIL import Image
 
 from transferops.errors import DataError
 from transferops.model.blocks import StagedNet
-from transferops.model.inputs import Inputs, decode_image, make_preprocess, tokenize
+from transferops.model.folder import load_finetuned
+from transferops.model.inputs import (
+    Inputs,
+    SplitTensors,
+    decode_image,
+    make_inputs,
+    make_preprocess,
+    tokenize,
+)
 
 
 @torch.no_grad()
@@ -44,6 +52,18 @@ def predict_probs(
     if not out:
         return np.zeros((0, len(spec["class_names"])), dtype=np.float32)
     return torch.cat(out)[torch.argsort(order)].numpy()
+
+
+def predict_split(
+    folder: Path, data: SplitTensors, device: torch.device, temperature: float | None = None
+) -> np.ndarray:
+    """Class probabilities of the model saved in `folder` on a prepared split (its inputs
+    built as training built them), at the folder's fitted temperature, or at `temperature`
+    (1.0: the uncalibrated probabilities)."""
+    net, spec = load_finetuned(folder)
+    inputs = make_inputs(data, folder, spec["source"], spec.get("max_length", 64))
+    t = spec.get("temperature", 1.0) if temperature is None else temperature
+    return predict_probs(net, spec | {"temperature": t}, inputs, device)
 
 
 def raw_inputs(

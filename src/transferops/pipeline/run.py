@@ -366,6 +366,16 @@ def _record_outcome(client: Any, run_id: str, cfg: Config, summary: dict[str, An
         client.log_artifact(run_id, str(html))
 
 
+def cautions(summary: dict[str, Any]) -> list[str]:
+    """What a run's summary warns of: fine-tuning significantly below a baseline on test
+    (``recipe_below``: transfer minus it, in points, with its interval)."""
+    return [
+        f"fine-tuning {m:+.1f} [{lo:+.1f}, {hi:+.1f}] points against the {other} on test: "
+        "significantly below it (val chose fine-tuning; see the report)"
+        for other, (m, lo, hi) in (summary.get("recipe_below") or {}).items()
+    ]
+
+
 def run_description(summary: dict[str, Any]) -> str:
     """The pipeline run's description (markdown in the MLflow UI): the registered version as
     a link into the registry, its promotion decision in full, the verdict."""
@@ -378,12 +388,8 @@ def run_description(summary: dict[str, Any]) -> str:
         lines += ["", f"Promotion: {summary['promotion']}"]
     if summary.get("verdict"):
         lines += ["", f"Verdict: {summary['verdict']}"]
-    for other, (m, lo, hi) in (summary.get("recipe_below") or {}).items():
-        lines += [
-            "",
-            f"Caution: fine-tuning {m:+.1f} [{lo:+.1f}, {hi:+.1f}] points against "
-            f"the {other} on test, significantly below it (val chose fine-tuning)",
-        ]
+    for caution in cautions(summary):
+        lines += ["", f"Caution: {caution}"]
     if summary.get("retrain"):
         lines += ["", f"Retrain: {summary['retrain']}"]
     return "\n".join(lines) or "A pipeline run that stopped before registering a model."
