@@ -17,7 +17,7 @@ from transferops.config import Config, load_config, validate_config, with_overri
 from transferops.data.prepare import prepare
 from transferops.data.prepared import PreparedData, load_prepared
 from transferops.model.folder import load_finetuned
-from transferops.model.inputs import Inputs, make_inputs
+from transferops.model.inputs import Inputs, folder_inputs
 from transferops.model.predict import predict_probs
 from transferops.sources.pull import pull
 
@@ -71,6 +71,6 @@ def folder_probs(folder: Path, splits: dict[str, PreparedData]) -> dict[str, np.
     net, spec = load_finetuned(folder)
     out = {}
     for name, data in splits.items():
-        inputs = make_inputs(data, folder, spec["source"], spec.get("max_length", 64))
+        inputs = folder_inputs(data, folder, spec)
         out[name] = predict_probs(net, spec | {"temperature": 1.0}, inputs, torch.device("cpu"))
     return out

@@ -29,7 +29,7 @@ import yaml
 from transferops.data.prepared import load_prepared
 from transferops.model.blocks import StagedNet
 from transferops.model.folder import load_finetuned
-from transferops.model.inputs import make_inputs
+from transferops.model.inputs import folder_inputs
 from transferops.model.predict import predict_probs
 
 CPU = torch.device("cpu")
@@ -38,7 +38,7 @@ CPU = torch.device("cpu")
 def _probs(net: StagedNet, spec: dict, folder: Path, splits: dict) -> dict[str, np.ndarray]:
     out = {}
     for name, data in splits.items():
-        inputs = make_inputs(data, folder, spec["source"], spec.get("max_length", 64))
+        inputs = folder_inputs(data, folder, spec)
         out[name] = predict_probs(net.eval(), spec | {"temperature": 1.0}, inputs, CPU)
     return out
 

@@ -116,9 +116,23 @@ DEBIAN_SECTIONS_B = (  # a second draw of sections, fixed before its first run
     "web",
     "x11",
 )
+DEBIAN_C = DEBIAN | {"data.path": "data/raw/debian-packages-c.csv"}
+DEBIAN_SECTIONS_C = (  # a third draw, fixed before block_lr_scale was tuned on A, B, fortunes
+    "comm",
+    "devel",
+    "hamradio",
+    "httpd",
+    "java",
+    "localization",
+    "otherosfs",
+    "tex",
+    "utils",
+    "vcs",
+)
 CASES |= {  # text nobody on the project tuned on: a package's description -> its section
     "debian-10-k40": DEBIAN | {"data.limit_per_class": 40},
     "debian-b-10-k40": DEBIAN_B | {"data.limit_per_class": 40},
+    "debian-c-10-k40": DEBIAN_C | {"data.limit_per_class": 40},
 }
 QUICK = {"search.n_trials": 4, "baseline.seeds": [0, 1]}
 
@@ -241,6 +255,7 @@ def write_case_data(folder: Path, overrides: dict[str, Any]) -> None:
         CLIPART["data.path"]: write_clipart,
         DEBIAN["data.path"]: write_debian,
         DEBIAN_B["data.path"]: lambda path: write_debian(path, DEBIAN_SECTIONS_B),
+        DEBIAN_C["data.path"]: lambda path: write_debian(path, DEBIAN_SECTIONS_C),
     }
     writer = writers.get(overrides.get("data.path"))
     if writer is not None:

@@ -18,8 +18,8 @@ from transferops.config import FinetuneConfig, validate_config
 from transferops.data.prepared import load_prepared
 from transferops.errors import ConfigError
 from transferops.finetune.engine import finetune
-from transferops.finetune.plan import stage_depths
-from transferops.finetune.thaw import make_trainable, set_train_mode
+from transferops.finetune.plan import Stage, stage_depths
+from transferops.finetune.thaw import make_optimizer, make_trainable, set_train_mode, thaw
 from transferops.finetune.train import build_net, train_from_config
 from transferops.model.blocks import AvgPool, Ensemble, StagedNet, Wrap
 from transferops.model.families import build_staged
@@ -241,6 +241,26 @@ def test_param_groups_and_lrs_per_stage_and_adam_state_kept(digits_prepared, lit
         names[7]: 2 * steps,
         names[6]: steps,
     }
+
+
+@pytest.mark.parametrize(
+    ("family", "ft", "scale"),
+    [
+        ("hf_text", {}, 0.03),  # a text encoder's blocks train far below the head's LR
+        ("efficientnet_lite", {}, 1.0),
+        ("hf_text", {"init": "random"}, 1.0),  # from scratch: nothing pretrained to keep
+        ("hf_text", {"adapter": "lora"}, 1.0),  # adapters start at zero
+        ("efficientnet_lite", {"block_lr_scale": 0.2}, 0.2),  # a number is taken as given
+    ],
+)
+def test_thawed_blocks_train_at_the_familys_share_of_the_head_lr(family, ft, scale):
+    blocks = [(f"b{i}", Wrap(nn.Linear(4, 4))) for i in range(3)]
+    net = StagedNet(blocks, AvgPool(), 4, 3, family=family)
+    cfg = FinetuneConfig(lr=0.01, layer_decay=0.5, **ft)
+    opt = make_optimizer(net, cfg)
+    thaw(net, opt, Stage(1, 2, (1, 2), 1, 1, 0, True), cfg)
+    lrs = {g["name"]: g["base_lr"] for g in opt.param_groups}
+    assert lrs == pytest.approx({"head": 0.01, "b2": 0.01 * scale * 0.5, "b1": 0.01 * scale * 0.25})
 
 
 def test_frozen_bn_statistics_do_not_move(digits_prepared, lite0_source):

@@ -256,6 +256,11 @@ class FinetuneConfig(_Section):
     layer_decay: Annotated[float, Field(gt=0, le=1)] = Field(
         0.6, description="LR multiplier per block below the head (discriminative LR)"
     )
+    block_lr_scale: PositiveFloat | Literal["auto"] = Field(
+        "auto",
+        description="thawed blocks' LR relative to the head's, before layer_decay; auto = the "
+        "source family's (text encoders 0.03, CNNs 1; 1 from scratch and for LoRA adapters)",
+    )
     weight_decay: Annotated[float, Field(ge=0)] = 1e-4
     warmup_frac: Annotated[float, Field(ge=0, lt=1)] = Field(
         0.3,

@@ -18,7 +18,7 @@ from transferops.data.prepared import load_prepared
 from transferops.model.blocks import Ensemble, StagedNet
 from transferops.model.calibration import nll
 from transferops.model.folder import SPEC_FILE, WEIGHTS_FILE
-from transferops.model.inputs import make_inputs, pick_device
+from transferops.model.inputs import folder_inputs, pick_device
 from transferops.model.predict import predict_probs, predict_split
 from transferops.runtime.artifacts import read_json, sha256_file
 
@@ -59,7 +59,7 @@ def val_metric(
     """`net`'s `metric` on the val split in `data_out` (`inputs_dir`: the folder holding the
     tokenizer for text, a source's or a model's)."""
     val = load_prepared(data_out, "val")
-    inputs = make_inputs(val, Path(inputs_dir), spec["source"], spec.get("max_length", 64))
+    inputs = folder_inputs(val, Path(inputs_dir), spec)
     probs = predict_probs(net, spec, inputs, pick_device(device))  # eval mode, no grad
     return metric_value(metric, val.labels.numpy(), probs.argmax(1), len(val.class_names))
 

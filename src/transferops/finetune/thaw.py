@@ -1,7 +1,8 @@
 """Freezing and thawing (Lightning's ``BaseFinetuning``: freeze, make_trainable,
 unfreeze_and_add_param_group), and the thaw policy the loop calls at each stage.
 
-Thawed block j from the top (j = 1 is the top block) trains at ``lr * layer_decay**j``: the
+Thawed block j from the top (j = 1 is the top block) trains at
+``lr * block_lr_scale * layer_decay**j`` (the scale a fact of the model family): the
 optimizer gains a param group per block as it thaws and keeps the Adam state of the groups
 already training. Frozen blocks stay in eval mode, so their BatchNorm statistics and dropout
 are fixed and their output is the same every epoch (what the feature cache relies on).
@@ -18,6 +19,7 @@ from transferops.config import FinetuneConfig
 from transferops.finetune.adapters import is_adapter
 from transferops.finetune.plan import Stage
 from transferops.model.blocks import StagedNet
+from transferops.model.families import family
 
 
 def batchnorms(module: nn.Module) -> list[nn.Module]:
@@ -76,12 +78,23 @@ def make_optimizer(net: StagedNet, cfg: FinetuneConfig) -> torch.optim.Optimizer
     return torch.optim.AdamW([param_group("head", net.head, cfg.lr, cfg)])
 
 
+def block_lr_scale(cfg: FinetuneConfig, family_name: str) -> float:
+    """The thawed blocks' LR relative to the head's: finetune.block_lr_scale, or for auto
+    the family's (the table's fact), except 1 for a random init (no pretrained features to
+    keep) and for LoRA adapters (they start at zero and train at a head-sized LR)."""
+    if cfg.block_lr_scale != "auto":
+        return cfg.block_lr_scale
+    if cfg.init == "random" or cfg.adapter == "lora":
+        return 1.0
+    return family(family_name).block_lr_scale
+
+
 def unfreeze_and_add_param_group(
     net: StagedNet, opt: torch.optim.Optimizer, j: int, cfg: FinetuneConfig
 ) -> None:
-    """Block j from the top joins the optimizer at ``lr * layer_decay**j``."""
+    """Block j from the top joins the optimizer at ``lr * block_lr_scale * layer_decay**j``."""
     i = net.num_blocks - j
-    lr = cfg.lr * cfg.layer_decay**j
+    lr = cfg.lr * block_lr_scale(cfg, net.family) * cfg.layer_decay**j
     opt.add_param_group(param_group(net.block_names[i], net.blocks[i], lr, cfg))
 
 

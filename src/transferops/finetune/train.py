@@ -26,6 +26,7 @@ from transferops.finetune.calibrate import calibrate
 from transferops.finetune.classical import fit_classical, pixel_net, pixel_source, val_score
 from transferops.finetune.engine import EpochHook, TrainResult, finetune
 from transferops.finetune.selection import ValProbs, greedy_join, metric_value
+from transferops.finetune.thaw import block_lr_scale
 from transferops.model.blocks import Ensemble, StagedNet
 from transferops.model.calibration import nll
 from transferops.model.families import build_staged
@@ -117,6 +118,7 @@ def train_model(
         "input": source.manifest["input"],
         "max_length": cfg.finetune.max_length,
         "finetune": cfg.finetune.model_dump(mode="json"),
+        "block_lr_scale": block_lr_scale(cfg.finetune, source.family),  # what auto resolved to
         # what finetune.precision resolved to on this machine (auto differs by device/CPU)
         "precision": "bf16" if pre.bf16 else "fp32",
         "data_hash": data_manifest["data_hash"],

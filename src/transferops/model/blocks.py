@@ -166,8 +166,10 @@ class StagedNet(nn.Module):
         feat_dim: int,
         num_classes: int,
         dropout: float = 0.0,
+        family: str = "unknown",
     ) -> None:
         super().__init__()
+        self.family = family  # the model family's row (model.families): facts the loop reads
         self.block_names = [n for n, _ in blocks]
         self.blocks = nn.ModuleList([m for _, m in blocks])
         self.pool = pool

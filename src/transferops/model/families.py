@@ -60,6 +60,11 @@ class Family:
     # 2.25x with AVX512-BF16 (AMD EPYC), 3x per inference pass on both; EfficientNet-Lite0's
     # depthwise convolutions train 1.6-1.7x *slower* in bf16 on both
     cpu_bf16: bool = False
+    # The pretrained blocks' LR relative to the new head's (finetune.block_lr_scale auto),
+    # before layer_decay. Attention encoders fine-tune at a fraction of a head's AdamW LR:
+    # at 1 (MiniLM's top layer at 1.8e-3 for the head's 0.003) fine-tuning fell below the
+    # exact probe on the text cases; at 0.03 it rose above it (bench/text_lr.py)
+    block_lr_scale: float = 1.0
 
 
 FAMILIES: dict[str, Family] = {
@@ -78,7 +83,9 @@ FAMILIES: dict[str, Family] = {
     "efficientnet_lite": Family(
         split_efficientnet_lite, "image", HALF, True, "efficientnet-lite-pytorch"
     ),
-    "hf_text": Family(split_hf_text, "text", None, False, "transformers", cpu_bf16=True),
+    "hf_text": Family(
+        split_hf_text, "text", None, False, "transformers", cpu_bf16=True, block_lr_scale=0.03
+    ),
     "pixels": Family(split_pixels, "image", UNIT, False, "torch"),
     "unknown": Family(None, "image", IMAGENET, True, "torchvision"),
 }
@@ -186,4 +193,4 @@ def build_staged(
 ) -> StagedNet:
     """Wrap a source model as a StagedNet with a fresh head for `num_classes`."""
     blocks, pool, dim = discover(model, family_name, image_size, user_blocks)
-    return StagedNet(blocks, pool, dim, num_classes, dropout)
+    return StagedNet(blocks, pool, dim, num_classes, dropout, family_name)

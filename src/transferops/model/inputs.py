@@ -248,6 +248,17 @@ def make_inputs(
     return Inputs(ids, data.labels, mask)
 
 
+def spec_max_length(spec: dict[str, Any]) -> int:
+    """Tokens per example the model folder with `spec` was trained with (64, the default,
+    for folders written before the spec recorded it)."""
+    return spec.get("max_length", 64)
+
+
+def folder_inputs(data: SplitTensors, model_dir: Path, spec: dict[str, Any]) -> Inputs:
+    """A prepared split as the model saved in `model_dir` (its spec: `spec`) takes it."""
+    return make_inputs(data, model_dir, spec["source"], spec_max_length(spec))
+
+
 def pick_device(choice: str) -> torch.device:
     """cuda when asked for or available (auto), else cpu."""
     if choice == "cuda" and not torch.cuda.is_available():

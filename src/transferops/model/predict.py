@@ -22,8 +22,9 @@ from transferops.model.inputs import (
     Inputs,
     SplitTensors,
     decode_image,
-    make_inputs,
+    folder_inputs,
     make_preprocess,
+    spec_max_length,
     tokenize,
 )
 
@@ -61,7 +62,7 @@ def predict_split(
     built as training built them), at the folder's fitted temperature, or at `temperature`
     (1.0: the uncalibrated probabilities)."""
     net, spec = load_finetuned(folder)
-    inputs = make_inputs(data, folder, spec["source"], spec.get("max_length", 64))
+    inputs = folder_inputs(data, folder, spec)
     t = spec.get("temperature", 1.0) if temperature is None else temperature
     return predict_probs(net, spec | {"temperature": t}, inputs, device)
 
@@ -80,7 +81,7 @@ def raw_inputs(
         bad = [i for i, t in enumerate(items) if not isinstance(t, str)]
         if bad:
             raise DataError(f"text input: items {bad[:5]} are not strings")
-        ids, mask = tokenize(list(items), model_dir, spec["source"], spec.get("max_length", 64))
+        ids, mask = tokenize(list(items), model_dir, spec["source"], spec_max_length(spec))
         return Inputs(ids, torch.zeros(n, dtype=torch.int64), mask)  # labels: unused
     size = spec.get("image_size") or 32
     resize = spec.get("image_resize", "crop")

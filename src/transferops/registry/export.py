@@ -29,7 +29,7 @@ from transferops.config import Config
 from transferops.data.prepared import load_prepared
 from transferops.errors import RegistryError
 from transferops.model.folder import SPEC_FILE, WEIGHTS_FILE, load_finetuned
-from transferops.model.inputs import Inputs, Preprocess, make_inputs, make_preprocess
+from transferops.model.inputs import Inputs, Preprocess, folder_inputs, make_preprocess
 from transferops.model.predict import predict_probs
 from transferops.runtime.artifacts import atomic_dir, read_json, sha256_file, write_json_atomic
 from transferops.runtime.tracking import setup_tracking
@@ -131,7 +131,7 @@ def parity(model_dir: Path, onnx_path: Path, inputs: Inputs) -> Parity:
 def _test_inputs(cfg: Config, model_dir: Path) -> Inputs:
     spec = read_json(model_dir / SPEC_FILE)
     test = load_prepared(cfg.data.out, "test")
-    return make_inputs(test, model_dir, spec["source"], spec.get("max_length", 64))
+    return folder_inputs(test, model_dir, spec)
 
 
 def _registered(cfg: Config) -> tuple[dict[str, Any], Path]:
