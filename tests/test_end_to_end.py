@@ -242,6 +242,16 @@ def test_text_source_fine_tunes_minilm(tmp_path, monkeypatch):
     ]
     assert spec["precision"] == want and trained
     assert {r.data.tags.get("precision") for r in trained} == {want}
+    # finetune.block_lr_scale auto: the encoder's blocks train at the text family's share of
+    # the head's LR; from scratch (random weights) at the head's own
+    from transferops.model.families import FAMILIES
+
+    text_scale = FAMILIES["hf_text"].block_lr_scale
+    assert spec["block_lr_scale"] == text_scale < 1
+    scales = {
+        (r.info.run_name.startswith("scratch"), r.data.tags.get("block_lr_scale")) for r in trained
+    }
+    assert scales == {(False, str(text_scale)), (True, "1.0")}
     assert (tmp_path / "models" / "finetuned" / "hf" / "tokenizer.json").exists()
     assert not list((tmp_path / "models" / "finetuned" / "hf").glob("*.safetensors"))
     metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())

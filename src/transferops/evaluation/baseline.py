@@ -142,7 +142,13 @@ def _train_one(
             shutil.rmtree(rcfg.finetune.checkpoint_dir, ignore_errors=True)
             val_accuracy = res.best_val_accuracy
             how = f"{res.epochs_run} epochs, {res.seconds:.1f}s"
-        log_outcome(mlflow, val_accuracy, spec.get("weight_average"), spec.get("precision"))
+        log_outcome(
+            mlflow,
+            val_accuracy,
+            spec.get("weight_average"),
+            spec.get("precision"),
+            spec.get("block_lr_scale"),
+        )
     log.info("%s: val accuracy %.4f (%s)", name, val_accuracy, how)
     return {
         "name": name,

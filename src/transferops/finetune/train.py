@@ -226,6 +226,7 @@ class Trained:
     candidate: str = "finetuned"
     classical_val_accuracy: float | None = None
     precision: str | None = None  # what finetune.precision resolved to (the spec's)
+    block_lr_scale: float | None = None  # what finetune.block_lr_scale resolved to (the spec's)
 
 
 def same_run(folder: Path, cfg: Config, data_hash: str, source_sha: str) -> bool:
@@ -305,7 +306,9 @@ def train_from_config(cfg: Config, resume: bool = True) -> Trained:
             done = _train_ensemble(cfg, mlflow, r.info.run_id, resume, tags, runners, val_probs)
             if done.reused_from:  # its first member is the search's best trial
                 mlflow.set_tag("reused_from", done.reused_from)
-        log_outcome(mlflow, done.val_accuracy, done.weight_average, done.precision)
+        log_outcome(
+            mlflow, done.val_accuracy, done.weight_average, done.precision, done.block_lr_scale
+        )
         done = keep_best_candidate(cfg, done, r.info.run_id, val_probs)
         mlflow.set_tag("candidate", done.candidate)
         mlflow.log_metrics({k: v for k, v in calibrate(cfg, val_probs).items()})
@@ -378,7 +381,13 @@ def _train_ensemble(
                 runs.append(_member_done(folder))  # trained before a crash: kept
             else:
                 runs.append(_train_one(mcfg, mlflow, m.info.run_id, resume, data_hash, source_sha))
-            log_outcome(mlflow, runs[-1].val_accuracy, runs[-1].weight_average, runs[-1].precision)
+            log_outcome(
+                mlflow,
+                runs[-1].val_accuracy,
+                runs[-1].weight_average,
+                runs[-1].precision,
+                runs[-1].block_lr_scale,
+            )
         folders.append(folder)
     for folder in _joining(cfg, folders, runners, val_probs):  # trained by the search
         spec, history = read_json(folder / SPEC_FILE), read_json(folder / "history.json")
@@ -393,7 +402,13 @@ def _train_ensemble(
         ):
             replay_curves(history)
             runs.append(_trained(spec, history, str(folder)))
-            log_outcome(mlflow, runs[-1].val_accuracy, runs[-1].weight_average, runs[-1].precision)
+            log_outcome(
+                mlflow,
+                runs[-1].val_accuracy,
+                runs[-1].weight_average,
+                runs[-1].precision,
+                runs[-1].block_lr_scale,
+            )
         folders.append(folder)
     # The member folders stay: the baseline's transfer runs of these seeds reuse them, also
     # when the classical candidate takes finetune.out's place
@@ -444,6 +459,7 @@ def _trained(spec: dict[str, Any], history: list[dict], reused_from: str | None 
         weight_average=spec.get("weight_average"),
         candidate=spec.get("candidate", "finetuned"),
         precision=spec.get("precision"),
+        block_lr_scale=spec.get("block_lr_scale"),
     )
 
 
@@ -499,6 +515,9 @@ def _assemble(
         reused_from=runs[0].reused_from,  # the first member: the search's best trial
         candidate="ensemble",
         precision="+".join(sorted({r.precision or "fp32" for r in runs})),
+        block_lr_scale=runs[0].block_lr_scale
+        if len({r.block_lr_scale for r in runs}) == 1
+        else None,
     )
 
 
@@ -552,7 +571,9 @@ def keep_best_candidate(
         done.val_loss,
         fc.out,
     )
-    return replace(done, candidate="classical", val_accuracy=acc, val_loss=loss)
+    return replace(
+        done, candidate="classical", val_accuracy=acc, val_loss=loss, block_lr_scale=None
+    )
 
 
 def _train(cfg: Config, run_id: str, resume: bool) -> Trained:
@@ -572,6 +593,7 @@ def _train(cfg: Config, run_id: str, resume: bool) -> Trained:
         weight_average=spec["weight_average"],
         candidate=spec["candidate"],
         precision=spec["precision"],
+        block_lr_scale=spec["block_lr_scale"],
     )
 
 

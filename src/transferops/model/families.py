@@ -61,9 +61,10 @@ class Family:
     # depthwise convolutions train 1.6-1.7x *slower* in bf16 on both
     cpu_bf16: bool = False
     # The pretrained blocks' LR relative to the new head's (finetune.block_lr_scale auto),
-    # before layer_decay. Attention encoders fine-tune at a fraction of a head's AdamW LR:
-    # at 1 (MiniLM's top layer at 1.8e-3 for the head's 0.003) fine-tuning fell below the
-    # exact probe on the text cases; at 0.03 it rose above it (bench/text_lr.py)
+    # before layer_decay. Attention encoders fine-tune at a small share of a head's AdamW
+    # LR: at 1 (MiniLM's top layer at 1.8e-3 for the head's 0.003) the recipe fell 4-5
+    # points below the exact probe on two unseen text cases; 0.03 lifted it 3-5 points
+    # there, seed spreads 1.2-1.5 points (bench/text_lr.py, bench/RESULTS.md)
     block_lr_scale: float = 1.0
 
 

@@ -333,16 +333,23 @@ def log_run_params(client: Any, run_id: str, params: dict[str, Any]) -> None:
 
 
 def log_outcome(
-    mlflow: Any, val_accuracy: float, avg: dict[str, Any] | None, precision: str | None = None
+    mlflow: Any,
+    val_accuracy: float,
+    avg: dict[str, Any] | None,
+    precision: str | None = None,
+    block_lr_scale: float | None = None,
 ) -> None:
     """A finished training run's score, and whether its weights are the mean of the last
     epochs' (``finetune.average_epochs``, the model spec's ``weight_average``): then the score
-    is above every point of the run's val curve, and the run says why. `precision` (the
-    spec's): what finetune.precision resolved to on the machine that trained it (the param
-    logged is the setting, e.g. auto)."""
+    is above every point of the run's val curve, and the run says why. `precision` and
+    `block_lr_scale` (the spec's): what finetune.precision resolved to on the machine that
+    trained it and what finetune.block_lr_scale resolved to for its model family (the params
+    logged are the settings, e.g. auto)."""
     mlflow.log_metric("best_val_accuracy", val_accuracy)
     if precision:
         mlflow.set_tag("precision", precision)
+    if block_lr_scale is not None:
+        mlflow.set_tag("block_lr_scale", str(block_lr_scale))
     if avg:
         mlflow.log_metric("averaged_val_accuracy", avg["val_accuracy"])
         mlflow.set_tag(

@@ -312,7 +312,11 @@ def _objective(cfg: Config, parent_run_id: str | None, store: dict, task: str | 
                     trial.set_user_attr("probe_val_accuracy", res.probe.val_accuracy)
                     trial.set_user_attr("val_accuracy", res.best_val_accuracy)
                 log_outcome(
-                    mlflow, res.best_val_accuracy, spec.get("weight_average"), spec["precision"]
+                    mlflow,
+                    res.best_val_accuracy,
+                    spec.get("weight_average"),
+                    spec["precision"],
+                    spec["block_lr_scale"],
                 )
                 value = _value(cfg, res, spec)
                 if cfg.registry.metric != "accuracy":
