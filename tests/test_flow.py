@@ -82,8 +82,14 @@ def test_run_is_a_prefect_flow_and_unchanged_steps_are_cached(project):
         assert f"Task run '{step}' - Finished in state Cached(type=COMPLETED)" in log3, step
     assert "Task run 'evaluate' - Finished in state Completed()" in log3
 
-    # New labelled images arrive (what a scheduled run finds): everything downstream of the
-    # data reruns, and the retrained model is registered as a new version.
+
+@pytest.mark.slow  # two full flow runs, ~50 s: the cached runs above keep the fast suite's
+def test_new_data_reruns_every_step_after_it_and_registers_a_new_version(project):
+    """New labelled images arrive (what a scheduled run finds): everything downstream of the
+    data reruns, and the retrained model is registered as a new version."""
+    first = _run(project, "run", "--json")
+    assert first.returncode == 0, first.stderr[-3000:]
+    summary = json.loads(first.stdout)
     write_image_folder(project / "raw", per_class=13)  # 000-009 unchanged, 010-012 new
     fourth = _run(project, "run", "--json")
     log4 = fourth.stdout + fourth.stderr
