@@ -229,6 +229,12 @@ class Trained:
     block_lr_scale: float | None = None  # what finetune.block_lr_scale resolved to (the spec's)
 
 
+def log_trained(mlflow: Any, t: Trained) -> None:
+    """What a `train` run (or a member of its ensemble) did, into its MLflow run: the
+    outcome every training run logs (:func:`runtime.tracking.log_outcome`)."""
+    log_outcome(mlflow, t.val_accuracy, t.weight_average, t.precision, t.block_lr_scale)
+
+
 def same_run(folder: Path, cfg: Config, data_hash: str, source_sha: str) -> bool:
     """Whether `folder` holds a model trained exactly as `cfg` says: same data, source and
     trajectory params (training is deterministic, so retraining gives the same weights)."""
@@ -306,9 +312,7 @@ def train_from_config(cfg: Config, resume: bool = True) -> Trained:
             done = _train_ensemble(cfg, mlflow, r.info.run_id, resume, tags, runners, val_probs)
             if done.reused_from:  # its first member is the search's best trial
                 mlflow.set_tag("reused_from", done.reused_from)
-        log_outcome(
-            mlflow, done.val_accuracy, done.weight_average, done.precision, done.block_lr_scale
-        )
+        log_trained(mlflow, done)
         done = keep_best_candidate(cfg, done, r.info.run_id, val_probs)
         mlflow.set_tag("candidate", done.candidate)
         mlflow.log_metrics({k: v for k, v in calibrate(cfg, val_probs).items()})
@@ -381,13 +385,7 @@ def _train_ensemble(
                 runs.append(_member_done(folder))  # trained before a crash: kept
             else:
                 runs.append(_train_one(mcfg, mlflow, m.info.run_id, resume, data_hash, source_sha))
-            log_outcome(
-                mlflow,
-                runs[-1].val_accuracy,
-                runs[-1].weight_average,
-                runs[-1].precision,
-                runs[-1].block_lr_scale,
-            )
+            log_trained(mlflow, runs[-1])
         folders.append(folder)
     for folder in _joining(cfg, folders, runners, val_probs):  # trained by the search
         spec, history = read_json(folder / SPEC_FILE), read_json(folder / "history.json")
@@ -402,13 +400,7 @@ def _train_ensemble(
         ):
             replay_curves(history)
             runs.append(_trained(spec, history, str(folder)))
-            log_outcome(
-                mlflow,
-                runs[-1].val_accuracy,
-                runs[-1].weight_average,
-                runs[-1].precision,
-                runs[-1].block_lr_scale,
-            )
+            log_trained(mlflow, runs[-1])
         folders.append(folder)
     # The member folders stay: the baseline's transfer runs of these seeds reuse them, also
     # when the classical candidate takes finetune.out's place
