@@ -20,7 +20,7 @@ from transferops.errors import ConfigError
 from transferops.finetune.engine import finetune
 from transferops.finetune.plan import Stage, stage_depths
 from transferops.finetune.thaw import make_optimizer, make_trainable, set_train_mode, thaw
-from transferops.finetune.train import build_net, train_from_config
+from transferops.finetune.train import build_net, run_fingerprint, train_from_config
 from transferops.model.blocks import AvgPool, Ensemble, StagedNet, Wrap
 from transferops.model.families import build_staged
 from transferops.model.folder import load_finetuned
@@ -353,6 +353,16 @@ def test_checkpoint_resume_equals_uninterrupted(digits_prepared, lite0_source, t
     # Another fingerprint does not resume.
     net, tr, va, cfg, pre = _setup(digits_prepared, lite0_source, **kw)
     assert finetune(net, tr, va, cfg, pre, CPU, checkpoint=ck, fingerprint="g").resumed_from is None
+
+
+def test_a_checkpoint_is_keyed_on_the_precision_the_run_resolved_to():
+    # precision auto is bf16 on one CPU and fp32 on another: the same settings must not
+    # resume a bf16 run's checkpoint in fp32
+    spec = {"source": {"arch": "x", "sha256": "ab"}, "data_hash": "d", "precision": "bf16"}
+    cfg = FinetuneConfig(precision="auto")
+    assert run_fingerprint(spec, cfg) == run_fingerprint(dict(spec), cfg)
+    assert run_fingerprint(spec, cfg) != run_fingerprint(spec | {"precision": "fp32"}, cfg)
+    assert run_fingerprint(spec, cfg) != run_fingerprint(spec, FinetuneConfig(lr=0.01))
 
 
 def test_checkpoints_wait_for_their_interval(digits_prepared, lite0_source, tmp_path):

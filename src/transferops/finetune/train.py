@@ -123,15 +123,7 @@ def train_model(
         "precision": "bf16" if pre.bf16 else "fp32",
         "data_hash": data_manifest["data_hash"],
     }
-    # What determines the training trajectory (output paths do not): a checkpoint resumes
-    # only a run with the same fingerprint.
-    fingerprint = sha256_json(
-        {
-            "source": source_id(source.manifest),
-            "data_hash": spec["data_hash"],
-            "finetune": cfg.finetune.trajectory_params(),
-        }
-    )
+    fingerprint = run_fingerprint(spec, cfg.finetune)
     res = finetune(
         net,
         make_inputs(train, cfg.source.out, source.manifest, cfg.finetune.max_length),
@@ -149,6 +141,21 @@ def train_model(
     spec["weight_average"] = asdict(res.average) if res.average else None
     spec["candidate"] = "probe" if res.from_probe else "finetuned"
     return res, spec
+
+
+def run_fingerprint(spec: dict[str, Any], cfg: FinetuneConfig) -> str:
+    """What determines a run's training trajectory (output paths do not): a checkpoint resumes
+    only a run with the same fingerprint. The precision the run resolved to is in it, not only
+    the setting: ``auto`` trains in bf16 on one CPU and in fp32 on another, and a checkpoint
+    must not carry a bf16 run on in fp32 (or back)."""
+    return sha256_json(
+        {
+            "source": source_id(spec["source"]),
+            "data_hash": spec["data_hash"],
+            "finetune": cfg.trajectory_params(),
+            "precision": spec["precision"],
+        }
+    )
 
 
 @functools.cache
