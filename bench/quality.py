@@ -84,6 +84,22 @@ CASES |= {  # drawn images, 10 categories, not digits or faces (apt-get install 
     "clipart-10-k20": CLIPART | {"data.limit_per_class": 20},
     "clipart-10-all": CLIPART | {"data.limit_per_class": None},
 }
+CLIPART_FINE = {"data.demo": None, "data.path": "data/raw/clipart-fine"}
+CLIPART_FINE_CATEGORIES = (  # sub-categories of >= 50 drawings, fixed before its first run
+    "animals/mammals",
+    "animals/birds",
+    "animals/bugs",
+    "food/fruit",
+    "food/desserts",
+    "food/beverages",
+    "recreation/music",
+    "recreation/sports",
+    "recreation/party",
+    "transportation/vehicles",
+)
+CASES |= {  # held out: finer classes of the same clip art (birds vs bugs, fruit vs desserts)
+    "clipart-fine-10-k20": CLIPART_FINE | {"data.limit_per_class": 20},
+}
 DEBIAN = TEXT | {  # a table with its own column names, read through data.table
     "data.demo": None,
     "data.path": "data/raw/debian-packages.csv",
@@ -167,8 +183,9 @@ def write_lfw(folder: Path) -> None:
         Image.fromarray((img * 255).round().astype("uint8")).save(cls / f"{i:03d}.png")
 
 
-def write_clipart(folder: Path) -> dict[str, int]:
-    """Debian's clip art as an image folder, one class per top category, each drawing once:
+def write_clipart(folder: Path, categories: tuple[str, ...] = CLIPART_CATEGORIES) -> dict[str, int]:
+    """Debian's clip art as an image folder, one class per category (a top category or a
+    sub-category path, its last part naming the class folder), each drawing once:
     symlinks skipped and copies found by content (a 12 x 12 grey thumbnail on white, so the
     ``_01`` / ``_02`` size variants of one drawing count once), so that no drawing can land in
     both train and test. Returns the images per class."""
@@ -177,8 +194,9 @@ def write_clipart(folder: Path) -> dict[str, int]:
 
     seen: set[bytes] = set()
     kept: dict[str, int] = {}
-    for cat in CLIPART_CATEGORIES:
-        (folder / cat).mkdir(parents=True, exist_ok=True)
+    for cat in categories:
+        dest = folder / Path(cat).name
+        dest.mkdir(parents=True, exist_ok=True)
         for src in sorted((CLIPART_DIR / cat).rglob("*.png")):
             if src.is_symlink():
                 continue
@@ -195,8 +213,8 @@ def write_clipart(folder: Path) -> dict[str, int]:
             if key in seen:
                 continue
             seen.add(key)
-            shutil.copy(src, folder / cat / f"{len(seen):05d}_{src.name}")
-            kept[cat] = kept.get(cat, 0) + 1
+            shutil.copy(src, dest / f"{len(seen):05d}_{src.name}")
+            kept[dest.name] = kept.get(dest.name, 0) + 1
     return kept
 
 
@@ -253,6 +271,7 @@ def write_case_data(folder: Path, overrides: dict[str, Any]) -> None:
         LFW["data.path"]: write_lfw,
         FOLDER["data.path"]: write_folder,
         CLIPART["data.path"]: write_clipart,
+        CLIPART_FINE["data.path"]: lambda path: write_clipart(path, CLIPART_FINE_CATEGORIES),
         DEBIAN["data.path"]: write_debian,
         DEBIAN_B["data.path"]: lambda path: write_debian(path, DEBIAN_SECTIONS_B),
         DEBIAN_C["data.path"]: lambda path: write_debian(path, DEBIAN_SECTIONS_C),

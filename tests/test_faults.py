@@ -278,6 +278,35 @@ def test_outputs_get_the_umask_modes_not_private_temp_modes(tmp_path, image_fold
     )  # readable unless the umask says no
 
 
+def test_a_reused_model_folder_shares_its_files_and_a_write_to_one_leaves_the_other(
+    tmp_path, monkeypatch
+):
+    """Reused model folders (the search's best, the baseline's runs, train's members) are
+    hard links, not copies: a text encoder's 90 MB once. Safe because every output file is
+    written into a fresh temp folder or file and renamed, never rewritten in place."""
+    from transferops.runtime.artifacts import atomic_dir, copy_folder, read_json, write_json_atomic
+
+    src = tmp_path / "trial"
+    with atomic_dir(src) as d:
+        (d / "model.safetensors").write_bytes(b"w" * 4096)
+        write_json_atomic(d / "model.json", {"seed": 0})
+    with atomic_dir(tmp_path / "best") as d:
+        copy_folder(src, d)
+        write_json_atomic(d / "model.json", {"seed": 0, "mlflow_run_id": "r"})  # labels added
+    dst = tmp_path / "best"
+    assert (dst / "model.safetensors").stat().st_ino == (src / "model.safetensors").stat().st_ino
+    assert read_json(src / "model.json") == {"seed": 0}  # the source's spec is its own
+    with atomic_dir(dst) as d:  # a retrained model replaces the folder: the source stays
+        (d / "model.safetensors").write_bytes(b"x" * 10)
+    assert (src / "model.safetensors").read_bytes() == b"w" * 4096
+    # where links are not possible (another file system), the bytes are copied
+    monkeypatch.setattr(os, "link", lambda a, b: (_ for _ in ()).throw(OSError(18, "EXDEV")))
+    copy_folder(src, tmp_path / "copied")
+    copied = tmp_path / "copied" / "model.safetensors"
+    assert copied.read_bytes() == b"w" * 4096
+    assert copied.stat().st_ino != (src / "model.safetensors").stat().st_ino
+
+
 @pytest.fixture
 def mlflow_url(tmp_path) -> Iterator[str]:
     """A real MLflow tracking server on 127.0.0.1 (its own sqlite store)."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,13 @@ from transferops.model.folder import (
     save_model_folder,
 )
 from transferops.model.inputs import input_side, make_inputs, make_preprocess, pick_device
-from transferops.runtime.artifacts import atomic_dir, read_json, sha256_json, write_json_atomic
+from transferops.runtime.artifacts import (
+    atomic_dir,
+    copy_folder,
+    read_json,
+    sha256_json,
+    write_json_atomic,
+)
 from transferops.runtime.tracking import log_data, log_epoch, log_outcome, setup_tracking, start_run
 from transferops.sources.manifest import read_source_manifest, source_id
 from transferops.sources.pull import SourceModel, load_source, random_init
@@ -280,7 +285,7 @@ def reuse_model(
     trained there; (spec, history)."""
     with atomic_dir(dst) as tmp:
         if member is None:
-            shutil.copytree(folder, tmp, dirs_exist_ok=True)
+            copy_folder(folder, tmp)
         else:
             save_member(folder, member, tmp, folder)
         spec = read_json(tmp / SPEC_FILE) | labels

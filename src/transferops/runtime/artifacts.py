@@ -118,6 +118,26 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def link_or_copy(src: str, dst: str) -> str:
+    """`src` hard-linked at `dst` (no second copy of the bytes), or copied where links are
+    not possible (another file system, a store without links). Safe for this package's
+    outputs: every file in them is written once, into a fresh temporary folder
+    (:func:`atomic_dir`, :func:`write_json_atomic`), never rewritten in place, so no write
+    through one link can change the other."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
+
+
+def copy_folder(src: Path, dst: Path) -> None:
+    """A model folder's tree at `dst`, its files hard-linked where possible
+    (:func:`link_or_copy`): a reused model costs no disk (a text encoder's 90 MB a copy,
+    five copies a pipeline run)."""
+    shutil.copytree(src, dst, copy_function=link_or_copy, dirs_exist_ok=True)
+
+
 def read_json(path: Path) -> Any:
     """Read a JSON file."""
     return json.loads(Path(path).read_text())

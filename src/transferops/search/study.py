@@ -55,7 +55,7 @@ from transferops.finetune.plan import total_epochs
 from transferops.finetune.selection import val_metric
 from transferops.finetune.train import BEST_MODEL, RUNNERS_UP, save_finetuned, train_model
 from transferops.model.folder import SPEC_FILE
-from transferops.runtime.artifacts import atomic_dir, sha256_json, write_json_atomic
+from transferops.runtime.artifacts import atomic_dir, copy_folder, sha256_json, write_json_atomic
 from transferops.runtime.cluster import (
     dask_client,
     run_in_project,
@@ -662,12 +662,12 @@ def _write_summary(
     with atomic_dir(out) as tmp:
         write_json_atomic(tmp / "best_params.json", best_params)
         if (kept / str(best.number) / SPEC_FILE).exists():  # what `train` copies
-            shutil.copytree(kept / str(best.number), tmp / BEST_MODEL)
+            copy_folder(kept / str(best.number), tmp / BEST_MODEL)
         # every trial of the final top was kept when it completed; a search resumed after
         # an earlier summary cleared the kept models may lack some: those are left out
         on_disk = [n for n in runners or [] if (kept / str(n) / SPEC_FILE).exists()]
         for n in on_disk:
-            shutil.copytree(kept / str(n), tmp / RUNNERS_UP / str(n))
+            copy_folder(kept / str(n), tmp / RUNNERS_UP / str(n))
         write_json_atomic(tmp / RUNNERS_UP / "order.json", on_disk)
         write_json_atomic(
             tmp / "summary.json",
