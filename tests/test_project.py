@@ -65,6 +65,7 @@ def test_init_on_an_image_folder(tmp_path, layout):
     said = " ".join(out.split())
     expected = "with train/val/test folders" if layout == "splits" else "one folder per class"
     assert f"image folder ({expected})" in said and "3 classes" in said
+    assert "warning" not in said  # nothing prepare would stop at
     assert "next: cd" in said and "transferops run" in said
     project = tmp_path / "proj"
     cfg = load_config(project / "params.yaml")
@@ -79,6 +80,21 @@ def test_init_on_an_image_folder(tmp_path, layout):
     # a second init keeps what is there, unless asked
     r = runner.invoke(app, ["init", str(project), "--data", str(data)])
     assert r.exit_code == 2 and "already there" in r.output and "--force" in r.output
+
+
+def test_init_warns_about_a_class_too_small_to_split_before_the_first_run(tmp_path):
+    data = write_image_folder(tmp_path / "images", per_class=4)
+    write_image_folder(tmp_path / "images", per_class=2, classes=(3,))  # 'three': 2 images
+    said = " ".join(_init(tmp_path, "--data", str(data)).split())
+    assert "4 classes" in said and "warning: prepare will stop here" in said
+    assert "'three' (2)" in said and "zero" not in said.split("warning:")[1]
+    assert "next: fix what the warning says, then cd" in said
+    assert (tmp_path / "proj" / "params.yaml").exists()  # the project is written all the same
+    # a table: the same check through the table reader
+    rows = [f"text {i},{'a' if i < 10 else 'b'}" for i in range(12)]  # 'b': 2 rows
+    (tmp_path / "t.csv").write_text("text,label\n" + "\n".join(rows) + "\n")
+    r = runner.invoke(app, ["init", str(tmp_path / "tproj"), "--data", str(tmp_path / "t.csv")])
+    assert r.exit_code == 0 and "'b' (2)" in " ".join(r.output.split())
 
 
 def test_init_on_a_csv_with_other_column_names(tmp_path):

@@ -206,9 +206,12 @@ def init(
     found = _init(path, data, force, git, dvc)
     for line in found.said:
         console.print(f"found: {line}", highlight=False)
+    for line in found.problems:
+        console.print(f"[yellow]warning:[/] {line}", highlight=False)
     console.print(f"wrote {', '.join(WRITTEN)} in {path.resolve()}", highlight=False)
     where = "" if path.resolve() == Path.cwd() else f"cd {path} && "
-    console.print(f"next: {where}transferops run", highlight=False)
+    first = "fix what the warning says, then " if found.problems else ""
+    console.print(f"next: {first}{where}transferops run", highlight=False)
 
 
 @app.command("demo-data")

@@ -22,8 +22,15 @@ from typing import Any
 
 import pandas as pd
 
-from transferops.config import IMAGE_EXTENSIONS, load_config
-from transferops.data.readers import SPLIT_ALIASES, read_image_folder, read_table_file
+from transferops.config import IMAGE_EXTENSIONS, DataConfig, load_config
+from transferops.data.prepare import assign_splits
+from transferops.data.readers import (
+    SPLIT_ALIASES,
+    RawDataset,
+    read_dataset,
+    read_image_folder,
+    read_table_file,
+)
 from transferops.errors import ConfigError, DataError
 
 TEMPLATES = files("transferops.pipeline") / "templates"
@@ -62,6 +69,8 @@ class Detected:
     data: dict[str, Any]
     source: dict[str, Any] = field(default_factory=dict)
     said: list[str] = field(default_factory=list)
+    # what `prepare` would stop at with these params (a class too small to split, ...)
+    problems: list[str] = field(default_factory=list)
 
 
 def detect(data: Path, project: Path) -> Detected:
@@ -74,18 +83,33 @@ def detect(data: Path, project: Path) -> Detected:
         raw = read_image_folder(data, list(IMAGE_EXTENSIONS))  # the layout checks prepare does
         classes = sorted({e.label for e in raw.examples})
         layout = "with train/val/test folders" if raw.has_given_splits else "one folder per class"
-        return Detected(
+        found = Detected(
             {"demo": None, "format": "image_folder", "path": str(rel), "limit_per_class": None},
             said=[
                 f"image folder ({layout}): {len(raw.examples)} images in {len(classes)} classes"
                 f" ({', '.join(classes[:6])}{', ...' if len(classes) > 6 else ''})"
             ],
         )
+        found.problems = split_problems(found.data, data, raw)
+        return found
     if data.suffix.lower() not in TABLE_SUFFIXES:
         raise DataError(
             f"--data {data}: expected an image folder or a table ({', '.join(TABLE_SUFFIXES)})"
         )
-    return _detect_table(data, rel)
+    found = _detect_table(data, rel)
+    found.problems = split_problems(found.data, data)
+    return found
+
+
+def split_problems(params: dict[str, Any], data: Path, raw: RawDataset | None = None) -> list[str]:
+    """What `prepare` would stop at when it splits the data with the ``data:`` values
+    `params` (the template's split settings): said by `init`, before the user's first run."""
+    d = DataConfig.model_validate(params | {"path": str(data)})
+    try:
+        assign_splits(raw if raw is not None else read_dataset(d), d)
+    except DataError as exc:
+        return [f"prepare will stop here: {exc}"]
+    return []
 
 
 def relative_if_inside(path: Path, start: Path) -> str:
