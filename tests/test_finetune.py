@@ -365,6 +365,27 @@ def test_a_checkpoint_is_keyed_on_the_precision_the_run_resolved_to():
     assert run_fingerprint(spec, cfg) != run_fingerprint(spec, FinetuneConfig(lr=0.01))
 
 
+def test_a_model_trained_in_another_precision_is_not_the_same_run():
+    # reuse (`same_run`: the baseline taking train's members, train taking the search's
+    # trial) compares what the settings resolve to here, not only the settings
+    from transferops.finetune.train import _same, precision_here
+    from transferops.sources.manifest import source_id
+
+    cfg = validate_config({"finetune": {"precision": "auto"}})
+    src = {"sha256": "ab", "family": "hf_text"}
+    here = precision_here(cfg.finetune, src)
+    spec = {"finetune": cfg.finetune.model_dump(mode="json"), "data_hash": "d", "source": src}
+    assert _same(spec | {"precision": here}, cfg, "d", source_id(src))
+    other = {"bf16": "fp32", "fp32": "bf16"}[here]
+    assert not _same(spec | {"precision": other}, cfg, "d", source_id(src))
+    assert _same(spec, cfg, "d", source_id(src))  # a spec from before precision was recorded
+    fp32 = validate_config({"finetune": {"precision": "fp32"}})
+    assert precision_here(fp32.finetune, src) == "fp32"
+    assert precision_here(validate_config({"finetune": {"precision": "bf16"}}).finetune, src) == (
+        "bf16"
+    )
+
+
 def test_checkpoints_wait_for_their_interval(digits_prepared, lite0_source, tmp_path):
     def stop_at_1(epoch, rec):
         if epoch == 1:

@@ -28,7 +28,7 @@ from transferops.finetune.selection import ValProbs, greedy_join, metric_value
 from transferops.finetune.thaw import block_lr_scale
 from transferops.model.blocks import Ensemble, StagedNet
 from transferops.model.calibration import nll
-from transferops.model.families import build_staged
+from transferops.model.families import build_staged, family, runs_bf16
 from transferops.model.folder import (
     SPEC_FILE,
     load_finetuned,
@@ -274,7 +274,20 @@ def _same_data(spec: dict[str, Any], data_hash: str, source_sha: str) -> bool:
 
 def _same(spec: dict[str, Any], cfg: Config, data_hash: str, source_sha: str) -> bool:
     trained = {k: spec["finetune"].get(k) for k in FinetuneConfig.trajectory_fields()}
-    return _same_data(spec, data_hash, source_sha) and trained == cfg.finetune.trajectory_params()
+    return (
+        _same_data(spec, data_hash, source_sha)
+        and trained == cfg.finetune.trajectory_params()
+        # the same settings train in bf16 on one machine and fp32 on another (auto): a
+        # model trained in the other precision is not this run (a spec without it: older)
+        and spec.get("precision", "?") in ("?", precision_here(cfg.finetune, spec["source"]))
+    )
+
+
+def precision_here(cfg: FinetuneConfig, source: dict[str, Any]) -> str:
+    """What finetune.precision resolves to on this machine for the source's family
+    ("bf16" | "fp32"): what a model trained here records as its spec's ``precision``."""
+    bf16 = runs_bf16(cfg.precision, pick_device(cfg.device), family(source["family"]))
+    return "bf16" if bf16 else "fp32"
 
 
 def reuse_model(
