@@ -15,21 +15,46 @@ with the setting.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 from _workspace import folder_probs
 from quality import CASES, in_case_folder
 
-from transferops.config import load_config, with_overrides
+from transferops.config import Config, load_config, with_overrides
 from transferops.data.prepare import prepare
-from transferops.data.prepared import load_prepared
+from transferops.data.prepared import PreparedData, load_prepared
 from transferops.finetune.train import save_finetuned, train_model
 from transferops.sources.pull import pull
 
 CONFIGS = [(0.003, 4), (0.001, 7)]  # (head lr, unfreeze depth): the design's first, a deep one
+
+
+# The exact probe: one head-only epoch that can never replace it
+PROBE = {
+    "finetune.unfreeze_depth": 0,
+    "finetune.epochs_per_stage": [1],
+    "finetune.beat_probe_by": 1e6,
+}
+
+
+@contextlib.contextmanager
+def prepared_case(
+    case: str, out: Path
+) -> Iterator[tuple[Path, Config, dict[str, PreparedData], dict[str, np.ndarray]]]:
+    """(project folder, config, val/test splits, their labels) of `case` prepared in
+    ``out/<case>`` with its source pulled (no ranking); the working directory while inside."""
+    with in_case_folder(out, case, CASES[case]) as folder:
+        cfg = load_config(Path("params.yaml"), CASES[case] | {"source.candidates": None})
+        prepare(cfg)
+        pull(cfg.source)
+        cfg = with_overrides(cfg, {"finetune.checkpoint_dir": str(folder / "ck" / "x")})
+        splits = {s: load_prepared(Path(cfg.data.out), s) for s in ("val", "test")}
+        yield folder, cfg, splits, {s: d.labels.numpy() for s, d in splits.items()}
 
 
 def _value(text: str) -> object:
@@ -42,29 +67,14 @@ def _value(text: str) -> object:
 def run(case: str, out: Path, param: str, values: list[object], seeds: list[int]) -> list[dict]:
     """Rows (case, value, lr, depth, seed, val, test, at_probe, seconds) for one case."""
     rows = []
-    with in_case_folder(out, case, CASES[case]) as folder:
-        cfg = load_config(Path("params.yaml"), CASES[case] | {"source.candidates": None})
-        prepare(cfg)
-        pull(cfg.source)
-        splits = {s: load_prepared(Path(cfg.data.out), s) for s in ("val", "test")}
-        y = {s: d.labels.numpy() for s, d in splits.items()}
-        probe = {
-            "finetune.unfreeze_depth": 0,
-            "finetune.epochs_per_stage": [1],
-            "finetune.beat_probe_by": 1e6,
-        }
-        grid = [("probe", 0.003, 0, probe)]
+    with prepared_case(case, out) as (folder, cfg, splits, y):
+        grid = [("probe", 0.003, 0, PROBE)]
         grid += [(v, lr, d, {param: v}) for v in values for lr, d in CONFIGS]
         for value, lr, depth, extra in grid:
             for seed in seeds[: 1 if value == "probe" else None]:
                 run_cfg = with_overrides(
                     cfg,
-                    {
-                        "finetune.lr": lr,
-                        "finetune.unfreeze_depth": depth,
-                        "finetune.seed": seed,
-                        "finetune.checkpoint_dir": str(folder / "ck" / "x"),
-                    }
+                    {"finetune.lr": lr, "finetune.unfreeze_depth": depth, "finetune.seed": seed}
                     | extra,
                 )
                 w, c = time.perf_counter(), time.process_time()

@@ -23,19 +23,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from quality import CASES, in_case_folder
+from fixed import CONFIGS, PROBE, prepared_case
 
-from transferops.config import load_config, with_overrides
-from transferops.data.prepare import prepare
-from transferops.data.prepared import load_prepared
+from transferops.config import with_overrides
 from transferops.finetune.train import save_finetuned, train_model
 from transferops.model.folder import load_finetuned
 from transferops.model.inputs import folder_inputs
 from transferops.model.predict import predict_probs
-from transferops.sources.pull import pull
 
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
-CONFIGS = [(0.003, 4), (0.001, 7)]  # (head lr, unfreeze depth): the design's first, a deep one
 
 
 def interpolate(theta0: dict, theta1: dict, alpha: float) -> dict:
@@ -74,24 +70,8 @@ def scores(p: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 def run(case: str, out: Path, seeds: list[int]) -> list[dict]:
     """One row per (config, seeds, alpha): val and test accuracy and log-loss."""
     rows = []
-    with in_case_folder(out, case, CASES[case]) as folder:
-        cfg = load_config(Path("params.yaml"), CASES[case])
-        prepare(cfg)
-        pull(cfg.source)
-        splits = {s: load_prepared(Path(cfg.data.out), s) for s in ("val", "test")}
-        y = {s: d.labels.numpy() for s, d in splits.items()}
-        ck = {"finetune.checkpoint_dir": str(folder / "ck" / "x")}
-        # the exact probe: one head-only epoch that can never replace it
-        probe_cfg = with_overrides(
-            cfg,
-            ck
-            | {
-                "finetune.unfreeze_depth": 0,
-                "finetune.epochs_per_stage": [1],
-                "finetune.beat_probe_by": 1e6,
-            },
-        )
-        res, spec = train_model(probe_cfg)
+    with prepared_case(case, out) as (folder, cfg, splits, y):
+        res, spec = train_model(with_overrides(cfg, PROBE))
         save_finetuned(res, spec, folder / "runs" / "probe", Path(cfg.source.out))
         theta0 = {
             k: v.clone()
@@ -102,8 +82,7 @@ def run(case: str, out: Path, seeds: list[int]) -> list[dict]:
             for seed in seeds:
                 run_cfg = with_overrides(
                     cfg,
-                    ck
-                    | {"finetune.lr": lr, "finetune.unfreeze_depth": depth, "finetune.seed": seed},
+                    {"finetune.lr": lr, "finetune.unfreeze_depth": depth, "finetune.seed": seed},
                 )
                 w, c = time.perf_counter(), time.process_time()
                 res, spec = train_model(run_cfg)
