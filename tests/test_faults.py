@@ -299,6 +299,14 @@ def test_a_reused_model_folder_shares_its_files_and_a_write_to_one_leaves_the_ot
     with atomic_dir(dst) as d:  # a retrained model replaces the folder: the source stays
         (d / "model.safetensors").write_bytes(b"x" * 10)
     assert (src / "model.safetensors").read_bytes() == b"w" * 4096
+    # a symlinked file (a DVC checkout with symlink cache) is copied, not linked to its target
+    (tmp_path / "cache").write_bytes(b"c" * 64)
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "model.safetensors").symlink_to(tmp_path / "cache")
+    copy_folder(tmp_path / "linked", tmp_path / "from_linked")
+    got = tmp_path / "from_linked" / "model.safetensors"
+    assert not got.is_symlink() and got.read_bytes() == b"c" * 64
+    assert got.stat().st_ino != (tmp_path / "cache").stat().st_ino
     # where links are not possible (another file system), the bytes are copied
     monkeypatch.setattr(os, "link", lambda a, b: (_ for _ in ()).throw(OSError(18, "EXDEV")))
     copy_folder(src, tmp_path / "copied")

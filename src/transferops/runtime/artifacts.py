@@ -123,11 +123,15 @@ def link_or_copy(src: str, dst: str) -> str:
     not possible (another file system, a store without links). Safe for this package's
     outputs: every file in them is written once, into a fresh temporary folder
     (:func:`atomic_dir`, :func:`write_json_atomic`), never rewritten in place, so no write
-    through one link can change the other."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+    through one link can change the other. A symlink (a DVC checkout with ``cache.type:
+    symlink``) is copied: a link to its target would be a link into DVC's read-only cache."""
+    if not os.path.islink(src):
+        try:
+            os.link(src, dst)
+            return dst
+        except OSError:
+            pass
+    shutil.copy2(src, dst)
     return dst
 
 
