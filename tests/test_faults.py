@@ -307,6 +307,16 @@ def test_a_reused_model_folder_shares_its_files_and_a_write_to_one_leaves_the_ot
     got = tmp_path / "from_linked" / "model.safetensors"
     assert not got.is_symlink() and got.read_bytes() == b"c" * 64
     assert got.stat().st_ino != (tmp_path / "cache").stat().st_ino
+    # ... and so is a read-only file (DVC's cache hard-linked into the workspace): its
+    # mode stays read-only
+    (tmp_path / "cache").chmod(0o444)
+    (tmp_path / "hard").mkdir()
+    os.link(tmp_path / "cache", tmp_path / "hard" / "model.safetensors")
+    with atomic_dir(tmp_path / "from_hard") as d:
+        copy_folder(tmp_path / "hard", d)
+    copied_cache = (tmp_path / "from_hard" / "model.safetensors").stat().st_ino
+    assert copied_cache != (tmp_path / "cache").stat().st_ino
+    assert (tmp_path / "cache").stat().st_mode & 0o777 == 0o444
     # where links are not possible (another file system), the bytes are copied
     monkeypatch.setattr(os, "link", lambda a, b: (_ for _ in ()).throw(OSError(18, "EXDEV")))
     copy_folder(src, tmp_path / "copied")

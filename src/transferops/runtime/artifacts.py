@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -123,9 +124,10 @@ def link_or_copy(src: str, dst: str) -> str:
     not possible (another file system, a store without links). Safe for this package's
     outputs: every file in them is written once, into a fresh temporary folder
     (:func:`atomic_dir`, :func:`write_json_atomic`), never rewritten in place, so no write
-    through one link can change the other. A symlink (a DVC checkout with ``cache.type:
-    symlink``) is copied: a link to its target would be a link into DVC's read-only cache."""
-    if not os.path.islink(src):
+    through one link can change the other. A symlink or a read-only file is copied: it may
+    be DVC's cache (a checkout with ``cache.type: symlink`` or ``hardlink``), whose files
+    must stay read-only, and publishing a link (:func:`publish_modes`) would change its mode."""
+    if not os.path.islink(src) and os.stat(src).st_mode & stat.S_IWUSR:
         try:
             os.link(src, dst)
             return dst
