@@ -29,6 +29,7 @@ from transferops.data.prepared import read_manifest
 from transferops.finetune.plan import total_epochs
 from transferops.finetune.train import (
     BEST_MODEL,
+    log_spec_outcome,
     member_dir,
     member_of,
     reuse_model,
@@ -46,7 +47,7 @@ from transferops.runtime.cluster import (
     worker_store,
 )
 from transferops.runtime.progress import labelled
-from transferops.runtime.tracking import log_data, log_epoch, log_outcome, setup_tracking, start_run
+from transferops.runtime.tracking import log_data, log_epoch, setup_tracking, start_run
 from transferops.search.study import run_search
 from transferops.sources.manifest import read_source_manifest, source_id
 
@@ -142,13 +143,7 @@ def _train_one(
             shutil.rmtree(rcfg.finetune.checkpoint_dir, ignore_errors=True)
             val_accuracy = res.best_val_accuracy
             how = f"{res.epochs_run} epochs, {res.seconds:.1f}s"
-        log_outcome(
-            mlflow,
-            val_accuracy,
-            spec.get("weight_average"),
-            spec.get("precision"),
-            spec.get("block_lr_scale"),
-        )
+        log_spec_outcome(mlflow, val_accuracy, spec)
     log.info("%s: val accuracy %.4f (%s)", name, val_accuracy, how)
     return {
         "name": name,

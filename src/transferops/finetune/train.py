@@ -124,8 +124,9 @@ def train_model(
         "max_length": cfg.finetune.max_length,
         "finetune": cfg.finetune.model_dump(mode="json"),
         "block_lr_scale": block_lr_scale(cfg.finetune, source.family),  # what auto resolved to
-        # what finetune.precision resolved to on this machine (auto differs by device/CPU)
-        "precision": "bf16" if pre.bf16 else "fp32",
+        # what finetune.precision resolved to on this machine (auto differs by device/CPU):
+        # the rule make_preprocess applied (pre.bf16), named as reuse compares it
+        "precision": precision_here(cfg.finetune, source.manifest),
         "data_hash": data_manifest["data_hash"],
     }
     fingerprint = run_fingerprint(spec, cfg.finetune)
@@ -245,6 +246,17 @@ def log_trained(mlflow: Any, t: Trained) -> None:
     """What a `train` run (or a member of its ensemble) did, into its MLflow run: the
     outcome every training run logs (:func:`runtime.tracking.log_outcome`)."""
     log_outcome(mlflow, t.val_accuracy, t.weight_average, t.precision, t.block_lr_scale)
+
+
+def log_spec_outcome(mlflow: Any, val_accuracy: float, spec: dict[str, Any]) -> None:
+    """The same outcome for a run known by its model spec (a search trial, a baseline run)."""
+    log_outcome(
+        mlflow,
+        val_accuracy,
+        spec.get("weight_average"),
+        spec.get("precision"),
+        spec.get("block_lr_scale"),
+    )
 
 
 def same_run(folder: Path, cfg: Config, data_hash: str, source_sha: str) -> bool:

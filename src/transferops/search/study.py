@@ -53,7 +53,13 @@ from transferops.errors import ConfigError
 from transferops.finetune.engine import TrainResult
 from transferops.finetune.plan import total_epochs
 from transferops.finetune.selection import val_metric
-from transferops.finetune.train import BEST_MODEL, RUNNERS_UP, save_finetuned, train_model
+from transferops.finetune.train import (
+    BEST_MODEL,
+    RUNNERS_UP,
+    log_spec_outcome,
+    save_finetuned,
+    train_model,
+)
 from transferops.model.folder import SPEC_FILE
 from transferops.runtime.artifacts import atomic_dir, copy_folder, sha256_json, write_json_atomic
 from transferops.runtime.cluster import (
@@ -69,7 +75,7 @@ from transferops.runtime.progress import labelled, make_progress, quiet, run_lab
 from transferops.runtime.redact import mask
 from transferops.runtime.services import check_scheduler
 from transferops.runtime.study_storage import make_storage
-from transferops.runtime.tracking import log_data, log_epoch, log_outcome, setup_tracking, start_run
+from transferops.runtime.tracking import log_data, log_epoch, setup_tracking, start_run
 from transferops.search.plots import log_search_plots
 from transferops.search.start import START_TRIALS, start_points
 from transferops.sources.manifest import read_source_manifest, source_id
@@ -311,13 +317,7 @@ def _objective(cfg: Config, parent_run_id: str | None, store: dict, task: str | 
                 if res.probe is not None:  # what the trial had to beat (no_headroom)
                     trial.set_user_attr("probe_val_accuracy", res.probe.val_accuracy)
                     trial.set_user_attr("val_accuracy", res.best_val_accuracy)
-                log_outcome(
-                    mlflow,
-                    res.best_val_accuracy,
-                    spec.get("weight_average"),
-                    spec["precision"],
-                    spec["block_lr_scale"],
-                )
+                log_spec_outcome(mlflow, res.best_val_accuracy, spec)
                 value = _value(cfg, res, spec)
                 if cfg.registry.metric != "accuracy":
                     mlflow.log_metric(f"val_{cfg.registry.metric}", value)
