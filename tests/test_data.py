@@ -139,6 +139,35 @@ def test_color_and_odd_sizes_are_resized_once(tmp_path):
     assert (red[:, 0] == 255).all() and (red[:, 2] == 0).all()
 
 
+def test_a_large_jpeg_photo_is_decoded_at_a_reduced_scale_with_the_same_pixels(
+    tmp_path, monkeypatch
+):
+    """A phone photo is 10-50x the side kept: the JPEG decoder scales it in the DCT (never
+    below the side kept), and the result matches a full-size decode within a grey level."""
+    import numpy as np
+    from PIL import ImageOps, JpegImagePlugin
+    from sklearn.datasets import load_sample_image
+
+    from transferops.model.inputs import decode_image
+
+    photo = tmp_path / "photo.jpg"
+    Image.fromarray(load_sample_image("flower.jpg")).resize((2400, 1600)).save(photo, quality=90)
+    decoded_at: list[tuple[int, int]] = []
+    full_load = JpegImagePlugin.JpegImageFile.load
+
+    def spy(self):
+        decoded_at.append(self.size)
+        return full_load(self)
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "load", spy)
+    px = decode_image(photo, 96, "crop")
+    assert px.shape == (96, 96, 3)
+    assert decoded_at and min(decoded_at[0]) < 1600 and min(decoded_at[0]) >= 96
+    with Image.open(photo) as im:  # the reference: every pixel decoded
+        ref = np.asarray(ImageOps.fit(im.convert("RGB"), (96, 96), Image.Resampling.BILINEAR))
+    assert np.abs(px.astype(int) - ref).mean() < 1.5
+
+
 @pytest.mark.parametrize(
     ("side", "auto_max", "chosen"),
     [(8, 128, 64), (80, 128, 96), (300, 128, 128), (300, 256, 256)],
@@ -311,6 +340,39 @@ def test_classes_with_too_few_examples_are_all_named(tmp_path):
     msg = _bad(cfg_for(root, tmp_path / "prep"))
     assert "2 class(es) have too few examples" in msg and "at least 3" in msg
     assert "'two' (2), 'zero' (1)" in msg and "remove these classes" in msg
+    assert "data.on_small_class: skip" in msg
+    # skipping them would leave one class: still an error, saying so
+    msg = _bad(cfg_for(root, tmp_path / "prep", on_small_class="skip"))
+    assert "that would leave 1 class" in msg
+
+
+def test_a_class_too_small_to_split_is_left_out_only_when_asked_and_named_everywhere(
+    tmp_path, caplog
+):
+    from transferops.evaluation.report import data_line
+
+    root = write_image_folder(tmp_path / "raw", per_class=6, classes=(0, 1, 2, 3))
+    for p in sorted((root / "zero").glob("*.png"))[1:]:
+        p.unlink()
+    with caplog.at_level(logging.WARNING):
+        prepare(cfg_for(root, tmp_path / "prep", on_small_class="skip", image={"size": 12}))
+    m = read_manifest(tmp_path / "prep")
+    assert m["class_names"] == ["one", "three", "two"]  # no output for a class never trained
+    assert m["left_out_classes"] == {"zero": 1}
+    assert "'zero' (1): left out (data.on_small_class: skip)" in caplog.text
+    line = data_line(
+        {"data_hash": m["data_hash"], "data": {"path": str(root), "left_out_classes": {"zero": 1}}}
+    )
+    assert "Left out, too few examples to split" in line and "'zero' (1)" in line
+    from transferops.registry.model_card import _caveats
+
+    card = " ".join(
+        _caveats(
+            {"candidate": "ensemble"},
+            {"data": {"left_out_classes": {"zero": 1}}, "finetuned": {"minus": {}}},
+        )
+    )
+    assert "zero were in the data but left out" in card and "does not know them" in card
 
 
 def test_corrupt_image_skip_or_fail(tmp_path, image_folder, caplog):
@@ -325,6 +387,11 @@ def test_corrupt_image_skip_or_fail(tmp_path, image_folder, caplog):
     assert m["skipped_files"] == {"count": 1, "files": [str(bad)]}
     assert sum(sum(c.values()) for c in m["counts"].values()) == 18
     assert "broken.jpg" in caplog.text
+    # a file over Pillow's safety limit (a scan, a panorama) is named with the fix
+    bad.unlink()
+    Image.new("L", (20_000, 9_000)).save(image_folder / "two" / "panorama.png")  # 180 Mpx
+    msg = _bad(cfg_for(image_folder, tmp_path / "prep2", on_bad_file="fail"))
+    assert "panorama.png: too large to decode safely" in msg and "smaller copy" in msg
 
 
 def test_failure_keeps_earlier_output(tmp_path, image_folder):
@@ -383,3 +450,31 @@ def test_exact_copies_across_splits_are_counted_and_named(tmp_path, caplog):
     write_image_folder(root / "train", per_class=4)  # unchanged: no copies once split
     prepare(cfg_for(root, tmp_path / "p2", image={"size": 12}))
     assert read_manifest(tmp_path / "p2")["duplicates_across_splits"] == 0
+
+
+def test_a_copy_under_another_class_is_named_as_a_label_conflict(tmp_path, caplog):
+    """The same image in two class folders, the same text with two labels: one of each pair
+    is mislabelled (or the classes overlap). prepare says which, before any training."""
+    root = tmp_path / "raw"
+    write_image_folder(root, per_class=6)
+    shutil.copy(root / "one" / "000.png", root / "zero" / "from_one.png")
+    with caplog.at_level(logging.WARNING):
+        prepare(cfg_for(root, tmp_path / "prep", image={"size": 12}))
+    assert read_manifest(tmp_path / "prep")["conflicting_labels"] == 1
+    assert "1 example(s) are exact copies of one labelled with another class" in caplog.text
+    assert "one/000.png (one)" in caplog.text and "zero/from_one.png (zero)" in caplog.text
+    table = tmp_path / "t.csv"
+    rows = [f"text {i} about {c},{c}" for c in "ab" for i in range(8)] + ["text 0 about a,b"]
+    table.write_text("text,label\n" + "\n".join(rows) + "\n")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        prepare(cfg_for(table, tmp_path / "pt", format="table"))
+    assert read_manifest(tmp_path / "pt")["conflicting_labels"] == 1
+    assert "'text 0 about a' (a)" in caplog.text and "'text 0 about a' (b)" in caplog.text
+    # one class spelt two ways in a hand-kept table: named, left as the data has it
+    table.write_text("text,label\n" + "\n".join([*rows, "text 9 about a, A "]) + "\n")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        prepare(cfg_for(table, tmp_path / "pt", format="table", on_small_class="skip"))
+    assert "1 label(s) are spelt more than one way" in caplog.text
+    assert "'A' (1) / 'a' (8)" in caplog.text

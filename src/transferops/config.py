@@ -153,6 +153,12 @@ class DataConfig(_Section):
     on_empty_class: Literal["skip", "fail"] = Field(
         "skip", description="class folders with no images: skip with one warning, or fail"
     )
+    on_small_class: Literal["fail", "skip"] = Field(
+        "fail",
+        description="a class with too few examples to split into train/val/test: fail naming "
+        "it, or skip: leave it out (named in the log, the prepared manifest and the report; "
+        "the model will not know it)",
+    )
     unlabelled: FsPath | None = Field(
         None,
         description="images from the domain the model will serve, without labels (a folder, "

@@ -77,12 +77,14 @@ def prepare(cfg: Config | DataConfig, force: bool = False) -> PrepareResult:
         return _result(out, manifest, skipped=True)
 
     assignment = assign_splits(raw, dcfg)  # validates counts before any decoding
-    duplicates = _warn_duplicates_across_splits(assignment, raw.root)
+    copies = _warn_copies(assignment, raw.root)
+    _warn_label_variants(Counter(e.label for e in raw.examples))
     if raw.modality == "image":
         dcfg = dcfg.model_copy(
             update={"image": dcfg.image.model_copy(update={"size": image_size(dcfg, raw)})}
         )
-    class_names = sorted({e.label for e in raw.examples})
+    class_names = sorted({e.label for exs in assignment.values() for e in exs})
+    left_out = Counter(e.label for e in raw.examples if e.label not in class_names)
     class_index = {c: i for i, c in enumerate(class_names)}
     bad: list[str] = []
     with atomic_dir(out) as tmp:
@@ -121,7 +123,9 @@ def prepare(cfg: Config | DataConfig, force: bool = False) -> PrepareResult:
                 "given_splits": raw.has_given_splits and dcfg.splits.mode != "random",
             },
             "skipped_files": {"count": len(bad), "files": bad},
-            "duplicates_across_splits": duplicates,
+            "duplicates_across_splits": copies["across_splits"],
+            "conflicting_labels": copies["conflicting_labels"],
+            "left_out_classes": dict(sorted(left_out.items())),  # data.on_small_class: skip
             "ignored_files": len(raw.ignored),
             "params": _prepare_params(dcfg),
             "fingerprint": fingerprint,
@@ -141,34 +145,71 @@ AUTO_IMAGE_MIN = 64  # px; below it a 32x-downsampling backbone ends on a 1x1 fe
 AUTO_SAMPLE = 500  # image headers read to pick the auto size
 
 
-def _warn_duplicates_across_splits(assignment: dict[SplitName, list[Example]], root: Path) -> int:
-    """Examples whose exact content (file bytes, or text) is in two splits: a copy in train
-    makes its twin in test an easy point, so test accuracy is optimistic. One warning with
-    examples and the count (also in the manifest); the split itself is left as it is."""
+def _warn_copies(assignment: dict[SplitName, list[Example]], root: Path) -> dict[str, int]:
+    """Examples with the exact content (file bytes, or text) of another: a copy in train makes
+    its twin in test an easy point, so test accuracy is optimistic; a copy under another class
+    contradicts it (one of the two labels is wrong, or the classes overlap). One warning each,
+    with examples and the count (also in the manifest); the data is left as it is."""
     first: dict[str, tuple[SplitName, Example]] = {}
-    pairs: list[tuple[Example, Example]] = []
+    across: list[tuple[Example, Example]] = []
+    conflicting: list[tuple[Example, Example]] = []
     for split in SPLITS:
         for e in assignment[split]:
             key = sha256_file(e.path) if e.path is not None else sha256_json(e.text)
             seen = first.setdefault(key, (split, e))
             if seen[0] != split:
-                pairs.append((seen[1], e))
+                across.append((seen[1], e))
+            if seen[1].label != e.label:
+                conflicting.append((seen[1], e))
 
     def name(e: Example) -> str:
         if e.path is None:
             return repr((e.text or "")[:40])
         return str(e.path.relative_to(root)) if e.path.is_relative_to(root) else str(e.path)
 
-    if pairs:
-        shown = "; ".join(f"{name(a)} = {name(b)}" for a, b in pairs[:3])
-        log.warning(
-            "%d example(s) are exact copies of one in another split (%s%s): test accuracy is "
-            "optimistic for them; remove the copies from the data",
-            len(pairs),
-            shown,
-            "; ..." if len(pairs) > 3 else "",
+    def shown(pairs: list[tuple[Example, Example]], labels: bool) -> str:
+        def one(e: Example) -> str:
+            return f"{name(e)} ({e.label})" if labels else name(e)
+
+        return "; ".join(f"{one(a)} = {one(b)}" for a, b in pairs[:3]) + (
+            "; ..." if len(pairs) > 3 else ""
         )
-    return len(pairs)
+
+    if across:
+        log.warning(
+            "%d example(s) are exact copies of one in another split (%s): test accuracy is "
+            "optimistic for them; remove the copies from the data",
+            len(across),
+            shown(across, False),
+        )
+    if conflicting:
+        log.warning(
+            "%d example(s) are exact copies of one labelled with another class (%s): the "
+            "copies contradict each other; keep each under the one class it belongs to",
+            len(conflicting),
+            shown(conflicting, True),
+        )
+    return {"across_splits": len(across), "conflicting_labels": len(conflicting)}
+
+
+def _warn_label_variants(counts: Counter[str]) -> None:
+    """Labels that differ only in letter case or inner spaces ("Rust", "rust ", "RUST"): in
+    a hand-kept table these are usually one class spelt two ways, which would split its
+    examples into two classes that contradict each other. Named once; left as they are."""
+    by_key: dict[str, list[str]] = defaultdict(list)
+    for label in counts:
+        by_key[" ".join(label.casefold().split())].append(label)
+    variants = [sorted(v) for v in by_key.values() if len(v) > 1]
+    if variants:
+        shown = "; ".join(" / ".join(f"{v!r} ({counts[v]})" for v in vs) for vs in variants[:5])
+        log.warning(
+            "%d label(s) are spelt more than one way, differing only in letter case or spaces "
+            "(%s%s): each spelling is a class of its own; if they are one class, write them "
+            "one way in the data",
+            len(variants),
+            shown,
+            "; ..." if len(variants) > 5 else "",
+        )
 
 
 def _prepare_params(d: DataConfig) -> dict[str, Any]:
@@ -243,12 +284,20 @@ def assign_splits(raw: RawDataset, d: DataConfig) -> dict[SplitName, list[Exampl
                 out[s] += [e for e in exs if e.split == s]
     if too_small:
         splits = ["train", *sorted(carve, key=SPLITS.index)]
-        raise DataError(
+        why = (
             f"{len(too_small)} class(es) have too few examples in the "
             f"{'train split' if use_given else 'data'} to split into {'/'.join(splits)} (at "
-            f"least {len(splits)}, one per split): {', '.join(too_small)}. Add examples, "
-            "remove these classes, or provide split folders."
+            f"least {len(splits)}, one per split): {', '.join(too_small)}"
         )
+        kept = {e.label for exs in out.values() for e in exs}
+        if d.on_small_class == "fail" or len(kept) < 2:
+            raise DataError(
+                f"{why}. Add examples, remove these classes, provide split folders, or set "
+                "data.on_small_class: skip to leave them out"
+                + ("" if len(kept) >= 2 else f" (that would leave {len(kept)} class)")
+                + "."
+            )
+        log.warning("%s: left out (data.on_small_class: skip); the model will not know them", why)
     if d.limit_per_class is not None:
         full = len(out["train"])
         out["train"] = _limit(out["train"], d.limit_per_class)
@@ -353,13 +402,13 @@ def _decode_images(
         try:
             arr = decode_image(e.path, size, d.image.resize)
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+            why = _undecodable(exc)
             if d.on_bad_file == "fail":
                 raise DataError(
-                    f"{e.path}: cannot be decoded as an image ({type(exc).__name__}: {exc}). "
-                    "Remove or fix the file, or set data.on_bad_file: skip."
+                    f"{e.path}: {why}. Remove or fix the file, or set data.on_bad_file: skip."
                 ) from None
             if len(bad) < MAX_FILE_WARNINGS:  # the first few; the manifest lists them all
-                log.warning("skipping %s: not a decodable image (%s)", e.path, exc)
+                log.warning("skipping %s: %s", e.path, why)
             bad.append(str(e.path))
             continue
         kept.append(e)
@@ -369,6 +418,18 @@ def _decode_images(
     else:
         images = torch.zeros((0, 3, size, size), dtype=torch.uint8)
     return kept, images
+
+
+def _undecodable(exc: Exception) -> str:
+    """Why an image file was not decoded, in the user's terms."""
+    if isinstance(exc, Image.DecompressionBombError):
+        # Pillow refuses > 2x MAX_IMAGE_PIXELS (179 Mpx) by default: a guard against files
+        # crafted to exhaust memory, which a scan or a panorama can exceed honestly
+        return (
+            f"too large to decode safely ({exc.args[0] if exc.args else exc}); save a "
+            "smaller copy (the model sees it at data.image.size anyway)"
+        )
+    return f"not a decodable image ({type(exc).__name__}: {exc})"
 
 
 def _check_after_decoding(

@@ -391,6 +391,10 @@ def _data_facts(cfg: Config, manifest: dict[str, Any]) -> dict[str, Any]:
         "counts": {s: sum(c.values()) for s, c in manifest["counts"].items()},
         "image_size": manifest.get("image_size"),
         "limit_per_class": cfg.data.limit_per_class,
+        # what prepare found and left as it is, or left out (warned there too)
+        "left_out_classes": manifest.get("left_out_classes") or {},
+        "duplicates_across_splits": manifest.get("duplicates_across_splits", 0),
+        "conflicting_labels": manifest.get("conflicting_labels", 0),
     }
 
 

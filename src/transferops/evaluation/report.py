@@ -148,7 +148,24 @@ def data_line(metrics: dict) -> str:
         parts.append(f"images {d['image_size']} px")
     if d.get("limit_per_class"):
         parts.append(f"at most {d['limit_per_class']} labelled per class (few-shot)")
-    return ", ".join(parts) + f"; hash `{metrics['data_hash'][:12]}`."
+    line = ", ".join(parts) + f"; hash `{metrics['data_hash'][:12]}`."
+    if d.get("left_out_classes"):
+        left = ", ".join(f"'{c}' ({n})" for c, n in d["left_out_classes"].items())
+        line += (
+            f" **Left out, too few examples to split (data.on_small_class: skip): {left}; "
+            "the model does not know these classes.**"
+        )
+    if d.get("duplicates_across_splits"):
+        line += (
+            f" {d['duplicates_across_splits']} test or val example(s) are exact copies of "
+            "one in another split: test accuracy is optimistic for them."
+        )
+    if d.get("conflicting_labels"):
+        line += (
+            f" {d['conflicting_labels']} example(s) are exact copies of one labelled with "
+            "another class."
+        )
+    return line
 
 
 def efficiency_lines(efficiency: list[dict[str, Any]]) -> list[str]:

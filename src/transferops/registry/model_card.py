@@ -114,6 +114,13 @@ def _caveats(tags: dict[str, str], metrics: dict[str, Any]) -> list[str]:
     note = candidate_note(tags["candidate"], metrics["finetuned"].get("members"))
     if note:
         lines.append(f"This is {note}.")
+    left_out = (metrics.get("data") or {}).get("left_out_classes")
+    if left_out:
+        lines.append(
+            f"Class(es) {', '.join(left_out)} were in the data but left out: too few "
+            "examples to split into train/val/test (data.on_small_class: skip). This model "
+            "does not know them: their examples get one of the classes above."
+        )
     dropped = metrics["finetuned"].get("dropped_classes")
     if dropped:
         lines.append(
