@@ -531,3 +531,24 @@ def test_fine_tuning_significantly_below_the_probe_is_said_in_the_report_and_mod
     level = metrics(diff(-0.02, -0.06, 0.015))  # the interval reaches 0: not worse
     assert "significantly worse" not in "\n".join(difference_lines(level, 95))
     assert "exact probe" not in " ".join(_caveats({"candidate": "ensemble"}, level))
+
+
+def test_the_few_shot_subsets_do_not_repeat_the_data_warnings(tmp_path, caplog):
+    """The curve's subsets re-read the raw data: what the main prepare warned about (stray
+    files, copies across splits) is not said again per subset; one line says the subset."""
+    import logging
+
+    data = tiny_digits(tmp_path)
+    (Path(data["path"]) / "notes.txt").write_text("not an image")
+    cfg = validate_config(
+        {"data": data, "baseline": {"out": str(tmp_path / "bl"), "efficiency_per_class": [2]}}
+    )
+    with caplog.at_level(logging.INFO):
+        prepare(cfg)
+        assert "ignored 1 file(s) that are not images" in caplog.text  # said once, here
+        caplog.clear()
+        jobs = baseline_module._jobs(cfg)
+    assert [j[0] for j in jobs if j[3] == 2] == ["transfer-k2", "scratch-k2"]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    assert "few-shot subset k=2: 6 training examples" in caplog.text
+    assert logging.getLogger("transferops.data").level == logging.NOTSET  # restored

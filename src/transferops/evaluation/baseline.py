@@ -46,7 +46,7 @@ from transferops.runtime.cluster import (
     uses_dask,
     worker_store,
 )
-from transferops.runtime.progress import labelled
+from transferops.runtime.progress import labelled, muted
 from transferops.runtime.tracking import log_data, log_epoch, setup_tracking, start_run
 from transferops.search.study import run_search
 from transferops.sources.manifest import read_source_manifest, source_id
@@ -223,11 +223,13 @@ def _jobs(cfg: Config) -> list[tuple[str, str, int, int | None, Path]]:
         if k is None:
             continue  # "all" is the main comparison's first seed
         sub = Path(bc.out) / "data" / f"k{k}"
-        prepare(
-            with_overrides(
-                cfg, {"data.limit_per_class": k, "data.out": str(sub), "data.demo": None}
+        with muted("transferops.data"):  # the main prepare warned about this data already
+            result = prepare(
+                with_overrides(
+                    cfg, {"data.limit_per_class": k, "data.out": str(sub), "data.demo": None}
+                )
             )
-        )
+        log.info("few-shot subset k=%d: %d training examples (%s)", k, result.counts["train"], sub)
         jobs += [(f"{r}-k{k}", r, bc.seeds[0], k, sub) for r in ("transfer", "scratch")]
     return jobs
 

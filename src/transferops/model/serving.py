@@ -34,6 +34,11 @@ INPUT_COLUMN = {"image": "image", "text": "text"}
 class TransferopsModel(mlflow.pyfunc.PythonModel):
     """pyfunc wrapper around a fine-tuned model folder (artifact ``model``)."""
 
+    # The signature logged with the model is its input schema; without this MLflow warns,
+    # when the class is defined (in every process that registers or serves), that type
+    # hints on `predict` could infer one
+    _skip_type_hint_validation = True
+
     def load_context(self, context: Any) -> None:
         """Rebuild the network from the folder's safetensors weights."""
         self.model_dir = Path(context.artifacts["model"])

@@ -18,7 +18,6 @@ import json
 import logging
 import shutil
 import tempfile
-import warnings
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -33,7 +32,7 @@ from transferops.registry.client import CHALLENGER
 from transferops.registry.lineage import METRICS, lineage_tags, trained_params
 from transferops.registry.model_card import model_card
 from transferops.runtime.artifacts import read_json, sha256_file, write_json_atomic
-from transferops.runtime.progress import quiet, verbose
+from transferops.runtime.progress import quiet
 from transferops.runtime.redact import mask
 from transferops.runtime.tracking import log_data, setup_tracking, start_run
 
@@ -184,13 +183,10 @@ def log_version(
     signature, example = _signature_and_example(spec, model_dir, cfg)
     with tempfile.TemporaryDirectory(prefix="transferops-code-") as code:
         pkg = shipped_code(Path(code))
-        # The signature is given: MLflow's hint that type hints could infer one, and its
-        # "validating input example" line, are noise here
+        # The signature is given: MLflow's "validating input example" line is noise here
+        # (its type-hint hint is off at the class: TransferopsModel)
         quiet("mlflow.pyfunc")
-        with warnings.catch_warnings():
-            if not verbose():
-                warnings.filterwarnings("ignore", message=".*type hints", category=UserWarning)
-            info = _log_model(mlflow, pkg, model_dir, signature, example, spec)
+        info = _log_model(mlflow, pkg, model_dir, signature, example, spec)
     run_id = mlflow.active_run().info.run_id
     mv = client.create_model_version(
         name, info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id

@@ -49,6 +49,20 @@ def quiet(*loggers: str, level: int = logging.WARNING) -> None:
             logging.getLogger(name).setLevel(level)
 
 
+@contextlib.contextmanager
+def muted(*loggers: str, level: int = logging.ERROR) -> Iterator[None]:
+    """`loggers` raised to `level` for the block: for work whose warnings were already said
+    (the few-shot subsets re-read the data the main `prepare` warned about)."""
+    before = {name: logging.getLogger(name).level for name in loggers}
+    try:
+        for name in loggers:
+            logging.getLogger(name).setLevel(level)
+        yield
+    finally:
+        for name, lvl in before.items():
+            logging.getLogger(name).setLevel(lvl)
+
+
 _LABEL: contextvars.ContextVar[str] = contextvars.ContextVar("run_label", default="")
 
 
