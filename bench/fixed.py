@@ -64,14 +64,26 @@ def _value(text: str) -> object:
     return yaml.safe_load(text)
 
 
-def run(case: str, out: Path, param: str, values: list[object], seeds: list[int]) -> list[dict]:
-    """Rows (case, value, lr, depth, seed, val, test, at_probe, seconds) for one case."""
+def run(
+    case: str,
+    out: Path,
+    param: str,
+    values: list[object],
+    seeds: list[int],
+    probe_per_value: bool = False,
+) -> list[dict]:
+    """Rows (case, value, lr, depth, seed, val, test, at_probe, seconds) for one case. With
+    `probe_per_value`, the exact probe is fitted at each value too (a setting that changes
+    the features it reads: finetune.max_length, finetune.precision), as "probe (<value>)"."""
     rows = []
     with prepared_case(case, out) as (folder, cfg, splits, y):
-        grid = [("probe", 0.003, 0, PROBE)]
+        if probe_per_value:
+            grid = [(f"probe ({v})", 0.003, 0, PROBE | {param: v}) for v in values]
+        else:
+            grid = [("probe", 0.003, 0, PROBE)]
         grid += [(v, lr, d, {param: v}) for v in values for lr, d in CONFIGS]
         for value, lr, depth, extra in grid:
-            for seed in seeds[: 1 if value == "probe" else None]:
+            for seed in seeds[: 1 if str(value).startswith("probe") else None]:
                 run_cfg = with_overrides(
                     cfg,
                     {"finetune.lr": lr, "finetune.unfreeze_depth": depth, "finetune.seed": seed}
@@ -110,9 +122,10 @@ def table(rows: list[dict], param: str) -> str:
     ]
     for case in dict.fromkeys(r["case"] for r in rows):
         rs = [r for r in rows if r["case"] == case]
-        probe = next(r["test"] for r in rs if r["value"] == "probe")
+        probes = {r["value"]: r["test"] for r in rs if str(r["value"]).startswith("probe")}
         for value in dict.fromkeys(r["value"] for r in rs):
             vs = [r for r in rs if r["value"] == value]
+            probe = probes.get(f"probe ({value})", probes.get("probe", probes.get(value)))
             t = np.array([r["test"] for r in vs])
             per = []
             for lr, d in dict.fromkeys((r["lr"], r["depth"]) for r in vs):
@@ -136,6 +149,11 @@ def main() -> None:
     ap.add_argument("--values", default="none,crop,flip_crop")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--out", type=Path, default=Path("/tmp/fixed"))
+    ap.add_argument(
+        "--probe-per-value",
+        action="store_true",
+        help="fit the exact probe at each value (a setting that changes its features)",
+    )
     args = ap.parse_args()
     values = [_value(v) for v in args.values.split(",")]
     rows = []
@@ -146,6 +164,7 @@ def main() -> None:
             args.param,
             values,
             [int(s) for s in args.seeds.split(",")],
+            args.probe_per_value,
         )
         (args.out / "rows.json").write_text(json.dumps(rows))
     print(table(rows, args.param))

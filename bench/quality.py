@@ -150,6 +150,11 @@ CASES |= {  # text nobody on the project tuned on: a package's description -> it
     "debian-b-10-k40": DEBIAN_B | {"data.limit_per_class": 40},
     "debian-c-10-k40": DEBIAN_C | {"data.limit_per_class": 40},
 }
+MANPAGES = DEBIAN | {"data.path": "data/raw/manpages.csv", "data.table.text_column": "text"}
+MAN_SECTIONS = ("1", "2", "3", "5", "7", "8")  # commands, syscalls, library, files, misc, admin
+CASES |= {  # long texts (median ~200 tokens): fixed before its first run, for max_length
+    "manpages-6-k40": MANPAGES | {"data.limit_per_class": 40},
+}
 QUICK = {"search.n_trials": 4, "baseline.seeds": [0, 1]}
 
 
@@ -265,6 +270,67 @@ def write_debian(
     return {s: min(per_section, len(t)) for s, t in rows.items()}
 
 
+# font changes (\fB, \f(CW, \f[I]), strings (\*(xx, \*x), special characters (\(xx),
+# sizes (\s-1), thin spaces and zero-width and escape characters (\|, \^, \&, \e)
+ROFF_ESCAPES = (
+    r"\\f(\(..|\[[^\]]*\]|.)|\\\*(\(..|\[[^\]]*\]|.)|\\\(..|\\\[[^\]]*\]"
+    r"|\\s[-+]?\d|\\[|^&e]"
+)
+
+
+def _roff_text(source: str, words: int) -> str:
+    """A man page's NAME line and the first `words` words of its DESCRIPTION, as plain text
+    (macro lines dropped, font escapes removed)."""
+    import re
+
+    section, name, desc = "", [], []
+    for line in source.splitlines():
+        if line.startswith((".SH", ".Sh")):
+            section = line[3:].strip().strip('"').upper()
+            continue
+        if line.startswith((".", "'")) or section not in ("NAME", "DESCRIPTION"):
+            continue
+        text = re.sub(ROFF_ESCAPES, "", line.replace("\\-", "-").replace("\\ ", " "))
+        text = text.strip()
+        (name if section == "NAME" else desc).append(text)
+    body = " ".join(" ".join(desc).split()[:words])
+    return f"{' '.join(name)}. {body}".strip() if desc else ""
+
+
+def write_manpages(path: Path, per_section: int = 170, words: int = 150) -> dict[str, int]:
+    """The man pages installed on this machine as a text table: a page's NAME line and the
+    start of its DESCRIPTION -> its section (MAN_SECTIONS), each text once, at most
+    `per_section` a section drawn with a fixed seed. Another machine's pages give another
+    draw. Returns the rows per section."""
+    import csv
+    import gzip
+    import random
+
+    rows: dict[str, list[str]] = {s: [] for s in MAN_SECTIONS}
+    seen: set[str] = set()
+    for s in MAN_SECTIONS:
+        for page in sorted(Path(f"/usr/share/man/man{s}").glob("*.gz")):
+            if page.is_symlink():
+                continue
+            try:
+                with gzip.open(page, "rt", errors="replace") as f:
+                    text = _roff_text(f.read(), words)
+            except (OSError, EOFError):
+                continue
+            if len(text.split()) >= 20 and text not in seen and not text.startswith(".so"):
+                seen.add(text)
+                rows[s].append(text)
+    rng = random.Random(0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "section"])
+        for s, texts in rows.items():
+            for text in rng.sample(texts, min(per_section, len(texts))):
+                w.writerow([text, f"man{s}"])
+    return {s: min(per_section, len(t)) for s, t in rows.items()}
+
+
 def write_case_data(folder: Path, overrides: dict[str, Any]) -> None:
     """The case's data set written into its project folder (the demo sets need nothing)."""
     writers = {
@@ -275,6 +341,7 @@ def write_case_data(folder: Path, overrides: dict[str, Any]) -> None:
         DEBIAN["data.path"]: write_debian,
         DEBIAN_B["data.path"]: lambda path: write_debian(path, DEBIAN_SECTIONS_B),
         DEBIAN_C["data.path"]: lambda path: write_debian(path, DEBIAN_SECTIONS_C),
+        MANPAGES["data.path"]: write_manpages,
     }
     writer = writers.get(overrides.get("data.path"))
     if writer is not None:

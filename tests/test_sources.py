@@ -292,3 +292,51 @@ def test_the_report_bolds_the_chosen_source_and_size_and_says_the_model_upsample
     assert "**lite0** at 128 px (the model upsamples the prepared 64-px images to it)" in text
     bold = [line for line in text.splitlines() if line.startswith("| **")]
     assert bold == ["| **lite0** | 128 | 0.3000 | 0.800 | 0.2 | 18.5 | 1.0 |"]
+
+
+def test_texts_the_tokenizer_cuts_or_does_not_know_are_said_before_training(
+    tmp_path, monkeypatch, caplog
+):
+    """A table of long texts (cut at finetune.max_length) and of Chinese ones (the English
+    encoder's [UNK]) is named at pull, with the length that keeps 90% whole; short English
+    texts are not."""
+    import logging
+
+    from transferops.config import validate_config
+    from transferops.data.prepare import prepare
+    from transferops.search.sources import pull_best, say_text_fit
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    long_en = "the quick brown fox jumps over the lazy dog near the river bank " * 8
+    chinese = "这是一个关于机器学习的句子，用于测试词汇表。"
+
+    def project(name: str, texts: dict[str, str]) -> object:
+        table = tmp_path / f"{name}.csv"
+        rows = [f'"{t} {i}",{c}' for c, t in texts.items() for i in range(8)]
+        table.write_text("text,label\n" + "\n".join(rows) + "\n", encoding="utf-8")
+        cfg = validate_config(
+            {
+                "data": {"demo": None, "format": "table", "path": str(table)}
+                | {"out": str(tmp_path / name)},
+                "source": {"kind": "hf", "name": "sentence-transformers/all-MiniLM-L6-v2"}
+                | {"weights": None, "out": str(tmp_path / "src"), "candidates": None},
+                "finetune": {"max_length": 32},
+            }
+        )
+        prepare(cfg)
+        return cfg
+
+    bad = project("bad", {"a": long_en, "b": chinese})
+    with caplog.at_level(logging.WARNING):
+        pulled = pull_best(bad)
+    assert "50% of the training texts are longer than finetune.max_length (32 tokens)" in (
+        caplog.text
+    )
+    assert "finetune.max_length: 128 keeps 90%" in caplog.text
+    assert "unknown to sentence-transformers/all-MiniLM-L6-v2's vocabulary" in caplog.text
+    caplog.clear()
+    good = project("good", {"a": "a short note about cats", "b": "a short note about dogs"})
+    with caplog.at_level(logging.WARNING):
+        fit = say_text_fit(good, pulled)
+    assert fit is not None and fit["cut"] == 0 and fit["unknown"] == 0
+    assert not caplog.text

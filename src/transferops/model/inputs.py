@@ -232,6 +232,27 @@ def tokenize(
     return enc["input_ids"], enc["attention_mask"]
 
 
+def text_fit(texts: list[str], tokenizer_dir: Path, max_length: int) -> dict[str, float]:
+    """How the source's tokenizer sees `texts`: their length in tokens (median, 90th
+    percentile), the share longer than `max_length` (cut when tokenised: the model never
+    sees their ends), and the share of word pieces it does not know (``[UNK]``: a script or
+    language outside its vocabulary)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    ids = tok(texts, truncation=False, verbose=False)["input_ids"] if texts else []
+    lengths = np.array([len(i) for i in ids] or [0])
+    special = len(tok("")["input_ids"])  # [CLS] and [SEP] around every text
+    pieces = max(1, int(lengths.sum()) - special * len(ids))
+    unknown = sum(i.count(tok.unk_token_id) for i in ids) if tok.unk_token_id is not None else 0
+    return {
+        "median_tokens": float(np.median(lengths)),
+        "p90_tokens": float(np.percentile(lengths, 90)),
+        "cut": float((lengths > max_length).mean()),
+        "unknown": unknown / pieces,
+    }
+
+
 class SplitTensors(Protocol):
     """A prepared split as :func:`make_inputs` reads it (``data.prepared.PreparedData``)."""
 

@@ -40,11 +40,12 @@ from typing import Any
 import numpy as np
 
 from transferops.config import Config, with_overrides
+from transferops.data.prepared import MANIFEST as PREPARED_MANIFEST
 from transferops.data.prepared import PreparedData, load_prepared, read_manifest
 from transferops.errors import ConfigError, SourceError
 from transferops.finetune.features import frozen_features, image_gflops
 from transferops.finetune.probe import fit_probe, log_losses, paired_se
-from transferops.model.inputs import pick_device
+from transferops.model.inputs import pick_device, text_fit
 from transferops.runtime.artifacts import read_json, sha256_json
 from transferops.sources.efficientnet_lite import PACKAGED
 from transferops.sources.manifest import MANIFEST
@@ -249,7 +250,60 @@ def pull_best(cfg: Config, force: bool = False) -> PullResult:
     """`pull` as every door calls it: with two or more ``source.candidates`` or
     ``source.sizes``, rank them on the prepared data first (again only when the data or the
     source params change) and pull the chosen one at the chosen size; otherwise pull
-    ``source.name``."""
+    ``source.name``. A text source is then checked against the prepared texts
+    (:func:`say_text_fit`)."""
+    result = _pull_best(cfg, force)
+    if result.manifest.get("input", {}).get("type") == "text":
+        say_text_fit(cfg, result)
+    return result
+
+
+# more than this share of the training texts cut at finetune.max_length, or of their word
+# pieces unknown to the tokenizer, is worth a warning before the search spends its budget
+TEXT_CUT_WARN = 0.10
+TEXT_UNKNOWN_WARN = 0.05
+
+
+def say_text_fit(cfg: Config, pulled: PullResult) -> dict[str, float] | None:
+    """Warn, before any training, when the source's tokenizer fits the prepared training
+    texts badly: many cut at ``finetune.max_length`` (with the length that keeps 90% whole),
+    or many word pieces it does not know (another language or script). None when the data
+    is not prepared yet."""
+    if not (Path(cfg.data.out) / PREPARED_MANIFEST).exists():
+        return None
+    texts = load_prepared(cfg.data.out, "train").texts or []
+    tokenizer = pulled.out / pulled.manifest["input"]["tokenizer"]
+    fit = text_fit(texts, tokenizer, cfg.finetune.max_length)
+    log.info(
+        "training texts: median %d tokens, 90%% within %d (finetune.max_length %d)",
+        fit["median_tokens"],
+        fit["p90_tokens"],
+        cfg.finetune.max_length,
+    )
+    if fit["cut"] > TEXT_CUT_WARN:
+        keep = min(512, -(-int(fit["p90_tokens"]) // 32) * 32)
+        log.warning(
+            "%.0f%% of the training texts are longer than finetune.max_length (%d tokens) and "
+            "are cut to it: the model never sees their ends. finetune.max_length: %d keeps 90%% "
+            "of them whole (the text encoder's time grows with the tokens it reads)",
+            100 * fit["cut"],
+            cfg.finetune.max_length,
+            keep,
+        )
+    if fit["unknown"] > TEXT_UNKNOWN_WARN:
+        note = pulled.manifest["input"].get("note")
+        log.warning(
+            "%.0f%% of the training texts' word pieces are unknown to %s's vocabulary ([UNK]): "
+            "the texts are largely in a language or script it was not trained on%s; choose an "
+            "encoder for that language (source.name)",
+            100 * fit["unknown"],
+            pulled.manifest.get("name", cfg.source.name),
+            f" ({note})" if note else "",
+        )
+    return fit
+
+
+def _pull_best(cfg: Config, force: bool) -> PullResult:
     if len(candidate_names(cfg)) < 2 and len(candidate_sizes(cfg)) < 2:
         return pull_from_config(cfg, force=force)
     if cfg.source.kind == "mlflow":
