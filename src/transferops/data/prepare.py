@@ -76,9 +76,10 @@ def prepare(cfg: Config | DataConfig, force: bool = False) -> PrepareResult:
         manifest = read_json(out / MANIFEST)
         return _result(out, manifest, skipped=True)
 
+    # said before the split's count check, which may stop here: both are then seen at once
+    _warn_label_variants(Counter(e.label for e in raw.examples))
     assignment = assign_splits(raw, dcfg)  # validates counts before any decoding
     copies = _warn_copies(assignment, raw.root)
-    _warn_label_variants(Counter(e.label for e in raw.examples))
     if raw.modality == "image":
         dcfg = dcfg.model_copy(
             update={"image": dcfg.image.model_copy(update={"size": image_size(dcfg, raw)})}
