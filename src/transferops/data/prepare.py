@@ -89,22 +89,7 @@ def prepare(cfg: Config | DataConfig, force: bool = False) -> PrepareResult:
     class_index = {c: i for i, c in enumerate(class_names)}
     bad: list[str] = []
     with atomic_dir(out) as tmp:
-        counts: dict[str, dict[str, int]] = {}
-        for split in SPLITS:
-            exs = assignment[split]
-            if raw.modality == "image":
-                kept, images = _decode_images(exs, dcfg, bad, split)
-                tensors = {
-                    "images": images,
-                    "labels": torch.tensor([class_index[e.label] for e in kept], dtype=torch.int64),
-                }
-                save_file(tensors, str(tmp / f"{split}.safetensors"))
-            else:
-                kept = exs
-                with open(tmp / f"{split}.jsonl", "w", encoding="utf-8") as f:
-                    for e in kept:
-                        f.write(json.dumps({"text": e.text, "label": class_index[e.label]}) + "\n")
-            counts[split] = dict(sorted(Counter(e.label for e in kept).items()))
+        counts = _write_splits(assignment, raw.modality, dcfg, class_index, tmp, bad)
         _check_after_decoding(counts, class_names, bad)
         artifacts = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
         # after the hash: new unlabelled data does not make the labelled data "changed"
@@ -144,6 +129,35 @@ def prepare(cfg: Config | DataConfig, force: bool = False) -> PrepareResult:
 MAX_FILE_WARNINGS = 5  # per-file warnings printed; a count and the manifest say the rest
 AUTO_IMAGE_MIN = 64  # px; below it a 32x-downsampling backbone ends on a 1x1 feature map
 AUTO_SAMPLE = 500  # image headers read to pick the auto size
+
+
+def _write_splits(
+    assignment: dict[SplitName, list[Example]],
+    modality: str,
+    dcfg: DataConfig,
+    class_index: dict[str, int],
+    tmp: Path,
+    bad: list[str],
+) -> dict[str, dict[str, int]]:
+    """Each split written into `tmp` (images decoded once into uint8 tensors, texts as
+    JSONL); the examples kept per split and class (undecodable images go to `bad`)."""
+    counts: dict[str, dict[str, int]] = {}
+    for split in SPLITS:
+        exs = assignment[split]
+        if modality == "image":
+            kept, images = _decode_images(exs, dcfg, bad, split)
+            tensors = {
+                "images": images,
+                "labels": torch.tensor([class_index[e.label] for e in kept], dtype=torch.int64),
+            }
+            save_file(tensors, str(tmp / f"{split}.safetensors"))
+        else:
+            kept = exs
+            with open(tmp / f"{split}.jsonl", "w", encoding="utf-8") as f:
+                for e in kept:
+                    f.write(json.dumps({"text": e.text, "label": class_index[e.label]}) + "\n")
+        counts[split] = dict(sorted(Counter(e.label for e in kept).items()))
+    return counts
 
 
 def _warn_copies(assignment: dict[SplitName, list[Example]], root: Path) -> dict[str, int]:
