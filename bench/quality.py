@@ -223,6 +223,25 @@ def write_clipart(folder: Path, categories: tuple[str, ...] = CLIPART_CATEGORIES
     return kept
 
 
+def _sample_table(
+    path: Path, header: list[str], rows: dict[str, list[str]], per_label: int, label: str = "{}"
+) -> dict[str, int]:
+    """A CSV of (text, label) with at most `per_label` texts a label, drawn with seed 0 in
+    the order of `rows`; the rows written per label."""
+    import csv
+    import random
+
+    rng = random.Random(0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for key, texts in rows.items():
+            for text in rng.sample(texts, min(per_label, len(texts))):
+                w.writerow([text, label.format(key)])
+    return {k: min(per_label, len(t)) for k, t in rows.items()}
+
+
 def write_debian(
     path: Path, sections: tuple[str, ...] = DEBIAN_SECTIONS, per_section: int = 170
 ) -> dict[str, int]:
@@ -232,8 +251,6 @@ def write_debian(
     (``-dev`` / ``-doc`` siblings often share one), at most `per_section` per section,
     drawn with a fixed seed. The rows are those of the index `apt-get update` last fetched:
     another day's index gives another draw. Returns the rows per section."""
-    import csv
-    import random
     import subprocess
 
     found = sorted(DEBIAN_LISTS.glob("*_main_binary-amd64_Packages.lz4"))
@@ -259,15 +276,7 @@ def write_debian(
         if section in rows and text and text not in seen:
             seen.add(text)
             rows[section].append(text)
-    rng = random.Random(0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["description", "section"])
-        for section, texts in rows.items():
-            for text in rng.sample(texts, min(per_section, len(texts))):
-                w.writerow([text, section])
-    return {s: min(per_section, len(t)) for s, t in rows.items()}
+    return _sample_table(path, ["description", "section"], rows, per_section)
 
 
 # font changes (\fB, \f(CW, \f[I]), strings (\*(xx, \*x), special characters (\(xx),
@@ -302,9 +311,7 @@ def write_manpages(path: Path, per_section: int = 170, words: int = 150) -> dict
     start of its DESCRIPTION -> its section (MAN_SECTIONS), each text once, at most
     `per_section` a section drawn with a fixed seed. Another machine's pages give another
     draw. Returns the rows per section."""
-    import csv
     import gzip
-    import random
 
     rows: dict[str, list[str]] = {s: [] for s in MAN_SECTIONS}
     seen: set[str] = set()
@@ -320,15 +327,7 @@ def write_manpages(path: Path, per_section: int = 170, words: int = 150) -> dict
             if len(text.split()) >= 20 and text not in seen and not text.startswith(".so"):
                 seen.add(text)
                 rows[s].append(text)
-    rng = random.Random(0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["text", "section"])
-        for s, texts in rows.items():
-            for text in rng.sample(texts, min(per_section, len(texts))):
-                w.writerow([text, f"man{s}"])
-    return {s: min(per_section, len(t)) for s, t in rows.items()}
+    return _sample_table(path, ["text", "section"], rows, per_section, label="man{}")
 
 
 def write_case_data(folder: Path, overrides: dict[str, Any]) -> None:
