@@ -68,7 +68,12 @@ def test_ui_serves_the_projects_runs_and_study_and_stops_on_ctrl_c(tmp_path, sig
         names = [e["name"] for e in _get(base + "?max_results=10")["experiments"]]
         assert "exp-ui" in names
         # store URLs (a database password) are in the UIs' environment, not in `ps`
-        cmdlines = [" ".join(c.cmdline()) for c in psutil.Process(proc.pid).children(True)]
+        cmdlines = []
+        for c in psutil.Process(proc.pid).children(True):
+            try:
+                cmdlines.append(" ".join(c.cmdline()))
+            except (psutil.ZombieProcess, psutil.NoSuchProcess):
+                continue  # a short-lived helper that exited meanwhile: no command line to show
         assert len(cmdlines) >= 2 and not any(".db" in c for c in cmdlines), cmdlines
     finally:
         proc.send_signal(sig)  # Ctrl-C, or a `kill` (a job in the background ignores SIGINT)
