@@ -225,21 +225,26 @@ def tokenize(
     texts: list[str], model_dir: Path, manifest: dict[str, Any], max_length: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and attention mask with the tokenizer saved beside the weights."""
-    from transformers import AutoTokenizer  # text models only: image serving never needs it
-
-    tok = AutoTokenizer.from_pretrained(Path(model_dir) / manifest["input"]["tokenizer"])
+    tok = load_tokenizer(model_dir, manifest)
     enc = tok(texts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
     return enc["input_ids"], enc["attention_mask"]
 
 
-def text_fit(texts: list[str], tokenizer_dir: Path, max_length: int) -> dict[str, float]:
+def load_tokenizer(model_dir: Path, manifest: dict[str, Any]) -> Any:
+    """The tokenizer saved beside a text model's weights (its manifest or spec names where)."""
+    from transformers import AutoTokenizer  # text models only: image serving never needs it
+
+    return AutoTokenizer.from_pretrained(Path(model_dir) / manifest["input"]["tokenizer"])
+
+
+def text_fit(
+    texts: list[str], model_dir: Path, manifest: dict[str, Any], max_length: int
+) -> dict[str, float]:
     """How the source's tokenizer sees `texts`: their length in tokens (median, 90th
     percentile), the share longer than `max_length` (cut when tokenised: the model never
     sees their ends), and the share of word pieces it does not know (``[UNK]``: a script or
     language outside its vocabulary)."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok = load_tokenizer(model_dir, manifest)
     ids = tok(texts, truncation=False, verbose=False)["input_ids"] if texts else []
     lengths = np.array([len(i) for i in ids] or [0])
     special = len(tok("")["input_ids"])  # [CLS] and [SEP] around every text

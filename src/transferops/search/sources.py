@@ -272,8 +272,7 @@ def say_text_fit(cfg: Config, pulled: PullResult) -> dict[str, float] | None:
     if not (Path(cfg.data.out) / PREPARED_MANIFEST).exists():
         return None
     texts = load_prepared(cfg.data.out, "train").texts or []
-    tokenizer = pulled.out / pulled.manifest["input"]["tokenizer"]
-    fit = text_fit(texts, tokenizer, cfg.finetune.max_length)
+    fit = text_fit(texts, pulled.out, pulled.manifest, cfg.finetune.max_length)
     log.info(
         "training texts: median %d tokens, 90%% within %d (finetune.max_length %d)",
         fit["median_tokens"],
